@@ -1,0 +1,38 @@
+# `make demo` and `make test` work on a fresh machine: they install what is missing first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvpool-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install etcd bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing torch 2.13.0 (CPU build) first, so nothing pulls CUDA wheels ..."
+	@$(PY) -m pip install -q torch==2.13.0
+	@echo "installing kvpool and its dependencies into $(VENV) ..."
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# etcd is what cluster mode coordinates through; tests that need it skip when it is absent.
+etcd:
+	@if command -v etcd >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing etcd-server from Debian ..."; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null) \
+			|| echo "could not install etcd-server; etcd tests will be skipped"; \
+	else echo "etcd is not installed and this is not root: etcd tests will be skipped"; fi
+
+demo: $(STAMP)
+	@$(PY) scripts/demo.py
+
+test: $(STAMP) etcd
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@$(PY) scripts/bench_transfer.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

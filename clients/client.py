@@ -1,0 +1,363 @@
+"""The engine client: metadata to the master, bytes straight to and from daemon arenas.
+
+``put`` reserves space (the block is PENDING), WRITEs the caller's buffer into the
+daemon's arena through NIXL, then commits. ``get`` takes a read lease, READs the arena
+straight into the caller's buffer, verifies the checksum, and hands the lease back on the
+next call to the master (or within a few milliseconds when there is none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from kvpool.codec import BlockHeader, checksum, make_header
+from kvpool.config import ClientConfig
+from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
+                           TransferFailed)
+from kvpool.keys import BlockKey, parse_key
+from kvpool.transfer import Region, TransferAgent
+from kvpool.wire import RpcClient
+from clients.buffers import BufferView, view
+
+log = logging.getLogger(__name__)
+NEW, EXISTS, IN_FLIGHT = 0, 1, 2
+_REGION_CACHE = 64  # caller buffers kept registered
+_PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    key: BlockKey
+    stored: bool  # False: the key already existed (or another writer is storing it)
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    key: BlockKey
+    header: BlockHeader | None  # None on a miss
+    error: KVPoolError | None = None  # why a block that was listed could not be read
+
+    @property
+    def hit(self) -> bool:
+        return self.header is not None
+
+
+@dataclass(slots=True)
+class _Loc:
+    node: str
+    agent: str
+    address: int
+    size: int
+    mem_type: str
+    device: int
+
+
+class AsyncPoolClient:
+    def __init__(self, cfg: ClientConfig | None = None, *, master_url: str | None = None,
+                 name: str | None = None) -> None:
+        cfg = cfg or ClientConfig()
+        self.cfg = cfg
+        self.master_url = (master_url or cfg.master_url).split(",")[0]
+        self.name = name or f"kvpool-client-{uuid.uuid4().hex[:8]}"
+        self._rpc = RpcClient(self.master_url, timeout_s=cfg.timeout_s)
+        self._agent: TransferAgent | None = None
+        self._cache: OrderedDict[int, Region] = OrderedDict()
+        self._pinned: set[int] = set()
+        self._scratch: np.ndarray | None = None
+        self._releases: list[int] = []
+        self._flush: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> "AsyncPoolClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._releases:
+            await self._send_releases()
+        await self._rpc.close()
+        if self._agent is not None:
+            self._agent.close()
+            for region in self._agent.regions:
+                self._agent.deregister(region)
+            self._agent = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def agent(self) -> TransferAgent:
+        if self._agent is None:
+            self._agent = TransferAgent(self.name, progress_thread=False)
+        return self._agent
+
+    async def _call(self, name: str, body: dict[str, Any]) -> Any:
+        if self._releases:
+            body["release"], self._releases = self._releases, []
+        return await self._rpc.call(name, body)
+
+    def _release_later(self, lease: int) -> None:
+        self._releases.append(lease)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(0.02, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        if self._releases:
+            asyncio.get_running_loop().create_task(self._send_releases())
+
+    async def _send_releases(self) -> None:
+        leases, self._releases = self._releases, []
+        try:
+            await self._rpc.call("release", {"leases": leases})
+        except KVPoolError as exc:  # the leases expire on their own
+            log.debug("releasing %d leases failed: %s", len(leases), exc)
+
+    def register(self, buffer: Any) -> None:
+        """Register a buffer with NIXL for good (until close); later calls use it as is."""
+        v = view(buffer, writable=False)
+        region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
+        self._pinned.add(region.address)
+
+    def _ensure_registered(self, v: BufferView) -> None:
+        region = self.agent.find(v.address, v.nbytes)
+        if region is not None:
+            if region.address in self._cache:
+                self._cache.move_to_end(region.address)
+            return
+        region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
+        self._cache[region.address] = region
+        while len(self._cache) > _REGION_CACHE:
+            _, old = self._cache.popitem(last=False)
+            if old.address not in self._pinned:
+                self.agent.deregister(old)
+
+    async def _peers(self, agents: Iterable[str]) -> set[str]:
+        """Make sure NIXL knows every agent named; returns the ones the master no longer knows."""
+        unknown = {a for a in agents if not self.agent.knows(a)}
+        if not unknown:
+            return set()
+        found = (await self._call("agents", {"agents": sorted(unknown)}))["metadata"]
+        for name, meta in found.items():
+            self.agent.add_peer(bytes(meta))
+        return unknown - set(found)
+
+    def _stage(self, nbytes: int) -> np.ndarray:
+        """A registered scratch buffer for bytes-like values and get_bytes."""
+        if self._scratch is None or self._scratch.nbytes < nbytes:
+            size = max(nbytes, 4 << 20)
+            self._scratch = np.empty(size, dtype=np.uint8)
+            self.register(self._scratch)
+        return self._scratch[:nbytes]
+
+    # -- put ------------------------------------------------------------------------------
+
+    async def put(self, key: BlockKey, value: Any, *, layout: str | None = None) -> PutResult:
+        return (await self.batch_put([key], [value], layout=layout))[0]
+
+    async def batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], *,
+                        layout: str | None = None, chained: bool = False,
+                        prefer_node: str | None = None) -> list[PutResult]:
+        """Store blocks; ``chained`` says keys[i] is the prefix parent of keys[i+1], which
+        eviction uses to keep prefixes longer than their leaves."""
+        keys = [parse_key(k) for k in keys]
+        if len(keys) != len(values):
+            raise BadRequest(f"{len(keys)} keys but {len(values)} values")
+        if not keys:
+            return []
+        views = []
+        for value in values:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                data = np.frombuffer(value, dtype=np.uint8)
+                views.append(view(data, writable=False))
+            else:
+                views.append(view(value, writable=False))
+        tag = self.cfg.layout if layout is None else layout
+        headers = [make_header(v.host_bytes(), v.dtype, v.shape, tag) for v in views]
+        body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
+        if chained:
+            body["parents"] = [None] + keys[:-1]
+        if prefer_node:
+            body["prefer"] = prefer_node
+        res = await self._call("reserve", body)
+        put_id, items = res["put_id"], res["items"]
+        new = [i for i, item in enumerate(items) if item[0] == NEW]
+        if new:
+            try:
+                await self._write(new, views, items)
+            except BaseException:
+                try:
+                    await self._call("abort", {"put_id": put_id, "keys": [keys[i] for i in new]})
+                except KVPoolError:
+                    pass  # the master reclaims the reservation after its timeout
+                raise
+            await self._call("commit", {"put_id": put_id, "keys": [keys[i] for i in new],
+                                        "headers": [headers[i].encode() for i in new]})
+        return [PutResult(k, item[0] == NEW) for k, item in zip(keys, items)]
+
+    async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]]) -> None:
+        groups: dict[tuple[str, str, str], list[tuple[BufferView, _Loc]]] = defaultdict(list)
+        for i in idx:
+            loc = _Loc(*items[i][1:7])
+            v = views[i]
+            if isinstance(v.owner, np.ndarray) and not v.owner.flags.writeable:
+                staged = self._stage(v.nbytes)  # bytes values: one copy into registered memory
+                staged[:] = v.owner
+                v = view(staged, writable=False)
+            else:
+                self._ensure_registered(v)
+            groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
+        gone = await self._peers(a for a, _, _ in groups)
+        if gone:
+            raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
+        await asyncio.gather(*(
+            self.agent.run("WRITE", agent, [(v.address, v.nbytes, v.device) for v, _ in pairs], lmem,
+                           [(l.address, l.size, l.device) for _, l in pairs], rmem,
+                           self.cfg.transfer_timeout_s)
+            for (agent, lmem, rmem), pairs in groups.items()))
+
+    # -- get ------------------------------------------------------------------------------
+
+    async def get(self, key: BlockKey, out: Any) -> BlockHeader | None:
+        """Read a block into ``out``; None on a miss. Raises ChecksumMismatch (the block is
+        dropped from the pool) rather than ever returning wrong bytes."""
+        result = (await self.batch_get([key], [out]))[0]
+        if result.error is not None:
+            raise result.error
+        return result.header
+
+    async def get_bytes(self, key: BlockKey) -> bytes | None:
+        """Convenience for tools: the block's bytes, through a registered scratch buffer."""
+        key = parse_key(key)
+        res = await self._call("get", {"keys": [key]})
+        item = res["items"][0]
+        self._release_later(res["lease"])
+        if item is None:
+            return None
+        out = self._stage(item[3])
+        result = (await self._read(res, [key], [view(out, writable=True)]))[0]
+        if result.error is not None:
+            raise result.error
+        return bytes(out)
+
+    async def batch_get(self, keys: Sequence[BlockKey], outs: Sequence[Any]) -> list[GetResult]:
+        keys = [parse_key(k) for k in keys]
+        if len(keys) != len(outs):
+            raise BadRequest(f"{len(keys)} keys but {len(outs)} output buffers")
+        if not keys:
+            return []
+        views = [view(o, writable=True) for o in outs]
+        res = await self._call("get", {"keys": keys})
+        self._release_later(res["lease"])
+        return await self._read(res, keys, views)
+
+    async def _read(self, res: dict[str, Any], keys: list[BlockKey],
+                    views: list[BufferView]) -> list[GetResult]:
+        items = res["items"]
+        results: list[GetResult | None] = [None] * len(keys)
+        todo: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        headers: dict[int, BlockHeader] = {}
+        for i, item in enumerate(items):
+            if item is None:
+                results[i] = GetResult(keys[i], None)
+                continue
+            loc, v = _Loc(*item[:6]), views[i]
+            if v.nbytes < loc.size:
+                raise BadRequest(f"output buffer {i} holds {v.nbytes} bytes; block "
+                                 f"{keys[i].hex()} is {loc.size}")
+            headers[i], _ = BlockHeader.decode(item[6])
+            self._ensure_registered(v)
+            todo[(loc.agent, v.mem_type, loc.mem_type)].append(i)
+        gone = await self._peers(a for a, _, _ in todo) if todo else set()
+        transfers = []
+        for (agent, lmem, rmem), idx in todo.items():
+            if agent in gone:
+                for i in idx:
+                    results[i] = GetResult(keys[i], None, NodeGone(f"node of {keys[i].hex()} left"))
+                continue
+            for chunk in _chunks(idx, [items[i][3] for i in idx]):
+                local = [(views[i].address, items[i][3], views[i].device) for i in chunk]
+                remote = [(items[i][2], items[i][3], items[i][5]) for i in chunk]
+                transfers.append((chunk, self.agent.run("READ", agent, local, lmem, remote, rmem,
+                                                        self.cfg.transfer_timeout_s)
+                                  if len(transfers) == 0 and len(idx) == len(chunk)
+                                  else self.agent.submit("READ", agent, local, lmem, remote, rmem,
+                                                         self.cfg.transfer_timeout_s)))
+        corrupt: list[int] = []
+        for chunk, transfer in transfers:  # verify each chunk while the next one copies
+            try:
+                await transfer
+            except TransferFailed as exc:
+                for i in chunk:
+                    results[i] = GetResult(keys[i], None, exc)
+                continue
+            for i in chunk:
+                results[i] = self._verified(keys[i], headers[i], views[i])
+                if results[i].error is not None:  # type: ignore[union-attr]
+                    corrupt.append(i)
+        if corrupt:
+            await self._call("corrupt", {"keys": [keys[i] for i in corrupt],
+                                         "nodes": [items[i][0] for i in corrupt]})
+        return results  # type: ignore[return-value]
+
+    def _verified(self, key: BlockKey, header: BlockHeader, v: BufferView) -> GetResult:
+        if not self.cfg.verify_checksum:
+            return GetResult(key, header)
+        data = v.host_bytes()
+        got = checksum(data[:header.payload_size] if len(data) > header.payload_size else data)
+        if got != header.checksum:
+            return GetResult(key, None, ChecksumMismatch(
+                f"block {key.hex()} arrived with checksum {got:016x}, expected "
+                f"{header.checksum:016x}; it was dropped and is treated as a miss"))
+        return GetResult(key, header)
+
+    # -- metadata-only calls --------------------------------------------------------------
+
+    async def exists(self, key: BlockKey) -> bool:
+        return (await self.batch_exists([key]))[0]
+
+    async def batch_exists(self, keys: Sequence[BlockKey]) -> list[bool]:
+        return (await self._call("exists", {"keys": [parse_key(k) for k in keys]}))["present"]
+
+    async def match_prefix(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are stored: the reusable prefix of a prompt."""
+        if not keys:
+            return 0
+        return (await self._call("match", {"keys": [parse_key(k) for k in keys]}))["count"]
+
+    async def remove(self, key: BlockKey, *, force: bool = False) -> None:
+        """Remove one block; BlockNotFound if absent, BlockLeased while read unless forced."""
+        if not (await self.batch_remove([key], force=force)):
+            raise BlockNotFound(f"no complete block {parse_key(key).hex()}")
+
+    async def batch_remove(self, keys: Sequence[BlockKey], *, force: bool = False) -> int:
+        res = await self._call("remove", {"keys": [parse_key(k) for k in keys], "force": force})
+        return sum(res["removed"])
+
+    async def pin(self, keys: Sequence[BlockKey]) -> None:
+        await self._call("pin", {"keys": [parse_key(k) for k in keys]})
+
+    async def unpin(self, keys: Sequence[BlockKey]) -> None:
+        await self._call("unpin", {"keys": [parse_key(k) for k in keys]})
+
+
+def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    cur: list[int] = []
+    acc = 0
+    for i, size in zip(idx, sizes):
+        cur.append(i)
+        acc += size
+        if acc >= _PIPELINE_BYTES:
+            out.append(cur)
+            cur, acc = [], 0
+    if cur:
+        out.append(cur)
+    return out

@@ -1,0 +1,193 @@
+"""The block header and the one codec: raw for hot tiers, byte planes + zstd for cold ones.
+
+Hot tiers hold the payload alone (the header lives in the index entry), so a get lands
+bytes straight in the engine's memory. Cold tiers store ``header || payload`` so a file
+or object describes itself and a restarted daemon can reload its inventory.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, replace
+
+import numpy as np
+import xxhash
+import zstandard
+
+from kvpool.errors import BadRequest, ChecksumMismatch
+
+MAGIC = b"KVPB"
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<4sBBBBHHQQ")  # magic, version, codec, dtype, ndim, layout len, pad, size, checksum
+_MAX_NDIM = 8
+_MAX_LAYOUT = 255
+
+
+class Codec(enum.IntEnum):
+    RAW = 0
+    ZSTD_PLANES = 1
+
+
+class DType(enum.IntEnum):
+    """Element types a block may hold; the code is what goes on disk."""
+
+    UINT8 = 0
+    INT8 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+    FLOAT32 = 4
+    FLOAT8_E4M3 = 5
+    FLOAT8_E5M2 = 6
+    INT32 = 7
+    FLOAT64 = 8
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+    @classmethod
+    def parse(cls, name: str) -> "DType":
+        """Accept 'float16', 'torch.bfloat16', 'fp16', numpy names."""
+        key = str(name).removeprefix("torch.").lower()
+        key = _ALIASES.get(key, key)
+        try:
+            return cls[key.upper()]
+        except KeyError:
+            raise BadRequest(f"unsupported dtype {name!r}; use one of "
+                             f"{', '.join(d.name.lower() for d in cls)}") from None
+
+
+_ITEMSIZE = {
+    DType.UINT8: 1, DType.INT8: 1, DType.FLOAT16: 2, DType.BFLOAT16: 2, DType.FLOAT32: 4,
+    DType.FLOAT8_E4M3: 1, DType.FLOAT8_E5M2: 1, DType.INT32: 4, DType.FLOAT64: 8,
+}
+_ALIASES = {
+    "half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32",
+    "fp32": "float32", "float8_e4m3fn": "float8_e4m3", "double": "float64", "int": "int32",
+    "uint8": "uint8",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """What a reader needs to trust and interpret a payload."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    layout: str
+    payload_size: int
+    checksum: int
+    codec: Codec = Codec.RAW
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        layout = self.layout.encode()
+        if len(self.shape) > _MAX_NDIM or len(layout) > _MAX_LAYOUT:
+            raise BadRequest("block header too large: at most 8 dims and a 255-byte layout tag")
+        return (_FIXED.pack(MAGIC, self.version, self.codec, self.dtype, len(self.shape),
+                            len(layout), 0, self.payload_size, self.checksum)
+                + struct.pack(f"<{len(self.shape)}Q", *self.shape) + layout)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> tuple["BlockHeader", int]:
+        """Parse a header; returns it and the number of bytes it took."""
+        data = memoryview(data)
+        if len(data) < _FIXED.size:
+            raise BadRequest(f"truncated block header: {len(data)} bytes")
+        magic, version, codec, dtype, ndim, nlayout, _, size, checksum = _FIXED.unpack_from(data)
+        if magic != MAGIC:
+            raise BadRequest(f"not a kvpool block: magic {bytes(magic)!r}")
+        if version != FORMAT_VERSION:
+            raise BadRequest(f"block format version {version} is not supported "
+                             f"(this build reads {FORMAT_VERSION})")
+        end = _FIXED.size + 8 * ndim + nlayout
+        if ndim > _MAX_NDIM or len(data) < end:
+            raise BadRequest("truncated or corrupt block header")
+        try:
+            shape = struct.unpack_from(f"<{ndim}Q", data, _FIXED.size)
+            header = cls(DType(dtype), tuple(shape), bytes(data[end - nlayout:end]).decode(),
+                         size, checksum, Codec(codec), version)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"corrupt block header: {exc}") from None
+        return header, end
+
+
+def checksum(payload: bytes | memoryview | np.ndarray) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def make_header(payload: bytes | memoryview | np.ndarray, dtype: DType | str,
+                shape: tuple[int, ...] | None = None, layout: str = "") -> BlockHeader:
+    """Header for a raw payload, checksum included."""
+    view = memoryview(payload).cast("B")
+    dt = dtype if isinstance(dtype, DType) else DType.parse(dtype)
+    return BlockHeader(dt, tuple(shape) if shape is not None else (view.nbytes // dt.itemsize,),
+                       layout, view.nbytes, checksum(view))
+
+
+def verify(header: BlockHeader, payload: bytes | memoryview | np.ndarray) -> None:
+    """Raise ChecksumMismatch unless ``payload`` is what ``header`` describes."""
+    view = memoryview(payload).cast("B")
+    if view.nbytes != header.payload_size:
+        raise ChecksumMismatch(f"payload is {view.nbytes} bytes, header says {header.payload_size}")
+    got = checksum(view)
+    if got != header.checksum:
+        raise ChecksumMismatch(f"payload checksum {got:016x} != header {header.checksum:016x}")
+
+
+def _planes(payload: memoryview, itemsize: int) -> np.ndarray:
+    arr = np.frombuffer(payload, dtype=np.uint8)
+    if itemsize == 1 or arr.size % itemsize:
+        return arr
+    return np.ascontiguousarray(arr.reshape(-1, itemsize).T)
+
+
+def _unplanes(planes: bytes, itemsize: int) -> bytes:
+    arr = np.frombuffer(planes, dtype=np.uint8)
+    if itemsize == 1 or arr.size % itemsize:
+        return planes
+    return np.ascontiguousarray(arr.reshape(itemsize, -1).T).tobytes()
+
+
+def encode_cold(header: BlockHeader, payload: bytes | memoryview | np.ndarray,
+                codec: Codec = Codec.ZSTD_PLANES, level: int = 1) -> bytes:
+    """Self-describing blob for a cold tier: header, stored length, stored bytes."""
+    view = memoryview(payload).cast("B")
+    if codec == Codec.ZSTD_PLANES:
+        body = zstandard.ZstdCompressor(level=level).compress(
+            _planes(view, header.dtype.itemsize).data)
+        if len(body) >= view.nbytes:  # incompressible: store raw, the header says so
+            codec, body = Codec.RAW, bytes(view)
+    else:
+        body = bytes(view)
+    return replace(header, codec=codec).encode() + struct.pack("<Q", len(body)) + body
+
+
+def decode_cold(blob: bytes | memoryview) -> tuple[BlockHeader, bytes]:
+    """Inverse of encode_cold; verifies the checksum, so a corrupt blob never escapes."""
+    header, off = BlockHeader.decode(blob)
+    view = memoryview(blob)
+    if len(view) < off + 8:
+        raise ChecksumMismatch("cold block truncated before its body")
+    (n,) = struct.unpack_from("<Q", view, off)
+    body = view[off + 8:off + 8 + n]
+    if len(body) != n:
+        raise ChecksumMismatch(f"cold block truncated: {len(body)} of {n} bytes")
+    if header.codec == Codec.ZSTD_PLANES:
+        try:
+            planes = zstandard.ZstdDecompressor().decompress(body, max_output_size=header.payload_size)
+        except zstandard.ZstdError as exc:
+            raise ChecksumMismatch(f"cold block does not decompress: {exc}") from None
+        payload = _unplanes(planes, header.dtype.itemsize)
+    else:
+        payload = bytes(body)
+    header = replace(header, codec=Codec.RAW)
+    verify(header, payload)
+    return header, payload
+
+
+def header_of_cold(blob: bytes | memoryview) -> BlockHeader:
+    """Header of a cold blob without decoding the body (for inventory scans)."""
+    header, _ = BlockHeader.decode(blob)
+    return replace(header, codec=Codec.RAW)

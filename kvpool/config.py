@@ -1,0 +1,172 @@
+"""Configuration: one frozen dataclass per component, TOML in, ``KVPOOL_*`` overrides.
+
+A file has one table per component (``[master]``, ``[daemon]``, ``[client]``). An
+environment variable ``KVPOOL_<TABLE>_<FIELD>`` overrides a field. Unknown tables or
+keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar, get_type_hints
+
+from kvpool.errors import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def doc(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    host: str = doc("127.0.0.1", "Address the master's HTTP server binds to.")
+    port: int = doc(0, "Port of the master's HTTP server; 0 picks a free one.")
+    token: str = doc("", "Bearer token that mutating admin calls must carry; empty disables the check.")
+    read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
+    put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
+    node_ttl_s: float = doc(5.0, "Membership lease of a daemon; missing heartbeats this long drop it.")
+    high_watermark: float = doc(0.90, "Above this fraction of a tier's capacity, blocks are demoted.")
+    low_watermark: float = doc(0.75, "Demotion stops once a tier is below this fraction.")
+    max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
+    alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
+    sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
+    etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
+    cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    node_id: str = doc("node0", "Unique id of this node in the pool.")
+    host: str = doc("127.0.0.1", "Address the daemon's HTTP server binds to.")
+    port: int = doc(0, "Port of the daemon's HTTP server; 0 picks a free one.")
+    master_url: str = doc("", "URL of the master (http://host:port); set by `kvpool up`.")
+    data_dir: str = doc("./data/node0", "Folder for this node's SSD tier and default object tier.")
+    host_bytes: int = doc(1 * GiB, "Size of the host (DRAM) arena registered with NIXL.")
+    gpu_bytes: int = doc(0, "Size of the GPU arena; 0 disables it, and so does a machine without CUDA.")
+    gpu_device: int = doc(0, "CUDA device index of the GPU arena.")
+    ssd_bytes: int = doc(8 * GiB, "Capacity of the SSD tier (LMDB map size); 0 disables it.")
+    object_url: str = doc("", "Object tier: s3://bucket/prefix, file:///path, or empty for <data_dir>/objects.")
+    object_bytes: int = doc(64 * GiB, "Capacity this node may use in the object tier; 0 disables it.")
+    s3_endpoint: str = doc("", "Endpoint URL of an S3-compatible service; empty uses AWS defaults.")
+    cold_codec: str = doc("zstd", "Codec of cold tiers: 'zstd' (byte planes + zstd) or 'raw'.")
+    zstd_level: int = doc(1, "zstd level for cold tiers.")
+    io_threads: int = doc(4, "Threads for blocking LMDB, file and S3 calls.")
+    heartbeat_s: float = doc(1.0, "How often the daemon renews its membership lease.")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    master_url: str = doc("http://127.0.0.1:7700", "URL of the master (or several, comma-separated).")
+    verify_checksum: bool = doc(True, "Verify every block's checksum after a get; a mismatch is a miss.")
+    timeout_s: float = doc(10.0, "Deadline of one call, retries included.")
+    transfer_timeout_s: float = doc(5.0, "Deadline of one NIXL transfer.")
+    layout: str = doc("", "Layout tag written into the header of blocks this client puts.")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    master: MasterConfig = field(default_factory=MasterConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+def parse_size(text: str) -> int:
+    """'4096', '64MiB', '2GiB', '1.5GB' -> bytes."""
+    text = text.strip()
+    units = {"kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    low = text.lower()
+    for suffix, mult in units.items():
+        if low.endswith(suffix):
+            return int(float(low[: -len(suffix)]) * mult)
+    return int(text)
+
+
+def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """A component config from a mapping; unknown keys and wrong types are errors."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def apply_env(cfg: T, section: str, environ: Mapping[str, str] | None = None) -> T:
+    """Override fields from ``KVPOOL_<SECTION>_<FIELD>``; an unknown variable is an error."""
+    env = os.environ if environ is None else environ
+    prefix = f"KVPOOL_{section.upper()}_"
+    hints = get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for var, raw in env.items():
+        if not var.startswith(prefix):
+            continue
+        name = var[len(prefix):].lower()
+        if name not in names:
+            raise ConfigError(f"environment variable {var} names no field of [{section}]; "
+                              f"known: {', '.join(sorted(names))}")
+        changes[name] = _coerce(raw, hints[name], var)
+    return dataclasses.replace(cfg, **changes)
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> PoolConfig:
+    """Read a TOML file (optional), then apply environment overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    sections = {"master": MasterConfig, "daemon": DaemonConfig, "client": ClientConfig}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; "
+                          f"known: master, daemon, client")
+    parts = {}
+    for name, cls in sections.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        parts[name] = apply_env(build(cls, table, f"[{name}]"), name, environ)
+    return PoolConfig(**parts)

@@ -1,0 +1,263 @@
+"""The master's HTTP surface: msgpack RPC for engines and daemons, JSON admin API under /v1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from kvpool.errors import BadRequest, BlockNotFound, Unauthorized
+from kvpool.keys import BlockKey, parse_key
+from kvpool.tiers.base import TierKind
+from kvpool.wire import MAX_BODY, Handler, error_middleware, need, rpc_endpoint
+from master.core import MasterCore
+from master.index import BlockState
+from master.openapi import OPENAPI
+
+
+def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
+    raw = need(body, name, list)
+    return [parse_key(k) for k in raw]
+
+
+class MasterHttp:
+    def __init__(self, core: MasterCore) -> None:
+        self.core = core
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+        rpc = {
+            "reserve": self.reserve, "commit": self.commit, "abort": self.abort,
+            "get": self.get, "release": self.release, "exists": self.exists,
+            "match": self.match, "remove": self.remove, "pin": self.pin, "unpin": self.unpin,
+            "agents": self.agents, "corrupt": self.corrupt, "register": self.register,
+            "heartbeat": self.heartbeat,
+        }
+        app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()}))
+        app.router.add_get("/v1/cluster", self.cluster)
+        app.router.add_get("/v1/nodes", self.list_nodes)
+        app.router.add_get("/v1/blocks/{key}", self.block)
+        app.router.add_post("/v1/blocks/{key}/pin", self.admin_pin)
+        app.router.add_post("/v1/blocks/{key}/unpin", self.admin_unpin)
+        app.router.add_delete("/v1/blocks/{key}", self.admin_delete)
+        app.router.add_post("/v1/evict", self.admin_evict)
+        app.router.add_get("/v1/events", self.event_stream)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/openapi.json", self.openapi)
+        return app
+
+    # -- RPC ------------------------------------------------------------------------------
+
+    def _releasing(self, handler: Handler) -> Handler:
+        """Read leases the client is done with ride along on any call."""
+
+        async def call(body: dict[str, Any]) -> Any:
+            released = body.get("release")
+            if released:
+                self.core.release([int(x) for x in released])
+            return await handler(body)
+
+        return call
+
+    async def reserve(self, body: dict[str, Any]) -> Any:
+        keys = _keys(body)
+        parents = [parse_key(p) if p else None for p in body.get("parents") or []]
+        put_id, items = await self.core.reserve(keys, need(body, "sizes", list), parents,
+                                                body.get("prefer"))
+        return {"put_id": put_id, "items": items}
+
+    async def commit(self, body: dict[str, Any]) -> Any:
+        n = await self.core.commit(need(body, "put_id", int), _keys(body),
+                                   [bytes(h) for h in need(body, "headers", list)])
+        return {"committed": n}
+
+    async def abort(self, body: dict[str, Any]) -> Any:
+        self.core.abort(need(body, "put_id", int), _keys(body))
+        return {}
+
+    async def get(self, body: dict[str, Any]) -> Any:
+        lease, items = await self.core.get(_keys(body))
+        return {"lease": lease, "items": items}
+
+    async def release(self, body: dict[str, Any]) -> Any:
+        self.core.release([int(x) for x in need(body, "leases", list)])
+        return {}
+
+    async def exists(self, body: dict[str, Any]) -> Any:
+        return {"present": self.core.exists(_keys(body))}
+
+    async def match(self, body: dict[str, Any]) -> Any:
+        return {"count": self.core.match(_keys(body))}
+
+    async def remove(self, body: dict[str, Any]) -> Any:
+        removed = await self.core.remove(_keys(body), bool(body.get("force", False)))
+        return {"removed": removed}
+
+    async def pin(self, body: dict[str, Any]) -> Any:
+        self.core.pin(_keys(body), +1)
+        return {}
+
+    async def unpin(self, body: dict[str, Any]) -> Any:
+        self.core.pin(_keys(body), -1)
+        return {}
+
+    async def agents(self, body: dict[str, Any]) -> Any:
+        wanted = set(need(body, "agents", list))
+        found = {n.agent: n.metadata for n in self.core.nodes.values() if n.agent in wanted}
+        return {"metadata": found}
+
+    async def corrupt(self, body: dict[str, Any]) -> Any:
+        await self.core.report_corrupt(_keys(body), [str(n) for n in need(body, "nodes", list)])
+        return {}
+
+    async def register(self, body: dict[str, Any]) -> Any:
+        return await self.core.register(body)
+
+    async def heartbeat(self, body: dict[str, Any]) -> Any:
+        await self.core.heartbeat(need(body, "node_id", str), need(body, "agent", str))
+        node = self.core.nodes.get(body["node_id"])
+        if node is not None:
+            node.stats = body.get("stats") or {}
+        return {}
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> None:
+        token = self.core.cfg.token
+        if token and request.headers.get("Authorization", "") != f"Bearer {token}":
+            raise Unauthorized("this call changes the pool and needs "
+                               "'Authorization: Bearer <token>' (the master's configured token)")
+
+    def tier_table(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self.core.index.entries.values():
+            if entry.state is BlockState.COMPLETE:
+                for r in entry.replicas:
+                    counts[(r.node, r.tier.value)] = counts.get((r.node, r.tier.value), 0) + 1
+        for node in self.core.nodes.values():
+            for kind, space in node.tiers.items():
+                row = table.setdefault(kind.value, {"capacity": 0, "used": 0, "blocks": 0})
+                row["capacity"] += space.capacity
+                row["used"] += space.used
+                row["blocks"] += counts.get((node.node_id, kind.value), 0)
+        return table
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        complete = sum(e.state is BlockState.COMPLETE for e in self.core.index.entries.values())
+        return web.json_response({
+            "cluster": self.core.cfg.cluster, "ready": self.core.ready,
+            "nodes": len(self.core.nodes), "blocks": complete,
+            "pending": len(self.core.index) - complete, "tiers": self.tier_table()})
+
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        counts: dict[tuple[str, TierKind], int] = {}
+        for entry in self.core.index.entries.values():
+            for r in entry.replicas:
+                counts[(r.node, r.tier)] = counts.get((r.node, r.tier), 0) + 1
+        return web.json_response({"nodes": [
+            {"node_id": n.node_id, "url": n.url, "agent": n.agent,
+             "tiers": [{"kind": k.value, "capacity": s.capacity, "used": s.used,
+                        "blocks": counts.get((n.node_id, k), 0),
+                        "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None}
+                       for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
+            for n in self.core.nodes.values()]})
+
+    def _entry(self, request: web.Request):  # type: ignore[no-untyped-def]
+        key = parse_key(request.match_info["key"])
+        entry = self.core.index.complete(key)
+        if entry is None:
+            raise BlockNotFound(f"no complete block {key.hex()}")
+        return entry
+
+    async def block(self, request: web.Request) -> web.Response:
+        entry = self._entry(request)
+        now = time.monotonic()
+        return web.json_response({
+            "key": entry.key.hex(), "size": entry.size, "state": entry.state.value,
+            "pins": entry.pins, "leases": len([1 for e in entry.leases.values() if e > now]),
+            "replicas": [{"node": r.node, "tier": r.tier.value, "location": r.location,
+                          "size": r.size} for r in entry.replicas]})
+
+    async def admin_pin(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        self.core.pin([self._entry(request).key], +1)
+        return web.json_response({"pinned": True})
+
+    async def admin_unpin(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        self.core.pin([self._entry(request).key], -1)
+        return web.json_response({"pinned": False})
+
+    async def admin_delete(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        entry = self._entry(request)
+        force = request.query.get("force", "").lower() in ("1", "true", "yes")
+        await self.core.remove([entry.key], force)
+        return web.json_response({"removed": True})
+
+    async def admin_evict(self, request: web.Request) -> web.Response:
+        """Forced eviction: demote the coldest movable blocks of a tier down to a fill level."""
+        self._authorize(request)
+        try:
+            body = await request.json() if request.can_read_body else {}
+            tier = TierKind(body.get("tier", "host"))
+            fill = float(body.get("fill", 0.0))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"evict takes {{'tier': 'host'|'ssd'|..., 'fill': 0..1}}: {exc}") from None
+        moved = 0
+        for node in list(self.core.nodes.values()):
+            space = node.tiers.get(tier)
+            if space is not None:
+                before = space.used
+                await self.core.relieve(node, tier, need=space.capacity - int(fill * space.capacity))
+                moved += before - space.used
+        return web.json_response({"freed_bytes": moved})
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        stream = self.core.events.stream()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(stream), timeout=15.0)
+                    await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+                except asyncio.TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            await stream.aclose()
+        return resp
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        lines = ["# TYPE kvpool_nodes gauge", f"kvpool_nodes {len(self.core.nodes)}",
+                 "# TYPE kvpool_blocks gauge", f"kvpool_blocks {len(self.core.index)}",
+                 "# TYPE kvpool_tier_capacity_bytes gauge", "# TYPE kvpool_tier_used_bytes gauge"]
+        for node in self.core.nodes.values():
+            for kind, space in node.tiers.items():
+                labels = f'node="{node.node_id}",tier="{kind.value}"'
+                lines.append(f"kvpool_tier_capacity_bytes{{{labels}}} {space.capacity}")
+                lines.append(f"kvpool_tier_used_bytes{{{labels}}} {space.used}")
+        lines.append("# TYPE kvpool_ops_total counter")
+        for name, value in sorted(self.core.counters.items()):
+            lines.append(f'kvpool_ops_total{{op="{name}"}} {value}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.core.ready
+        return web.json_response({"ready": ready, "nodes": len(self.core.nodes)},
+                                 status=200 if ready else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)

@@ -1,0 +1,50 @@
+"""The OpenAPI document of the admin API (the msgpack RPC under /v1/rpc is internal)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _op(summary: str, mutating: bool = False, params: list[dict[str, Any]] | None = None,
+        body: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {
+        "200": {"description": "OK", "content": {"application/json": {}}},
+        "400": {"description": "Bad request: {error, message}"},
+        "404": {"description": "Unknown block: {error, message}"}}}
+    if mutating:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = {"description": "Missing or wrong bearer token"}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"content": {"application/json": {"schema": body}}}
+    return op
+
+
+_KEY = {"name": "key", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "description": "Block key, 32 hex characters"}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "kvpool master admin API", "version": "1"},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "paths": {
+        "/v1/cluster": {"get": _op("Cluster summary: nodes, blocks, capacity and use per tier")},
+        "/v1/nodes": {"get": _op("Nodes and their tiers' capacity, use and block counts")},
+        "/v1/blocks/{key}": {
+            "get": _op("One block: size, state, pins, leases, replicas", params=[_KEY]),
+            "delete": _op("Remove a block (409 while leased or pinned unless force=true)", True,
+                          [_KEY, {"name": "force", "in": "query", "schema": {"type": "boolean"}}])},
+        "/v1/blocks/{key}/pin": {"post": _op("Pin a block: never demoted or evicted", True, [_KEY])},
+        "/v1/blocks/{key}/unpin": {"post": _op("Release one pin", True, [_KEY])},
+        "/v1/evict": {"post": _op("Demote the coldest movable blocks of a tier down to a fill level",
+                                  True, body={"type": "object", "properties": {
+                                      "tier": {"type": "string", "enum": ["gpu", "host", "ssd", "object"]},
+                                      "fill": {"type": "number", "minimum": 0, "maximum": 1}}})},
+        "/v1/events": {"get": _op("Server-sent events: block stored / removed (for KV-aware routers)")},
+        "/metrics": {"get": _op("Prometheus text metrics")},
+        "/healthz": {"get": _op("Liveness")},
+        "/readyz": {"get": _op("Readiness: 503 until the index is ready to serve")},
+    },
+}

@@ -1,0 +1,43 @@
+"""Placement decisions as pure functions: where a new block goes, what pressure to relieve."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from kvpool.tiers.base import TIER_ORDER, TierKind
+from master.nodes import Node, TierSpace
+
+
+def arena_candidates(nodes: Iterable[Node], prefer: str | None = None
+                     ) -> list[tuple[Node, TierSpace]]:
+    """Arenas a new block may go to, best first: fastest tier, then the preferred node,
+    then the most free bytes."""
+    out = []
+    for node in nodes:
+        for space in node.tiers.values():
+            if space.allocator is not None and space.capacity:
+                out.append((node, space))
+    out.sort(key=lambda ns: (ns[1].kind.rank, ns[0].node_id != prefer,
+                             -(ns[1].capacity - ns[1].used)))
+    return out
+
+
+def over_high(space: TierSpace, high: float) -> bool:
+    return space.capacity > 0 and space.used > high * space.capacity
+
+
+def relief_target(space: TierSpace, low: float, need: int = 0) -> int:
+    """Use the tier should come down to: the low watermark, or lower if ``need`` bytes
+    must fit."""
+    return max(0, min(int(low * space.capacity), space.capacity - need))
+
+
+def pressured(nodes: Iterable[Node], high: float) -> list[tuple[Node, TierKind]]:
+    """Every (node, tier) above its high watermark, fastest tiers first."""
+    out = []
+    for node in nodes:
+        for kind in TIER_ORDER:
+            space = node.tiers.get(kind)
+            if space is not None and over_high(space, high):
+                out.append((node, kind))
+    return out

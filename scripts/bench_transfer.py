@@ -1,0 +1,225 @@
+"""Put/get bandwidth of kvpool against raw NIXL on the same bytes, in one run.
+
+Starts a master and a daemon (`kvpool master`, `kvpool daemon`) and a client process.
+The client puts and then gets TOTAL bytes in blocks of 256 KiB .. 16 MiB (batches of
+64 MiB), verifies every byte that came back (and the client verifies checksums, as it
+does by default), then moves the same descriptors with raw NIXL READs between two plain
+processes. Prints a table; ``--json PATH`` writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.client import AsyncPoolClient  # noqa: E402
+from kvpool.keys import Namespace, block_keys  # noqa: E402
+from kvpool.transfer import TransferAgent  # noqa: E402
+
+MiB = 1 << 20
+BATCH = 64 * MiB
+SIZES = [256 << 10, 1 * MiB, 4 * MiB, 16 * MiB]
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "transport": "NIXL UCX over loopback (CPU DRAM)"}
+
+
+def stamp(base: np.ndarray, size: int, batch: int) -> np.ndarray:
+    """The batch's bytes: a shared random base with each block's first 16 bytes unique."""
+    data = base.copy()
+    blocks = data.reshape(-1, size)
+    ids = np.arange(len(blocks), dtype=np.uint64) + np.uint64(batch << 32)
+    blocks[:, :8] = ids.view(np.uint8).reshape(-1, 8)
+    blocks[:, 8:16] = (ids * np.uint64(0x9E3779B97F4A7C15)).view(np.uint8).reshape(-1, 8)
+    return data
+
+
+async def bench_pool(master: str, total: int) -> dict:
+    out: dict = {"sizes": {}}
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, BATCH, dtype=np.uint8)
+    src = np.empty(BATCH, np.uint8)
+    dst = np.empty(BATCH, np.uint8)
+    async with AsyncPoolClient(master_url=master) as pool:
+        pool.register(src)
+        pool.register(dst)
+        for size in SIZES:
+            per = BATCH // size
+            nbatch = max(1, total // BATCH)
+            ns = Namespace("bench", "uint8", "raw", block_tokens=1, salt=f"{size}")
+            keys = block_keys(ns, np.arange(per * nbatch))
+            put_s = get_s = 0.0
+            verified = True
+            for b in range(nbatch):
+                src[:] = stamp(base, size, b)
+                views = [src[i * size:(i + 1) * size] for i in range(per)]
+                t = time.perf_counter()
+                res = await pool.batch_put(keys[b * per:(b + 1) * per], views)
+                put_s += time.perf_counter() - t
+                verified &= all(r.stored for r in res)
+            for b in range(nbatch):
+                outs = [dst[i * size:(i + 1) * size] for i in range(per)]
+                t = time.perf_counter()
+                res = await pool.batch_get(keys[b * per:(b + 1) * per], outs)
+                get_s += time.perf_counter() - t
+                verified &= all(r.hit for r in res) and np.array_equal(dst, stamp(base, size, b))
+            await pool.batch_remove(keys, force=True)
+            out["sizes"][str(size)] = {"put_gbps": per * nbatch * size / put_s / 1e9,
+                                       "get_gbps": per * nbatch * size / get_s / 1e9,
+                                       "verified": bool(verified)}
+            print(f"  kvpool {size >> 10:>6} KiB blocks: put and get done", file=sys.stderr, flush=True)
+        one = src[:MiB]
+        ns = Namespace("bench-single", "uint8", "raw", block_tokens=1)
+        keys = block_keys(ns, np.arange(300))
+        puts, gets = [], []
+        for i, key in enumerate(keys):
+            one[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
+            t = time.perf_counter()
+            await pool.put(key, one)
+            puts.append(time.perf_counter() - t)
+        out_buf = dst[:MiB]
+        for i in range(1000):
+            t = time.perf_counter()
+            await pool.get(keys[i % len(keys)], out_buf)
+            gets.append(time.perf_counter() - t)
+        await pool.batch_remove(keys, force=True)
+        pct = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q))  # noqa: E731
+        out["single_1MiB"] = {"put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99),
+                              "get_p50_ms": pct(gets, 50), "get_p99_ms": pct(gets, 99)}
+    return out
+
+
+def raw_target(meta_path: str) -> None:
+    """The other side of the raw NIXL baseline: one registered 64 MiB buffer."""
+    agent = TransferAgent(f"bench-raw-target-{os.getpid()}")
+    buf = np.random.default_rng(3).integers(0, 256, BATCH, dtype=np.uint8)
+    agent.register(buf.ctypes.data, buf.nbytes, owner=buf)
+    Path(meta_path + ".tmp").write_bytes(agent.metadata() + b"|" + str(buf.ctypes.data).encode())
+    os.replace(meta_path + ".tmp", meta_path)
+    sys.stdin.read()  # until the parent closes our stdin
+
+
+async def bench_raw(total: int) -> dict:
+    meta = tempfile.mktemp(prefix="kvpool-raw-")
+    proc = subprocess.Popen([sys.executable, __file__, "--role", "raw-target", "--meta", meta],
+                            stdin=subprocess.PIPE)
+    try:
+        while not os.path.exists(meta):
+            time.sleep(0.05)
+        blob = Path(meta).read_bytes()
+        metadata, remote_base = blob.rsplit(b"|", 1)
+        agent = TransferAgent(f"bench-raw-client-{os.getpid()}")
+        dst = np.empty(BATCH, np.uint8)
+        agent.register(dst.ctypes.data, dst.nbytes, owner=dst)
+        peer = agent.add_peer(metadata)
+        out = {}
+        for size in SIZES:
+            per = BATCH // size
+            local = [(dst.ctypes.data + i * size, size, 0) for i in range(per)]
+            remote = [(int(remote_base) + i * size, size, 0) for i in range(per)]
+            await agent.run("READ", peer, local, "DRAM", remote, "DRAM", 30.0)  # warm up
+            nbatch = max(1, total // BATCH)
+            t = time.perf_counter()
+            for _ in range(nbatch):
+                await agent.run("READ", peer, local, "DRAM", remote, "DRAM", 30.0)
+            out[str(size)] = nbatch * BATCH / (time.perf_counter() - t) / 1e9
+        return out
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=30)
+        os.unlink(meta)
+
+
+def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith(b"{"):
+            return proc, json.loads(line)
+    raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB per block size instead of 2 GiB")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--role", choices=["client", "raw-target"], help=argparse.SUPPRESS)
+    parser.add_argument("--master", help=argparse.SUPPRESS)
+    parser.add_argument("--meta", help=argparse.SUPPRESS)
+    parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "raw-target":
+        return raw_target(args.meta)
+    if args.role == "client":
+        result = asyncio.run(bench_pool(args.master, args.total))
+        result["raw"] = asyncio.run(bench_raw(args.total))
+        print(json.dumps(result))
+        return
+    total = (256 if args.quick else 2048) * MiB
+    data = tempfile.mkdtemp(prefix="kvpool-bench-")
+    print(f"starting master and daemon; {total >> 20} MiB per block size ...", file=sys.stderr)
+    master, info = start(["master", "--port", "0"], {})
+    daemon = None
+    try:
+        daemon, _ = start(["daemon", "--master", info["master"], "--data-dir", data],
+                          {"KVPOOL_DAEMON_HOST_BYTES": str(total + 256 * MiB),
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+        client = subprocess.run([sys.executable, __file__, "--role", "client", "--master",
+                                 info["master"], "--total", str(total)],
+                                capture_output=True, text=True, cwd=ROOT)
+        sys.stderr.write(client.stderr[-4000:] if client.returncode else "")
+        if client.returncode:
+            raise SystemExit("the client process failed")
+        result = json.loads(client.stdout.strip().splitlines()[-1])
+    finally:
+        for proc in (daemon, master):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    raw = result.pop("raw")
+    for size, row in result["sizes"].items():
+        row["raw_gbps"] = raw[size]
+        row["get_ratio"] = row["get_gbps"] / raw[size]
+    result["machine"] = machine()
+    result["total_bytes_per_size"] = total
+    rows = [["block", "put GB/s", "get GB/s", "raw NIXL GB/s", "get/raw", "verified"]]
+    for size, row in result["sizes"].items():
+        rows.append([f"{int(size) >> 10} KiB", f"{row['put_gbps']:.2f}", f"{row['get_gbps']:.2f}",
+                     f"{row['raw_gbps']:.2f}", f"{row['get_ratio']:.2f}", str(row["verified"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    s = result["single_1MiB"]
+    print(f"single 1 MiB: put p50 {s['put_p50_ms']:.3f} ms, p99 {s['put_p99_ms']:.3f} ms; "
+          f"get p50 {s['get_p50_ms']:.3f} ms, p99 {s['get_p99_ms']:.3f} ms")
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['transport']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

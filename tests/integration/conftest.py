@@ -1,0 +1,103 @@
+"""Real processes on 127.0.0.1: a master and pool daemons started through the CLI, each on
+free ports with its own data folder, and stopped by their own process ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from kvpool.config import ClientConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, dict]:
+    """Start `kvpool <args>` and wait for the JSON line that announces its endpoints."""
+    out = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=out)
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(b"{"):
+            return proc, json.loads(line)
+    proc.kill()
+    raise RuntimeError(f"`kvpool {' '.join(args)}` did not start: {log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Pool:
+    """A master and one daemon as separate processes."""
+
+    tmp: Path
+    master_env: dict[str, str]
+    daemon_env: dict[str, str]
+    master_url: str = ""
+    daemon_url: str = ""
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start_master(self) -> None:
+        proc, info = spawn(["master", "--port", "0"], self.master_env, self.tmp / "master.log")
+        self.procs["master"], self.master_url = proc, info["master"]
+
+    def start_daemon(self) -> None:
+        proc, info = spawn(["daemon", "--master", self.master_url, "--node-id", "node0",
+                            "--data-dir", str(self.tmp / "node0")], self.daemon_env,
+                           self.tmp / "daemon.log")
+        self.procs["daemon"], self.daemon_url = proc, info["daemon"]
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        stop(self.procs.pop("daemon"), sig)
+
+    def client_config(self, **overrides: object) -> ClientConfig:
+        return ClientConfig(master_url=self.master_url, **overrides)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        for name in ("daemon", "master"):
+            if name in self.procs:
+                stop(self.procs.pop(name))
+
+
+MASTER_ENV = {"KVPOOL_MASTER_PUT_TIMEOUT_S": "2", "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2",
+              "KVPOOL_MASTER_READ_LEASE_S": "30", "KVPOOL_MASTER_NODE_TTL_S": "3"}
+DAEMON_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "256MiB", "KVPOOL_DAEMON_SSD_BYTES": "256MiB",
+              "KVPOOL_DAEMON_OBJECT_BYTES": "1GiB", "KVPOOL_DAEMON_HEARTBEAT_S": "0.5"}
+
+
+def make_pool(tmp: Path, master_env: dict[str, str] | None = None,
+              daemon_env: dict[str, str] | None = None) -> Pool:
+    pool = Pool(tmp, {**MASTER_ENV, **(master_env or {})}, {**DAEMON_ENV, **(daemon_env or {})})
+    pool.start_master()
+    pool.start_daemon()
+    return pool
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = make_pool(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
