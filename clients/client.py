@@ -28,7 +28,8 @@ from clients.buffers import BufferView, view
 
 log = logging.getLogger(__name__)
 NEW, EXISTS, IN_FLIGHT = 0, 1, 2
-_REGION_CACHE = 64  # caller buffers kept registered
+_REGION_CACHE = 64  # large caller buffers kept registered
+_STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
 
 
@@ -70,7 +71,7 @@ class AsyncPoolClient:
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
-        self._scratch: np.ndarray | None = None
+        self._spare: list[np.ndarray] = []  # registered scratch buffers, free for use
         self._releases: list[int] = []
         self._flush: asyncio.TimerHandle | None = None
 
@@ -134,10 +135,50 @@ class AsyncPoolClient:
             return
         region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
         self._cache[region.address] = region
+
+    def _trim_regions(self) -> None:
+        """Deregister the least recently used auto-registered buffers (after transfers)."""
         while len(self._cache) > _REGION_CACHE:
             _, old = self._cache.popitem(last=False)
             if old.address not in self._pinned:
                 self.agent.deregister(old)
+
+    def _acquire(self, nbytes: int) -> np.ndarray:
+        """Registered scratch memory of at least ``nbytes``, for this call alone."""
+        for i, buf in enumerate(self._spare):
+            if buf.nbytes >= nbytes:
+                return self._spare.pop(i)
+        buf = np.empty(max(nbytes, _STAGE_MAX), dtype=np.uint8)
+        self.agent.register(buf.ctypes.data, buf.nbytes, owner=buf)
+        return buf
+
+    def _give_back(self, buf: np.ndarray) -> None:
+        self._spare.append(buf)
+        self._spare.sort(key=lambda b: b.nbytes)
+        while len(self._spare) > 4:
+            old = self._spare.pop(0)
+            region = self.agent.find(old.ctypes.data, old.nbytes)
+            if region is not None:
+                self.agent.deregister(region)
+
+    def _prepare(self, views: list[BufferView], idx: list[int]
+                 ) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
+        """Make every buffer in ``idx`` reachable by NIXL: registered ones as they are, small
+        unregistered host ones through one scratch buffer (returned, with each one's slice),
+        large ones by registering them (kept in an LRU cache for reuse)."""
+        small = [i for i in idx if views[i].mem_type == "DRAM" and views[i].nbytes <= _STAGE_MAX
+                 and self.agent.find(views[i].address, views[i].nbytes) is None]
+        for i in idx:
+            if i not in small:
+                self._ensure_registered(views[i])
+        if not small:
+            return None, {}
+        scratch = self._acquire(sum(views[i].nbytes for i in small))
+        slices, off = {}, 0
+        for i in small:
+            slices[i] = scratch[off:off + views[i].nbytes]
+            off += views[i].nbytes
+        return scratch, slices
 
     async def _peers(self, agents: Iterable[str]) -> set[str]:
         """Make sure NIXL knows every agent named; returns the ones the master no longer knows."""
@@ -148,14 +189,6 @@ class AsyncPoolClient:
         for name, meta in found.items():
             self.agent.add_peer(bytes(meta))
         return unknown - set(found)
-
-    def _stage(self, nbytes: int) -> np.ndarray:
-        """A registered scratch buffer for bytes-like values and get_bytes."""
-        if self._scratch is None or self._scratch.nbytes < nbytes:
-            size = max(nbytes, 4 << 20)
-            self._scratch = np.empty(size, dtype=np.uint8)
-            self.register(self._scratch)
-        return self._scratch[:nbytes]
 
     # -- put ------------------------------------------------------------------------------
 
@@ -172,13 +205,7 @@ class AsyncPoolClient:
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
         if not keys:
             return []
-        views = []
-        for value in values:
-            if isinstance(value, (bytes, bytearray, memoryview)):
-                data = np.frombuffer(value, dtype=np.uint8)
-                views.append(view(data, writable=False))
-            else:
-                views.append(view(value, writable=False))
+        views = [view(value, writable=False) for value in values]
         tag = self.cfg.layout if layout is None else layout
         headers = [make_header(v.host_bytes(), v.dtype, v.shape, tag) for v in views]
         body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
@@ -203,25 +230,28 @@ class AsyncPoolClient:
         return [PutResult(k, item[0] == NEW) for k, item in zip(keys, items)]
 
     async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]]) -> None:
-        groups: dict[tuple[str, str, str], list[tuple[BufferView, _Loc]]] = defaultdict(list)
-        for i in idx:
-            loc = _Loc(*items[i][1:7])
-            v = views[i]
-            if isinstance(v.owner, np.ndarray) and not v.owner.flags.writeable:
-                staged = self._stage(v.nbytes)  # bytes values: one copy into registered memory
-                staged[:] = v.owner
-                v = view(staged, writable=False)
-            else:
-                self._ensure_registered(v)
-            groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
-        gone = await self._peers(a for a, _, _ in groups)
-        if gone:
-            raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
-        await asyncio.gather(*(
-            self.agent.run("WRITE", agent, [(v.address, v.nbytes, v.device) for v, _ in pairs], lmem,
-                           [(l.address, l.size, l.device) for _, l in pairs], rmem,
-                           self.cfg.transfer_timeout_s)
-            for (agent, lmem, rmem), pairs in groups.items()))
+        scratch, staged = self._prepare(views, idx)
+        try:
+            groups: dict[tuple[str, str, str], list[tuple[BufferView, _Loc]]] = defaultdict(list)
+            for i in idx:
+                v = views[i]
+                if i in staged:
+                    staged[i][:] = v.host_bytes()
+                    v = view(staged[i], writable=False)
+                loc = _Loc(*items[i][1:7])
+                groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
+            gone = await self._peers(a for a, _, _ in groups)
+            if gone:
+                raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
+            await asyncio.gather(*(
+                self.agent.run("WRITE", agent, [(v.address, v.nbytes, v.device) for v, _ in pairs],
+                               lmem, [(l.address, l.size, l.device) for _, l in pairs], rmem,
+                               self.cfg.transfer_timeout_s)
+                for (agent, lmem, rmem), pairs in groups.items()))
+        finally:
+            if scratch is not None:
+                self._give_back(scratch)
+            self._trim_regions()
 
     # -- get ------------------------------------------------------------------------------
 
@@ -234,18 +264,18 @@ class AsyncPoolClient:
         return result.header
 
     async def get_bytes(self, key: BlockKey) -> bytes | None:
-        """Convenience for tools: the block's bytes, through a registered scratch buffer."""
+        """Convenience for tools: the block's bytes (one extra copy)."""
         key = parse_key(key)
         res = await self._call("get", {"keys": [key]})
-        item = res["items"][0]
         self._release_later(res["lease"])
+        item = res["items"][0]
         if item is None:
             return None
-        out = self._stage(item[3])
+        out = np.empty(item[3], dtype=np.uint8)
         result = (await self._read(res, [key], [view(out, writable=True)]))[0]
         if result.error is not None:
             raise result.error
-        return bytes(out)
+        return out.tobytes()
 
     async def batch_get(self, keys: Sequence[BlockKey], outs: Sequence[Any]) -> list[GetResult]:
         keys = [parse_key(k) for k in keys]
@@ -262,36 +292,58 @@ class AsyncPoolClient:
                     views: list[BufferView]) -> list[GetResult]:
         items = res["items"]
         results: list[GetResult | None] = [None] * len(keys)
-        todo: dict[tuple[str, str, str], list[int]] = defaultdict(list)
         headers: dict[int, BlockHeader] = {}
+        hits = []
         for i, item in enumerate(items):
             if item is None:
                 results[i] = GetResult(keys[i], None)
-                continue
-            loc, v = _Loc(*item[:6]), views[i]
-            if v.nbytes < loc.size:
-                raise BadRequest(f"output buffer {i} holds {v.nbytes} bytes; block "
-                                 f"{keys[i].hex()} is {loc.size}")
-            headers[i], _ = BlockHeader.decode(item[6])
-            self._ensure_registered(v)
-            todo[(loc.agent, v.mem_type, loc.mem_type)].append(i)
-        gone = await self._peers(a for a, _, _ in todo) if todo else set()
+            elif views[i].nbytes < item[3]:
+                raise BadRequest(f"output buffer {i} holds {views[i].nbytes} bytes; block "
+                                 f"{keys[i].hex()} is {item[3]}")
+            else:
+                headers[i], _ = BlockHeader.decode(item[6])
+                hits.append(i)
+        if not hits:
+            return results  # type: ignore[return-value]
+        scratch, staged = self._prepare(views, hits)
+        try:
+            land = {i: view(staged[i], writable=True) if i in staged else views[i] for i in hits}
+            await self._fetch(keys, items, hits, land, headers, results)
+            for i, buf in staged.items():
+                if results[i] is not None and results[i].hit:  # type: ignore[union-attr]
+                    views[i].host_bytes()[:buf.nbytes] = buf
+        finally:
+            if scratch is not None:
+                self._give_back(scratch)
+            self._trim_regions()
+        corrupt = [i for i in hits if results[i].error is not None  # type: ignore[union-attr]
+                   and isinstance(results[i].error, ChecksumMismatch)]  # type: ignore[union-attr]
+        if corrupt:
+            await self._call("corrupt", {"keys": [keys[i] for i in corrupt],
+                                         "nodes": [items[i][0] for i in corrupt]})
+        return results  # type: ignore[return-value]
+
+    async def _fetch(self, keys: list[BlockKey], items: list[Any], hits: list[int],
+                     land: dict[int, BufferView], headers: dict[int, BlockHeader],
+                     results: list[GetResult | None]) -> None:
+        """READ every hit into its landing buffer, verifying each chunk while the next copies."""
+        groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        for i in hits:
+            groups[(items[i][1], land[i].mem_type, items[i][4])].append(i)
+        gone = await self._peers(a for a, _, _ in groups)
         transfers = []
-        for (agent, lmem, rmem), idx in todo.items():
+        for (agent, lmem, rmem), idx in groups.items():
             if agent in gone:
                 for i in idx:
-                    results[i] = GetResult(keys[i], None, NodeGone(f"node of {keys[i].hex()} left"))
+                    results[i] = GetResult(keys[i], None, NodeGone(f"the node of {keys[i].hex()} left"))
                 continue
             for chunk in _chunks(idx, [items[i][3] for i in idx]):
-                local = [(views[i].address, items[i][3], views[i].device) for i in chunk]
+                local = [(land[i].address, items[i][3], land[i].device) for i in chunk]
                 remote = [(items[i][2], items[i][3], items[i][5]) for i in chunk]
-                transfers.append((chunk, self.agent.run("READ", agent, local, lmem, remote, rmem,
-                                                        self.cfg.transfer_timeout_s)
-                                  if len(transfers) == 0 and len(idx) == len(chunk)
-                                  else self.agent.submit("READ", agent, local, lmem, remote, rmem,
-                                                         self.cfg.transfer_timeout_s)))
-        corrupt: list[int] = []
-        for chunk, transfer in transfers:  # verify each chunk while the next one copies
+                single = len(groups) == 1 and len(chunk) == len(idx)
+                transfers.append((chunk, (self.agent.run if single else self.agent.submit)(
+                    "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
+        for chunk, transfer in transfers:
             try:
                 await transfer
             except TransferFailed as exc:
@@ -299,13 +351,7 @@ class AsyncPoolClient:
                     results[i] = GetResult(keys[i], None, exc)
                 continue
             for i in chunk:
-                results[i] = self._verified(keys[i], headers[i], views[i])
-                if results[i].error is not None:  # type: ignore[union-attr]
-                    corrupt.append(i)
-        if corrupt:
-            await self._call("corrupt", {"keys": [keys[i] for i in corrupt],
-                                         "nodes": [items[i][0] for i in corrupt]})
-        return results  # type: ignore[return-value]
+                results[i] = self._verified(keys[i], headers[i], land[i])
 
     def _verified(self, key: BlockKey, header: BlockHeader, v: BufferView) -> GetResult:
         if not self.cfg.verify_checksum:
