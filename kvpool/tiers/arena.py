@@ -60,7 +60,9 @@ class ArenaTier:
     @classmethod
     def host(cls, capacity: int, *, executor: Executor | None = None) -> "ArenaTier":
         """Page-aligned DRAM: pinned through torch when CUDA is present (so GPU transfers
-        are DMA), otherwise an anonymous mapping."""
+        are DMA), otherwise an anonymous mapping populated up front. Untouched pages would
+        be faulted in by the first NIXL write to each one, which made a 1 MiB put cost
+        1.3 ms instead of 0.2 ms."""
         _check_capacity(capacity)
         if cuda_available():
             import torch
@@ -68,7 +70,8 @@ class ArenaTier:
             tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
             return cls(TierKind.HOST, capacity, tensor.data_ptr(), "DRAM", 0,
                        host=tensor.numpy(), tensor=tensor, executor=executor)
-        mm = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                       | getattr(mmap, "MAP_POPULATE", 0))
         host = np.frombuffer(mm, dtype=np.uint8)
         return cls(TierKind.HOST, capacity, host.ctypes.data, "DRAM", 0, host=host, mm=mm,
                    executor=executor)
