@@ -60,9 +60,9 @@ class ArenaTier:
     @classmethod
     def host(cls, capacity: int, *, executor: Executor | None = None) -> "ArenaTier":
         """Page-aligned DRAM: pinned through torch when CUDA is present (so GPU transfers
-        are DMA), otherwise an anonymous mapping populated up front. Untouched pages would
-        be faulted in by the first NIXL write to each one, which made a 1 MiB put cost
-        1.3 ms instead of 0.2 ms."""
+        are DMA), otherwise an anonymous mapping of huge pages populated up front. Untouched
+        pages would be faulted in by the first NIXL write to each one (a 1 MiB put cost
+        1.3 ms instead of 0.2 ms), and 4 KiB pages slow every cross-process copy."""
         _check_capacity(capacity)
         if cuda_available():
             import torch
@@ -70,9 +70,11 @@ class ArenaTier:
             tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
             return cls(TierKind.HOST, capacity, tensor.data_ptr(), "DRAM", 0,
                        host=tensor.numpy(), tensor=tensor, executor=executor)
-        mm = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                       | getattr(mmap, "MAP_POPULATE", 0))
+        mm = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mm.madvise(mmap.MADV_HUGEPAGE)
         host = np.frombuffer(mm, dtype=np.uint8)
+        host[::4096] = 0  # populate now
         return cls(TierKind.HOST, capacity, host.ctypes.data, "DRAM", 0, host=host, mm=mm,
                    executor=executor)
 
