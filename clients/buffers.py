@@ -23,22 +23,15 @@ class BufferView:
     mem_type: str  # "DRAM" or "VRAM"
     device: int
     owner: Any  # the object whose memory this is; registration keeps it alive
-    dtype: DType
-    shape: tuple[int, ...]
 
-    def host_bytes(self) -> memoryview | np.ndarray:
-        """The bytes, for checksums: zero-copy for host memory, a copy for GPU memory."""
+    def host_bytes(self) -> np.ndarray:
+        """The bytes, for checksums and staging: zero-copy for host memory, a copy for GPU."""
+        owner = self.owner
+        if isinstance(owner, np.ndarray):
+            return owner if owner.dtype == np.uint8 and owner.ndim == 1 else owner.reshape(-1).view(np.uint8)
         if self.mem_type == "VRAM":
-            return self.owner.reshape(-1).view(torch.uint8).cpu().numpy()
-        return _host_array(self.owner)
-
-
-def _host_array(obj: Any) -> np.ndarray:
-    if isinstance(obj, np.ndarray):
-        return obj.reshape(-1).view(np.uint8)
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return obj.reshape(-1).view(torch.uint8).numpy()
-    return np.frombuffer(obj, dtype=np.uint8)
+            return owner.reshape(-1).view(torch.uint8).cpu().numpy()
+        return owner.reshape(-1).view(torch.uint8).numpy()
 
 
 def view(obj: Any, writable: bool) -> BufferView:
@@ -48,27 +41,32 @@ def view(obj: Any, writable: bool) -> BufferView:
             raise BadRequest("buffers must be C-contiguous; use np.ascontiguousarray")
         if writable and not obj.flags.writeable:
             raise BadRequest("a get needs a writable buffer")
-        name = obj.dtype.name if obj.dtype.kind != "V" else "uint8"
-        return BufferView(obj.ctypes.data, obj.nbytes, "DRAM", 0, obj, _dtype(name), obj.shape)
+        return BufferView(obj.ctypes.data, obj.nbytes, "DRAM", 0, obj)
     if torch is not None and isinstance(obj, torch.Tensor):
         if not obj.is_contiguous():
             raise BadRequest("tensors must be contiguous; call .contiguous() first")
         gpu = obj.is_cuda
         return BufferView(obj.data_ptr(), obj.numel() * obj.element_size(),
-                          "VRAM" if gpu else "DRAM", obj.get_device() if gpu else 0, obj,
-                          _dtype(str(obj.dtype)), tuple(obj.shape))
+                          "VRAM" if gpu else "DRAM", obj.get_device() if gpu else 0, obj)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         arr = np.frombuffer(obj, dtype=np.uint8)
         if writable and not arr.flags.writeable:
             raise BadRequest("a get needs a writable buffer (bytearray, numpy array or tensor)")
-        return BufferView(arr.ctypes.data if arr.size else 0, arr.nbytes, "DRAM", 0, arr,
-                          DType.UINT8, (arr.nbytes,))
+        return BufferView(arr.ctypes.data if arr.size else 0, arr.nbytes, "DRAM", 0, arr)
     raise BadRequest(f"unsupported buffer type {type(obj).__name__}: "
                      "pass a numpy array, a torch tensor or bytes")
 
 
-def _dtype(name: str) -> DType:
+def describe(obj: Any) -> tuple[DType, tuple[int, ...]]:
+    """Element type and shape for a block's header; unknown types are stored as bytes."""
+    if isinstance(obj, np.ndarray):
+        name, shape = obj.dtype.name, obj.shape
+    elif torch is not None and isinstance(obj, torch.Tensor):
+        name, shape = str(obj.dtype), tuple(obj.shape)
+    else:
+        return DType.UINT8, (memoryview(obj).nbytes,)
     try:
-        return DType.parse(name)
+        return DType.parse(name), tuple(shape)
     except BadRequest:
-        return DType.UINT8  # stored as bytes; the layout tag says how to read them
+        return DType.UINT8, (int(np.prod(shape)) * (obj.itemsize if hasattr(obj, "itemsize")
+                                                     else obj.element_size()),)

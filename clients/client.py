@@ -24,7 +24,7 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolEr
 from kvpool.keys import BlockKey, parse_key
 from kvpool.transfer import Region, TransferAgent
 from kvpool.wire import RpcClient
-from clients.buffers import BufferView, view
+from clients.buffers import BufferView, describe, view
 
 log = logging.getLogger(__name__)
 NEW, EXISTS, IN_FLIGHT = 0, 1, 2
@@ -207,7 +207,10 @@ class AsyncPoolClient:
             return []
         views = [view(value, writable=False) for value in values]
         tag = self.cfg.layout if layout is None else layout
-        headers = [make_header(v.host_bytes(), v.dtype, v.shape, tag) for v in views]
+        headers = []
+        for value, v in zip(values, views):
+            dtype, shape = describe(value)
+            headers.append(make_header(v.host_bytes(), dtype, shape, tag))
         body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
         if chained:
             body["parents"] = [None] + keys[:-1]
@@ -292,7 +295,6 @@ class AsyncPoolClient:
                     views: list[BufferView]) -> list[GetResult]:
         items = res["items"]
         results: list[GetResult | None] = [None] * len(keys)
-        headers: dict[int, BlockHeader] = {}
         hits = []
         for i, item in enumerate(items):
             if item is None:
@@ -301,14 +303,13 @@ class AsyncPoolClient:
                 raise BadRequest(f"output buffer {i} holds {views[i].nbytes} bytes; block "
                                  f"{keys[i].hex()} is {item[3]}")
             else:
-                headers[i], _ = BlockHeader.decode(item[6])
                 hits.append(i)
         if not hits:
             return results  # type: ignore[return-value]
         scratch, staged = self._prepare(views, hits)
         try:
             land = {i: view(staged[i], writable=True) if i in staged else views[i] for i in hits}
-            await self._fetch(keys, items, hits, land, headers, results)
+            await self._fetch(keys, items, hits, land, results)
             for i, buf in staged.items():
                 if results[i] is not None and results[i].hit:  # type: ignore[union-attr]
                     views[i].host_bytes()[:buf.nbytes] = buf
@@ -324,8 +325,7 @@ class AsyncPoolClient:
         return results  # type: ignore[return-value]
 
     async def _fetch(self, keys: list[BlockKey], items: list[Any], hits: list[int],
-                     land: dict[int, BufferView], headers: dict[int, BlockHeader],
-                     results: list[GetResult | None]) -> None:
+                     land: dict[int, BufferView], results: list[GetResult | None]) -> None:
         """READ every hit into its landing buffer, verifying each chunk while the next copies."""
         groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
         for i in hits:
@@ -350,14 +350,14 @@ class AsyncPoolClient:
                 for i in chunk:
                     results[i] = GetResult(keys[i], None, exc)
                 continue
-            for i in chunk:
-                results[i] = self._verified(keys[i], headers[i], land[i])
+            for i in chunk:  # decoded here, so the work overlaps the next chunk's copy
+                results[i] = self._verified(keys[i], BlockHeader.decode(items[i][6])[0], land[i])
 
     def _verified(self, key: BlockKey, header: BlockHeader, v: BufferView) -> GetResult:
         if not self.cfg.verify_checksum:
             return GetResult(key, header)
         data = v.host_bytes()
-        got = checksum(data[:header.payload_size] if len(data) > header.payload_size else data)
+        got = checksum(data[:header.payload_size] if data.nbytes > header.payload_size else data)
         if got != header.checksum:
             return GetResult(key, None, ChecksumMismatch(
                 f"block {key.hex()} arrived with checksum {got:016x}, expected "

@@ -348,7 +348,9 @@ class MasterCore:
             leased.append(key)
             if best.tier.is_arena:
                 self.index.touch(entry)
-                out[i] = [*self.location(self.nodes[best.node], best).wire(), entry.header]
+                space = self.nodes[best.node].tiers[best.tier]
+                out[i] = [best.node, self.nodes[best.node].agent, space.address + best.location,
+                          best.size, space.mem_type, space.device, entry.header]
             else:
                 cold.append(i)
         if leased:

@@ -65,6 +65,8 @@ class BlockEntry:
 
     def best(self) -> Replica | None:
         """The replica a reader should use: the fastest tier."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
         return min(self.replicas, key=lambda r: r.tier.rank, default=None)
 
 
