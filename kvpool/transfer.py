@@ -150,9 +150,16 @@ class TransferAgent:
     def start(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,
               remote: list[Row] | np.ndarray, remote_mem: str) -> "Transfer":
         """Post a READ (remote -> local) or WRITE (local -> remote) of matching rows."""
-        la = np.asarray(local, dtype=np.uint64).reshape(-1, 3)
-        ra = np.asarray(remote, dtype=np.uint64).reshape(-1, 3)
-        if la.shape != ra.shape or not np.array_equal(la[:, 1], ra[:, 1]):
+        if len(local) <= 32:  # tuples beat numpy for the short lists of latency-bound calls
+            la, ra = [tuple(map(int, r)) for r in local], [tuple(map(int, r)) for r in remote]
+            lengths = [r[1] for r in la]
+            ok = len(la) == len(ra) and lengths == [r[1] for r in ra]
+        else:
+            la = np.asarray(local, dtype=np.uint64).reshape(-1, 3)
+            ra = np.asarray(remote, dtype=np.uint64).reshape(-1, 3)
+            lengths = la[:, 1]
+            ok = la.shape == ra.shape and np.array_equal(la[:, 1], ra[:, 1])
+        if not ok or not len(la):
             raise BadRequest("local and remote descriptors must pair up with equal lengths")
         try:
             handle = self._agent.initialize_xfer(
@@ -161,7 +168,7 @@ class TransferAgent:
             state = self._agent.transfer(handle)
         except Exception as exc:
             raise TransferFailed(f"NIXL {op} to {peer} could not start: {exc}") from None
-        return Transfer(self._agent, handle, state, op, peer, int(la[:, 1].sum()))
+        return Transfer(self._agent, handle, state, op, peer, int(sum(lengths)))
 
     async def run(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,
                   remote: list[Row] | np.ndarray, remote_mem: str, deadline_s: float) -> None:

@@ -170,7 +170,9 @@ class RpcClient:
 
     async def call(self, method: str, body: dict[str, Any] | None = None,
                    timeout_s: float | None = None) -> Any:
-        ws = await self._connect()
+        ws = self._ws
+        if ws is None or ws.closed:
+            ws = await self._connect()
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -180,8 +182,9 @@ class RpcClient:
             self._pending.pop(rid, None)
             raise Unavailable(f"cannot send to {self.url}: {exc}") from None
         try:
-            return await asyncio.wait_for(fut, timeout_s or self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                return await fut
+        except TimeoutError:
             self._pending.pop(rid, None)
             raise Unavailable(f"{self.url} did not answer {method} within "
                               f"{timeout_s or self.timeout_s:.1f}s") from None

@@ -228,7 +228,11 @@ class MasterCore:
         return put_id, out
 
     async def _allocate(self, size: int, prefer: str | None) -> tuple[Node, TierSpace, int]:
-        for attempt in range(8):
+        largest = max((s.capacity for _, s in arena_candidates(self.nodes.values())), default=0)
+        if size > largest:  # no amount of demotion would make room: say so, move nothing
+            raise TierFull(f"a {size}-byte block is larger than every arena (largest "
+                           f"{largest} bytes); give the daemon a bigger host arena")
+        for _attempt in range(8):
             for node, space in arena_candidates(self.nodes.values(), prefer):
                 offset = space.allocator.allocate(size)  # type: ignore[union-attr]
                 if offset is not None:

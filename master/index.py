@@ -105,8 +105,11 @@ class Index:
             lru.pop(entry.key, None)
 
     def remove(self, entry: BlockEntry) -> None:
-        for r in list(entry.replicas):
-            self.drop_replica(entry, r)
+        """Forget an entry; its replica list stays as it was, for the caller to free."""
+        for r in entry.replicas:
+            lru = self._lru.get((r.node, r.tier))
+            if lru is not None:
+                lru.pop(entry.key, None)
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
         if entry.parent is not None and (parent := self.entries.get(entry.parent)) is not None:

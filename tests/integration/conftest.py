@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -94,10 +96,38 @@ def make_pool(tmp: Path, master_env: dict[str, str] | None = None,
     return pool
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[Pool]:
-    p = make_pool(tmp_path)
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """One master and one daemon shared by a module's tests (they use distinct keys)."""
+    p = make_pool(tmp_path_factory.mktemp("pool"))
     try:
         yield p
     finally:
         p.stop()
+
+
+def admin(url: str, path: str, method: str = "GET", body: dict | None = None,
+          token: str = "") -> tuple[int, dict]:
+    """A JSON admin call; returns the status and the decoded body, errors included."""
+    req = urllib.request.Request(url + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def host_used(url: str) -> int:
+    nodes = admin(url, "/v1/nodes")[1]["nodes"]
+    return sum(t["used"] for n in nodes for t in n["tiers"] if t["kind"] == "host")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,181 @@
+"""Two-phase put, abandoned puts, read leases, and malformed input."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import msgpack
+import numpy as np
+import pytest
+
+from clients.client import AsyncPoolClient
+from kvpool.codec import make_header
+from kvpool.errors import BadRequest, BlockLeased
+from kvpool.keys import Namespace, block_keys
+from kvpool.wire import RpcClient
+from tests.integration.conftest import ROOT, Pool, admin, host_used, make_pool, wait_for
+
+MiB = 1 << 20
+
+
+def keys_for(tag: str, n: int) -> list[bytes]:
+    return block_keys(Namespace("itest2", "uint8", "raw", block_tokens=1, salt=tag), np.arange(n))
+
+
+async def test_a_block_is_invisible_until_committed(pool: Pool) -> None:
+    key = keys_for("invisible", 1)[0]
+    value = np.full(MiB, 5, dtype=np.uint8)
+    rpc = RpcClient(pool.master_url)
+    try:
+        res = await rpc.call("reserve", {"keys": [key], "sizes": [MiB]})
+        async with AsyncPoolClient(pool.client_config()) as reader:
+            assert await reader.exists(key) is False
+            assert await reader.match_prefix([key]) == 0
+            assert await reader.get(key, np.zeros(MiB, np.uint8)) is None
+            # A second writer of the same key is told someone is already storing it.
+            assert not (await reader.put(key, value)).stored
+            await rpc.call("commit", {"put_id": res["put_id"], "keys": [key],
+                                      "headers": [make_header(value, "uint8").encode()]})
+            assert await reader.exists(key) is True
+    finally:
+        await rpc.close()
+
+
+async def test_commit_with_a_wrong_size_is_refused_and_frees_space(pool: Pool) -> None:
+    key = keys_for("wrongsize", 1)[0]
+    before = host_used(pool.master_url)
+    rpc = RpcClient(pool.master_url)
+    try:
+        res = await rpc.call("reserve", {"keys": [key], "sizes": [MiB]})
+        assert host_used(pool.master_url) == before + MiB
+        header = make_header(np.zeros(MiB // 2, np.uint8), "uint8").encode()
+        with pytest.raises(BadRequest):
+            await rpc.call("commit", {"put_id": res["put_id"], "keys": [key], "headers": [header]})
+        assert host_used(pool.master_url) == before
+    finally:
+        await rpc.close()
+
+
+def test_a_writer_killed_mid_put_leaves_nothing_and_its_space_returns(pool: Pool) -> None:
+    key = keys_for("killed", 1)[0]
+    before = host_used(pool.master_url)
+    script = (
+        "import asyncio, sys, time\n"
+        "from kvpool.wire import RpcClient\n"
+        "async def main():\n"
+        f"    rpc = RpcClient({pool.master_url!r})\n"
+        f"    await rpc.call('reserve', {{'keys': [bytes.fromhex({key.hex()!r})], 'sizes': [{4 * MiB}]}})\n"
+        "    print('reserved', flush=True)\n"
+        "    time.sleep(600)\n"
+        "asyncio.run(main())\n")
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "reserved"  # type: ignore[union-attr]
+        assert host_used(pool.master_url) == before + 4 * MiB
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert admin(pool.master_url, f"/v1/blocks/{key.hex()}")[0] == 404
+    wait_for(lambda: host_used(pool.master_url) == before, 2 + 5, "the abandoned space to return")
+
+
+async def test_a_leased_block_is_not_removed_until_forced(pool: Pool) -> None:
+    key = keys_for("leased", 1)[0]
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.put(key, np.full(MiB, 3, np.uint8))
+    rpc = RpcClient(pool.master_url)
+    try:
+        await rpc.call("get", {"keys": [key]})  # a reader that holds its lease and never releases
+        async with AsyncPoolClient(pool.client_config()) as client:
+            with pytest.raises(BlockLeased):
+                await client.remove(key)
+            assert await client.exists(key)
+            await client.remove(key, force=True)
+            assert not await client.exists(key)
+    finally:
+        await rpc.close()
+
+
+async def test_a_leased_block_is_not_evicted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    small = make_pool(tmp_path, daemon_env={"KVPOOL_DAEMON_HOST_BYTES": "32MiB"})
+    try:
+        keys = keys_for("evict", 48)
+        values = [np.random.default_rng(i).integers(0, 256, MiB, dtype=np.uint8) for i in range(48)]
+        async with AsyncPoolClient(small.client_config()) as client:
+            await client.put(keys[0], values[0])
+            rpc = RpcClient(small.master_url)
+            try:
+                await rpc.call("get", {"keys": [keys[0]]})  # lease held for the whole test
+                for k, v in zip(keys[1:], values[1:]):
+                    await client.put(k, v)
+                tiers = lambda k: {r["tier"] for r in admin(small.master_url, f"/v1/blocks/{k.hex()}")[1]["replicas"]}  # noqa: E731
+                wait_for(lambda: any("host" not in tiers(k) for k in keys[1:10]), 10,
+                         "older blocks to be demoted out of the host tier")
+                assert "host" in tiers(keys[0]), "the leased block was moved out of the host tier"
+                out = np.zeros(MiB, np.uint8)
+                assert await client.get(keys[0], out) is not None and np.array_equal(out, values[0])
+            finally:
+                await rpc.close()
+    finally:
+        small.stop()
+
+
+async def test_malformed_input_gets_typed_errors_and_servers_keep_serving(pool: Pool) -> None:
+    key = keys_for("bad", 1)[0]
+    async with AsyncPoolClient(pool.client_config()) as client:
+        with pytest.raises(BadRequest):
+            await client.exists(b"\x00" * 15)
+        with pytest.raises(BadRequest):
+            await client.exists("not-a-hex-key-at-all-but-32-char")
+        await client.put(key, np.ones(MiB, np.uint8))
+        with pytest.raises(BadRequest):  # wrong size: the buffer cannot hold the block
+            await client.get(key, np.zeros(MiB // 2, np.uint8))
+        with pytest.raises(BadRequest):  # oversized value (max_block_bytes is 256 MiB)
+            await client._call("reserve", {"keys": [keys_for("big", 1)[0]], "sizes": [1 << 40]})
+    async with aiohttp.ClientSession() as session:
+        for url in (f"{pool.master_url}/v1/rpc", f"{pool.daemon_url}/v1/d/rpc"):
+            async with session.ws_connect(url) as ws:
+                whole = msgpack.packb([7, "get", {"keys": [key]}])
+                for frame in (b"\xc1\xff garbage", whole[:-5], msgpack.packb([8, "nope", {}]),
+                              msgpack.packb({"not": "a list"})):
+                    await ws.send_bytes(frame)
+                    rid, status, body = msgpack.unpackb((await ws.receive(timeout=10)).data)
+                    assert status == 1 and body["error"] == "bad_request", body
+                await ws.send_str("text frame")
+                assert msgpack.unpackb((await ws.receive(timeout=10)).data)[2]["error"] == "bad_request"
+    status, body = admin(pool.master_url, f"/v1/blocks/{'0' * 32}", method="DELETE")
+    assert status == 404 and body["error"] == "not_found"
+    assert admin(pool.master_url, "/v1/blocks/xyz")[0] == 400
+    async with AsyncPoolClient(pool.client_config()) as client:  # still serving
+        out = np.zeros(MiB, np.uint8)
+        assert await client.get(key, out) is not None and out.all()
+    assert admin(pool.master_url, "/healthz")[0] == 200
+    assert admin(pool.daemon_url, "/healthz")[0] == 200
+
+
+def test_admin_api_token_openapi_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = make_pool(tmp_path, master_env={"KVPOOL_MASTER_TOKEN": "secret"})
+    try:
+        from clients.sync import PoolClient
+
+        key = keys_for("admin", 1)[0]
+        with PoolClient(master_url=p.master_url) as client:
+            client.put(key, np.ones(4096, np.uint8))
+        assert admin(p.master_url, f"/v1/blocks/{key.hex()}/pin", "POST")[0] == 401
+        assert admin(p.master_url, f"/v1/blocks/{key.hex()}/pin", "POST", token="secret")[0] == 200
+        assert admin(p.master_url, f"/v1/blocks/{key.hex()}", "DELETE", token="secret")[0] == 409
+        assert admin(p.master_url, f"/v1/blocks/{key.hex()}?force=1", "DELETE", token="wrong")[0] == 401
+        assert admin(p.master_url, f"/v1/blocks/{key.hex()}?force=1", "DELETE", token="secret")[0] == 200
+        spec = admin(p.master_url, "/openapi.json")[1]
+        assert "/v1/cluster" in spec["paths"] and "/v1/events" in spec["paths"]
+        import urllib.request
+
+        text = urllib.request.urlopen(p.master_url + "/metrics", timeout=5).read().decode()
+        assert 'kvpool_tier_used_bytes{node="node0",tier="host"}' in text
+        assert admin(p.master_url, "/readyz")[1]["ready"] is True
+    finally:
+        p.stop()
