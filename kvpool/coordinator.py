@@ -154,15 +154,9 @@ class InProcessCoordinator:
         self._set(key, value, lease)
         return True
 
-    async def watch_prefix(self, prefix: str) -> AsyncIterator[WatchEvent]:
-        queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
-        entry = (prefix, queue)
-        self._watchers.append(entry)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._watchers.remove(entry)
+    def watch_prefix(self, prefix: str) -> "_Watch":
+        """Watching starts now, not at the first iteration, as an etcd watch does."""
+        return _Watch(self._watchers, prefix)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -170,3 +164,23 @@ class InProcessCoordinator:
             with suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+
+
+class _Watch:
+    """An iterator of one prefix's events; registered on creation, removed on aclose."""
+
+    def __init__(self, watchers: list[tuple[str, asyncio.Queue[WatchEvent]]], prefix: str) -> None:
+        self._queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
+        self._entry = (prefix, self._queue)
+        self._watchers = watchers
+        watchers.append(self._entry)
+
+    def __aiter__(self) -> "_Watch":
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        if self._entry in self._watchers:
+            self._watchers.remove(self._entry)

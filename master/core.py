@@ -170,10 +170,14 @@ class MasterCore:
 
     async def watch_membership(self) -> None:
         """Drop a node the moment its membership key disappears (lease expiry)."""
-        async for event in self.coord.watch_prefix(f"{self.prefix}nodes/"):
-            if event.kind is EventKind.DELETE:
-                node_id = event.key.rsplit("/", 1)[-1]
-                await self.drop_node(node_id, "membership lease expired")
+        watch = self.coord.watch_prefix(f"{self.prefix}nodes/")
+        try:
+            async for event in watch:
+                if event.kind is EventKind.DELETE:
+                    node_id = event.key.rsplit("/", 1)[-1]
+                    await self.drop_node(node_id, "membership lease expired")
+        finally:
+            await watch.aclose()
 
     async def drop_node(self, node_id: str, reason: str) -> None:
         node = self.nodes.pop(node_id, None)
