@@ -14,7 +14,7 @@ import pytest
 
 from clients.client import AsyncPoolClient
 from kvpool.codec import make_header
-from kvpool.errors import BadRequest, BlockLeased
+from kvpool.errors import BadRequest, BlockLeased, TierFull
 from kvpool.keys import Namespace, block_keys
 from kvpool.wire import RpcClient
 from tests.integration.conftest import ROOT, Pool, admin, host_used, make_pool, wait_for
@@ -177,5 +177,25 @@ def test_admin_api_token_openapi_and_metrics(tmp_path) -> None:  # type: ignore[
         text = urllib.request.urlopen(p.master_url + "/metrics", timeout=5).read().decode()
         assert 'kvpool_tier_used_bytes{node="node0",tier="host"}' in text
         assert admin(p.master_url, "/readyz")[1]["ready"] is True
+    finally:
+        p.stop()
+
+
+async def test_a_dead_daemon_leaves_the_index_within_its_ttl(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = make_pool(tmp_path)  # node TTL 3 s
+    try:
+        key = keys_for("deadnode", 1)[0]
+        async with AsyncPoolClient(p.client_config()) as client:
+            await client.put(key, np.ones(MiB, np.uint8))
+            p.kill_daemon(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(lambda: admin(p.master_url, "/v1/cluster")[1]["nodes"] == 0, 3 + 3,
+                     "the master to drop the dead daemon")
+            assert time.monotonic() - killed < 3 + 3
+            assert await client.get(key, np.zeros(MiB, np.uint8)) is None  # a miss, never a dead location
+            assert not await client.exists(key)
+            with pytest.raises(TierFull) as err:
+                await client.put(keys_for("deadnode", 2)[1], np.ones(MiB, np.uint8))
+            assert "no pool daemon" in str(err.value)
     finally:
         p.stop()
