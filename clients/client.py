@@ -23,11 +23,10 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolEr
                            TransferFailed)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.transfer import Region, TransferAgent
-from kvpool.wire import RpcClient
+from kvpool.wire import NEW, Location, RpcClient
 from clients.buffers import BufferView, describe, view
 
 log = logging.getLogger(__name__)
-NEW, EXISTS, IN_FLIGHT = 0, 1, 2
 _REGION_CACHE = 64  # large caller buffers kept registered
 _STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
@@ -50,16 +49,6 @@ class GetResult:
         return self.header is not None
 
 
-@dataclass(slots=True)
-class _Loc:
-    node: str
-    agent: str
-    address: int
-    size: int
-    mem_type: str
-    device: int
-
-
 class AsyncPoolClient:
     def __init__(self, cfg: ClientConfig | None = None, *, master_url: str | None = None,
                  name: str | None = None) -> None:
@@ -74,6 +63,7 @@ class AsyncPoolClient:
         self._spare: list[np.ndarray] = []  # registered scratch buffers, free for use
         self._releases: list[int] = []
         self._flush: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> "AsyncPoolClient":
         return self
@@ -82,6 +72,11 @@ class AsyncPoolClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._flushing:
+            await asyncio.gather(*self._flushing)
         if self._releases:
             await self._send_releases()
         await self._rpc.close()
@@ -112,7 +107,9 @@ class AsyncPoolClient:
     def _flush_now(self) -> None:
         self._flush = None
         if self._releases:
-            asyncio.get_running_loop().create_task(self._send_releases())
+            task = asyncio.get_running_loop().create_task(self._send_releases())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
 
     async def _send_releases(self) -> None:
         leases, self._releases = self._releases, []
@@ -228,20 +225,23 @@ class AsyncPoolClient:
                 except KVPoolError:
                     pass  # the master reclaims the reservation after its timeout
                 raise
-            await self._call("commit", {"put_id": put_id, "keys": [keys[i] for i in new],
-                                        "headers": [headers[i].encode() for i in new]})
+            done = await self._call("commit", {"put_id": put_id, "keys": [keys[i] for i in new],
+                                               "headers": [headers[i].encode() for i in new]})
+            if done["committed"] != len(new):
+                raise NodeGone(f"only {done['committed']} of {len(new)} blocks were committed: "
+                               "their node left during the put; retry")
         return [PutResult(k, item[0] == NEW) for k, item in zip(keys, items)]
 
     async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]]) -> None:
         scratch, staged = self._prepare(views, idx)
         try:
-            groups: dict[tuple[str, str, str], list[tuple[BufferView, _Loc]]] = defaultdict(list)
+            groups: dict[tuple[str, str, str], list[tuple[BufferView, Location]]] = defaultdict(list)
             for i in idx:
                 v = views[i]
                 if i in staged:
                     staged[i][:] = v.host_bytes()
                     v = view(staged[i], writable=False)
-                loc = _Loc(*items[i][1:7])
+                loc = Location(*items[i][1:7])
                 groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
             gone = await self._peers(a for a, _, _ in groups)
             if gone:
@@ -270,12 +270,15 @@ class AsyncPoolClient:
         """Convenience for tools: the block's bytes (one extra copy)."""
         key = parse_key(key)
         res = await self._call("get", {"keys": [key]})
-        self._release_later(res["lease"])
         item = res["items"][0]
         if item is None:
+            self._release_later(res["lease"])
             return None
         out = np.empty(item[3], dtype=np.uint8)
-        result = (await self._read(res, [key], [view(out, writable=True)]))[0]
+        try:
+            result = (await self._read(res, [key], [view(out, writable=True)]))[0]
+        finally:
+            self._release_later(res["lease"])  # only once the bytes have landed
         if result.error is not None:
             raise result.error
         return out.tobytes()
@@ -288,8 +291,10 @@ class AsyncPoolClient:
             return []
         views = [view(o, writable=True) for o in outs]
         res = await self._call("get", {"keys": keys})
-        self._release_later(res["lease"])
-        return await self._read(res, keys, views)
+        try:
+            return await self._read(res, keys, views)
+        finally:
+            self._release_later(res["lease"])  # only once the bytes have landed
 
     async def _read(self, res: dict[str, Any], keys: list[BlockKey],
                     views: list[BufferView]) -> list[GetResult]:
@@ -343,15 +348,18 @@ class AsyncPoolClient:
                 single = len(groups) == 1 and len(chunk) == len(idx)
                 transfers.append((chunk, (self.agent.run if single else self.agent.submit)(
                     "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
-        for chunk, transfer in transfers:
-            try:
-                await transfer
-            except TransferFailed as exc:
-                for i in chunk:
-                    results[i] = GetResult(keys[i], None, exc)
-                continue
-            for i in chunk:  # decoded here, so the work overlaps the next chunk's copy
-                results[i] = self._verified(keys[i], BlockHeader.decode(items[i][6])[0], land[i])
+        try:
+            for chunk, transfer in transfers:
+                try:
+                    await transfer
+                except TransferFailed as exc:
+                    for i in chunk:
+                        results[i] = GetResult(keys[i], None, exc)
+                    continue
+                for i in chunk:  # decoded here, so the work overlaps the next chunk's copy
+                    results[i] = self._verified(keys[i], BlockHeader.decode(items[i][6])[0], land[i])
+        finally:  # no transfer may still be writing once the caller takes its buffers back
+            await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 
     def _verified(self, key: BlockKey, header: BlockHeader, v: BufferView) -> GetResult:
         if not self.cfg.verify_checksum:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import aiohttp
 import msgpack
@@ -21,6 +21,20 @@ from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
 
 MAX_BODY = 64 << 20
 log = logging.getLogger(__name__)
+
+# What reserve answers for each key.
+NEW, EXISTS, IN_FLIGHT = 0, 1, 2
+
+
+class Location(NamedTuple):
+    """Where a block's bytes are, as reserve and get send it: what NIXL needs to reach them."""
+
+    node: str
+    agent: str  # the daemon's NIXL agent
+    address: int
+    size: int
+    mem_type: str  # "DRAM" or "VRAM"
+    device: int
 
 
 def pack(obj: Any) -> bytes:

@@ -13,7 +13,6 @@ import logging
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from kvpool.codec import BlockHeader
@@ -23,30 +22,12 @@ from kvpool.errors import (BadRequest, BlockLeased, BlockNotFound, KVPoolError, 
                            TierFull, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
-from kvpool.wire import RpcClient
+from kvpool.wire import EXISTS, IN_FLIGHT, NEW, Location, RpcClient
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace, parse_tiers
 from master.placement import arena_candidates, pressured, relief_target
 
 log = logging.getLogger(__name__)
-
-# reserve answers per key
-NEW, EXISTS, IN_FLIGHT = 0, 1, 2
-
-
-@dataclass(slots=True)
-class Location:
-    """Where a reader or writer finds a block's bytes: what the client needs for NIXL."""
-
-    node: str
-    agent: str
-    address: int
-    size: int
-    mem_type: str
-    device: int
-
-    def wire(self) -> list[Any]:
-        return [self.node, self.agent, self.address, self.size, self.mem_type, self.device]
 
 
 class EventHub:
@@ -92,7 +73,8 @@ class MasterCore:
     def _new_id(self) -> int:
         return self._ids.getrandbits(63) | 1
 
-    def location(self, node: Node, replica: Replica) -> Location:
+    def location(self, replica: Replica) -> Location:
+        node = self.nodes[replica.node]
         space = node.tiers[replica.tier]
         return Location(node.node_id, node.agent, space.address + replica.location,
                         replica.size, space.mem_type, space.device)
@@ -109,7 +91,10 @@ class MasterCore:
         except (KeyError, TypeError) as exc:
             raise BadRequest(f"registration is missing {exc}") from None
         old = self.nodes.get(node_id)
-        if old is not None and old.agent != agent:
+        if old is not None and old.agent == agent:  # a retried registration: nothing new
+            await self.coord.keepalive(old.lease)
+            return {"lease": old.lease, "ttl_s": self.cfg.node_ttl_s}
+        if old is not None:
             if await self._alive(old):
                 raise BadRequest(f"node id {node_id!r} is already in the pool (at {old.url}); "
                                  "give this daemon another node_id")
@@ -223,7 +208,7 @@ class MasterCore:
                                    put_id=put_id, deadline=deadline, parent=parent)
                 self.index.add(entry)
                 made.append(entry)
-                out.append([NEW, *self.location(node, entry.replicas[0]).wire()])
+                out.append([NEW, *self.location(entry.replicas[0])])
         except BaseException:
             for entry in made:  # roll back, then raise
                 self._discard_pending(entry)
@@ -281,7 +266,9 @@ class MasterCore:
                 self.abort(put_id, keys)
                 raise BadRequest(f"block {entry.key.hex()}: {exc}") from None
         by_node: dict[str, list[tuple[BlockEntry, bytes]]] = defaultdict(list)
+        hold = time.monotonic() + self.cfg.put_timeout_s
         for entry, raw in zip(entries, headers):
+            entry.deadline = hold  # the reclaim sweep must not race the daemon's adopt
             by_node[entry.replicas[0].node].append((entry, raw))
         for node_id, items in by_node.items():
             node = self.nodes.get(node_id)
@@ -356,9 +343,7 @@ class MasterCore:
             leased.append(key)
             if best.tier.is_arena:
                 self.index.touch(entry)
-                space = self.nodes[best.node].tiers[best.tier]
-                out[i] = [best.node, self.nodes[best.node].agent, space.address + best.location,
-                          best.size, space.mem_type, space.device, entry.header]
+                out[i] = [*self.location(best), entry.header]
             else:
                 cold.append(i)
         if leased:
@@ -377,7 +362,7 @@ class MasterCore:
             entry = self.index.get(keys[i])
             if isinstance(res, Replica) and entry is not None:
                 self.index.touch(entry)
-                out[i] = [*self.location(self.nodes[res.node], res).wire(), entry.header]
+                out[i] = [*self.location(res), entry.header]
             else:
                 if isinstance(res, BaseException) and not isinstance(res, KVPoolError):
                     raise res
@@ -417,6 +402,8 @@ class MasterCore:
                 raise
             status = res["status"][0]
             if status != "ok" or self.index.get(key) is not entry:
+                if status == "ok":  # removed meanwhile: the copy goes before its space is reused
+                    await self._drop_on_daemon(node.node_id, TierKind.HOST, [key])
                 space.allocator.free(offset)
                 if status in ("corrupt", "missing") and self.index.get(key) is entry:
                     self._lose_replica(entry, best, status)
