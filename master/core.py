@@ -509,6 +509,48 @@ class MasterCore:
         for entry in entries:
             entry.pins = max(0, entry.pins + delta)  # type: ignore[union-attr]
 
+    # -- invariants -----------------------------------------------------------------------
+
+    async def check(self) -> dict[str, int]:
+        """Verify the index against itself, the allocators and every daemon's inventory;
+        AssertionError names the first discrepancy. Tests call it after mutations."""
+        self.index.check()
+        held: dict[tuple[str, TierKind], list[Replica]] = defaultdict(list)
+        for entry in self.index.entries.values():
+            for r in entry.replicas:
+                held[(r.node, r.tier)].append(r)
+        checked = 0
+        for node in list(self.nodes.values()):
+            inventory = (await node.link.call("inventory"))["inventory"]
+            reported = {(bytes(i["key"]), i["tier"]): i for i in inventory}
+            for kind, space in node.tiers.items():
+                replicas = held.get((node.node_id, kind), [])
+                if space.allocator is not None:
+                    space.allocator.check()
+                    align = space.allocator.alignment
+                    expected = sum(-(-r.size // align) * align for r in replicas)
+                    assert space.allocator.used == expected, (
+                        f"{node.node_id}/{kind.value}: allocator holds {space.allocator.used} "
+                        f"bytes, the index's replicas {expected}")
+                else:
+                    assert space.cold_used == sum(r.size for r in replicas), (
+                        f"{node.node_id}/{kind.value}: {space.cold_used} bytes counted, "
+                        f"replicas hold {sum(r.size for r in replicas)}")
+            for entry in self.index.entries.values():
+                for r in entry.replicas:
+                    if r.node != node.node_id or entry.state is not BlockState.COMPLETE:
+                        continue
+                    item = reported.pop((entry.key, r.tier.value), None)
+                    assert item is not None, (f"{entry.key.hex()} is indexed on "
+                                              f"{node.node_id}/{r.tier.value}, which lacks it")
+                    assert item["location"] == r.location, f"{entry.key.hex()}: location differs"
+                    checked += 1
+            pending = {e.key for e in self.index.entries.values() if e.state is BlockState.PENDING}
+            stray = [k for k, t in reported if k not in pending]
+            assert not stray, (f"{node.node_id} holds {len(stray)} blocks the index does not "
+                               f"know, e.g. {stray[0].hex()}")
+        return {"replicas_checked": checked}
+
     # -- pressure -------------------------------------------------------------------------
 
     async def sweep(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kvpool.errors import BadRequest, BlockNotFound, Unauthorized
+from kvpool.errors import BadRequest, BlockNotFound, KVPoolError, Unauthorized
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
 from kvpool.wire import MAX_BODY, Handler, error_middleware, need, rpc_endpoint
@@ -34,7 +34,7 @@ class MasterHttp:
             "get": self.get, "release": self.release, "exists": self.exists,
             "match": self.match, "remove": self.remove, "pin": self.pin, "unpin": self.unpin,
             "agents": self.agents, "corrupt": self.corrupt, "register": self.register,
-            "heartbeat": self.heartbeat,
+            "heartbeat": self.heartbeat, "check": self.check,
         }
         app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()}))
         app.router.add_get("/v1/cluster", self.cluster)
@@ -124,6 +124,12 @@ class MasterHttp:
         if node is not None:
             node.stats = body.get("stats") or {}
         return {}
+
+    async def check(self, body: dict[str, Any]) -> Any:
+        try:
+            return await self.core.check()
+        except AssertionError as exc:
+            raise KVPoolError(f"invariant broken: {exc}") from None
 
     # -- admin ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ free ports with its own data folder, and stopped by their own process ids."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import signal
 import subprocess
@@ -76,6 +77,22 @@ class Pool:
     def client_config(self, **overrides: object) -> ClientConfig:
         return ClientConfig(master_url=self.master_url, **overrides)  # type: ignore[arg-type]
 
+    def check(self) -> dict:
+        """The master's invariants, its index against the daemon's inventory included."""
+        import asyncio
+
+        from kvpool.wire import RpcClient
+
+        async def run() -> dict:
+            rpc = RpcClient(self.master_url)
+            try:
+                return await rpc.call("check")
+            finally:
+                await rpc.close()
+
+        with ThreadPoolExecutor(1) as pool:  # callable from sync and async tests alike
+            return pool.submit(asyncio.run, run()).result()
+
     def stop(self) -> None:
         for name in ("daemon", "master"):
             if name in self.procs:
@@ -102,6 +119,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     p = make_pool(tmp_path_factory.mktemp("pool"))
     try:
         yield p
+        p.check()  # after every test of the module: index, allocators and inventory agree
     finally:
         p.stop()
 

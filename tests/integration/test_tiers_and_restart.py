@@ -26,6 +26,7 @@ def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
                   daemon_env={"KVPOOL_DAEMON_HOST_BYTES": "32MiB", "KVPOOL_DAEMON_SSD_BYTES": "48MiB"})
     try:
         yield p
+        p.check()
     finally:
         p.stop()
 
@@ -60,6 +61,7 @@ async def test_pressure_demotes_to_ssd_then_object_and_everything_reads_back(sma
         for i, key in enumerate(KEYS):  # cold ones are promoted into the host arena first
             assert await client.get(key, out) is not None, f"block {i} missing"
             assert out.tobytes() == value(i).tobytes(), f"block {i} came back different"
+    small_pool.check()
 
 
 async def test_restart_keeps_cold_blocks_and_drops_damaged_ones(small_pool: Pool) -> None:
