@@ -183,10 +183,10 @@ class TransferAgent:
                ) -> "asyncio.Future[None]":
         """Queue a transfer on the poster thread; transfers run in submission order."""
         return asyncio.get_running_loop().run_in_executor(
-            self._poster, self._run_blocking, op, peer, local, local_mem, remote, remote_mem,
+            self._poster, self.run_blocking, op, peer, local, local_mem, remote, remote_mem,
             deadline_s)
 
-    def _run_blocking(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,
+    def run_blocking(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,
                       remote: list[Row] | np.ndarray, remote_mem: str, deadline_s: float) -> None:
         transfer = self.start(op, peer, local, local_mem, remote, remote_mem)
         spins = 0
