@@ -1,0 +1,70 @@
+"""The master's index and placement decisions, with no network: eviction order, leases,
+pins, and where new blocks go."""
+
+from __future__ import annotations
+
+import time
+
+from kvpool.tiers.base import TierKind
+from kvpool.wire import RpcClient
+from master.index import BlockEntry, BlockState, Index, Replica
+from master.nodes import Node, parse_tiers
+from master.placement import arena_candidates, pressured, relief_target
+
+
+def entry(key: int, parent: int | None = None, state: BlockState = BlockState.COMPLETE) -> BlockEntry:
+    return BlockEntry(bytes([key]) * 16, 4096, state, [Replica("n1", TierKind.HOST, key * 4096, 4096)],
+                      header=b"h", parent=bytes([parent]) * 16 if parent is not None else None)
+
+
+def test_coldest_first_and_leaves_before_their_prefix() -> None:
+    index = Index()
+    for k, parent in [(1, None), (2, 1), (3, 2), (9, None)]:
+        index.add(entry(k, parent))
+    index.touch(index.get(bytes([1]) * 16))  # block 1 is now the most recently used
+    order = [e.key[0] for e in index.coldest("n1", TierKind.HOST)]
+    # 3 and 9 are leaves; 2 is cold but its successor 3 is still cached, so it comes later,
+    # and so does 1 (whose successor 2 is cached).
+    assert order == [3, 9, 2, 1]
+    index.remove(index.get(bytes([3]) * 16))  # 2 is a leaf now, and colder than 9
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST)] == [2, 9, 1]
+    assert index.get(bytes([2]) * 16).children == 0
+    index.check()
+
+
+def test_leases_pins_and_state_decide_what_may_move() -> None:
+    e = entry(5)
+    now = time.monotonic()
+    assert e.movable(now)
+    e.leases[1] = now + 10
+    assert not e.movable(now) and e.leased(now)
+    e.leases[1] = now - 1  # expired leases no longer protect
+    assert e.movable(now) and not e.leases
+    e.pins = 1
+    assert not e.movable(now)
+    assert not entry(6, state=BlockState.PENDING).movable(now)
+
+
+def node(node_id: str, host: int, used: int = 0) -> Node:
+    tiers = parse_tiers([{"kind": "host", "capacity": host, "address": 1 << 40},
+                         {"kind": "ssd", "capacity": 10 * host}], alignment=4096)
+    if used:
+        tiers[TierKind.HOST].allocator.allocate(used)  # type: ignore[union-attr]
+    return Node(node_id, "http://127.0.0.1:1", "agent", b"", tiers, RpcClient("http://127.0.0.1:1"))
+
+
+def test_new_blocks_go_to_the_fastest_tier_then_preferred_then_emptiest_node() -> None:
+    a, b = node("a", 1 << 30, used=800 << 20), node("b", 1 << 30)
+    assert [n.node_id for n, _ in arena_candidates([a, b])] == ["b", "a"]
+    assert [n.node_id for n, _ in arena_candidates([a, b], prefer="a")] == ["a", "b"]
+    assert all(s.kind is TierKind.HOST for _, s in arena_candidates([a, b]))
+
+
+def test_pressure_and_relief_targets() -> None:
+    full = node("full", 100 << 20, used=95 << 20)
+    calm = node("calm", 100 << 20, used=50 << 20)
+    assert pressured([full, calm], high=0.9) == [(full, TierKind.HOST)]
+    space = full.tiers[TierKind.HOST]
+    assert relief_target(space, low=0.75) == int(0.75 * space.capacity)
+    assert relief_target(space, low=0.75, need=40 << 20) == space.capacity - (40 << 20)
+    assert full.below(TierKind.HOST) is TierKind.SSD and full.below(TierKind.SSD) is None
