@@ -221,16 +221,20 @@ class MasterCore:
         if size > largest:  # no amount of demotion would make room: say so, move nothing
             raise TierFull(f"a {size}-byte block is larger than every arena (largest "
                            f"{largest} bytes); give the daemon a bigger host arena")
-        for _attempt in range(8):
-            for node, space in arena_candidates(self.nodes.values(), prefer):
+        idle = 0
+        for _attempt in range(64):
+            candidates = arena_candidates(self.nodes.values(), prefer)
+            for node, space in candidates:
                 offset = space.allocator.allocate(size)  # type: ignore[union-attr]
                 if offset is not None:
                     return node, space, offset
-            candidates = arena_candidates(self.nodes.values(), prefer)
-            if not candidates or not any(
-                    await asyncio.gather(*(self.relieve(n, s.kind, need=size)
-                                           for n, s in candidates[:1]))):
+            if not candidates or idle >= 2:
                 break
+            # A relief that moves nothing may have waited on another one that freed space
+            # meanwhile, so only two idle rounds in a row mean there is no room.
+            moved = await self.relieve(candidates[0][0], candidates[0][1].kind, need=size,
+                                       at_least=size)
+            idle = 0 if moved else idle + 1
         raise TierFull(f"no arena has room for a {size}-byte block and nothing more can be "
                        "demoted (blocks are leased, pinned or in flight); release leases, "
                        "unpin blocks or give the daemon a bigger host arena")
@@ -560,14 +564,17 @@ class MasterCore:
         for node, kind in pressured(list(self.nodes.values()), self.cfg.high_watermark):
             await self.relieve(node, kind)
 
-    async def relieve(self, node: Node, kind: TierKind, need: int = 0) -> bool:
+    async def relieve(self, node: Node, kind: TierKind, need: int = 0, at_least: int = 0) -> bool:
         """Demote (or, at the last tier, evict) the coldest movable blocks of one tier until
-        it is below its low watermark (and ``need`` bytes fit). True when anything moved."""
+        it is below its low watermark (and ``need`` bytes fit), freeing at least
+        ``at_least`` bytes (a fragmented arena may need more than its fill suggests).
+        True when anything moved."""
         async with self._relieving[(node.node_id, kind)]:
             space = node.tiers.get(kind)
             if space is None or self.nodes.get(node.node_id) is not node:
                 return False
-            target = relief_target(space, self.cfg.low_watermark, need)
+            target = max(0, min(relief_target(space, self.cfg.low_watermark, need),
+                                space.used - at_least))
             now = time.monotonic()
             victims, freed = [], 0
             for entry in self.index.coldest(node.node_id, kind):
