@@ -44,6 +44,8 @@ class PoolDaemon:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> "PoolDaemon":
+        if not self.cfg.master_url:
+            raise BadRequest("the daemon needs master_url (flag --master or KVPOOL_DAEMON_MASTER_URL)")
         loop = asyncio.get_running_loop()
         self.tiers = await loop.run_in_executor(self._executor, open_tiers, self.cfg, self._executor)
         self.agent = TransferAgent(self.agent_name)
@@ -56,8 +58,6 @@ class PoolDaemon:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{self.cfg.host}:{port}"
-        if not self.cfg.master_url:
-            raise BadRequest("the daemon needs master_url (flag --master or KVPOOL_DAEMON_MASTER_URL)")
         self._master = RpcClient(self.cfg.master_url, timeout_s=30.0)
         await self._register(deadline_s=30.0)
         self._heartbeat = loop.create_task(self._heartbeat_forever(), name="daemon-heartbeat")
@@ -75,6 +75,7 @@ class PoolDaemon:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.agent is not None:
+            self.agent.close()
             for region in self.agent.regions:
                 self.agent.deregister(region)
         for tier in self.tiers.values():
@@ -119,10 +120,9 @@ class PoolDaemon:
         assert self._master is not None
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
-            stats = {i.kind.value: [i.capacity, i.used, i.blocks] for i in self.tier_infos()}
             try:
-                await self._master.call("heartbeat", {
-                    "node_id": self.cfg.node_id, "agent": self.agent_name, "stats": stats})
+                await self._master.call("heartbeat", {"node_id": self.cfg.node_id,
+                                                      "agent": self.agent_name})
             except NodeGone:
                 log.warning("the master dropped this node; registering again")
                 with suppress(KVPoolError):

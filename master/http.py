@@ -120,9 +120,6 @@ class MasterHttp:
 
     async def heartbeat(self, body: dict[str, Any]) -> Any:
         await self.core.heartbeat(need(body, "node_id", str), need(body, "agent", str))
-        node = self.core.nodes.get(body["node_id"])
-        if node is not None:
-            node.stats = body.get("stats") or {}
         return {}
 
     async def check(self, body: dict[str, Any]) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvpool.errors import BadRequest
@@ -40,7 +40,6 @@ class Node:
     tiers: dict[TierKind, TierSpace]
     link: RpcClient
     lease: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def below(self, tier: TierKind) -> TierKind | None:
         """The next slower tier this node has, where demotion goes."""
