@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -209,10 +209,6 @@ class AsyncPoolClient:
             return []
         views = [view(value, writable=False) for value in values]
         tag = self.cfg.layout if layout is None else layout
-        headers = []
-        for value, v in zip(values, views):
-            dtype, shape = describe(value)
-            headers.append(make_header(v.host_bytes(), dtype, shape, tag))
         body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
         if chained:
             body["parents"] = [None] + keys[:-1]
@@ -222,8 +218,15 @@ class AsyncPoolClient:
         put_id, items = res["put_id"], res["items"]
         new = [i for i, item in enumerate(items) if item[0] == NEW]
         if new:
+            headers: dict[int, BlockHeader] = {}
+
+            def checksum_new_blocks() -> None:  # runs while the bytes are on their way
+                for i in new:
+                    dtype, shape = describe(values[i])
+                    headers[i] = make_header(views[i].host_bytes(), dtype, shape, tag)
+
             try:
-                await self._write(new, views, items)
+                await self._write(new, views, items, checksum_new_blocks)
             except BaseException:
                 try:
                     await self._call("abort", {"put_id": put_id, "keys": [keys[i] for i in new]})
@@ -237,7 +240,10 @@ class AsyncPoolClient:
                                "their node left during the put; retry")
         return [PutResult(k, item[0] == NEW) for k, item in zip(keys, items)]
 
-    async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]]) -> None:
+    async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]],
+                     while_copying: Callable[[], None]) -> None:
+        """WRITE the buffers to their reserved locations; ``while_copying`` runs in the
+        meantime (large writes copy on the poster thread, with the GIL released)."""
         scratch, staged = self._prepare(views, idx)
         try:
             groups: dict[tuple[str, str, str], list[tuple[BufferView, Location]]] = defaultdict(list)
@@ -251,11 +257,25 @@ class AsyncPoolClient:
             gone = await self._peers(a for a, _, _ in groups)
             if gone:
                 raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
-            await asyncio.gather(*(
-                self.agent.run("WRITE", agent, [(v.address, v.nbytes, v.device) for v, _ in pairs],
-                               lmem, [(l.address, l.size, l.device) for _, l in pairs], rmem,
-                               self.cfg.transfer_timeout_s)
-                for (agent, lmem, rmem), pairs in groups.items()))
+            plans = [(agent, [(v.address, v.nbytes, v.device) for v, _ in pairs], lmem,
+                      [(l.address, l.size, l.device) for _, l in pairs], rmem)
+                     for (agent, lmem, rmem), pairs in groups.items()]
+            if len(plans) == 1 and sum(views[i].nbytes for i in idx) <= INLINE_BYTES:
+                while_copying()
+                agent, local, lmem, remote, rmem = plans[0]
+                await self.agent.run("WRITE", agent, local, lmem, remote, rmem,
+                                     self.cfg.transfer_timeout_s)
+                return
+            copies = [self.agent.submit("WRITE", agent, local, lmem, remote, rmem,
+                                        self.cfg.transfer_timeout_s)
+                      for agent, local, lmem, remote, rmem in plans]
+            try:
+                while_copying()
+            finally:  # the copies finish before the caller may reuse its buffers
+                outcomes = await asyncio.gather(*copies, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         finally:
             if scratch is not None:
                 self._give_back(scratch)
