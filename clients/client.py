@@ -12,7 +12,6 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,8 +64,6 @@ class AsyncPoolClient:
         self._releases: list[int] = []
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
-        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvpool-copy")
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="kvpool-verify")
 
     async def __aenter__(self) -> "AsyncPoolClient":
         return self
@@ -83,8 +80,6 @@ class AsyncPoolClient:
         if self._releases:
             await self._send_releases()
         await self._rpc.close()
-        self._copier.shutdown(wait=True)
-        self._verifier.shutdown(wait=True)
         if self._agent is not None:
             self._agent.close()
             for region in self._agent.regions:
@@ -356,59 +351,38 @@ class AsyncPoolClient:
 
     async def _fetch(self, keys: list[BlockKey], items: list[Any], hits: list[int],
                      land: dict[int, BufferView], results: list[GetResult | None]) -> None:
-        """READ every hit into its landing buffer and verify it. A small get runs inline; a
-        batch runs on two threads, one copying chunk after chunk while the other verifies
-        the chunk that just landed (both release the GIL), with the event loop out of the
-        way so neither waits on it for the GIL."""
+        """READ every hit into its landing buffer and verify it. A batch copies chunk after
+        chunk on the poster thread (NIXL releases the GIL while it copies) while this
+        thread verifies the chunk that just landed; measured against doing both on worker
+        threads, this keeps verified batches at 0.70-0.80 of raw NIXL instead of 0.57-0.71."""
         groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
         for i in hits:
             groups[(items[i][1], land[i].mem_type, items[i][4])].append(i)
         gone = await self._peers(a for a, _, _ in groups)
-        plan = []
+        transfers = []
         for (agent, lmem, rmem), idx in groups.items():
             if agent in gone:
                 for i in idx:
                     results[i] = GetResult(keys[i], None, NodeGone(f"the node of {keys[i].hex()} left"))
                 continue
             for chunk in _chunks(idx, [items[i][3] for i in idx]):
-                plan.append((chunk, agent, lmem, [(land[i].address, items[i][3], land[i].device)
-                                                  for i in chunk],
-                             rmem, [(items[i][2], items[i][3], items[i][5]) for i in chunk]))
-        if len(plan) == 1 and sum(items[i][3] for i in plan[0][0]) <= INLINE_BYTES:
-            chunk, agent, lmem, local, rmem, remote = plan[0]
-            try:
-                await self.agent.run("READ", agent, local, lmem, remote, rmem,
-                                     self.cfg.transfer_timeout_s)
-            except TransferFailed as exc:
-                for i in chunk:
-                    results[i] = GetResult(keys[i], None, exc)
-                return
-            for i in chunk:
-                results[i] = self._verified(keys[i], items[i][6], land[i])
-            return
-        done = await asyncio.get_running_loop().run_in_executor(
-            self._copier, self._copy_and_verify, plan, keys, items, land)
-        for i, result in done.items():
-            results[i] = result
-
-    def _copy_and_verify(self, plan: list[Any], keys: list[BlockKey], items: list[Any],
-                         land: dict[int, BufferView]) -> dict[int, GetResult]:
-        out: dict[int, GetResult] = {}
-        checks = []
+                local = [(land[i].address, items[i][3], land[i].device) for i in chunk]
+                remote = [(items[i][2], items[i][3], items[i][5]) for i in chunk]
+                single = len(groups) == 1 and len(chunk) == len(idx)
+                transfers.append((chunk, (self.agent.run if single else self.agent.submit)(
+                    "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
         try:
-            for chunk, agent, lmem, local, rmem, remote in plan:
+            for chunk, transfer in transfers:
                 try:
-                    self.agent.run_blocking("READ", agent, local, lmem, remote, rmem,
-                                            self.cfg.transfer_timeout_s)
+                    await transfer
                 except TransferFailed as exc:
-                    out.update((i, GetResult(keys[i], None, exc)) for i in chunk)
+                    for i in chunk:
+                        results[i] = GetResult(keys[i], None, exc)
                     continue
-                checks.append(self._verifier.submit(
-                    lambda c=chunk: {i: self._verified(keys[i], items[i][6], land[i]) for i in c}))
-        finally:  # every check finishes before the caller may reuse its buffers
-            for check in checks:
-                out.update(check.result())
-        return out
+                for i in chunk:
+                    results[i] = self._verified(keys[i], items[i][6], land[i])
+        finally:  # no transfer may still be writing once the caller takes its buffers back
+            await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 
     def _verified(self, key: BlockKey, raw_header: bytes, v: BufferView) -> GetResult:
         header = BlockHeader.decode(raw_header)[0]
