@@ -137,14 +137,6 @@ class TransferAgent:
     def knows(self, peer: str) -> bool:
         return peer in self._peers
 
-    def forget_peer(self, peer: str) -> None:
-        if peer in self._peers:
-            self._peers.discard(peer)
-            try:
-                self._agent.remove_remote_agent(peer)
-            except Exception as exc:  # the peer may already be gone; nothing to undo
-                log.debug("remove_remote_agent(%s): %s", peer, exc)
-
     # -- transfers ------------------------------------------------------------------------
 
     def start(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,
