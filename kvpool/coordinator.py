@@ -13,7 +13,7 @@ import itertools
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from kvpool.errors import KVPoolError
 
@@ -38,6 +38,14 @@ class WatchEvent:
     value: bytes | None
 
 
+class Watch(Protocol):
+    def __aiter__(self) -> "Watch": ...
+
+    async def __anext__(self) -> WatchEvent: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Coordinator(Protocol):
     async def grant_lease(self, ttl_s: float) -> int: ...
 
@@ -58,8 +66,9 @@ class Coordinator(Protocol):
                               lease: int | None = None) -> bool:
         """Write ``value`` only if the current value is ``expected`` (None: key absent)."""
 
-    def watch_prefix(self, prefix: str) -> AsyncIterator[WatchEvent]:
-        """Events for keys under ``prefix`` from now on, lease expiries included."""
+    async def watch_prefix(self, prefix: str) -> "Watch":
+        """Events for keys under ``prefix`` from the moment this returns, lease expiries
+        included. Close it with ``aclose``."""
 
     async def close(self) -> None: ...
 
@@ -154,8 +163,7 @@ class InProcessCoordinator:
         self._set(key, value, lease)
         return True
 
-    def watch_prefix(self, prefix: str) -> "_Watch":
-        """Watching starts now, not at the first iteration, as an etcd watch does."""
+    async def watch_prefix(self, prefix: str) -> "Watch":
         return _Watch(self._watchers, prefix)
 
     async def close(self) -> None:

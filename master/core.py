@@ -155,7 +155,7 @@ class MasterCore:
 
     async def watch_membership(self) -> None:
         """Drop a node the moment its membership key disappears (lease expiry)."""
-        watch = self.coord.watch_prefix(f"{self.prefix}nodes/")
+        watch = await self.coord.watch_prefix(f"{self.prefix}nodes/")
         try:
             async for event in watch:
                 if event.kind is EventKind.DELETE:
