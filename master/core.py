@@ -100,11 +100,13 @@ class MasterCore:
                                  "give this daemon another node_id")
             await self.drop_node(node_id, "replaced by a restarted daemon")
         tiers = parse_tiers(body.get("tiers"), self.cfg.alignment)
-        node = Node(node_id, url, agent, metadata, tiers, RpcClient(url, timeout_s=30.0, path="/v1/d/rpc"))
+        node = Node(node_id, url, agent, tiers, RpcClient(url, timeout_s=30.0, path="/v1/d/rpc"))
         for item in body.get("inventory", []):
             self._adopt_inventory(node, item)
         node.lease = await self.coord.grant_lease(self.cfg.node_ttl_s)
         await self.coord.put(f"{self.prefix}nodes/{node_id}", agent.encode(), node.lease)
+        # Published under the node's lease: it vanishes with the node, never outlives it.
+        await self.coord.put(f"{self.prefix}nixl/{agent}", metadata, node.lease)
         self.nodes[node_id] = node
         log.info("node %s joined: %s, %d blocks", node_id, url, len(body.get("inventory", [])))
         return {"lease": node.lease, "ttl_s": self.cfg.node_ttl_s}
@@ -152,6 +154,15 @@ class MasterCore:
         except LeaseExpired:
             await self.drop_node(node_id, "membership lease expired")
             raise NodeGone(f"node {node_id}'s lease expired; register again") from None
+
+    async def agent_metadata(self, agents: list[str]) -> dict[str, bytes]:
+        """NIXL metadata of live daemons' agents, as published through the coordinator."""
+        found = {}
+        for agent in agents:
+            meta = await self.coord.get(f"{self.prefix}nixl/{agent}")
+            if meta is not None:
+                found[agent] = meta
+        return found
 
     async def watch_membership(self) -> None:
         """Drop a node the moment its membership key disappears (lease expiry)."""

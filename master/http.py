@@ -107,9 +107,7 @@ class MasterHttp:
         return {}
 
     async def agents(self, body: dict[str, Any]) -> Any:
-        wanted = set(need(body, "agents", list))
-        found = {n.agent: n.metadata for n in self.core.nodes.values() if n.agent in wanted}
-        return {"metadata": found}
+        return {"metadata": await self.core.agent_metadata([str(a) for a in need(body, "agents", list)])}
 
     async def corrupt(self, body: dict[str, Any]) -> Any:
         await self.core.report_corrupt(_keys(body), [str(n) for n in need(body, "nodes", list)])

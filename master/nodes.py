@@ -36,7 +36,6 @@ class Node:
     node_id: str
     url: str
     agent: str  # NIXL agent name; a new one on every daemon start
-    metadata: bytes  # NIXL agent metadata
     tiers: dict[TierKind, TierSpace]
     link: RpcClient
     lease: int = 0

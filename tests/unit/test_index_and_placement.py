@@ -50,7 +50,7 @@ def node(node_id: str, host: int, used: int = 0) -> Node:
                          {"kind": "ssd", "capacity": 10 * host}], alignment=4096)
     if used:
         tiers[TierKind.HOST].allocator.allocate(used)  # type: ignore[union-attr]
-    return Node(node_id, "http://127.0.0.1:1", "agent", b"", tiers, RpcClient("http://127.0.0.1:1"))
+    return Node(node_id, "http://127.0.0.1:1", "agent", tiers, RpcClient("http://127.0.0.1:1"))
 
 
 def test_new_blocks_go_to_the_fastest_tier_then_preferred_then_emptiest_node() -> None:
