@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from typing import Any, AsyncIterator
+from typing import Any
 
 from kvpool.codec import BlockHeader
 from kvpool.config import MasterConfig
@@ -46,14 +46,14 @@ class EventHub:
             if q.qsize() < 10_000:
                 q.put_nowait(event)
 
-    async def stream(self) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of every event from now on (a bounded backlog); unsubscribe when done."""
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._subs.add(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subs.discard(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subs.discard(q)
 
 
 class MasterCore:

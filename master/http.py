@@ -224,18 +224,23 @@ class MasterHttp:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        stream = self.core.events.stream()
+        events = self.core.events.subscribe()
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(anext(stream), timeout=15.0)
+            idle = 0.0
+            while request.transport is not None and not request.transport.is_closing():
+                try:  # wake every second, so a reader that left is noticed promptly
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
                     await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+                    idle = 0.0
                 except asyncio.TimeoutError:
-                    await resp.write(b": keepalive\n\n")
+                    idle += 1.0
+                    if idle >= 15.0:
+                        await resp.write(b": keepalive\n\n")
+                        idle = 0.0
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            await stream.aclose()
+            self.core.events.unsubscribe(events)
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -130,3 +131,29 @@ def test_status_prints_a_table_of_tiers(pool: Pool) -> None:
     assert "host" in res.stdout and "ssd" in res.stdout and "capacity" in res.stdout
     blocks = admin(pool.master_url, "/v1/cluster")[1]["blocks"]
     assert f"{blocks} blocks" in res.stdout
+
+
+async def test_event_stream_reports_stored_and_removed_blocks(pool: Pool) -> None:
+    import json
+
+    import aiohttp
+
+    key = keys_for("events", 1)[0]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(pool.master_url + "/v1/events") as stream:
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+
+            async def next_event() -> dict:
+                while True:
+                    line = (await stream.content.readline()).decode()
+                    if line.startswith("data: "):
+                        return json.loads(line[6:])
+
+            async with AsyncPoolClient(pool.client_config()) as client:
+                await asyncio.sleep(2.5)  # the stream keeps delivering after idle periods
+                await client.put(key, np.ones(4 * KiB, dtype=np.uint8))
+                stored = await asyncio.wait_for(next_event(), 10)
+                assert (stored["type"], stored["key"], stored["tier"]) == ("stored", key.hex(), "host")
+                await client.remove(key)
+                removed = await asyncio.wait_for(next_event(), 10)
+                assert (removed["type"], removed["key"]) == ("removed", key.hex())
