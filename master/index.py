@@ -8,7 +8,6 @@ what demotion walks.
 from __future__ import annotations
 
 import enum
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator

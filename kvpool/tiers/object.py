@@ -22,7 +22,7 @@ from kvpool.codec import Codec
 from kvpool.errors import BadRequest, KVPoolError, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
-from kvpool.tiers.ssd import BlobStore, ColdTier
+from kvpool.tiers.cold import BlobStore, ColdTier
 
 log = logging.getLogger(__name__)
 _HEX_NAME = re.compile(r"^[0-9a-f]{32}$")
