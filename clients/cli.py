@@ -57,6 +57,12 @@ def _config(args: argparse.Namespace) -> PoolConfig:
         d = dataclasses.replace(d, master_url=args.master)
     if getattr(args, "daemon_port", None) is not None:
         d = dataclasses.replace(d, port=args.daemon_port)
+    if getattr(args, "etcd", None):
+        m = dataclasses.replace(m, etcd=args.etcd)
+        d = dataclasses.replace(d, etcd=args.etcd)
+    if getattr(args, "cluster", None):
+        m = dataclasses.replace(m, cluster=args.cluster)
+        d = dataclasses.replace(d, cluster=args.cluster)
     return dataclasses.replace(cfg, master=m, daemon=d)
 
 
@@ -89,11 +95,10 @@ async def _master(args: argparse.Namespace) -> None:
     from master.server import MasterServer
 
     cfg = _config(args)
-    if cfg.master.etcd:
-        raise KVPoolError("cluster mode with etcd is not available in this build yet; "
-                          "leave [master] etcd empty")
     master = await MasterServer(cfg.master).start()
-    print(f"kvpool master at {master.url}", flush=True)
+    mode = (f"cluster {cfg.master.cluster!r} through etcd {cfg.master.etcd} (standby until elected)"
+            if cfg.master.etcd else "single master, no etcd")
+    print(f"kvpool master at {master.url}, {mode}", flush=True)
     _announce({"master": master.url})
     try:
         await _until_signal()
@@ -106,8 +111,9 @@ async def _daemon(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     daemon = await PoolDaemon(cfg.daemon).start()
-    print(f"kvpool daemon {cfg.daemon.node_id} at {daemon.url}, master {cfg.daemon.master_url}",
-          flush=True)
+    joined = (f"cluster {cfg.daemon.cluster!r} through etcd {cfg.daemon.etcd}" if cfg.daemon.etcd
+              else f"master {cfg.daemon.master_url}")
+    print(f"kvpool daemon {cfg.daemon.node_id} at {daemon.url}, {joined}", flush=True)
     _announce({"daemon": daemon.url})
     try:
         await _until_signal()
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     common(m)
     m.add_argument("--host")
     m.add_argument("--port", type=int)
+    m.add_argument("--etcd", help="etcd endpoint host:port: run as one of a cluster's masters")
+    m.add_argument("--cluster", help="cluster name (default 'default')")
     d = sub.add_parser("daemon", help="run a pool daemon")
     common(d)
     d.add_argument("--master", help="master URL, e.g. http://127.0.0.1:7700")
@@ -167,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--daemon-port", "--port", dest="daemon_port", type=int)
     d.add_argument("--data-dir")
     d.add_argument("--node-id")
+    d.add_argument("--etcd", help="etcd endpoint host:port: join a cluster (instead of --master)")
+    d.add_argument("--cluster", help="cluster name (default 'default')")
     s = sub.add_parser("status", help="a table of the pool's tiers")
     common(s)
     s.add_argument("--master", help="master URL (default: [client] master_url)")

@@ -13,14 +13,14 @@ import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
 from kvpool.codec import BlockHeader, checksum, make_header
 from kvpool.config import ClientConfig
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
-                           TransferFailed)
+                           NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent
 from kvpool.wire import NEW, Location, RpcClient
@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 _REGION_CACHE = 64  # large caller buffers kept registered
 _STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
+# What a call retries on, against the leader it finds again, until its deadline.
+_FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
     key: BlockKey
     stored: bool  # False: the key already existed (or another writer is storing it)
+    replicas: int = 1  # copies on distinct nodes (a put asking for more gets as many as fit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +58,14 @@ class AsyncPoolClient:
                  name: str | None = None) -> None:
         cfg = cfg or ClientConfig()
         self.cfg = cfg
-        self.master_url = (master_url or cfg.master_url).split(",")[0]
+        self._masters = [u.strip() for u in (master_url or cfg.master_url).split(",") if u.strip()]
+        self.master_url = self._masters[0]
         self.name = name or f"kvpool-client-{uuid.uuid4().hex[:8]}"
-        self._rpc = RpcClient(self.master_url, timeout_s=cfg.timeout_s)
+        # A cluster (etcd, or several masters) fails over; a single master fails fast.
+        self._failover = bool(cfg.etcd) or len(self._masters) > 1
+        self._etcd: Any = None
+        self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(self.master_url,
+                                                                      timeout_s=cfg.timeout_s)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
@@ -79,7 +88,10 @@ class AsyncPoolClient:
             await asyncio.gather(*self._flushing)
         if self._releases:
             await self._send_releases()
-        await self._rpc.close()
+        if self._rpc is not None:
+            await self._rpc.close()
+        if self._etcd is not None:
+            await self._etcd.close()
         if self._agent is not None:
             self._agent.close()
             for region in self._agent.regions:
@@ -95,9 +107,60 @@ class AsyncPoolClient:
         return self._agent
 
     async def _call(self, name: str, body: dict[str, Any]) -> Any:
+        if self._rpc is None:
+            raise Unavailable("no leading master found yet")
         if self._releases:
             body["release"], self._releases = self._releases, []
         return await self._rpc.call(name, body)
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``; in a cluster, retry it on the leader (found again) with exponential
+        backoff while the error is one a failover cures, until the call's deadline. Then
+        the last error, typed and retryable, reaches the caller."""
+        if not self._failover:
+            return await op()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.timeout_s
+        delay = 0.05
+        while True:
+            try:
+                if self._rpc is None:
+                    await self._find_leader()
+                return await op()
+            except _FAILOVER as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                log.debug("retrying after %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                if not isinstance(exc, NotReady):
+                    await self._find_leader()
+
+    async def _find_leader(self) -> None:
+        """Point the RPC link at the leader: etcd's ``master/leader`` key, or the next of
+        the configured masters."""
+        url = self.master_url
+        if self.cfg.etcd:
+            from kvpool.coordinator import cluster_prefix
+            from kvpool.etcd_coordinator import EtcdCoordinator
+
+            if self._etcd is None:
+                self._etcd = EtcdCoordinator(self.cfg.etcd, timeout_s=2.0)
+            try:
+                raw = await self._etcd.get(f"{cluster_prefix(self.cfg.cluster)}master/leader")
+            except KVPoolError as exc:
+                log.debug("cannot ask etcd for the leader: %s", exc)
+                return
+            if raw is None:
+                return
+            url = raw.decode()
+        elif len(self._masters) > 1:
+            url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
+        if url != self.master_url or self._rpc is None:
+            old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s)
+            self.master_url = url
+            if old is not None:
+                await old.close()
 
     def _release_later(self, lease: int) -> None:
         self._releases.append(lease)
@@ -113,6 +176,8 @@ class AsyncPoolClient:
 
     async def _send_releases(self) -> None:
         leases, self._releases = self._releases, []
+        if self._rpc is None:
+            return
         try:
             await self._rpc.call("release", {"leases": leases})
         except KVPoolError as exc:  # the leases expire on their own
@@ -194,9 +259,16 @@ class AsyncPoolClient:
 
     async def batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], *,
                         layout: str | None = None, chained: bool = False,
-                        prefer_node: str | None = None) -> list[PutResult]:
+                        prefer_node: str | None = None, replicas: int = 1) -> list[PutResult]:
         """Store blocks; ``chained`` says keys[i] is the prefix parent of keys[i+1], which
-        eviction uses to keep prefixes longer than their leaves."""
+        eviction uses to keep prefixes longer than their leaves. ``prefer_node`` asks for
+        the writer's node; ``replicas`` for that many copies on distinct nodes (best
+        effort: each result says how many it got)."""
+        return await self._retrying(lambda: self._batch_put(keys, values, layout, chained,
+                                                            prefer_node, replicas))
+
+    async def _batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], layout: str | None,
+                         chained: bool, prefer_node: str | None, replicas: int) -> list[PutResult]:
         keys = [parse_key(k) for k in keys]
         if len(keys) != len(values):
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
@@ -209,6 +281,8 @@ class AsyncPoolClient:
             body["parents"] = [None] + keys[:-1]
         if prefer_node:
             body["prefer"] = prefer_node
+        if replicas != 1:
+            body["replicas"] = replicas
         res = await self._call("reserve", body)
         put_id, items = res["put_id"], res["items"]
         new = [i for i, item in enumerate(items) if item[0] == NEW]
@@ -233,7 +307,8 @@ class AsyncPoolClient:
             if done["committed"] != len(new):
                 raise NodeGone(f"only {done['committed']} of {len(new)} blocks were committed: "
                                "their node left during the put; retry")
-        return [PutResult(k, item[0] == NEW) for k, item in zip(keys, items)]
+        return [PutResult(k, item[0] == NEW, 1 + len(item[7:]) if item[0] == NEW
+                          else (item[1] if len(item) > 1 else 1)) for k, item in zip(keys, items)]
 
     async def _write(self, idx: list[int], views: list[BufferView], items: list[list[Any]],
                      while_copying: Callable[[], None]) -> None:
@@ -247,8 +322,8 @@ class AsyncPoolClient:
                 if i in staged:
                     staged[i][:] = v.host_bytes()
                     v = view(staged[i], writable=False)
-                loc = Location(*items[i][1:7])
-                groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
+                for loc in [Location(*items[i][1:7]), *(Location(*extra) for extra in items[i][7:])]:
+                    groups[(loc.agent, v.mem_type, loc.mem_type)].append((v, loc))
             gone = await self._peers(a for a, _, _ in groups)
             if gone:
                 raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
@@ -288,6 +363,9 @@ class AsyncPoolClient:
 
     async def get_bytes(self, key: BlockKey) -> bytes | None:
         """Convenience for tools: the block's bytes (one extra copy)."""
+        return await self._retrying(lambda: self._get_bytes(key))
+
+    async def _get_bytes(self, key: BlockKey) -> bytes | None:
         key = parse_key(key)
         res = await self._call("get", {"keys": [key]})
         item = res["items"][0]
@@ -304,6 +382,9 @@ class AsyncPoolClient:
         return out.tobytes()
 
     async def batch_get(self, keys: Sequence[BlockKey], outs: Sequence[Any]) -> list[GetResult]:
+        return await self._retrying(lambda: self._batch_get(keys, outs))
+
+    async def _batch_get(self, keys: Sequence[BlockKey], outs: Sequence[Any]) -> list[GetResult]:
         keys = [parse_key(k) for k in keys]
         if len(keys) != len(outs):
             raise BadRequest(f"{len(keys)} keys but {len(outs)} output buffers")
@@ -402,13 +483,15 @@ class AsyncPoolClient:
         return (await self.batch_exists([key]))[0]
 
     async def batch_exists(self, keys: Sequence[BlockKey]) -> list[bool]:
-        return (await self._call("exists", {"keys": [parse_key(k) for k in keys]}))["present"]
+        body = {"keys": [parse_key(k) for k in keys]}
+        return (await self._retrying(lambda: self._call("exists", dict(body))))["present"]
 
     async def match_prefix(self, keys: Sequence[BlockKey]) -> int:
         """How many leading keys are stored: the reusable prefix of a prompt."""
         if not keys:
             return 0
-        return (await self._call("match", {"keys": [parse_key(k) for k in keys]}))["count"]
+        body = {"keys": [parse_key(k) for k in keys]}
+        return (await self._retrying(lambda: self._call("match", dict(body))))["count"]
 
     async def remove(self, key: BlockKey, *, force: bool = False) -> None:
         """Remove one block; BlockNotFound if absent, BlockLeased while read unless forced."""
@@ -416,14 +499,17 @@ class AsyncPoolClient:
             raise BlockNotFound(f"no complete block {parse_key(key).hex()}")
 
     async def batch_remove(self, keys: Sequence[BlockKey], *, force: bool = False) -> int:
-        res = await self._call("remove", {"keys": [parse_key(k) for k in keys], "force": force})
+        body = {"keys": [parse_key(k) for k in keys], "force": force}
+        res = await self._retrying(lambda: self._call("remove", dict(body)))
         return sum(res["removed"])
 
     async def pin(self, keys: Sequence[BlockKey]) -> None:
-        await self._call("pin", {"keys": [parse_key(k) for k in keys]})
+        body = {"keys": [parse_key(k) for k in keys]}
+        await self._retrying(lambda: self._call("pin", dict(body)))
 
     async def unpin(self, keys: Sequence[BlockKey]) -> None:
-        await self._call("unpin", {"keys": [parse_key(k) for k in keys]})
+        body = {"keys": [parse_key(k) for k in keys]}
+        await self._retrying(lambda: self._call("unpin", dict(body)))
 
 
 def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:

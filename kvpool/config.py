@@ -39,6 +39,7 @@ class MasterConfig:
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
     cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
+    leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class DaemonConfig:
     zstd_level: int = doc(1, "zstd level for cold tiers.")
     io_threads: int = doc(4, "Threads for blocking LMDB, file and S3 calls.")
     heartbeat_s: float = doc(1.0, "How often the daemon renews its membership lease.")
+    etcd: str = doc("", "etcd endpoints (host:port, comma-separated): join a cluster; master_url is then unused.")
+    cluster: str = doc("default", "Name of the cluster to join (with etcd).")
+    node_ttl_s: float = doc(5.0, "With etcd: the membership lease; a dead daemon leaves the index this long after.")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class ClientConfig:
     timeout_s: float = doc(10.0, "Deadline of one call, retries included.")
     transfer_timeout_s: float = doc(5.0, "Deadline of one NIXL transfer.")
     layout: str = doc("", "Layout tag written into the header of blocks this client puts.")
+    etcd: str = doc("", "etcd endpoints: find the leading master there (instead of master_url).")
+    cluster: str = doc("default", "Name of the cluster (with etcd).")
 
 
 @dataclass(frozen=True)

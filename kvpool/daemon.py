@@ -18,8 +18,10 @@ from aiohttp import web
 
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
+from kvpool.coordinator import Coordinator
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import parse_key
+from kvpool.membership import Membership
 from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
@@ -39,13 +41,25 @@ class PoolDaemon:
         self._runner: web.AppRunner | None = None
         self._master: RpcClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._coord: Coordinator | None = None
+        self.membership: Membership | None = None
         self.url = ""
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> "PoolDaemon":
-        if not self.cfg.master_url:
-            raise BadRequest("the daemon needs master_url (flag --master or KVPOOL_DAEMON_MASTER_URL)")
+        """Open the tiers, serve, and join: through etcd when ``etcd`` is set (the leading
+        master pulls the inventory), else by registering with ``master_url``."""
+        if not self.cfg.master_url and not self.cfg.etcd:
+            raise BadRequest("the daemon needs master_url (flag --master or KVPOOL_DAEMON_MASTER_URL) "
+                             "or etcd (flag --etcd or KVPOOL_DAEMON_ETCD)")
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> "PoolDaemon":
         loop = asyncio.get_running_loop()
         self.tiers = await loop.run_in_executor(self._executor, open_tiers, self.cfg, self._executor)
         self.agent = TransferAgent(self.agent_name)
@@ -58,14 +72,27 @@ class PoolDaemon:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{self.cfg.host}:{port}"
-        self._master = RpcClient(self.cfg.master_url, timeout_s=30.0)
-        await self._register(deadline_s=30.0)
-        self._heartbeat = loop.create_task(self._heartbeat_forever(), name="daemon-heartbeat")
+        if self.cfg.etcd:
+            from kvpool.etcd_coordinator import EtcdCoordinator
+
+            self._coord = EtcdCoordinator(self.cfg.etcd, timeout_s=max(1.0, self.cfg.node_ttl_s / 2))
+            self.membership = Membership(self._coord, self.cfg.cluster, self.cfg.node_id,
+                                         self.cfg.node_ttl_s, self.describe, self.agent.metadata())
+            await self.membership.join()
+            self.membership.start()
+        else:
+            self._master = RpcClient(self.cfg.master_url, timeout_s=30.0)
+            await self._register(deadline_s=30.0)
+            self._heartbeat = loop.create_task(self._heartbeat_forever(), name="daemon-heartbeat")
         log.info("daemon %s serving at %s with tiers %s", self.cfg.node_id, self.url,
                  ", ".join(f"{k.value}={t.capacity}" for k, t in self.tiers.items()))
         return self
 
     async def stop(self) -> None:
+        if self.membership is not None:
+            await self.membership.leave()
+        if self._coord is not None:
+            await self._coord.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with suppress(asyncio.CancelledError):
@@ -97,6 +124,11 @@ class PoolDaemon:
             tiers.append(item)
         return {"node_id": self.cfg.node_id, "url": self.url, "agent": self.agent_name,
                 "metadata": self.agent.metadata(), "tiers": tiers, "inventory": self.inventory()}
+
+    def describe(self) -> dict[str, Any]:
+        """The value of this node's membership key: enough to reach it and size it up."""
+        return {"url": self.url, "agent": self.agent_name,
+                "tiers": {k.value: t.capacity for k, t in self.tiers.items()}}
 
     def inventory(self) -> list[dict[str, Any]]:
         return [{"key": b.key, "tier": kind.value, "location": b.location, "size": b.size,
@@ -136,7 +168,8 @@ class PoolDaemon:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
         app.router.add_get("/v1/d/rpc", rpc_endpoint({
             "adopt": self.adopt, "copy": self.copy, "drop": self.drop,
-            "inventory": self.inventory_handler, "health": self.health}))
+            "inventory": self.inventory_handler, "health": self.health,
+            "registration": self.registration_handler}))
         app.router.add_get("/healthz", self.healthz)
         return app
 
@@ -195,6 +228,10 @@ class PoolDaemon:
 
     async def inventory_handler(self, body: dict[str, Any]) -> Any:
         return {"inventory": self.inventory()}
+
+    async def registration_handler(self, body: dict[str, Any]) -> Any:
+        """What a newly elected master pulls: tiers, NIXL metadata and the whole inventory."""
+        return self.registration()
 
     async def health(self, body: dict[str, Any]) -> Any:
         return {"node_id": self.cfg.node_id, "agent": self.agent_name,

@@ -75,6 +75,14 @@ class NotReady(KVPoolError):
     retryable = True
 
 
+class ReservationLost(KVPoolError):
+    """The put's reservation belonged to a master that is no longer leader; put again."""
+
+    code = "reservation_lost"
+    http_status = 409
+    retryable = True
+
+
 class Unauthorized(KVPoolError):
     """A mutating admin call came without the configured bearer token."""
 
@@ -109,7 +117,7 @@ _BY_CODE: dict[str, type[KVPoolError]] = {
     cls.code: cls
     for cls in (
         KVPoolError, BadRequest, BlockNotFound, BlockLeased, TierFull, ChecksumMismatch,
-        NodeGone, NotLeader, NotReady, Unauthorized, TransferFailed, Unavailable, ConfigError,
+        NodeGone, NotLeader, NotReady, ReservationLost, Unauthorized, TransferFailed, Unavailable, ConfigError,
     )
 }
 

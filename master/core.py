@@ -19,13 +19,13 @@ from kvpool.codec import BlockHeader
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator, EventKind, LeaseExpired, cluster_prefix
 from kvpool.errors import (BadRequest, BlockLeased, BlockNotFound, KVPoolError, NodeGone,
-                           TierFull, Unavailable)
+                           NotLeader, NotReady, ReservationLost, TierFull, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
 from kvpool.wire import EXISTS, IN_FLIGHT, NEW, Location, RpcClient
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace, parse_tiers
-from master.placement import arena_candidates, pressured, relief_target
+from master.placement import arena_candidates, extra_replica_spaces, pressured, relief_target
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,41 @@ class MasterCore:
         self._ids = random.SystemRandom()
         self._leases: dict[int, tuple[float, list[BlockKey]]] = {}  # lease -> expiry, keys
         self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.ready = True
+        self.leader = True  # single node: always; with etcd, while this master holds the lease
+        self.leader_url = ""  # with etcd: the leader as last seen, for NotLeader messages
+        self.ready = True  # False while a new leader rebuilds its index
+        self.term = self._ids.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
 
     def _new_id(self) -> int:
         return self._ids.getrandbits(63) | 1
+
+    def _new_put_id(self) -> int:
+        return (self.term << 32) | self._ids.getrandbits(32)
+
+    def gate(self) -> None:
+        """Engines' and daemons' calls are served by a ready leader only."""
+        if not self.leader:
+            where = f"the leader is {self.leader_url}" if self.leader_url else "no leader is elected yet"
+            raise NotLeader(f"this master is a standby; {where}")
+        if not self.ready:
+            raise NotReady("this master was just elected and is rebuilding its index from the "
+                           "daemons' inventories; retry in a moment")
+
+    async def begin_term(self) -> None:
+        """Leadership starts: forget everything; the index is rebuilt from the daemons."""
+        await self.end_term()
+        self.term = self._ids.getrandbits(30) | 1
+        self.leader = True
+
+    async def end_term(self) -> None:
+        """Leadership ends: serve nothing, hold no links. Reservations of the term are lost."""
+        self.leader, self.ready = False, False
+        nodes, self.nodes = list(self.nodes.values()), {}
+        self.index = Index()
+        self._leases.clear()
+        self._relieving.clear()
+        for node in nodes:
+            await node.link.close()
 
     def location(self, replica: Replica) -> Location:
         node = self.nodes[replica.node]
@@ -82,34 +113,48 @@ class MasterCore:
     # -- membership -----------------------------------------------------------------------
 
     async def register(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A daemon joins (or rejoins after a restart) with its tiers and inventory."""
+        """A daemon joins (or rejoins after a restart) with its tiers and inventory
+        (single node: the master keeps the daemon's membership lease)."""
+        node_id = str(body.get("node_id", ""))
+        old = self.nodes.get(node_id)
+        if old is not None and old.agent == body.get("agent"):  # a retried registration
+            await self.coord.keepalive(old.lease)
+            return {"lease": old.lease, "ttl_s": self.cfg.node_ttl_s}
+        if old is not None and await self._alive(old):
+            raise BadRequest(f"node id {node_id!r} is already in the pool (at {old.url}); "
+                             "give this daemon another node_id")
+        node = await self.join(body, None)
+        node.lease = await self.coord.grant_lease(self.cfg.node_ttl_s)
+        await self.coord.put(f"{self.prefix}nodes/{node_id}", node.agent.encode(), node.lease)
+        # Published under the node's lease: it vanishes with the node, never outlives it.
+        await self.coord.put(f"{self.prefix}nixl/{node.agent}", bytes(body["metadata"]), node.lease)
+        return {"lease": node.lease, "ttl_s": self.cfg.node_ttl_s}
+
+    async def join(self, body: dict[str, Any], link: RpcClient | None) -> Node:
+        """Take a node into the index: its tiers, and every block of its inventory."""
         node_id = str(body.get("node_id", ""))
         if not node_id:
             raise BadRequest("registration needs a node_id")
         try:
-            url, agent, metadata = str(body["url"]), str(body["agent"]), bytes(body["metadata"])
+            url, agent = str(body["url"]), str(body["agent"])
+            bytes(body["metadata"])
         except (KeyError, TypeError) as exc:
             raise BadRequest(f"registration is missing {exc}") from None
-        old = self.nodes.get(node_id)
-        if old is not None and old.agent == agent:  # a retried registration: nothing new
-            await self.coord.keepalive(old.lease)
-            return {"lease": old.lease, "ttl_s": self.cfg.node_ttl_s}
-        if old is not None:
-            if await self._alive(old):
-                raise BadRequest(f"node id {node_id!r} is already in the pool (at {old.url}); "
-                                 "give this daemon another node_id")
-            await self.drop_node(node_id, "replaced by a restarted daemon")
         tiers = parse_tiers(body.get("tiers"), self.cfg.alignment)
-        node = Node(node_id, url, agent, tiers, RpcClient(url, timeout_s=30.0, path="/v1/d/rpc"))
+        old = self.nodes.get(node_id)
+        if old is not None:
+            if old.agent == agent:
+                if link is not None:
+                    await link.close()
+                return old
+            await self.drop_node(node_id, "replaced by a restarted daemon")
+        node = Node(node_id, url, agent, tiers,
+                    link or RpcClient(url, timeout_s=30.0, path="/v1/d/rpc"))
         for item in body.get("inventory", []):
             self._adopt_inventory(node, item)
-        node.lease = await self.coord.grant_lease(self.cfg.node_ttl_s)
-        await self.coord.put(f"{self.prefix}nodes/{node_id}", agent.encode(), node.lease)
-        # Published under the node's lease: it vanishes with the node, never outlives it.
-        await self.coord.put(f"{self.prefix}nixl/{agent}", metadata, node.lease)
         self.nodes[node_id] = node
         log.info("node %s joined: %s, %d blocks", node_id, url, len(body.get("inventory", [])))
-        return {"lease": node.lease, "ttl_s": self.cfg.node_ttl_s}
+        return node
 
     def _adopt_inventory(self, node: Node, item: Any) -> None:
         try:
@@ -193,7 +238,12 @@ class MasterCore:
     # -- two-phase put --------------------------------------------------------------------
 
     async def reserve(self, keys: list[BlockKey], sizes: list[int], parents: list[bytes | None],
-                      prefer: str | None) -> tuple[int, list[list[Any]]]:
+                      prefer: str | None, replicas: int = 1) -> tuple[int, list[list[Any]]]:
+        """Reserve space for new blocks: ``[NEW, *location, *more locations]`` per new key,
+        one location per copy (``replicas`` copies on distinct nodes, as many as there are
+        nodes with room), ``[EXISTS]`` or ``[IN_FLIGHT]`` for the others."""
+        if not isinstance(replicas, int) or not 1 <= replicas <= 16:
+            raise BadRequest(f"replicas={replicas!r} is outside 1..16")
         if len(keys) != len(sizes) or (parents and len(parents) != len(keys)):
             raise BadRequest("keys, sizes and parents must have the same length")
         if len(set(keys)) != len(keys):
@@ -203,14 +253,15 @@ class MasterCore:
                 raise BadRequest(f"block size {size!r} is outside 1..{self.cfg.max_block_bytes} bytes")
         if not self.nodes:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
-        put_id, deadline = self._new_id(), time.monotonic() + self.cfg.put_timeout_s
+        put_id, deadline = self._new_put_id(), time.monotonic() + self.cfg.put_timeout_s
         out: list[list[Any]] = []
         made: list[BlockEntry] = []
         try:
             for i, (key, size) in enumerate(zip(keys, sizes)):
                 entry = self.index.get(key)
                 if entry is not None:
-                    out.append([EXISTS if entry.state is BlockState.COMPLETE else IN_FLIGHT])
+                    out.append([EXISTS if entry.state is BlockState.COMPLETE else IN_FLIGHT,
+                                len(entry.replicas)])
                     continue
                 node, space, offset = await self._allocate(size, prefer)
                 parent = parents[i] if parents else None
@@ -219,7 +270,15 @@ class MasterCore:
                                    put_id=put_id, deadline=deadline, parent=parent)
                 self.index.add(entry)
                 made.append(entry)
-                out.append([NEW, *self.location(entry.replicas[0])])
+                for other, other_space in extra_replica_spaces(self.nodes.values(), node.node_id,
+                                                               replicas - 1):
+                    if len(entry.replicas) == replicas:
+                        break
+                    at = other_space.allocator.allocate(size)  # type: ignore[union-attr]
+                    if at is not None:
+                        self.index.add_replica(entry, Replica(other.node_id, other_space.kind, at, size))
+                out.append([NEW, *self.location(entry.replicas[0]),
+                            *[list(self.location(r)) for r in entry.replicas[1:]]])
         except BaseException:
             for entry in made:  # roll back, then raise
                 self._discard_pending(entry)
@@ -263,6 +322,9 @@ class MasterCore:
         """Make reserved blocks visible once their daemon has recorded them."""
         if len(keys) != len(headers):
             raise BadRequest("commit needs one header per key")
+        if put_id >> 32 != self.term:
+            raise ReservationLost("this put was reserved by a master that is no longer leader; "
+                                  "its reservation is gone, put again")
         entries = []
         for key in keys:
             entry = self.index.get(key)
@@ -280,22 +342,29 @@ class MasterCore:
             except BadRequest as exc:
                 self.abort(put_id, keys)
                 raise BadRequest(f"block {entry.key.hex()}: {exc}") from None
-        by_node: dict[str, list[tuple[BlockEntry, bytes]]] = defaultdict(list)
         hold = time.monotonic() + self.cfg.put_timeout_s
+        by_node: dict[str, list[tuple[BlockEntry, Replica, bytes]]] = defaultdict(list)
         for entry, raw in zip(entries, headers):
             entry.deadline = hold  # the reclaim sweep must not race the daemon's adopt
-            by_node[entry.replicas[0].node].append((entry, raw))
+            for r in entry.replicas:
+                by_node[r.node].append((entry, r, raw))
+        adopted: list[tuple[str, list[tuple[BlockEntry, Replica, bytes]]]] = []
         for node_id, items in by_node.items():
             node = self.nodes.get(node_id)
             try:
                 if node is None:
                     raise Unavailable(f"node {node_id} left")
                 await node.link.call("adopt", {
-                    "keys": [e.key for e, _ in items],
-                    "tiers": [e.replicas[0].tier.value for e, _ in items],
-                    "locations": [e.replicas[0].location for e, _ in items],
-                    "headers": [h for _, h in items]})
+                    "keys": [e.key for e, _, _ in items],
+                    "tiers": [r.tier.value for _, r, _ in items],
+                    "locations": [r.location for _, r, _ in items],
+                    "headers": [h for _, _, h in items]})
+                adopted.append((node_id, items))
             except KVPoolError as exc:
+                for done_id, done in adopted:  # roll back: no daemon keeps a block nobody indexes
+                    for tier in {r.tier for _, r, _ in done}:
+                        await self._drop_on_daemon(done_id, tier,
+                                                   [e.key for e, r, _ in done if r.tier is tier])
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
         committed = 0
@@ -303,8 +372,8 @@ class MasterCore:
             if self.index.get(entry.key) is entry and entry.state is BlockState.PENDING:
                 entry.state, entry.header, entry.put_id = BlockState.COMPLETE, raw, 0
                 self.index.touch(entry)
-                r = entry.replicas[0]
-                self.events.emit("stored", entry.key, r.node, r.tier, entry.size)
+                for r in entry.replicas:
+                    self.events.emit("stored", entry.key, r.node, r.tier, entry.size)
                 committed += 1
         self.counters["committed"] += committed
         return committed

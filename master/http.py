@@ -24,8 +24,9 @@ def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
 
 
 class MasterHttp:
-    def __init__(self, core: MasterCore) -> None:
+    def __init__(self, core: MasterCore, server: Any = None) -> None:
         self.core = core
+        self.server = server  # the MasterServer, for who leads (None: always this one)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
@@ -54,9 +55,12 @@ class MasterHttp:
     # -- RPC ------------------------------------------------------------------------------
 
     def _releasing(self, handler: Handler) -> Handler:
-        """Read leases the client is done with ride along on any call."""
+        """Only a ready leader serves; read leases the client is done with ride along on any call."""
 
         async def call(body: dict[str, Any]) -> Any:
+            if self.server is not None:
+                self.core.leader_url = self.server.leader_url
+            self.core.gate()
             released = body.get("release")
             if released:
                 self.core.release([int(x) for x in released])
@@ -68,7 +72,7 @@ class MasterHttp:
         keys = _keys(body)
         parents = [parse_key(p) if p else None for p in body.get("parents") or []]
         put_id, items = await self.core.reserve(keys, need(body, "sizes", list), parents,
-                                                body.get("prefer"))
+                                                body.get("prefer"), body.get("replicas", 1))
         return {"put_id": put_id, "items": items}
 
     async def commit(self, body: dict[str, Any]) -> Any:
@@ -261,8 +265,10 @@ class MasterHttp:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.core.ready
-        return web.json_response({"ready": ready, "nodes": len(self.core.nodes)},
+        ready = self.core.ready and self.core.leader
+        leader = self.server.leader_url if self.server is not None else ""
+        return web.json_response({"ready": ready, "leader": self.core.leader,
+                                  "leader_url": leader, "nodes": len(self.core.nodes)},
                                  status=200 if ready else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:

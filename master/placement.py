@@ -22,6 +22,20 @@ def arena_candidates(nodes: Iterable[Node], prefer: str | None = None
     return out
 
 
+def extra_replica_spaces(nodes: Iterable[Node], first: str, n: int
+                         ) -> list[tuple[Node, TierSpace]]:
+    """Where the copies after the first go: one arena per node other than ``first``,
+    each node's best one, nodes with the most free bytes first; all of them (the caller
+    takes the first ``n`` that have room), so fewer than ``n`` means fewer nodes."""
+    if n <= 0:
+        return []
+    best: dict[str, tuple[Node, TierSpace]] = {}
+    for node, space in arena_candidates(nodes):
+        if node.node_id != first and node.node_id not in best:
+            best[node.node_id] = (node, space)
+    return sorted(best.values(), key=lambda ns: (ns[1].kind.rank, -(ns[1].capacity - ns[1].used)))
+
+
 def over_high(space: TierSpace, high: float) -> bool:
     return space.capacity > 0 and space.used > high * space.capacity
 

@@ -9,7 +9,7 @@ from kvpool.tiers.base import TierKind
 from kvpool.wire import RpcClient
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, parse_tiers
-from master.placement import arena_candidates, pressured, relief_target
+from master.placement import arena_candidates, extra_replica_spaces, pressured, relief_target
 
 
 def entry(key: int, parent: int | None = None, state: BlockState = BlockState.COMPLETE) -> BlockEntry:
@@ -58,6 +58,14 @@ def test_new_blocks_go_to_the_fastest_tier_then_preferred_then_emptiest_node() -
     assert [n.node_id for n, _ in arena_candidates([a, b])] == ["b", "a"]
     assert [n.node_id for n, _ in arena_candidates([a, b], prefer="a")] == ["a", "b"]
     assert all(s.kind is TierKind.HOST for _, s in arena_candidates([a, b]))
+
+
+def test_extra_replicas_go_to_other_nodes_emptiest_first() -> None:
+    a, b, c = node("a", 1 << 30), node("b", 1 << 30, used=600 << 20), node("c", 1 << 30, used=100 << 20)
+    assert [n.node_id for n, _ in extra_replica_spaces([a, b, c], "a", 2)] == ["c", "b"]
+    assert [n.node_id for n, _ in extra_replica_spaces([a, b, c], "c", 1)] == ["a", "b"]
+    assert extra_replica_spaces([a], "a", 2) == []  # one node: no second copy to be had
+    assert extra_replica_spaces([a, b], "a", 0) == []
 
 
 def test_pressure_and_relief_targets() -> None:

@@ -1,0 +1,127 @@
+"""A daemon's membership of a cluster: a leased ``nodes/<id>`` key in the coordinator.
+
+The daemon joins by creating its key in one transaction (only if absent, so two live
+daemons can never share an id), publishes its NIXL agent metadata under the same lease
+and renews the lease for as long as it runs. When the lease is lost (etcd restarted
+without it, a long partition) it joins again; the leading master sees the new key and
+pulls the daemon's inventory, so surviving blocks return to the index on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import suppress
+from typing import Any, Callable
+
+import aiohttp
+
+from kvpool.coordinator import Coordinator, LeaseExpired, cluster_prefix
+from kvpool.errors import BadRequest, KVPoolError
+
+log = logging.getLogger(__name__)
+
+
+class NodeIdTaken(BadRequest):
+    """Another live daemon already holds this node id."""
+
+    code = "node_id_taken"
+    http_status = 409
+
+
+def node_key(cluster: str, node_id: str) -> str:
+    return f"{cluster_prefix(cluster)}nodes/{node_id}"
+
+
+def nixl_key(cluster: str, agent: str) -> str:
+    return f"{cluster_prefix(cluster)}nixl/{agent}"
+
+
+async def _holder_alive(url: str, agent: str) -> bool:
+    """Does the daemon that holds a key still answer, as the same agent?"""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            async with session.get(f"{url}/healthz") as resp:
+                info = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("agent") == agent
+
+
+class Membership:
+    """Join, stay, rejoin. ``describe`` gives the key's value (url, agent, tiers)."""
+
+    def __init__(self, coord: Coordinator, cluster: str, node_id: str, ttl_s: float,
+                 describe: Callable[[], dict[str, Any]], metadata: bytes) -> None:
+        self.coord = coord
+        self.cluster = cluster
+        self.node_id = node_id
+        self.ttl_s = ttl_s
+        self._describe = describe
+        self._metadata = metadata
+        self.lease: int | None = None
+        self.joins = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def join(self, wait_s: float | None = None) -> None:
+        """Create the node key. A key left by a dead daemon of the same id (its lease has
+        not run out yet) is waited for; one held by a live daemon is refused."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self.ttl_s + 5.0 if wait_s is None else wait_s)
+        key = node_key(self.cluster, self.node_id)
+        value = self._describe()
+        while True:
+            lease = await self.coord.grant_lease(self.ttl_s)
+            if await self.coord.compare_and_set(key, None, json.dumps(value).encode(), lease):
+                await self.coord.put(nixl_key(self.cluster, value["agent"]), self._metadata, lease)
+                self.lease = lease
+                self.joins += 1
+                log.info("node %s joined cluster %s (lease %x)", self.node_id, self.cluster, lease)
+                return
+            await self.coord.revoke(lease)
+            raw = await self.coord.get(key)
+            if raw is None:
+                continue  # it went away meanwhile
+            holder = json.loads(raw)
+            if holder.get("agent") == value["agent"]:
+                await self.coord.delete(key)  # our own key from a lease we gave up
+                continue
+            if await _holder_alive(str(holder.get("url", "")), str(holder.get("agent", ""))):
+                raise NodeIdTaken(f"node id {self.node_id!r} is already in cluster "
+                                  f"{self.cluster!r} (daemon at {holder.get('url')}); "
+                                  "give this daemon another node_id")
+            if loop.time() > end:
+                raise NodeIdTaken(f"node id {self.node_id!r} is still held in etcd by "
+                                  f"{holder.get('url')}, which does not answer; wait for its "
+                                  f"lease ({self.ttl_s:.0f} s) to run out and start again")
+            await asyncio.sleep(0.3)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep(), name="membership")
+
+    async def _keep(self) -> None:
+        """Renew the lease a few times per TTL; join again when it is gone."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 4)
+            try:
+                if self.lease is None:
+                    await self.join(wait_s=self.ttl_s * 3)
+                else:
+                    await self.coord.keepalive(self.lease)
+            except LeaseExpired:
+                log.warning("node %s lost its membership lease; joining again", self.node_id)
+                self.lease = None
+            except KVPoolError as exc:  # etcd away: keep trying, the lease may survive
+                log.warning("node %s cannot renew its membership: %s", self.node_id, exc)
+
+    async def leave(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+        if self.lease is not None:
+            with suppress(KVPoolError):
+                await self.coord.revoke(self.lease)  # the master drops us at once
+            self.lease = None
+

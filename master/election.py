@@ -1,0 +1,92 @@
+"""Leader election among masters through the coordinator: a leased ``master/leader`` key.
+
+A master campaigns by creating the key (only if absent) under a lease of its own. The
+leader renews that lease a few times per TTL and steps down the moment a renewal fails:
+after that it cannot know whether the key is still its own. Standbys poll the key and
+campaign as soon as it is gone. A leader that renews again (etcd came back with the
+lease intact) leads again, through the same rebuild as a new leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+from typing import Awaitable, Callable
+
+from kvpool.coordinator import Coordinator, LeaseExpired, cluster_prefix
+from kvpool.errors import KVPoolError
+
+log = logging.getLogger(__name__)
+
+
+def leader_key(cluster: str) -> str:
+    return f"{cluster_prefix(cluster)}master/leader"
+
+
+class Election:
+    """Campaign forever; ``on_gain``/``on_loss`` run as leadership starts and ends."""
+
+    def __init__(self, coord: Coordinator, cluster: str, me: str, ttl_s: float,
+                 on_gain: Callable[[], Awaitable[None]],
+                 on_loss: Callable[[], Awaitable[None]]) -> None:
+        self.coord = coord
+        self.key = leader_key(cluster)
+        self.me = me
+        self.ttl_s = ttl_s
+        self.poll_s = min(0.25, ttl_s / 8)
+        self._on_gain, self._on_loss = on_gain, on_loss
+        self.leading = False
+        self.leader_url = ""  # the leader as last seen; empty while there is none
+        self._lease: int | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._step()
+                except LeaseExpired:
+                    self._lease = None
+                    await self._lose("its lease expired")
+                except KVPoolError as exc:
+                    await self._lose(f"etcd did not answer: {exc}")
+                    await asyncio.sleep(self.poll_s)
+        finally:
+            if self._lease is not None:  # a clean stop hands over at once
+                with suppress(KVPoolError, asyncio.CancelledError):
+                    await asyncio.shield(self.coord.revoke(self._lease))
+                self._lease = None
+
+    async def _step(self) -> None:
+        if self._lease is None:
+            holder = await self.coord.get(self.key)
+            if holder is None:
+                lease = await self.coord.grant_lease(self.ttl_s)
+                if await self.coord.compare_and_set(self.key, None, self.me.encode(), lease):
+                    self._lease = lease
+                    await self._gain()
+                    return
+                await self.coord.revoke(lease)
+                holder = await self.coord.get(self.key)
+            self.leader_url = holder.decode() if holder else ""
+            await asyncio.sleep(self.poll_s)
+            return
+        await asyncio.sleep(self.ttl_s / 4 if self.leading else self.poll_s)
+        await self.coord.keepalive(self._lease)
+        if not self.leading:  # renewed again after a failure: lead again if the key is ours
+            if await self.coord.get(self.key) == self.me.encode():
+                await self._gain()
+            else:
+                await self.coord.revoke(self._lease)
+                self._lease = None
+
+    async def _gain(self) -> None:
+        self.leading, self.leader_url = True, self.me
+        log.info("%s is the leader", self.me)
+        await self._on_gain()
+
+    async def _lose(self, why: str) -> None:
+        if self.leading:
+            self.leading, self.leader_url = False, ""
+            log.warning("%s steps down: %s", self.me, why)
+            await self._on_loss()

@@ -1,0 +1,153 @@
+"""Cluster mode with a real etcd server: two masters (one leads), daemons on their own
+ports and data folders, all separate processes; every test ends with the leader's check()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from clients.client import AsyncPoolClient
+from kvpool.errors import KVPoolError
+from tests.integration.cluster import DAEMON_ENV, TTL, Cluster, make_cluster
+from tests.integration.conftest import ROOT, admin
+
+BLOCK = 64 << 10
+
+
+def blocks(n: int) -> tuple[list[bytes], list[np.ndarray]]:
+    keys = [os.urandom(16) for _ in range(n)]
+    return keys, [np.frombuffer(os.urandom(BLOCK), dtype=np.uint8).copy() for _ in keys]
+
+
+async def read_all(client: AsyncPoolClient, keys: list[bytes]) -> list[np.ndarray | None]:
+    outs = [np.empty(BLOCK, np.uint8) for _ in keys]
+    results = await client.batch_get(keys, outs)
+    return [out if r.hit else None for out, r in zip(outs, results)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = make_cluster(tmp_path_factory.mktemp("cluster"), masters=2, daemons=2)
+    try:
+        yield c
+        c.check()
+    finally:
+        c.stop()
+
+
+async def test_a_block_put_through_one_node_is_read_by_another_client(cluster: Cluster) -> None:
+    keys, values = blocks(6)
+    async with AsyncPoolClient(cluster.client_config()) as writer:
+        await writer.batch_put(keys[:3], values[:3], prefer_node="node0")
+        await writer.batch_put(keys[3:], values[3:], prefer_node="node1")
+    leader = cluster.url(cluster.wait_leader())
+    placed = [admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["node"] for k in keys]
+    assert placed == ["node0"] * 3 + ["node1"] * 3
+    async with AsyncPoolClient(cluster.client_config()) as reader:
+        got = await read_all(reader, keys)
+    assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+    cluster.check()
+
+
+async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
+        cluster: Cluster) -> None:
+    cluster.start_daemon("node2")
+    cluster.wait_nodes({"node0", "node1", "node2"})
+    lone_k, lone_v = blocks(4)
+    twin_k, twin_v = blocks(4)
+    cold_k, cold_v = blocks(3)
+    leader = cluster.url(cluster.wait_leader())
+    async with AsyncPoolClient(cluster.client_config()) as client:
+        await client.batch_put(cold_k, cold_v, prefer_node="node2")
+        assert admin(leader, "/v1/evict", "POST", {"tier": "host", "fill": 0.0})[0] == 200
+        assert {admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["tier"] for k in cold_k} == {"ssd"}
+        await client.batch_put(lone_k, lone_v, prefer_node="node2")
+        twins = await client.batch_put(twin_k, twin_v, prefer_node="node2", replicas=2)
+        assert [r.replicas for r in twins] == [2] * 4
+        holders = {r["node"] for k in twin_k for r in admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"]}
+        assert "node2" in holders and len(holders) > 1
+
+        killed = time.monotonic()
+        await asyncio.to_thread(cluster.kill_daemon, "node2", signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1"}, TTL + 5)
+        assert time.monotonic() - killed <= TTL + 2.0
+        assert await read_all(client, lone_k + cold_k) == [None] * 7  # missing, never read from the dead
+        got = await read_all(client, twin_k)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, twin_v))
+        many = await client.batch_put(*blocks(1), replicas=5)
+        assert many[0].replicas == 2  # best effort: two live nodes, two copies
+
+        cluster.start_daemon("node2")  # same data folder: its SSD blocks come back
+        await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1", "node2"})
+        got = await read_all(client, cold_k)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, cold_v))
+    cluster.check()
+
+
+def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "daemon", "--etcd", cluster.etcd.endpoint,
+         "--cluster", cluster.cluster, "--node-id", "node0", "--data-dir", str(tmp_path / "dup")],
+        cwd=ROOT, env={**os.environ, **DAEMON_ENV}, capture_output=True, timeout=60)
+    assert proc.returncode != 0
+    assert b"node id 'node0' is already in cluster" in proc.stderr, proc.stderr[-2000:]
+    assert "node0" in cluster.nodes()  # the live one is untouched
+
+
+async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) -> None:
+    old = cluster.wait_leader()
+    keys, values = blocks(40)
+    async with AsyncPoolClient(cluster.client_config()) as client:
+        await client.batch_put(keys, values)
+        outcomes: list[str] = []
+        wrong: list[bytes] = []
+        stop = asyncio.Event()
+
+        async def workload() -> None:
+            i = 0
+            while not stop.is_set():
+                new_keys, new_values = blocks(2)
+                try:
+                    await client.batch_put(new_keys, new_values)
+                    keys.extend(new_keys)
+                    values.extend(new_values)
+                    pick = [(i * 7) % len(keys), (i * 13) % len(keys)]
+                    got = await read_all(client, [keys[j] for j in pick])
+                    for j, g in zip(pick, got):
+                        if g is not None and not np.array_equal(g, values[j]):
+                            wrong.append(keys[j])
+                    outcomes.append("ok")
+                except KVPoolError as exc:
+                    outcomes.append("retryable" if exc.retryable else f"FATAL {exc!r}")
+                i += 1
+
+        task = asyncio.create_task(workload())
+        await asyncio.sleep(0.5)
+        complete = list(zip(keys, values))  # every one of these is COMPLETE now
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill_master, old, signal.SIGKILL)
+        new = await asyncio.to_thread(cluster.wait_leader, TTL + 8)
+        took = time.monotonic() - killed_at
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+        assert new != old
+        assert took <= TTL + 2.0, f"the standby took {took:.1f}s to lead"
+        got = await read_all(client, [k for k, _ in complete])
+        lost = [k.hex() for (k, _), g in zip(complete, got) if g is None]
+        assert not lost, f"{len(lost)} blocks complete before the kill are gone"
+        assert all(np.array_equal(g, v) for (_, v), g in zip(complete, got))
+        assert not wrong
+        assert not [o for o in outcomes if o.startswith("FATAL")], outcomes
+        assert outcomes.count("ok") > 5
+    cluster.start_master(old)  # back as a standby for the tests that follow
+    cluster.check()
