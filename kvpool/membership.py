@@ -102,6 +102,7 @@ class Membership:
 
     async def _keep(self) -> None:
         """Renew the lease a few times per TTL; join again when it is gone."""
+        failing = False
         while True:
             await asyncio.sleep(self.ttl_s / 4)
             try:
@@ -109,11 +110,17 @@ class Membership:
                     await self.join(wait_s=self.ttl_s * 3)
                 else:
                     await self.coord.keepalive(self.lease)
+                if failing:
+                    log.info("node %s renews its membership again", self.node_id)
+                failing = False
             except LeaseExpired:
                 log.warning("node %s lost its membership lease; joining again", self.node_id)
                 self.lease = None
             except KVPoolError as exc:  # etcd away: keep trying, the lease may survive
-                log.warning("node %s cannot renew its membership: %s", self.node_id, exc)
+                if not failing:
+                    log.warning("node %s cannot renew its membership (retrying): %s",
+                                self.node_id, exc)
+                failing = True
 
     async def leave(self) -> None:
         if self._task is not None:

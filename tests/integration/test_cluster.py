@@ -151,3 +151,24 @@ async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) ->
         assert outcomes.count("ok") > 5
     cluster.start_master(old)  # back as a standby for the tests that follow
     cluster.check()
+
+
+async def test_the_cluster_recovers_from_an_etcd_restart_without_losing_a_block(
+        cluster: Cluster) -> None:
+    keys, values = blocks(12)
+    async with AsyncPoolClient(cluster.client_config()) as client:
+        await client.batch_put(keys, values, replicas=2)
+        nodes = cluster.nodes()
+        await asyncio.to_thread(cluster.etcd.stop)
+        await asyncio.sleep(TTL + 1.0)  # longer than every lease: they all fail to renew
+        assert cluster.leader() is None  # no master serves without etcd behind it
+        await asyncio.to_thread(cluster.etcd.start)  # same data folder, same port
+        await asyncio.to_thread(cluster.wait_leader, 30)
+        await asyncio.to_thread(cluster.wait_nodes, nodes, 30)
+        got = await read_all(client, keys)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+        more_k, more_v = blocks(3)
+        assert all(r.stored for r in await client.batch_put(more_k, more_v))
+        got = await read_all(client, more_k)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, more_v))
+    cluster.check()
