@@ -53,7 +53,8 @@ class DaemonConfig:
     gpu_bytes: int = doc(0, "Size of the GPU arena; 0 disables it, and so does a machine without CUDA.")
     gpu_device: int = doc(0, "CUDA device index of the GPU arena.")
     ssd_bytes: int = doc(8 * GiB, "Capacity of the SSD tier (LMDB map size); 0 disables it.")
-    object_url: str = doc("", "Object tier: s3://bucket/prefix, file:///path, or empty for <data_dir>/objects.")
+    object_url: str = doc("", "Object tier: s3://bucket/prefix or file:///path, shared by every node "
+                              "that names it; empty: a private folder, <data_dir>/objects.")
     object_bytes: int = doc(64 * GiB, "Capacity this node may use in the object tier; 0 disables it.")
     s3_endpoint: str = doc("", "Endpoint URL of an S3-compatible service; empty uses AWS defaults.")
     cold_codec: str = doc("zstd", "Codec of cold tiers: 'zstd' (byte planes + zstd) or 'raw'.")

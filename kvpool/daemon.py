@@ -121,6 +121,8 @@ class PoolDaemon:
             item: dict[str, Any] = {"kind": kind.value, "capacity": tier.capacity}
             if isinstance(tier, ArenaTier):
                 item.update(address=tier.address, mem_type=tier.mem_type, device=tier.device_id)
+            if getattr(tier, "shared", False):
+                item["store"] = f"{self.cfg.s3_endpoint}|{tier.url}"  # type: ignore[attr-defined]
             tiers.append(item)
         return {"node_id": self.cfg.node_id, "url": self.url, "agent": self.agent_name,
                 "metadata": self.agent.metadata(), "tiers": tiers, "inventory": self.inventory()}
@@ -230,7 +232,13 @@ class PoolDaemon:
         return {"inventory": self.inventory()}
 
     async def registration_handler(self, body: dict[str, Any]) -> Any:
-        """What a newly elected master pulls: tiers, NIXL metadata and the whole inventory."""
+        """What a newly elected master pulls: tiers, NIXL metadata and the whole inventory
+        (with ``rescan``, a shared object store is listed again first, so blocks that
+        nodes gone since wrote there are found)."""
+        if body.get("rescan"):
+            for tier in self.tiers.values():
+                if getattr(tier, "shared", False):
+                    await tier.rescan()  # type: ignore[attr-defined]
         return self.registration()
 
     async def health(self, body: dict[str, Any]) -> Any:

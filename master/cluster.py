@@ -36,7 +36,10 @@ async def pull(core: MasterCore, node_id: str, value: bytes) -> None:
         return
     link = RpcClient(str(info["url"]), timeout_s=30.0, path="/v1/d/rpc")
     try:
-        body = await link.call("registration", timeout_s=10.0)
+        # The first node of a rebuild lists a shared object store again, so blocks that
+        # nodes gone since demoted there are found.
+        rescan = not core.ready and not core.stores
+        body = await link.call("registration", {"rescan": rescan}, timeout_s=30.0)
         if body.get("agent") != info.get("agent") or body.get("node_id") != node_id:
             raise KVPoolError(f"{info['url']} is no longer the daemon {node_id} that etcd lists")
     except BaseException:

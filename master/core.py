@@ -63,6 +63,9 @@ class MasterCore:
         self.prefix = cluster_prefix(cfg.cluster)
         self.index = Index()
         self.nodes: dict[str, Node] = {}
+        # Shared object stores by owner id ("@" + store): their replicas belong to no node,
+        # so a node's death leaves them, and any node naming the store can promote them.
+        self.stores: dict[str, TierSpace] = {}
         self.events = EventHub()
         self.counters: dict[str, int] = defaultdict(int)
         self._ids = random.SystemRandom()
@@ -98,6 +101,7 @@ class MasterCore:
         """Leadership ends: serve nothing, hold no links. Reservations of the term are lost."""
         self.leader, self.ready = False, False
         nodes, self.nodes = list(self.nodes.values()), {}
+        self.stores = {}
         self.index = Index()
         self._leases.clear()
         self._relieving.clear()
@@ -109,6 +113,29 @@ class MasterCore:
         space = node.tiers[replica.tier]
         return Location(node.node_id, node.agent, space.address + replica.location,
                         replica.size, space.mem_type, space.device)
+
+    # -- owners of replicas: nodes, and shared object stores ------------------------------
+
+    @staticmethod
+    def owner(node: Node, kind: TierKind) -> str:
+        """Who a replica in ``node``'s tier ``kind`` belongs to: the node, or its shared store."""
+        space = node.tiers.get(kind)
+        return f"@{space.store}" if space is not None and space.store else node.node_id
+
+    def _space(self, owner: str, kind: TierKind) -> TierSpace | None:
+        if owner.startswith("@"):
+            return self.stores.get(owner)
+        node = self.nodes.get(owner)
+        return node.tiers.get(kind) if node is not None else None
+
+    def _node_for(self, owner: str) -> Node | None:
+        """The live node that acts for an owner: itself, or for a store the node naming it
+        with the most free host arena."""
+        if not owner.startswith("@"):
+            return self.nodes.get(owner)
+        users = [n for n in self.nodes.values() if self.owner(n, TierKind.OBJECT) == owner]
+        return max(users, key=lambda n: n.tiers[TierKind.HOST].capacity - n.tiers[TierKind.HOST].used
+                   if TierKind.HOST in n.tiers else -1, default=None)
 
     # -- membership -----------------------------------------------------------------------
 
@@ -148,6 +175,11 @@ class MasterCore:
                     await link.close()
                 return old
             await self.drop_node(node_id, "replaced by a restarted daemon")
+        for kind, space in list(tiers.items()):
+            if space.store:
+                shared = self.stores.setdefault(f"@{space.store}", space)
+                shared.capacity = max(shared.capacity, space.capacity)
+                tiers[kind] = shared
         node = Node(node_id, url, agent, tiers,
                     link or RpcClient(url, timeout_s=30.0, path="/v1/d/rpc"))
         for item in body.get("inventory", []):
@@ -168,17 +200,18 @@ class MasterCore:
         space = node.tiers.get(tier)
         if space is None:
             return
+        owner = self.owner(node, tier)
         entry = self.index.get(key)
         if entry is None:
             entry = BlockEntry(key, header.payload_size, BlockState.COMPLETE, [], header_raw)
             self.index.add(entry)
-        elif entry.state is not BlockState.COMPLETE or entry.replica(node.node_id, tier):
+        elif entry.state is not BlockState.COMPLETE or entry.replica(owner, tier):
             return
         if space.allocator is not None:
             space.allocator.reserve_at(location, size)
         else:
             space.cold_used += size
-        self.index.add_replica(entry, Replica(node.node_id, tier, location, size))
+        self.index.add_replica(entry, Replica(owner, tier, location, size))
 
     async def _alive(self, node: Node) -> bool:
         link = RpcClient(node.url, timeout_s=1.0, path="/v1/d/rpc")
@@ -465,7 +498,9 @@ class MasterCore:
         best = entry.best()
         if best is None or best.tier.is_arena:
             return best
-        node = self.nodes[best.node]
+        node = self._node_for(best.node)
+        if node is None:  # a shared store no live node names now: a miss until one does
+            return None
         space = node.tiers.get(TierKind.HOST)
         if space is None or space.allocator is None:
             raise TierFull(f"node {node.node_id} has no host arena to promote into")
@@ -511,10 +546,9 @@ class MasterCore:
     def _forget_replica(self, entry: BlockEntry, replica: Replica) -> None:
         """Index bookkeeping only; the caller made sure the daemon no longer holds it."""
         self.index.drop_replica(entry, replica)
-        node = self.nodes.get(replica.node)
-        if node is None:
+        space = self._space(replica.node, replica.tier)
+        if space is None:
             return
-        space = node.tiers[replica.tier]
         if space.allocator is not None:
             space.allocator.free(replica.location)
         else:
@@ -566,9 +600,8 @@ class MasterCore:
             await self._drop_on_daemon(node_id, tier, keys)
         for entry, replicas in doomed:
             for r in replicas:
-                node = self.nodes.get(r.node)
-                if node is not None:
-                    space = node.tiers[r.tier]
+                space = self._space(r.node, r.tier)
+                if space is not None:
                     if space.allocator is not None:
                         space.allocator.free(r.location)
                     else:
@@ -577,8 +610,10 @@ class MasterCore:
         self.counters["removed"] += len(doomed)
 
     async def _drop_on_daemon(self, node_id: str, tier: TierKind, keys: list[BlockKey]) -> None:
-        node = self.nodes.get(node_id)
+        node = self._node_for(node_id)
         if node is None:
+            if node_id.startswith("@"):
+                log.warning("no live node names store %s; %d blocks stay in it", node_id[1:], len(keys))
             return
         try:
             await node.link.call("drop", {"keys": keys, "tier": tier.value})
@@ -606,8 +641,11 @@ class MasterCore:
         checked = 0
         for node in list(self.nodes.values()):
             inventory = (await node.link.call("inventory"))["inventory"]
-            reported = {(bytes(i["key"]), i["tier"]): i for i in inventory}
+            shared = {k.value for k, s in node.tiers.items() if s.store}
+            reported = {(bytes(i["key"]), i["tier"]): i for i in inventory if i["tier"] not in shared}
             for kind, space in node.tiers.items():
+                if space.store:
+                    continue  # checked once per store below
                 replicas = held.get((node.node_id, kind), [])
                 if space.allocator is not None:
                     space.allocator.check()
@@ -633,6 +671,12 @@ class MasterCore:
             stray = [k for k, t in reported if k not in pending]
             assert not stray, (f"{node.node_id} holds {len(stray)} blocks the index does not "
                                f"know, e.g. {stray[0].hex()}")
+        for owner, space in self.stores.items():
+            replicas = held.get((owner, TierKind.OBJECT), [])
+            assert space.cold_used == sum(r.size for r in replicas), (
+                f"store {owner[1:]}: {space.cold_used} bytes counted, replicas hold "
+                f"{sum(r.size for r in replicas)}")
+            checked += len(replicas)
         return {"replicas_checked": checked}
 
     # -- pressure -------------------------------------------------------------------------
@@ -649,7 +693,8 @@ class MasterCore:
         it is below its low watermark (and ``need`` bytes fit), freeing at least
         ``at_least`` bytes (a fragmented arena may need more than its fill suggests).
         True when anything moved."""
-        async with self._relieving[(node.node_id, kind)]:
+        owner = self.owner(node, kind)
+        async with self._relieving[(owner, kind)]:
             space = node.tiers.get(kind)
             if space is None or self.nodes.get(node.node_id) is not node:
                 return False
@@ -657,12 +702,12 @@ class MasterCore:
                                 space.used - at_least))
             now = time.monotonic()
             victims, freed = [], 0
-            for entry in self.index.coldest(node.node_id, kind):
+            for entry in self.index.coldest(owner, kind):
                 if space.used - freed <= target:
                     break
                 if entry.movable(now):
                     victims.append(entry)
-                    freed += entry.replica(node.node_id, kind).size  # type: ignore[union-attr]
+                    freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
             if not victims:
                 return False
             await self.demote(node, kind, victims)
@@ -689,8 +734,9 @@ class MasterCore:
     async def _copy_down(self, node: Node, src: TierKind, dst: TierKind,
                          entries: list[BlockEntry]) -> list[BlockEntry]:
         """Copy to ``dst`` the blocks that have no replica at ``dst`` or below yet."""
-        need = [e for e in entries
-                if not any(r.node == node.node_id and r.tier.rank >= dst.rank for r in e.replicas)]
+        dst_owner = self.owner(node, dst)
+        need = [e for e in entries if not any(r.node in (node.node_id, dst_owner)
+                                              and r.tier.rank >= dst.rank for r in e.replicas)]
         done = [e for e in entries if e not in need]
         if need:
             dst_space = node.tiers[dst]
@@ -709,7 +755,7 @@ class MasterCore:
                     await self._drop_on_daemon(node.node_id, dst, [entry.key])
                 elif status == "ok":
                     dst_space.cold_used += size
-                    self.index.add_replica(entry, Replica(node.node_id, dst, 0, size))
+                    self.index.add_replica(entry, Replica(dst_owner, dst, 0, size))
                     done.append(entry)
                 elif status in ("corrupt", "missing"):
                     replica = entry.replica(node.node_id, src)
@@ -721,13 +767,14 @@ class MasterCore:
     async def _drop_replicas(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
         """Forget the ``kind`` replica of blocks nobody is reading; evict lone ones."""
         now = time.monotonic()
+        owner = self.owner(node, kind)
         drop = [e for e in entries if self.index.get(e.key) is e and not e.leased(now)
-                and not e.pins and e.replica(node.node_id, kind) is not None]
+                and not e.pins and e.replica(owner, kind) is not None]
         if not drop:
             return
-        await self._drop_on_daemon(node.node_id, kind, [e.key for e in drop])
+        await self._drop_on_daemon(owner, kind, [e.key for e in drop])
         for entry in drop:
-            replica = entry.replica(node.node_id, kind)
+            replica = entry.replica(owner, kind)
             if replica is None:
                 continue
             self._forget_replica(entry, replica)

@@ -22,6 +22,7 @@ class TierSpace:
     device: int = 0
     allocator: ArenaAllocator | None = None
     cold_used: int = 0  # cold tiers: bytes of replicas the index holds there
+    store: str = ""  # a shared object store: every node naming it holds this same TierSpace
 
     @property
     def used(self) -> int:
@@ -58,7 +59,8 @@ def parse_tiers(raw: Any, alignment: int) -> dict[TierKind, TierSpace]:
             kind = TierKind(item["kind"])
             capacity = int(item["capacity"])
             space = TierSpace(kind, capacity, int(item.get("address", 0)),
-                              str(item.get("mem_type", "DRAM")), int(item.get("device", 0)))
+                              str(item.get("mem_type", "DRAM")), int(item.get("device", 0)),
+                              store=str(item.get("store", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(f"bad tier description {item!r}: {exc}") from None
         if kind.is_arena:

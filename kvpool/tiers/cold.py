@@ -65,6 +65,7 @@ class ColdTier:
         self._reserved = 0  # bytes of writes between their capacity check and their commit
         self._inflight: dict[BlockKey, asyncio.Task[StoredBlock]] = {}
         self._closed = False
+        self.shared = False  # other nodes write and delete in this store too (object tier)
         self._scan()
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(4, thread_name_prefix=f"kvpool-{kind.value}")
@@ -108,6 +109,17 @@ class ColdTier:
         """Decode and verify; a corrupt block is deleted from store and inventory first."""
         self._check_open()
         block = self._blocks.get(key)
+        if block is None and self.shared:  # another node may have written it
+            blob = await self._run(self._store.get, key)
+            if blob is not None and key not in self._blocks:
+                try:
+                    header = blockcodec.header_of_cold(blob[:HEAD_BYTES])
+                except KVPoolError:
+                    header = None
+                if header is not None:
+                    self._blocks[key] = StoredBlock(key, header, 0, len(blob))
+                    self._used += len(blob)
+            block = self._blocks.get(key)
         if block is None:
             raise BlockNotFound(f"block {key.hex()} is not in the {self.kind.value} tier")
         blob = await self._run(self._store.get, key)
@@ -129,6 +141,8 @@ class ColdTier:
     async def remove(self, key: BlockKey) -> bool:
         self._check_open()
         block = self._blocks.get(key)
+        if block is None and self.shared:  # written by another node: delete it all the same
+            return bool(await self._run(self._store.delete, key))
         if block is None or not self._forget(block):
             return False
         try:
@@ -189,9 +203,24 @@ class ColdTier:
         self._used -= block.size
         return True
 
+    async def rescan(self) -> None:
+        """List the store again: in a shared store, blocks other nodes wrote join the inventory."""
+        for block in await self._run(self._listing, set(self._blocks)):
+            if block.key not in self._blocks:
+                self._blocks[block.key] = block
+                self._used += block.size
+
     def _scan(self) -> None:
-        """Rebuild the inventory from the store; a blob whose header does not parse is deleted."""
-        listed = list(self._store.list())
+        """Rebuild the inventory from the store."""
+        for block in self._listing(set()):
+            self._blocks[block.key] = block
+            self._used += block.size
+        log.info("%s tier: %d blocks, %d bytes reloaded", self.kind.value, len(self._blocks), self._used)
+
+    def _listing(self, known: set[BlockKey]) -> list[StoredBlock]:
+        """The store's blocks but ``known`` ones, from their headers; a blob whose header
+        does not parse is deleted."""
+        listed = [(k, size) for k, size in self._store.list() if k not in known]
         keys = [key for key, _ in listed]
         head_of = functools.partial(self._store.get_range, length=HEAD_BYTES)
         if self._store.scan_threads > 1 and len(keys) > 1:
@@ -200,6 +229,7 @@ class ColdTier:
                 heads = list(pool.map(head_of, keys))
         else:
             heads = [head_of(k) for k in keys]
+        out = []
         for (key, size), head in zip(listed, heads):
             if head is None:  # deleted since the listing
                 continue
@@ -209,9 +239,8 @@ class ColdTier:
                 log.warning("deleting unreadable blob %s from the %s tier: %s", key.hex(), self.kind.value, exc)
                 self._store.delete(key)
                 continue
-            self._blocks[key] = StoredBlock(key, header, 0, size)
-            self._used += size
-        log.info("%s tier: %d blocks, %d bytes reloaded", self.kind.value, len(self._blocks), self._used)
+            out.append(StoredBlock(key, header, 0, size))
+        return out
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))

@@ -45,8 +45,10 @@ def open_tiers(cfg: DaemonConfig, executor: ThreadPoolExecutor | None) -> dict[T
             tiers[TierKind.SSD] = SsdTier(data_dir / "ssd", cfg.ssd_bytes, codec, cfg.zstd_level, executor)
         if cfg.object_bytes > 0:
             url = cfg.object_url or str(data_dir / "objects")
-            tiers[TierKind.OBJECT] = ObjectTier.from_url(url, cfg.object_bytes, cfg.s3_endpoint, codec,
-                                                         cfg.zstd_level, executor)
+            tier = ObjectTier.from_url(url, cfg.object_bytes, cfg.s3_endpoint, codec,
+                                       cfg.zstd_level, executor)
+            tier.shared = bool(cfg.object_url)  # a configured store is the cluster's, shared
+            tiers[TierKind.OBJECT] = tier
     except BaseException:
         tiers.clear()
         raise

@@ -72,6 +72,7 @@ class Cluster:
     tmp: Path
     etcd: Etcd
     cluster: str = "it"
+    daemon_env: dict[str, str] = field(default_factory=dict)  # for every daemon
     masters: dict[str, tuple[subprocess.Popen, str]] = field(default_factory=dict)
     daemons: dict[str, tuple[subprocess.Popen, str]] = field(default_factory=dict)
 
@@ -85,7 +86,8 @@ class Cluster:
     def start_daemon(self, node_id: str, env: dict[str, str] | None = None) -> str:
         proc, info = spawn(["daemon", "--etcd", self.etcd.endpoint, "--cluster", self.cluster,
                             "--node-id", node_id, "--data-dir", str(self.tmp / node_id)],
-                           {**DAEMON_ENV, **(env or {})}, self.tmp / f"{node_id}.log")
+                           {**DAEMON_ENV, **self.daemon_env, **(env or {})},
+                           self.tmp / f"{node_id}.log")
         self.daemons[node_id] = (proc, info["daemon"])
         return info["daemon"]
 
@@ -150,10 +152,14 @@ class Cluster:
         self.etcd.stop()
 
 
-def make_cluster(tmp: Path, masters: int = 1, daemons: int = 1) -> Cluster:
+def make_cluster(tmp: Path, masters: int = 1, daemons: int = 1, s3_endpoint: str = "") -> Cluster:
+    """etcd, masters and daemons; with ``s3_endpoint`` the daemons share one object tier,
+    a bucket on that S3 endpoint."""
     etcd = Etcd(tmp / "etcd")
     etcd.start()
-    c = Cluster(tmp, etcd)
+    shared = {"KVPOOL_DAEMON_OBJECT_URL": f"s3://kvpool-{tmp.name.lower()}/blocks",
+              "KVPOOL_DAEMON_S3_ENDPOINT": s3_endpoint} if s3_endpoint else {}
+    c = Cluster(tmp, etcd, daemon_env=shared)
     try:
         for i in range(masters):
             c.start_master(f"m{i}")

@@ -35,8 +35,10 @@ async def read_all(client: AsyncPoolClient, keys: list[bytes]) -> list[np.ndarra
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = make_cluster(tmp_path_factory.mktemp("cluster"), masters=2, daemons=2)
+def cluster(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterator[Cluster]:
+    """Two masters, two daemons (tests add a third), an object tier shared through S3."""
+    c = make_cluster(tmp_path_factory.mktemp("cluster"), masters=2, daemons=2,
+                     s3_endpoint=moto_server)
     try:
         yield c
         c.check()
@@ -58,6 +60,11 @@ async def test_a_block_put_through_one_node_is_read_by_another_client(cluster: C
     cluster.check()
 
 
+def tiers_of(leader: str, keys: list[bytes]) -> set[tuple[str, str]]:
+    return {(r["node"], r["tier"]) for k in keys
+            for r in admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"]}
+
+
 async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
         cluster: Cluster) -> None:
     cluster.start_daemon("node2")
@@ -65,8 +72,15 @@ async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
     lone_k, lone_v = blocks(4)
     twin_k, twin_v = blocks(4)
     cold_k, cold_v = blocks(3)
+    obj_k, obj_v = blocks(3)
     leader = cluster.url(cluster.wait_leader())
     async with AsyncPoolClient(cluster.client_config()) as client:
+        # Demoted by node2 into the shared object tier: they belong to no node from then on.
+        await client.batch_put(obj_k, obj_v, prefer_node="node2")
+        for tier in ("host", "ssd"):
+            assert admin(leader, "/v1/evict", "POST", {"tier": tier, "fill": 0.0})[0] == 200
+        assert {t for _, t in tiers_of(leader, obj_k)} == {"object"}
+        assert not {n for n, _ in tiers_of(leader, obj_k)} & {"node0", "node1", "node2"}
         await client.batch_put(cold_k, cold_v, prefer_node="node2")
         assert admin(leader, "/v1/evict", "POST", {"tier": "host", "fill": 0.0})[0] == 200
         assert {admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["tier"] for k in cold_k} == {"ssd"}
@@ -81,8 +95,9 @@ async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
         await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1"}, TTL + 5)
         assert time.monotonic() - killed <= TTL + 2.0
         assert await read_all(client, lone_k + cold_k) == [None] * 7  # missing, never read from the dead
-        got = await read_all(client, twin_k)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, twin_v))
+        got = await read_all(client, twin_k + obj_k)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, twin_v + obj_v))
+        assert {n for n, t in tiers_of(leader, obj_k) if t == "host"} <= {"node0", "node1"}
         many = await client.batch_put(*blocks(1), replicas=5)
         assert many[0].replicas == 2  # best effort: two live nodes, two copies
 
@@ -104,9 +119,20 @@ def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> N
 
 
 async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) -> None:
+    if "node2" not in cluster.daemons:
+        cluster.start_daemon("node2")
+        cluster.wait_nodes({"node0", "node1", "node2"})
     old = cluster.wait_leader()
     keys, values = blocks(40)
+    orphan_k, orphan_v = blocks(3)
     async with AsyncPoolClient(cluster.client_config()) as client:
+        # Objects that only their (then dead) writer knew: the new leader must find them
+        # by listing the shared store.
+        await client.batch_put(orphan_k, orphan_v, prefer_node="node2")
+        for tier in ("host", "ssd"):
+            assert admin(cluster.url(old), "/v1/evict", "POST", {"tier": tier, "fill": 0.0})[0] == 200
+        await asyncio.to_thread(cluster.kill_daemon, "node2", signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1"}, TTL + 5)
         await client.batch_put(keys, values)
         outcomes: list[str] = []
         wrong: list[bytes] = []
@@ -149,7 +175,10 @@ async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) ->
         assert not wrong
         assert not [o for o in outcomes if o.startswith("FATAL")], outcomes
         assert outcomes.count("ok") > 5
+        got = await read_all(client, orphan_k)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, orphan_v))
     cluster.start_master(old)  # back as a standby for the tests that follow
+    cluster.start_daemon("node2")
     cluster.check()
 
 
