@@ -121,8 +121,81 @@ async def _daemon(args: argparse.Namespace) -> None:
         await daemon.stop()
 
 
+def _cluster_up(args: argparse.Namespace) -> int:
+    """etcd, masters and daemons as processes of their own on free ports, until Ctrl-C."""
+    import time
+    from pathlib import Path
+
+    from clients.launcher import LocalCluster
+
+    root = Path(args.data_dir or "./data/cluster").resolve()
+    shared = root / "objects"
+    local = LocalCluster(root, cluster=args.cluster or "default", ttl_s=args.ttl, daemon_env={
+        "KVPOOL_DAEMON_HOST_BYTES": args.host_bytes, "KVPOOL_DAEMON_SSD_BYTES": args.ssd_bytes,
+        "KVPOOL_DAEMON_OBJECT_URL": f"file://{shared}"})
+    stop = False
+
+    def interrupt(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        print(f"starting etcd, {args.masters} master(s) and {args.nodes} daemon(s) in {root} ...",
+              flush=True)
+        local.start_etcd()
+        for i in range(args.masters):
+            local.start_master(f"master{i}")
+            print(f"  master{i} started", flush=True)
+        leader = local.wait_leader()
+        for i in range(args.nodes):
+            local.start_daemon(f"node{i}")
+            print(f"  node{i} joined", flush=True)
+        local.wait_nodes(args.nodes)
+        rows = [[p.role, p.name, p.url + ("  (leader)" if p is leader else ""), p.popen.pid, p.log]
+                for p in local.procs.values()]
+        print(f"\nkvpool cluster {local.cluster!r} is up\n{table(['role', 'name', 'url', 'pid', 'log'], rows)}\n"
+              f"\n  clients:  ClientConfig(etcd=\"{local.etcd_endpoint}\", cluster=\"{local.cluster}\")"
+              f"\n  status:   kvpool status --etcd {local.etcd_endpoint} --cluster {local.cluster}"
+              f"\n  failover: kill -9 {leader.popen.pid}   (the leader; a standby takes over)"
+              f"\n  shared object tier: {shared}\nPress Ctrl-C to stop.", flush=True)
+        _announce({"etcd": local.etcd_endpoint, "cluster": local.cluster,
+                   "masters": [p.url for p in local.masters()],
+                   "daemons": {p.name: p.url for p in local.daemons()}})
+        while not stop:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the cluster ...", flush=True)
+        local.stop()
+    return 0
+
+
+def _leader_url(etcd: str, cluster: str) -> str:
+    """The leading master's URL, as etcd names it."""
+    from kvpool.coordinator import cluster_prefix
+    from kvpool.etcd_coordinator import EtcdCoordinator
+
+    async def ask() -> bytes | None:
+        coord = EtcdCoordinator(etcd, timeout_s=3.0)
+        try:
+            return await coord.get(f"{cluster_prefix(cluster)}master/leader")
+        finally:
+            await coord.close()
+
+    raw = asyncio.run(ask())
+    if raw is None:
+        raise KVPoolError(f"cluster {cluster!r} has no leader in etcd {etcd} right now; "
+                          "is a master running (kvpool master --etcd ...)?")
+    return raw.decode()
+
+
 def _status(args: argparse.Namespace) -> int:
-    url = (args.master or load(args.config).client.master_url).rstrip("/")
+    if args.etcd:
+        url = _leader_url(args.etcd, args.cluster or "default")
+    else:
+        url = (args.master or load(args.config).client.master_url).rstrip("/")
     try:
         with urllib.request.urlopen(f"{url}/v1/nodes", timeout=5) as resp:
             nodes = json.load(resp)["nodes"]
@@ -181,12 +254,26 @@ def main(argv: list[str] | None = None) -> int:
     common(s)
     s.add_argument("--master", help="master URL (default: [client] master_url)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--etcd", help="etcd endpoint host:port: ask the cluster's leader")
+    s.add_argument("--cluster", help="cluster name (default 'default')")
+    c = sub.add_parser("cluster", help="a cluster on this machine: etcd, masters and daemons")
+    csub = c.add_subparsers(dest="action", required=True)
+    cu = csub.add_parser("up", help="start etcd, masters and N daemons on free ports")
+    cu.add_argument("nodes", type=int, nargs="?", default=3, help="number of daemons (default 3)")
+    cu.add_argument("--masters", type=int, default=2, help="number of masters (default 2)")
+    cu.add_argument("--data-dir", help="folder for every process's data and log (default ./data/cluster)")
+    cu.add_argument("--cluster", help="cluster name (default 'default')")
+    cu.add_argument("--ttl", type=float, default=3.0, help="leader and membership lease, seconds")
+    cu.add_argument("--host-bytes", default="256MiB", help="host arena of each daemon")
+    cu.add_argument("--ssd-bytes", default="1GiB", help="SSD tier of each daemon")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "status":
             return _status(args)
+        if args.command == "cluster":
+            return _cluster_up(args)
         runner = {"up": _up, "master": _master, "daemon": _daemon}[args.command]
         asyncio.run(runner(args))
         return 0

@@ -1,0 +1,167 @@
+"""A whole cluster on one machine, as separate processes: an etcd server, masters and
+daemons on free ports, each with its own data folder and log. Behind `kvpool cluster up`
+and the cluster benchmark; every process is stopped by its own pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvpool.errors import ConfigError, Unavailable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    role: str  # etcd, master, daemon
+    name: str
+    url: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, wait_s: float = 20.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalCluster:
+    """Start with ``start_etcd``, then masters and daemons; ``stop`` ends them all."""
+
+    root: Path
+    cluster: str = "default"
+    ttl_s: float = 3.0
+    daemon_env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    etcd_endpoint: str = ""
+
+    def start_etcd(self) -> Proc:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise ConfigError("no etcd server binary on PATH: install one (apt-get install "
+                              "etcd-server, or a release from github.com/etcd-io/etcd)")
+        port, peer = free_port(), free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = self.root / "etcd.log"
+        self.etcd_endpoint = f"127.0.0.1:{port}"
+        popen = subprocess.Popen([
+            binary, "--name", "kvpool", "--data-dir", str(self.root / "etcd"),
+            "--listen-client-urls", f"http://{self.etcd_endpoint}",
+            "--advertise-client-urls", f"http://{self.etcd_endpoint}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"kvpool=http://127.0.0.1:{peer}"],
+            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        proc = self.procs["etcd"] = Proc("etcd", "etcd", self.etcd_endpoint, popen, log)
+        deadline = time.monotonic() + 30
+        while not _ready(f"http://{self.etcd_endpoint}/health"):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise Unavailable(f"etcd did not start; see {log}")
+            time.sleep(0.1)
+        return proc
+
+    def _spawn(self, role: str, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        log = self.root / f"{name}.log"
+        popen = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args],
+                                 env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                 stderr=log.open("ab"))
+        assert popen.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = popen.stdout.readline()
+            if not line:
+                break
+            if line.startswith(b"{"):
+                url = json.loads(line)[role]
+                proc = self.procs[name] = Proc(role, name, url, popen, log)
+                return proc
+        popen.kill()
+        popen.wait()
+        raise Unavailable(f"{role} {name} did not start; the end of {log}:\n"
+                          f"{log.read_text(errors='replace')[-2000:]}")
+
+    def start_master(self, name: str, env: dict[str, str] | None = None) -> Proc:
+        return self._spawn("master", name, [
+            "master", "--port", "0", "--etcd", self.etcd_endpoint, "--cluster", self.cluster],
+            {"KVPOOL_MASTER_LEADER_TTL_S": str(self.ttl_s), **(env or {})})
+
+    def start_daemon(self, node_id: str, env: dict[str, str] | None = None) -> Proc:
+        return self._spawn("daemon", node_id, [
+            "daemon", "--etcd", self.etcd_endpoint, "--cluster", self.cluster,
+            "--node-id", node_id, "--data-dir", str(self.root / node_id)],
+            {"KVPOOL_DAEMON_NODE_TTL_S": str(self.ttl_s), **self.daemon_env, **(env or {})})
+
+    def masters(self) -> list[Proc]:
+        return [p for p in self.procs.values() if p.role == "master"]
+
+    def daemons(self) -> list[Proc]:
+        return [p for p in self.procs.values() if p.role == "daemon"]
+
+    def leader(self) -> Proc | None:
+        """The master that is leader and ready, if one is."""
+        for proc in self.masters():
+            if proc.alive() and _ready(f"{proc.url}/readyz"):
+                return proc
+        return None
+
+    def wait_leader(self, timeout_s: float = 30.0) -> Proc:
+        deadline = time.monotonic() + timeout_s
+        while (leader := self.leader()) is None:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"no master became a ready leader within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        return leader
+
+    def wait_nodes(self, count: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            leader = self.leader()
+            if leader is not None:
+                try:
+                    with urllib.request.urlopen(f"{leader.url}/v1/nodes", timeout=2) as resp:
+                        if len(json.load(resp)["nodes"]) == count:
+                            return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the leader did not list {count} nodes within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs.pop(name).stop(sig)
+
+    def stop(self) -> None:
+        """Daemons first (they leave cleanly), then masters, then etcd."""
+        for role in ("daemon", "master", "etcd"):
+            for name in [n for n, p in self.procs.items() if p.role == role]:
+                self.procs.pop(name).stop()
