@@ -75,6 +75,13 @@ class NotReady(KVPoolError):
     retryable = True
 
 
+class NodeIdTaken(KVPoolError):
+    """Another live daemon already holds this node id in the cluster."""
+
+    code = "node_id_taken"
+    http_status = 409
+
+
 class ReservationLost(KVPoolError):
     """The put's reservation belonged to a master that is no longer leader; put again."""
 
@@ -117,7 +124,7 @@ _BY_CODE: dict[str, type[KVPoolError]] = {
     cls.code: cls
     for cls in (
         KVPoolError, BadRequest, BlockNotFound, BlockLeased, TierFull, ChecksumMismatch,
-        NodeGone, NotLeader, NotReady, ReservationLost, Unauthorized, TransferFailed, Unavailable, ConfigError,
+        NodeGone, NodeIdTaken, NotLeader, NotReady, ReservationLost, Unauthorized, TransferFailed, Unavailable, ConfigError,
     )
 }
 

@@ -18,16 +18,9 @@ from typing import Any, Callable
 import aiohttp
 
 from kvpool.coordinator import Coordinator, LeaseExpired, cluster_prefix
-from kvpool.errors import BadRequest, KVPoolError
+from kvpool.errors import KVPoolError, NodeIdTaken
 
 log = logging.getLogger(__name__)
-
-
-class NodeIdTaken(BadRequest):
-    """Another live daemon already holds this node id."""
-
-    code = "node_id_taken"
-    http_status = 409
 
 
 def node_key(cluster: str, node_id: str) -> str:

@@ -156,7 +156,7 @@ class MasterHttp:
     async def cluster(self, request: web.Request) -> web.Response:
         complete = sum(e.state is BlockState.COMPLETE for e in self.core.index.entries.values())
         return web.json_response({
-            "cluster": self.core.cfg.cluster, "ready": self.core.ready,
+            "cluster": self.core.cfg.cluster, "ready": self.core.ready, "leader": self.core.leader,
             "nodes": len(self.core.nodes), "blocks": complete,
             "pending": len(self.core.index) - complete, "tiers": self.tier_table()})
 
