@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 
-from kvpool.coordinator import EventKind
+from kvpool.coordinator import EventKind, WatchEvent
 from kvpool.errors import KVPoolError
 from kvpool.wire import RpcClient
 from master.core import MasterCore
@@ -48,52 +48,76 @@ async def pull(core: MasterCore, node_id: str, value: bytes) -> None:
     await core.join(body, link)
 
 
-async def sync(core: MasterCore, prefix: str) -> None:
-    """Make the index's nodes the listed ones; returns once every listed daemon is in
-    (a listed daemon that does not answer is retried until its lease runs out)."""
-    while True:
-        listed = {k[len(prefix):]: v for k, v in (await core.coord.get_prefix(prefix)).items()}
-        for node_id in list(core.nodes):
-            if node_id not in listed:
-                await core.drop_node(node_id, "membership lease expired")
-        waiting = []
-        for node_id, value in listed.items():
-            try:
-                await pull(core, node_id, value)
-            except (KVPoolError, ValueError, KeyError) as exc:
-                log.warning("cannot pull node %s yet: %s", node_id, exc)
-                waiting.append(node_id)
-        if not waiting:
-            return
-        await asyncio.sleep(0.2)
+async def sync(core: MasterCore, prefix: str) -> set[str]:
+    """Make the index's nodes the listed ones: drop the unlisted, pull the new. Returns
+    the listed nodes that could not be pulled (not answering yet, or dying)."""
+    listed = {k[len(prefix):]: v for k, v in (await core.coord.get_prefix(prefix)).items()}
+    for node_id in list(core.nodes):
+        if node_id not in listed:
+            await core.drop_node(node_id, "membership lease expired")
+    missing = set()
+    for node_id, value in listed.items():
+        try:
+            await pull(core, node_id, value)
+        except (KVPoolError, ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot pull node %s yet: %s", node_id, exc)
+            missing.add(node_id)
+    return missing
 
 
 async def follow_members(core: MasterCore) -> None:
-    """Run while leading: rebuild, become ready, then follow membership changes."""
+    """Run while leading: rebuild, become ready, then follow membership changes.
+
+    The rebuild waits for every listed daemon, or for its key to go (a daemon that died
+    just before keeps its key until its lease runs out), at most ``node_ttl_s`` + 2 s;
+    a daemon still missing then is pulled again every 2 s while the leader serves."""
     prefix = f"{core.prefix}nodes/"
+    loop = asyncio.get_running_loop()
     while True:
         watch = None
+        pending: asyncio.Future[WatchEvent] | None = None
         try:
             watch = await core.coord.watch_prefix(prefix)
-            await sync(core, prefix)
+            events = watch.__aiter__()
+            missing = await sync(core, prefix)
             if not core.ready:
+                end = loop.time() + core.cfg.node_ttl_s + 2.0
+                while missing and loop.time() < end:
+                    await asyncio.sleep(0.2)
+                    missing = await sync(core, prefix)
+                if missing:
+                    log.error("serving without node(s) %s, which are listed but do not answer",
+                              ", ".join(sorted(missing)))
                 core.ready = True
                 log.info("index rebuilt from %d nodes: %d blocks; serving", len(core.nodes),
                          len(core.index))
-            async for event in watch:
+            while True:
+                # The next event is awaited by a task of its own: cancelling a watch's
+                # iterator mid-wait would end it, so a timeout only stops our waiting.
+                if pending is None:
+                    pending = asyncio.ensure_future(events.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=2.0 if missing else None)
+                if not done:
+                    missing = await sync(core, prefix)
+                    continue
+                event, pending = pending.result(), None
                 node_id = event.key[len(prefix):]
                 if event.kind is EventKind.DELETE:
+                    missing.discard(node_id)
                     await core.drop_node(node_id, "membership lease expired")
                 elif event.value is not None and _agent(event.value) != getattr(
                         core.nodes.get(node_id), "agent", None):
                     try:
                         await pull(core, node_id, event.value)
-                    except (KVPoolError, ValueError, KeyError) as exc:
-                        log.warning("cannot pull node %s: %s; listing again", node_id, exc)
-                        break
-        except KVPoolError as exc:
-            log.warning("membership watch broke: %s; listing again", exc)
+                        missing.discard(node_id)
+                    except (KVPoolError, ValueError, KeyError, TypeError) as exc:
+                        log.warning("cannot pull node %s: %s; trying again", node_id, exc)
+                        missing.add(node_id)
+        except (KVPoolError, StopAsyncIteration) as exc:
+            log.warning("membership watch ended: %s; listing again", exc or type(exc).__name__)
         finally:
+            if pending is not None:
+                pending.cancel()
             if watch is not None:
                 await watch.aclose()
         await asyncio.sleep(0.2)

@@ -71,6 +71,7 @@ class MasterCore:
         self._ids = random.SystemRandom()
         self._leases: dict[int, tuple[float, list[BlockKey]]] = {}  # lease -> expiry, keys
         self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.clustered = False  # with etcd: daemons join through it, never by `register`
         self.leader = True  # single node: always; with etcd, while this master holds the lease
         self.leader_url = ""  # with etcd: the leader as last seen, for NotLeader messages
         self.ready = True  # False while a new leader rebuilds its index
@@ -142,6 +143,9 @@ class MasterCore:
     async def register(self, body: dict[str, Any]) -> dict[str, Any]:
         """A daemon joins (or rejoins after a restart) with its tiers and inventory
         (single node: the master keeps the daemon's membership lease)."""
+        if self.clustered:
+            raise BadRequest("this master runs in cluster mode: daemons join through etcd; "
+                             "start the daemon with --etcd (and --cluster) instead of --master")
         node_id = str(body.get("node_id", ""))
         old = self.nodes.get(node_id)
         if old is not None and old.agent == body.get("agent"):  # a retried registration
@@ -224,6 +228,8 @@ class MasterCore:
         return isinstance(info, dict) and info.get("agent") == node.agent
 
     async def heartbeat(self, node_id: str, agent: str) -> None:
+        if self.clustered:
+            raise BadRequest("this master runs in cluster mode: daemons renew their etcd lease")
         node = self.nodes.get(node_id)
         if node is None or node.agent != agent:
             raise NodeGone(f"node {node_id} is not a member; register again")

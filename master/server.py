@@ -34,6 +34,7 @@ class MasterServer:
         self.clustered = bool(cfg.etcd)
         self.coord = coordinator or InProcessCoordinator()
         self.core = MasterCore(cfg, self.coord)
+        self.core.clustered = self.clustered
         self.election = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -118,6 +118,17 @@ def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> N
     assert "node0" in cluster.nodes()  # the live one is untouched
 
 
+def test_a_daemon_pointed_at_a_cluster_master_without_etcd_is_told_to_use_etcd(
+        cluster: Cluster, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "daemon", "--master", cluster.url(cluster.wait_leader()),
+         "--node-id", "stray", "--data-dir", str(tmp_path / "stray")],
+        cwd=ROOT, env={**os.environ, **DAEMON_ENV}, capture_output=True, timeout=60)
+    assert proc.returncode != 0
+    assert b"start the daemon with --etcd" in proc.stderr, proc.stderr[-2000:]
+    assert "stray" not in cluster.nodes()
+
+
 async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) -> None:
     if "node2" not in cluster.daemons:
         cluster.start_daemon("node2")
