@@ -61,19 +61,23 @@ class LocalCluster:
     root: Path
     cluster: str = "default"
     ttl_s: float = 3.0
-    daemon_env: dict[str, str] = field(default_factory=dict)
+    master_env: dict[str, str] = field(default_factory=dict)  # for every master
+    daemon_env: dict[str, str] = field(default_factory=dict)  # for every daemon
     procs: dict[str, Proc] = field(default_factory=dict)
     etcd_endpoint: str = ""
+    _peer_port: int = 0
 
     def start_etcd(self) -> Proc:
+        """Start etcd; started again after ``stop_etcd``, it keeps its data and ports."""
         binary = shutil.which("etcd")
         if binary is None:
             raise ConfigError("no etcd server binary on PATH: install one (apt-get install "
                               "etcd-server, or a release from github.com/etcd-io/etcd)")
-        port, peer = free_port(), free_port()
+        if not self.etcd_endpoint:
+            self.etcd_endpoint, self._peer_port = f"127.0.0.1:{free_port()}", free_port()
+        peer = self._peer_port
         self.root.mkdir(parents=True, exist_ok=True)
         log = self.root / "etcd.log"
-        self.etcd_endpoint = f"127.0.0.1:{port}"
         popen = subprocess.Popen([
             binary, "--name", "kvpool", "--data-dir", str(self.root / "etcd"),
             "--listen-client-urls", f"http://{self.etcd_endpoint}",
@@ -89,6 +93,9 @@ class LocalCluster:
                 raise Unavailable(f"etcd did not start; see {log}")
             time.sleep(0.1)
         return proc
+
+    def stop_etcd(self, sig: int = signal.SIGTERM) -> None:
+        self.procs.pop("etcd").stop(sig)
 
     def _spawn(self, role: str, name: str, args: list[str], env: dict[str, str]) -> Proc:
         log = self.root / f"{name}.log"
@@ -113,7 +120,7 @@ class LocalCluster:
     def start_master(self, name: str, env: dict[str, str] | None = None) -> Proc:
         return self._spawn("master", name, [
             "master", "--port", "0", "--etcd", self.etcd_endpoint, "--cluster", self.cluster],
-            {"KVPOOL_MASTER_LEADER_TTL_S": str(self.ttl_s), **(env or {})})
+            {"KVPOOL_MASTER_LEADER_TTL_S": str(self.ttl_s), **self.master_env, **(env or {})})
 
     def start_daemon(self, node_id: str, env: dict[str, str] | None = None) -> Proc:
         return self._spawn("daemon", node_id, [
@@ -142,19 +149,27 @@ class LocalCluster:
             time.sleep(0.05)
         return leader
 
-    def wait_nodes(self, count: int, timeout_s: float = 30.0) -> None:
+    def nodes(self) -> set[str]:
+        """The node ids the ready leader lists (none while there is no leader)."""
+        leader = self.leader()
+        if leader is None:
+            return set()
+        try:
+            with urllib.request.urlopen(f"{leader.url}/v1/nodes", timeout=2) as resp:
+                return {n["node_id"] for n in json.load(resp)["nodes"]}
+        except OSError:
+            return set()
+
+    def wait_nodes(self, expected: int | set[str], timeout_s: float = 30.0) -> None:
+        """Until the leader lists ``expected`` nodes (a count, or exactly these ids)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            leader = self.leader()
-            if leader is not None:
-                try:
-                    with urllib.request.urlopen(f"{leader.url}/v1/nodes", timeout=2) as resp:
-                        if len(json.load(resp)["nodes"]) == count:
-                            return
-                except OSError:
-                    pass
+            nodes = self.nodes()
+            if (len(nodes) == expected) if isinstance(expected, int) else (nodes == expected):
+                return
             if time.monotonic() > deadline:
-                raise Unavailable(f"the leader did not list {count} nodes within {timeout_s:.0f} s")
+                raise Unavailable(f"the leader did not list nodes {expected} within "
+                                  f"{timeout_s:.0f} s (it lists {sorted(nodes)})")
             time.sleep(0.1)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

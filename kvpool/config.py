@@ -60,7 +60,7 @@ class DaemonConfig:
     cold_codec: str = doc("zstd", "Codec of cold tiers: 'zstd' (byte planes + zstd) or 'raw'.")
     zstd_level: int = doc(1, "zstd level for cold tiers.")
     io_threads: int = doc(4, "Threads for blocking LMDB, file and S3 calls.")
-    heartbeat_s: float = doc(1.0, "How often the daemon renews its membership lease.")
+    heartbeat_s: float = doc(1.0, "Without etcd: how often the daemon renews its membership with the master.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated): join a cluster; master_url is then unused.")
     cluster: str = doc("default", "Name of the cluster to join (with etcd).")
     node_ttl_s: float = doc(5.0, "With etcd: the membership lease; a dead daemon leaves the index this long after.")

@@ -169,7 +169,8 @@ class MasterHttp:
             {"node_id": n.node_id, "url": n.url, "agent": n.agent,
              "tiers": [{"kind": k.value, "capacity": s.capacity, "used": s.used,
                         "blocks": counts.get((n.node_id, k), 0),
-                        "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None}
+                        "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None,
+                        "shared_store": s.store or None}
                        for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
             for n in self.core.nodes.values()]})
 

@@ -45,6 +45,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/events": {"get": _op("Server-sent events: block stored / removed (for KV-aware routers)")},
         "/metrics": {"get": _op("Prometheus text metrics")},
         "/healthz": {"get": _op("Liveness")},
-        "/readyz": {"get": _op("Readiness: 503 until the index is ready to serve")},
+        "/readyz": {"get": _op("Readiness: 503 on a standby master, and on a new leader until it has "
+                              "rebuilt its index from the daemons' inventories")},
     },
 }
