@@ -64,6 +64,7 @@ class Membership:
         end = loop.time() + (self.ttl_s + 5.0 if wait_s is None else wait_s)
         key = node_key(self.cluster, self.node_id)
         value = self._describe()
+        waited = False
         while True:
             lease = await self.coord.grant_lease(self.ttl_s)
             if await self.coord.compare_and_set(key, None, json.dumps(value).encode(), lease):
@@ -84,6 +85,10 @@ class Membership:
                 raise NodeIdTaken(f"node id {self.node_id!r} is already in cluster "
                                   f"{self.cluster!r} (daemon at {holder.get('url')}); "
                                   "give this daemon another node_id")
+            if not waited:
+                log.info("node id %s is still held by %s, which does not answer: waiting for "
+                         "its lease to run out", self.node_id, holder.get("url"))
+                waited = True
             if loop.time() > end:
                 raise NodeIdTaken(f"node id {self.node_id!r} is still held in etcd by "
                                   f"{holder.get('url')}, which does not answer; wait for its "

@@ -118,6 +118,25 @@ def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> N
     assert "node0" in cluster.nodes()  # the live one is untouched
 
 
+async def test_a_daemon_restarted_at_once_waits_out_its_old_lease(cluster: Cluster) -> None:
+    keys, values = blocks(3)
+    leader = cluster.wait_leader().url
+    async with AsyncPoolClient(cluster.client_config()) as client:
+        await client.batch_put(keys, values, prefer_node="node1")
+        assert admin(leader, "/v1/evict", "POST", {"tier": "host", "fill": 0.0})[0] == 200
+        before = set(cluster.nodes())
+        await asyncio.to_thread(cluster.kill, "node1", signal.SIGKILL)
+        # Its key still lives for up to a TTL: the new daemon sees the old one is dead,
+        # waits, and joins (a live holder would have been refused).
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.start_daemon, "node1")
+        assert time.monotonic() - started < TTL + 5
+        await asyncio.to_thread(cluster.wait_nodes, before)
+        got = await read_all(client, keys)
+        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+    cluster.check()
+
+
 def test_a_daemon_pointed_at_a_cluster_master_without_etcd_is_told_to_use_etcd(
         cluster: Cluster, tmp_path: Path) -> None:
     proc = subprocess.run(
