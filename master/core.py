@@ -146,7 +146,9 @@ class MasterCore:
         if self.clustered:
             raise BadRequest("this master runs in cluster mode: daemons join through etcd; "
                              "start the daemon with --etcd (and --cluster) instead of --master")
-        node_id = str(body.get("node_id", ""))
+        node_id, metadata = str(body.get("node_id", "")), body.get("metadata")
+        if not isinstance(metadata, bytes):
+            raise BadRequest("registration needs the daemon's NIXL agent metadata (bytes)")
         old = self.nodes.get(node_id)
         if old is not None and old.agent == body.get("agent"):  # a retried registration
             await self.coord.keepalive(old.lease)
@@ -158,7 +160,7 @@ class MasterCore:
         node.lease = await self.coord.grant_lease(self.cfg.node_ttl_s)
         await self.coord.put(f"{self.prefix}nodes/{node_id}", node.agent.encode(), node.lease)
         # Published under the node's lease: it vanishes with the node, never outlives it.
-        await self.coord.put(f"{self.prefix}nixl/{node.agent}", bytes(body["metadata"]), node.lease)
+        await self.coord.put(f"{self.prefix}nixl/{node.agent}", metadata, node.lease)
         return {"lease": node.lease, "ttl_s": self.cfg.node_ttl_s}
 
     async def join(self, body: dict[str, Any], link: RpcClient | None) -> Node:
@@ -168,7 +170,6 @@ class MasterCore:
             raise BadRequest("registration needs a node_id")
         try:
             url, agent = str(body["url"]), str(body["agent"])
-            bytes(body["metadata"])
         except (KeyError, TypeError) as exc:
             raise BadRequest(f"registration is missing {exc}") from None
         tiers = parse_tiers(body.get("tiers"), self.cfg.alignment)

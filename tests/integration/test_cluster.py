@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
+from kvpool.config import ClientConfig
 from kvpool.errors import KVPoolError
 from tests.integration.cluster import DAEMON_ENV, TTL, Cluster, make_cluster
 from tests.integration.conftest import ROOT, admin
@@ -106,6 +107,17 @@ async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
         got = await read_all(client, cold_k)
         assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, cold_v))
     cluster.check()
+
+
+async def test_a_client_given_every_master_url_finds_the_leader_without_etcd(cluster: Cluster) -> None:
+    leader = cluster.wait_leader()
+    standby = next(p for p in cluster.masters() if p is not leader)
+    keys, values = blocks(2)
+    cfg = ClientConfig(master_url=f"{standby.url},{leader.url}", timeout_s=10.0)
+    async with AsyncPoolClient(cfg) as client:  # the standby answers NotLeader first
+        await client.batch_put(keys, values)
+        got = await read_all(client, keys)
+    assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
 
 
 def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> None:
