@@ -55,6 +55,11 @@ async def test_a_block_put_through_one_node_is_read_by_another_client(cluster: C
     leader = cluster.wait_leader().url
     placed = [admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["node"] for k in keys]
     assert placed == ["node0"] * 3 + ["node1"] * 3
+    spread_k, spread_v = blocks(8)  # no preference: by free bytes, so over both nodes
+    async with AsyncPoolClient(cluster.client_config()) as writer:
+        await writer.batch_put(spread_k, spread_v)
+    spread = [admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["node"] for k in spread_k]
+    assert spread.count("node0") == spread.count("node1") == 4
     async with AsyncPoolClient(cluster.client_config()) as reader:
         got = await read_all(reader, keys)
     assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
