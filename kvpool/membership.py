@@ -54,7 +54,6 @@ class Membership:
         self._describe = describe
         self._metadata = metadata
         self.lease: int | None = None
-        self.joins = 0
         self._task: asyncio.Task[None] | None = None
 
     async def join(self, wait_s: float | None = None) -> None:
@@ -70,7 +69,6 @@ class Membership:
             if await self.coord.compare_and_set(key, None, json.dumps(value).encode(), lease):
                 await self.coord.put(nixl_key(self.cluster, value["agent"]), self._metadata, lease)
                 self.lease = lease
-                self.joins += 1
                 log.info("node %s joined cluster %s (lease %x)", self.node_id, self.cluster, lease)
                 return
             await self.coord.revoke(lease)
