@@ -145,6 +145,7 @@ class Worker:
         self._prefills: deque[Sequence] = deque()
         self._admits: deque[tuple[Sequence, Handoff]] = deque()
         self._active: list[Sequence] = []
+        self._stepping: list[Sequence] = []  # taken from a queue, not yet running
         self._stores: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -223,11 +224,11 @@ class Worker:
                     await self._decode_step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug must not stop the engine: fail what was running
+            except Exception:  # a bug must not stop the engine: fail what was in the step
                 log.exception("engine step failed")
-                for seq in self._active:
+                for seq in self._active + self._stepping:
                     self._fail(seq, KVPoolError("the engine step failed; see the engine log"))
-                self._active.clear()
+            self._stepping = []
 
     def _pages_needed(self, seq: Sequence) -> int:
         bt = self.cfg.block_tokens
@@ -274,6 +275,7 @@ class Worker:
             self._prefills.popleft()
             if seq.pages:
                 batch.append(seq)
+        self._stepping = batch
         if not batch:
             if self._prefills and self._stores:  # waiting for pages held by writes
                 await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
@@ -373,6 +375,7 @@ class Worker:
             self._admits.popleft()
             if seq.pages:
                 batch.append(seq)
+        self._stepping = batch
         if not batch:
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:len(s.req.prompt) // bt]) for s in batch))

@@ -1,0 +1,59 @@
+"""Engines keep their promise when the pool cannot: a daemon that dies between the prefix
+match and the fetch means recomputation, never wrong tokens; and a mono engine behind the
+router (the colocated baseline) generates the same tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import pytest
+import torch
+
+from engine.client import generate
+from engine.config import ModelConfig
+from engine.model import Transformer, generate as reference_generate
+from tests.e2e.conftest import Stack
+from tests.e2e.test_disagg import BT, post, stream, tokens
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.set_num_threads(1)
+    return Transformer.random(ModelConfig())
+
+
+def test_mono_engine_behind_the_router(stack: Stack, model: Transformer) -> None:
+    stack.pool_apart()
+    mono = stack.engine("mono", "mono")
+    router = stack.engine("router-mono", "router", "--mono", mono)
+    rng = random.Random(6)
+    first = tokens(rng, 3 * BT + 5)
+    second = first + tokens(rng, 11)
+
+    async def run(prompt: list[int]):  # type: ignore[no-untyped-def]
+        async with aiohttp.ClientSession() as session:
+            return await generate(session, router, {"token_ids": prompt, "max_tokens": 9})
+
+    a, b = asyncio.run(run(first)), asyncio.run(run(second))
+    assert a.tokens == reference_generate(model, first, 9, BT)
+    assert b.tokens == reference_generate(model, second, 9, BT)
+    assert a.done["reused_tokens"] == 0 and b.done["reused_tokens"] == 3 * BT  # type: ignore[index]
+
+
+def test_a_dead_daemon_means_recomputation(stack: Stack, model: Transformer) -> None:
+    prefill, decode = stack.engine("prefill", "prefill"), stack.engine("decode", "decode")
+    prompt = tokens(random.Random(7), 4 * BT + 2)
+    handoff = post(prefill + "/v1/prefill", {"token_ids": prompt, "max_tokens": 8})
+    stack.kill("daemon")  # the blocks are listed, then gone: the fetch must fail
+    lines = stream(decode + "/v1/decode", handoff)
+    assert lines[-1]["done"] and lines[-1]["fetched_blocks"] == 0
+    assert [handoff["first_token"]] + [m["token"] for m in lines if "token" in m] == \
+        reference_generate(model, prompt, 8, BT)
+    # with no daemon at all, engines still serve: nothing is cached, nothing is wrong
+    fresh = tokens(random.Random(8), 2 * BT + 9)
+    h = post(prefill + "/v1/prefill", {"token_ids": fresh, "max_tokens": 5})
+    lines = stream(decode + "/v1/decode", h)
+    assert [h["first_token"]] + [m["token"] for m in lines if "token" in m] == \
+        reference_generate(model, fresh, 5, BT)
