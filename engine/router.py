@@ -192,7 +192,7 @@ class Router:
             p.running -= 1
             p.running_tokens -= len(prompt)
         p.remember(keys)
-        stats["reused_tokens"] = handoff["reused_tokens"]
+        stats["reused_tokens"], stats["pool_tokens"] = handoff["reused_tokens"], handoff["pool_tokens"]
         await emit(handoff["first_token"])
         if handoff["max_tokens"] <= 1:
             return
@@ -237,6 +237,7 @@ class Router:
                         raise _engine_error(e, msg)
                     elif msg.get("done"):
                         stats.setdefault("reused_tokens", msg["reused_tokens"])
+                        stats.setdefault("pool_tokens", msg["pool_tokens"])
                         done = True
         except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
             e.healthy = False

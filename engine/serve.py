@@ -103,8 +103,9 @@ class EngineServer:
             except KVPoolError as exc:
                 await resp.write(line({"error": exc.code, "message": str(exc)}))
             else:
-                await resp.write(line({"done": True, "reused_tokens": seq.cached * self.worker.cfg.block_tokens,
-                                       "fetched_blocks": seq.fetched}))
+                bt = self.worker.cfg.block_tokens
+                await resp.write(line({"done": True, "reused_tokens": seq.cached * bt,
+                                       "pool_tokens": seq.fetched * bt, "fetched_blocks": seq.fetched}))
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self.worker.cancel(seq)  # the caller went away: free the sequence's pages

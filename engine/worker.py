@@ -84,6 +84,7 @@ class Handoff:
     temperature: float
     seed: int
     reused_tokens: int  # prompt tokens the prefill engine did not compute
+    pool_tokens: int  # of those, the ones it fetched from the pool (the rest were in its pages)
     prefill_ms: float
 
     def to_json(self) -> dict[str, Any]:
@@ -320,7 +321,7 @@ class Worker:
             return
         handoff = Handoff(seq.req.request_id, seq.req.prompt, token, [k.hex() for k in seq.keys],
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
-                          seq.cached * bt, prefill_ms)
+                          seq.cached * bt, seq.fetched * bt, prefill_ms)
         task = self._store(new_keys, new_pages)
         pages, seq.pages = seq.pages, []
 
