@@ -144,17 +144,18 @@ class Transformer:
             pos += m
         length = start + n
         used = torch.as_tensor(list(pages[:(length + bt - 1) // bt]))
-        kv = cache.kv[used, layer]  # [p, 2, kv_heads, bt, dim]
-        keys = kv[:, 0].transpose(0, 1).reshape(cfg.kv_heads, -1, cfg.head_dim)[:, :length]
-        vals = kv[:, 1].transpose(0, 1).reshape(cfg.kv_heads, -1, cfg.head_dim)[:, :length]
+        # one copy per tensor: gather the pages straight into [kv_heads, pages, bt, dim]
+        keys = cache.kv[:, layer, 0].transpose(0, 1).index_select(1, used)
+        vals = cache.kv[:, layer, 1].transpose(0, 1).index_select(1, used)
+        keys = keys.view(cfg.kv_heads, -1, cfg.head_dim)[:, :length]
+        vals = vals.view(cfg.kv_heads, -1, cfg.head_dim)[:, :length]
         group = cfg.heads // cfg.kv_heads
         qg = q.view(n, cfg.kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)
         qg = qg.reshape(cfg.kv_heads, group * n, cfg.head_dim)
         scores = torch.bmm(qg, keys.transpose(1, 2)) * self.scale  # [kv_heads, group*n, length]
-        if n > 1:
-            qpos = torch.arange(start, start + n).repeat(group)
-            mask = torch.arange(length)[None, :] > qpos[:, None]
-            scores = scores.masked_fill(mask, float("-inf"))
+        if n > 1:  # causal within the chunk; every earlier position is visible to all rows
+            future = torch.ones(n, n, dtype=torch.bool).triu(1).repeat(group, 1)
+            scores[:, :, start:].masked_fill_(future, float("-inf"))
         out = torch.bmm(torch.softmax(scores, dim=-1), vals)  # [kv_heads, group*n, dim]
         out = out.view(cfg.kv_heads, group, n, cfg.head_dim).permute(2, 0, 1, 3)
         return out.reshape(n, cfg.heads * cfg.head_dim)
