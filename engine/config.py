@@ -77,3 +77,12 @@ class EngineConfig:
     max_batch: int = doc(8, "Prompts prefilled per step; sequences decoded per step is unbounded.")
     torch_threads: int = doc(1, "torch intra-op threads of the engine process.")
     salt: str = doc("", "Salt of the pool namespace; engines share blocks only with equal salts.")
+    partial_block: str = doc("fetch", "How a decode engine gets a prompt's trailing partial block: "
+                             "'fetch' (the prefill engine writes it as a leaf block keyed by its "
+                             "tokens) or 'recompute' (from the tokens; nothing extra in the pool).")
+
+    def __post_init__(self) -> None:
+        if self.partial_block not in ("fetch", "recompute"):
+            raise ConfigError(f"partial_block must be 'fetch' or 'recompute', got {self.partial_block!r}")
+        if self.block_tokens <= 0 or self.num_pages <= 0:
+            raise ConfigError("block_tokens and num_pages must be positive")

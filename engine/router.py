@@ -238,6 +238,9 @@ class Router:
                     elif msg.get("done"):
                         stats.setdefault("reused_tokens", msg["reused_tokens"])
                         stats.setdefault("pool_tokens", msg["pool_tokens"])
+                        if e.role == "decode":
+                            stats["decode_fetched_blocks"] = msg["fetched_blocks"]
+                            stats["decode_partial_fetched"] = msg["partial_fetched"]
                         done = True
         except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
             e.healthy = False

@@ -105,7 +105,8 @@ class EngineServer:
             else:
                 bt = self.worker.cfg.block_tokens
                 await resp.write(line({"done": True, "reused_tokens": seq.cached * bt,
-                                       "pool_tokens": seq.fetched * bt, "fetched_blocks": seq.fetched}))
+                                       "pool_tokens": seq.fetched * bt, "fetched_blocks": seq.fetched,
+                                       "partial_fetched": seq.partial_fetched}))
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self.worker.cancel(seq)  # the caller went away: free the sequence's pages
@@ -142,7 +143,8 @@ async def run_engine(args: argparse.Namespace) -> None:
     role = Role(args.command)
     model = load_model(args)
     cfg = EngineConfig(block_tokens=args.block_tokens, num_pages=args.num_pages,
-                       max_batch=args.max_batch, torch_threads=args.threads, salt=args.salt)
+                       max_batch=args.max_batch, torch_threads=args.threads, salt=args.salt,
+                       partial_block=args.partial_block)
     if role is not Role.MONO and not args.master:
         raise BadRequest(f"a {role.value} engine needs the pool: pass --master URL (see `kvpool up`)")
     pool = AsyncPoolClient(master_url=args.master, name=f"engine-{role.value}") if args.master else None
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
         p.add_argument("--threads", type=int, default=EngineConfig.torch_threads)
         p.add_argument("--salt", default="")
+        p.add_argument("--partial-block", choices=["fetch", "recompute"], default=EngineConfig.partial_block,
+                       help="decode: fetch the trailing partial block (prefill writes it) or recompute it")
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=0)
     r = sub.add_parser("router", help="route requests to prefill and decode (or mono) engines")

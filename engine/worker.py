@@ -32,7 +32,7 @@ from engine.config import EngineConfig
 from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
 from kvpool.errors import BadRequest, KVPoolError
-from kvpool.keys import BlockKey, block_keys
+from kvpool.keys import BlockKey, block_keys, chain
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Handoff:
     reused_tokens: int  # prompt tokens the prefill engine did not compute
     pool_tokens: int  # of those, the ones it fetched from the pool (the rest were in its pages)
     prefill_ms: float
+    partial_key: str | None = None  # hex key of the trailing partial block, when it was written
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +94,8 @@ class Handoff:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "Handoff":
         try:
-            return cls(**{k: body[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: body[k] for k in cls.__dataclass_fields__ if k != "partial_key"},
+                       partial_key=body.get("partial_key"))
         except (KeyError, TypeError) as exc:
             raise BadRequest(f"malformed handoff, missing {exc}; send what /v1/prefill returned") from None
 
@@ -116,6 +118,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # leading full blocks not computed here
     fetched: int = 0  # of those, how many came from the pool
+    partial_fetched: bool = False  # the trailing partial block came from the pool
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
 
@@ -303,7 +306,8 @@ class Worker:
         self._fail(seq, exc if isinstance(exc, KVPoolError) else KVPoolError(f"prefill failed: {exc}"))
 
     def _prefilled(self, seq: Sequence, token: int) -> None:
-        """The first token is known; the new full blocks start on their way to the pool."""
+        """The first token is known; the new full blocks (and, for a decode engine to fetch,
+        the trailing partial one) start on their way to the pool."""
         bt = self.cfg.block_tokens
         full = len(seq.req.prompt) // bt
         new_keys, new_pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
@@ -319,9 +323,16 @@ class Worker:
             self._active.append(seq)
             self._finish_if_done(seq)
             return
+        partial = len(seq.req.prompt) % bt
+        partial_key = None
+        if partial and self.cfg.partial_block == "fetch":  # mono decodes into this page: never stored
+            # a leaf under the last full block, named by its tokens like any block
+            partial_key = chain(seq.keys[full - 1] if full else self.ns.root(), seq.req.prompt[full * bt:])
+            new_keys, new_pages = new_keys + [partial_key], new_pages + [seq.pages[full]]
         handoff = Handoff(seq.req.request_id, seq.req.prompt, token, [k.hex() for k in seq.keys],
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
-                          seq.cached * bt, seq.fetched * bt, prefill_ms)
+                          seq.cached * bt, seq.fetched * bt, prefill_ms,
+                          partial_key.hex() if partial_key else None)
         task = self._store(new_keys, new_pages)
         pages, seq.pages = seq.pages, []
 
@@ -358,6 +369,7 @@ class Worker:
     async def _admit_step(self) -> None:
         bt = self.cfg.block_tokens
         batch: list[Sequence] = []
+        handoffs: list[tuple[Sequence, Handoff]] = []
         while self._admits:
             seq, handoff = self._admits[0]
             if seq.cancelled:
@@ -376,14 +388,17 @@ class Worker:
             self._admits.popleft()
             if seq.pages:
                 batch.append(seq)
+                handoffs.append((seq, handoff))
         self._stepping = batch
         if not batch:
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:len(s.req.prompt) // bt]) for s in batch))
+        await asyncio.gather(*(self._fetch_partial(s, h) for s, h in handoffs))
 
-        def compute() -> None:  # the trailing partial block, and whatever could not be fetched
+        def compute() -> None:  # whatever could not be fetched, the partial block included
             for seq in batch:
-                self.model.prefill(self.cache, seq.pages, seq.req.prompt, seq.cached * bt)
+                if not seq.partial_fetched:
+                    self.model.prefill(self.cache, seq.pages, seq.req.prompt, seq.cached * bt)
 
         await asyncio.get_running_loop().run_in_executor(self._compute, compute)
         for seq in batch:
@@ -397,6 +412,16 @@ class Worker:
             seq.tokens.append(seq.first_token)
             self._active.append(seq)
             self._finish_if_done(seq)
+
+    async def _fetch_partial(self, seq: Sequence, handoff: Handoff) -> None:
+        """Fetch the trailing partial block when every full block is here; otherwise (or on a
+        miss) it is recomputed with the rest. Its bytes equal a recomputation's either way."""
+        full = len(seq.req.prompt) // self.cfg.block_tokens
+        if (self.adapter is None or not handoff.partial_key or seq.cached < full
+                or self.cfg.partial_block != "fetch"):
+            return
+        got = await self.adapter.fetch([bytes.fromhex(handoff.partial_key)], [seq.pages[full]])
+        seq.partial_fetched = got == 1
 
     async def _decode_step(self) -> None:
         for seq in [s for s in self._active if s.cancelled]:

@@ -81,6 +81,9 @@ def test_disaggregated_tokens_equal_monolithic(disagg: Stack, model: Transformer
     second = asyncio.run(run_all(disagg.urls["router"], [{"token_ids": t, "max_tokens": 12} for t in turns]))
     for body, g in zip(bodies, first):
         assert g.error is None, g.error
+        assert g.done is not None
+        if len(body["token_ids"]) % BT:  # the decode engine fetched the partial block too
+            assert g.done["decode_partial_fetched"] and g.done["decode_fetched_blocks"] >= 0
         sampling = Sampling(body.get("temperature", 0.0), body.get("seed", 0))
         assert g.tokens == reference(model, body["token_ids"], 12, sampling)
     for t, g in zip(turns, second):

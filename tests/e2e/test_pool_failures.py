@@ -42,13 +42,24 @@ def test_mono_engine_behind_the_router(stack: Stack, model: Transformer) -> None
     assert a.done["reused_tokens"] == 0 and b.done["reused_tokens"] == 3 * BT  # type: ignore[index]
 
 
+def test_decode_can_recompute_the_partial_block_instead(stack: Stack, model: Transformer) -> None:
+    prefill = stack.engine("prefill", "prefill")
+    decode = stack.engine("decode-recompute", "decode", "--partial-block", "recompute")
+    prompt = tokens(random.Random(9), 3 * BT + 5)
+    handoff = post(prefill + "/v1/prefill", {"token_ids": prompt, "max_tokens": 6})
+    lines = stream(decode + "/v1/decode", handoff)
+    assert lines[-1]["fetched_blocks"] == 3 and not lines[-1]["partial_fetched"]
+    assert [handoff["first_token"]] + [m["token"] for m in lines if "token" in m] == \
+        reference_generate(model, prompt, 6, BT)
+
+
 def test_a_dead_daemon_means_recomputation(stack: Stack, model: Transformer) -> None:
-    prefill, decode = stack.engine("prefill", "prefill"), stack.engine("decode", "decode")
+    prefill, decode = stack.urls["prefill"], stack.engine("decode", "decode")
     prompt = tokens(random.Random(7), 4 * BT + 2)
     handoff = post(prefill + "/v1/prefill", {"token_ids": prompt, "max_tokens": 8})
     stack.kill("daemon")  # the blocks are listed, then gone: the fetch must fail
     lines = stream(decode + "/v1/decode", handoff)
-    assert lines[-1]["done"] and lines[-1]["fetched_blocks"] == 0
+    assert lines[-1]["done"] and lines[-1]["fetched_blocks"] == 0 and not lines[-1]["partial_fetched"]
     assert [handoff["first_token"]] + [m["token"] for m in lines if "token" in m] == \
         reference_generate(model, prompt, 8, BT)
     # with no daemon at all, engines still serve: nothing is cached, nothing is wrong
