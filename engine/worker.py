@@ -177,8 +177,15 @@ class Worker:
             raise BadRequest(f"this is a {self.role.value} engine; send this call to a "
                              f"{' or '.join(r.value for r in roles)} engine")
 
+    def _check_fits(self, req: Request) -> None:
+        limit = self.model.cfg.max_positions
+        if len(req.prompt) + req.max_tokens > limit:
+            raise BadRequest(f"{len(req.prompt)} prompt tokens + {req.max_tokens} max_tokens exceed "
+                             f"the model's {limit} positions; shorten the prompt or max_tokens")
+
     async def prefill(self, req: Request) -> Handoff:
         self._need_role(Role.PREFILL)
+        self._check_fits(req)
         seq = Sequence(req, list(req.prompt), handoff=asyncio.get_running_loop().create_future())
         self._prefills.append(seq)
         self._wake.set()
@@ -188,6 +195,7 @@ class Worker:
     def decode(self, handoff: Handoff) -> Sequence:
         """Admit a handoff; its stream yields the tokens after the first."""
         self._need_role(Role.DECODE)
+        self._check_fits(handoff.request)
         seq = Sequence(handoff.request, list(handoff.prompt), first_token=handoff.first_token)
         self._admits.append((seq, handoff))
         self._wake.set()
@@ -196,6 +204,7 @@ class Worker:
     def generate(self, req: Request) -> Sequence:
         """Prefill and decode here (mono); its stream yields every token."""
         self._need_role(Role.MONO)
+        self._check_fits(req)
         seq = Sequence(req, list(req.prompt))
         self._prefills.append(seq)
         self._wake.set()

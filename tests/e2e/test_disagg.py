@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -144,6 +145,29 @@ def test_other_models_never_share_blocks(disagg: Stack, model: Transformer) -> N
     finally:
         disagg.kill("prefill-seed7")
         disagg.kill("prefill-bf16")
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"token_ids": [1, 2, 999], "max_tokens": 4}, 400, "token ids must lie in [0, 256)"),
+    ({"token_ids": [1, 2], "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ({"token_ids": [1] * 8000, "max_tokens": 500}, 400, "exceed the model's 8192 positions"),
+])
+def test_bad_requests_get_a_clear_error(disagg: Stack, body: dict[str, Any], status: int,
+                                        words: str) -> None:
+    req = urllib.request.Request(disagg.urls["router"] + "/v1/generate", method="POST",
+                                 data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            code, lines = resp.status, [json.loads(raw) for raw in resp]
+            message = lines[-1].get("message", "")
+    except urllib.error.HTTPError as err:
+        code, message = err.code, json.loads(err.read())["message"]
+    if code == 200:  # the router accepted the body; the engine refused it in the stream
+        assert lines[-1]["error"] == "bad_request"
+    else:
+        assert code == status
+    assert words in message
 
 
 def test_killing_a_decode_engine_fails_its_requests_only(disagg: Stack, model: Transformer) -> None:
