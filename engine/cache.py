@@ -101,7 +101,9 @@ class PagedKVCache:
         self._by_key[key] = page
 
     def release(self, pages: Sequence[int]) -> None:
-        for page in pages:
+        """Drop one reference to each page (a request's pages in prefix order); idle pages
+        are queued leaves first, so eviction takes the end of a prefix before its start."""
+        for page in reversed(pages):
             if self._refs[page] <= 0:
                 raise KVPoolError(f"page {page} released more often than allocated")
             self._refs[page] -= 1

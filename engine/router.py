@@ -51,7 +51,9 @@ class EngineRef:
         return n
 
     def remember(self, keys: list[BlockKey]) -> None:
-        for key in keys:
+        """Note blocks the engine now holds; the prefix counts as the most recent, because
+        an engine's cache (like the pool) lets the leaves of a prefix go first."""
+        for key in reversed(keys):
             self.recent[key] = None
             self.recent.move_to_end(key)
         while len(self.recent) > self.capacity:
@@ -114,22 +116,7 @@ class Router:
                     pass
 
     def _pick(self, role: str, prompt: list[int]) -> tuple[EngineRef, list[BlockKey], int]:
-        """The engine of ``role`` with the least work before this prompt's first token."""
-        best: tuple[float, int, EngineRef, list[BlockKey], int] | None = None
-        for e in self.engines:
-            if e.role != role or not e.healthy:
-                continue
-            assert e.ns is not None
-            keys = block_keys(e.ns, prompt) if role != "decode" else []
-            hit = e.overlap(keys)
-            cost = e.running_tokens + len(prompt) - hit * e.ns.block_tokens
-            if role == "decode":
-                cost = e.running
-            if best is None or (cost, e.running) < best[:2]:
-                best = (cost, e.running, e, keys, hit)
-        if best is None:
-            raise Unavailable(f"no healthy {role} engine; start one or wait for it to recover")
-        return best[2], best[3], best[4]
+        return choose(self.engines, role, prompt)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "mode": self.mode})
@@ -255,6 +242,29 @@ class Router:
             e.healthy = False
             raise Unavailable(f"{e.role} engine {e.url} closed the stream after {got} token(s) "
                               "without finishing; retry the request")
+
+
+def choose(engines: list[EngineRef], role: str, prompt: list[int]
+           ) -> tuple[EngineRef, list[BlockKey], int]:
+    """The healthy engine of ``role`` with the least work before this prompt's first token
+    (prefill, mono: tokens queued plus prompt tokens it lacks; decode: running requests).
+    Returns it, the prompt's keys in its namespace, and its cached blocks of them."""
+    best: tuple[int, int, EngineRef, list[BlockKey], int] | None = None
+    for e in engines:
+        if e.role != role or not e.healthy:
+            continue
+        assert e.ns is not None
+        if role == "decode":
+            keys, hit, cost = [], 0, e.running
+        else:
+            keys = block_keys(e.ns, prompt)
+            hit = e.overlap(keys)
+            cost = e.running_tokens + len(prompt) - hit * e.ns.block_tokens
+        if best is None or (cost, e.running) < best[:2]:
+            best = (cost, e.running, e, keys, hit)
+    if best is None:
+        raise Unavailable(f"no healthy {role} engine; start one or wait for it to recover")
+    return best[2], best[3], best[4]
 
 
 def _engine_error(e: EngineRef, body: dict[str, Any]) -> KVPoolError:
