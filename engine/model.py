@@ -129,9 +129,13 @@ class Transformer:
         return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
     def _attend(self, cache: PagedKVCache, layer: int, pages: Sequence[int], start: int,
-                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Write the K, V of positions ``start ..`` into the pages, then attend causally over
-        everything up to them. q [n, heads, dim], k/v [n, kv_heads, dim] -> [n, heads*dim]."""
+        everything up to them. q [n, heads, dim], k/v [n, kv_heads, dim] -> [n, heads*dim].
+        ``context`` [2, kv_heads, max_positions, dim], when given, already holds this layer's
+        K and V before ``start`` (a prefill keeps it across chunks instead of gathering the
+        pages for every chunk) and receives the new rows too."""
         cfg, bt = self.cfg, cache.block_tokens
         n = q.shape[0]
         pos = start
@@ -143,12 +147,12 @@ class Transformer:
             cache.kv[page, layer, 1, :, off:off + m] = v[rows].transpose(0, 1)
             pos += m
         length = start + n
-        used = torch.as_tensor(list(pages[:(length + bt - 1) // bt]))
-        # gather whole pages (contiguous runs), then put the heads first; index_select on
-        # the strided per-layer view measured 50x slower
-        keys = cache.kv[used, layer, 0].transpose(0, 1).reshape(cfg.kv_heads, -1, cfg.head_dim)
-        vals = cache.kv[used, layer, 1].transpose(0, 1).reshape(cfg.kv_heads, -1, cfg.head_dim)
-        keys, vals = keys[:, :length], vals[:, :length]
+        if context is not None:
+            context[0, :, start:length] = k.transpose(0, 1)
+            context[1, :, start:length] = v.transpose(0, 1)
+            keys, vals = context[0, :, :length], context[1, :, :length]
+        else:
+            keys, vals = self._gather(cache, layer, pages, length)
         group = cfg.heads // cfg.kv_heads
         qg = q.view(n, cfg.kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)
         qg = qg.reshape(cfg.kv_heads, group * n, cfg.head_dim)
@@ -159,6 +163,16 @@ class Transformer:
         out = torch.bmm(torch.softmax(scores, dim=-1), vals)  # [kv_heads, group*n, dim]
         out = out.view(cfg.kv_heads, group, n, cfg.head_dim).permute(2, 0, 1, 3)
         return out.reshape(n, cfg.heads * cfg.head_dim)
+
+    def _gather(self, cache: PagedKVCache, layer: int, pages: Sequence[int], length: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [kv_heads, length, dim] of one layer from the pages. Whole pages are
+        gathered (contiguous runs), then the heads put first: index_select on the strided
+        per-layer view measured 50x slower."""
+        cfg = self.cfg
+        used = torch.as_tensor(list(pages[:(length + cache.block_tokens - 1) // cache.block_tokens]))
+        kv = cache.kv[used, layer].permute(1, 2, 0, 3, 4).reshape(2, cfg.kv_heads, -1, cfg.head_dim)
+        return kv[0, :, :length], kv[1, :, :length]
 
     def _block(self, layer: Layer, x: torch.Tensor, tile: int, positions: torch.Tensor,
                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,14 +204,23 @@ class Transformer:
         if len(tokens) > self.cfg.max_positions:
             raise ValueError(f"{len(tokens)} tokens exceed max_positions {self.cfg.max_positions}")
         ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        if start >= len(tokens):
+            return None
+        cfg = self.cfg
+        # one fixed shape, so every prefill's attention sees the same strides
+        context = torch.empty(cfg.layers, 2, cfg.kv_heads, cfg.max_positions, cfg.head_dim,
+                              dtype=cache.kv.dtype)
+        for i in range(cfg.layers if start else 0):
+            keys, vals = self._gather(cache, i, pages, start)
+            context[i, 0, :, :start], context[i, 1, :, :start] = keys, vals
         x = None
         for s in range(start, len(tokens), bt):
             chunk = ids[s:s + bt]
             positions = torch.arange(s, s + len(chunk))
             x = self.embed[chunk]
             for i, layer in enumerate(self.layers):
-                x = self._block(layer, x, bt, positions,
-                                lambda q, k, v, i=i, s=s: self._attend(cache, i, pages, s, q, k, v))
+                x = self._block(layer, x, bt, positions, lambda q, k, v, i=i, s=s: self._attend(
+                    cache, i, pages, s, q, k, v, context[i]))
         return None if x is None else self._logits(x[-1:])[0]
 
     @torch.inference_mode()
