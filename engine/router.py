@@ -167,20 +167,30 @@ class Router:
         stats["prefill"] = p.url
         p.running += 1
         p.running_tokens += len(prompt)
-        try:
-            async with self.session.post(f"{p.url}/v1/prefill", json=body) as r:
-                handoff = await r.json()
+        handoff: dict[str, Any] | None = None
+        try:  # the first token streams to the client while the prompt's blocks are written
+            async with self.session.post(f"{p.url}/v1/prefill", json={**body, "stream": True}) as r:
                 if r.status != 200:
-                    raise _engine_error(p, handoff)
+                    raise _engine_error(p, await r.json())
+                async for raw in r.content:
+                    msg = json.loads(raw)
+                    if "first_token" in msg:
+                        await emit(msg["first_token"])
+                    elif "handoff" in msg:
+                        handoff = msg["handoff"]
+                    elif "error" in msg:
+                        raise _engine_error(p, msg)
         except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
             p.healthy = False
             raise Unavailable(f"prefill engine {p.url} failed ({exc}); retry the request") from None
         finally:
             p.running -= 1
             p.running_tokens -= len(prompt)
+        if handoff is None:
+            p.healthy = False
+            raise Unavailable(f"prefill engine {p.url} closed the stream without a handoff; retry")
         p.remember(keys)
         stats["reused_tokens"], stats["pool_tokens"] = handoff["reused_tokens"], handoff["pool_tokens"]
-        await emit(handoff["first_token"])
         if handoff["max_tokens"] <= 1:
             return
         d, _, _ = self._pick("decode", prompt)

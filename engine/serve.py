@@ -80,10 +80,23 @@ class EngineServer:
                           "block_tokens": ns.block_tokens, "salt": ns.salt},
             "num_pages": w.cache.num_pages, "load": w.load(), "totals": w.totals})
 
-    async def prefill(self, request: web.Request) -> web.Response:
-        req = Request.from_json(await read_json(request), self.worker.model.cfg.vocab)
-        handoff = await self.worker.prefill(req)
-        return web.json_response(handoff.to_json())
+    async def prefill(self, request: web.Request) -> web.StreamResponse:
+        """The handoff as JSON; with ``"stream": true``, NDJSON: the first token as soon as
+        it is known, then the handoff once the prompt's blocks are committed."""
+        body = await read_json(request)
+        seq = self.worker.prefill(Request.from_json(body, self.worker.model.cfg.vocab))
+        assert seq.first is not None and seq.handoff is not None
+        if not body.get("stream"):
+            return web.json_response((await seq.handoff).to_json())
+        resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await resp.prepare(request)
+        try:
+            await resp.write(line({"first_token": await seq.first}))
+            await resp.write(line({"handoff": (await seq.handoff).to_json()}))
+        except KVPoolError as exc:
+            await resp.write(line({"error": exc.code, "message": str(exc)}))
+        await resp.write_eof()
+        return resp
 
     async def decode(self, request: web.Request) -> web.StreamResponse:
         seq = self.worker.decode(Handoff.from_json(await read_json(request)))

@@ -112,7 +112,8 @@ class Sequence:
     req: Request
     tokens: list[int]
     out: "asyncio.Queue[int | None | BaseException]" = field(default_factory=asyncio.Queue)
-    handoff: "asyncio.Future[Handoff] | None" = None
+    first: "asyncio.Future[int] | None" = None  # prefill: the first token, as soon as known
+    handoff: "asyncio.Future[Handoff] | None" = None  # prefill: once its blocks are committed
     first_token: int | None = None
     keys: list[BlockKey] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
@@ -183,14 +184,16 @@ class Worker:
             raise BadRequest(f"{len(req.prompt)} prompt tokens + {req.max_tokens} max_tokens exceed "
                              f"the model's {limit} positions; shorten the prompt or max_tokens")
 
-    async def prefill(self, req: Request) -> Handoff:
+    def prefill(self, req: Request) -> Sequence:
+        """Queue a prompt; its ``first`` future resolves with the first token, then its
+        ``handoff`` future once the new blocks are in the pool."""
         self._need_role(Role.PREFILL)
         self._check_fits(req)
-        seq = Sequence(req, list(req.prompt), handoff=asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        seq = Sequence(req, list(req.prompt), first=loop.create_future(), handoff=loop.create_future())
         self._prefills.append(seq)
         self._wake.set()
-        assert seq.handoff is not None
-        return await seq.handoff
+        return seq
 
     def decode(self, handoff: Handoff) -> Sequence:
         """Admit a handoff; its stream yields the tokens after the first."""
@@ -344,6 +347,8 @@ class Worker:
                           partial_key.hex() if partial_key else None)
         task = self._store(new_keys, new_pages)
         pages, seq.pages = seq.pages, []
+        assert seq.first is not None
+        seq.first.set_result(token)
 
         def hand_off(_: object) -> None:
             self.cache.release(pages)
@@ -466,6 +471,8 @@ class Worker:
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._retire(seq)
-        if seq.handoff is not None and not seq.handoff.done():
-            seq.handoff.set_exception(exc)
+        for fut in (seq.first, seq.handoff):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # whoever waits sees it; nobody waiting is not an error
         seq.out.put_nowait(exc)
