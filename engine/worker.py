@@ -293,7 +293,7 @@ class Worker:
                 batch.append(seq)
         self._stepping = batch
         if not batch:
-            if self._prefills and self._stores:  # waiting for pages held by writes
+            if self._prefills and self._stores and not self._active:  # pages held by writes
                 await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:(len(s.req.prompt) - 1) // bt]) for s in batch))
@@ -397,7 +397,7 @@ class Worker:
                     "another model, dtype, layout or salt; pair engines that serve the same model"))
                 continue
             full = seq.keys[:len(seq.req.prompt) // bt]
-            if not self._reserve(seq, full, busy=bool(batch or self._active)):
+            if not self._reserve(seq, full, busy=bool(batch or self._active or self._stores)):
                 break
             self._admits.popleft()
             if seq.pages:
@@ -405,6 +405,8 @@ class Worker:
                 handoffs.append((seq, handoff))
         self._stepping = batch
         if not batch:
+            if self._admits and self._stores and not self._active:  # pages held by writes
+                await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:len(s.req.prompt) // bt]) for s in batch))
         await asyncio.gather(*(self._fetch_partial(s, h) for s, h in handoffs))

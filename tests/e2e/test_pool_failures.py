@@ -5,7 +5,9 @@ router (the colocated baseline) generates the same tokens."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import urllib.error
 
 import aiohttp
 import pytest
@@ -68,3 +70,28 @@ def test_a_dead_daemon_means_recomputation(stack: Stack, model: Transformer) -> 
     lines = stream(decode + "/v1/decode", h)
     assert [h["first_token"]] + [m["token"] for m in lines if "token" in m] == \
         reference_generate(model, fresh, 5, BT)
+
+
+def test_small_caches_queue_requests_and_refuse_what_never_fits(stack: Stack, model: Transformer) -> None:
+    prefill = stack.engine("prefill-small", "prefill", "--num-pages", "8")
+    decode = stack.engine("decode-small", "decode", "--num-pages", "12")
+    rng = random.Random(10)
+    prompts = [tokens(rng, 100) for _ in range(4)]  # 7 pages each: one at a time fits
+
+    async def run() -> list[list[int]]:
+        async with aiohttp.ClientSession() as session:
+            async def one(p: list[int]) -> list[int]:
+                async with session.post(prefill + "/v1/prefill", json={"token_ids": p, "max_tokens": 8}) as r:
+                    h = await r.json()
+                async with session.post(decode + "/v1/decode", json=h) as r:
+                    lines = [json.loads(raw) async for raw in r.content]
+                assert lines[-1].get("done"), lines[-1]
+                return [h["first_token"]] + [m["token"] for m in lines if "token" in m]
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    for p, got in zip(prompts, asyncio.run(run())):
+        assert got == reference_generate(model, p, 8, BT)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(prefill + "/v1/prefill", {"token_ids": tokens(rng, 150), "max_tokens": 4})
+    body = json.loads(err.value.read())
+    assert err.value.code == 503 and body["error"] == "cache_full" and "10 KV pages needed" in body["message"]
