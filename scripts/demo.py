@@ -1,11 +1,11 @@
-"""`make demo`: a single-node pool, a prefill-like writer and a decode-like reader.
+"""`make demo`: prefill → pool → decode on one machine, with prefix reuse.
 
-Starts `kvpool up` (no etcd), then replays requests from the Mooncake conversation trace
-(or a generated multi-turn chat when the trace is absent). The writer process plays a
-prefill engine: per request it asks the pool for the longest cached prefix and writes
-only the missing blocks. The reader process plays a decode engine: it fetches every block
-of each request straight into its own buffers and checks the bytes. Both are separate
-processes that share nothing but the pool.
+Starts `kvpool up` (no etcd), a prefill engine, a decode engine and the router, each a
+process of its own, then replays a generated multi-turn chat: every conversation starts
+with the same system prompt, and every turn resends the whole conversation so far, so
+prompts share growing prefixes. Prints, per request, the prompt tokens, the tokens
+reused from the pool, time to first token and time per output token; then totals, and
+checks the tokens against a monolithic engine (one process, no pool) on the same prompts.
 """
 
 from __future__ import annotations
@@ -14,146 +14,167 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.client import AsyncPoolClient  # noqa: E402
-from kvpool.keys import Namespace, block_keys  # noqa: E402
+from engine import tokenizer  # noqa: E402
+from engine.client import Generation, generate  # noqa: E402
 
-BLOCK_TOKENS = 512  # the trace's hash_ids each cover 512 tokens
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 64  # a small model: 512 KiB of float16 KV per block
-NS = Namespace("demo-model", "float16", "LKHND", block_tokens=BLOCK_TOKENS, salt="demo")
-TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
+SYSTEM = ("You are kvpool's demo assistant. You answer questions about serving large language "
+          "models: prefill and decode, paged KV caches, prefix reuse, tiered storage of KV "
+          "blocks in GPU memory, host memory, SSD and object stores, and the routing of "
+          "requests to the engines that already hold their prefix. Answer briefly. ")
+QUESTIONS = ["What is a KV cache?", "Why split prefill from decode?", "How big is one block?",
+             "What happens when a daemon dies?", "Which block is evicted first?",
+             "How does the router pick an engine?", "Is the output the same as monolithic?",
+             "What does TTFT measure?", "And TPOT?", "Where do cold blocks go?"]
 
 
-def workload(n: int) -> list[list[int]]:
-    """Requests as lists of 512-token block ids that share prefixes."""
-    if TRACE.exists():
-        with TRACE.open() as f:
-            return [json.loads(line)["hash_ids"] for _, line in zip(range(n), f)]
-    rng = np.random.default_rng(0)
-    system, out, next_id = [0, 1], [], 2
-    for _ in range(n // 4):
-        convo = list(system)
-        for _turn in range(4):
-            convo += list(range(next_id, next_id + int(rng.integers(1, 4))))
-            next_id = convo[-1] + 1
-            out.append(list(convo))
+def start(args: list[str], log: Path, env: dict[str, str] | None = None
+          ) -> tuple[subprocess.Popen, dict[str, Any]]:
+    proc = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=log.open("ab"), text=True)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        if raw.startswith("{"):
+            return proc, json.loads(raw)
+    sys.exit(f"`python -m {' '.join(args)}` did not start; see {log}")
+
+
+class Progress:
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.done, self.label, self.t0 = total, 0, label, time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        width = 30
+        filled = width * self.done // self.total
+        print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+              f"{time.perf_counter() - self.t0:5.1f}s", end="", file=sys.stderr, flush=True)
+        if self.done == self.total:
+            print(file=sys.stderr)
+
+
+async def chat(router: str, conversations: int, turns: int, max_tokens: int,
+               progress: Progress) -> list[tuple[int, int, list[int], Generation]]:
+    """Run the conversations concurrently; the turns of one conversation in order."""
+    out: list[tuple[int, int, list[int], Generation]] = []
+
+    async def one(session: aiohttp.ClientSession, c: int) -> None:
+        rng = random.Random(c)
+        history = tokenizer.encode(SYSTEM)
+        for t in range(turns):
+            history += tokenizer.encode(f"\nUser {c}: {rng.choice(QUESTIONS)}\nAssistant:")
+            prompt = list(history)
+            g = await generate(session, router, {"token_ids": prompt, "max_tokens": max_tokens})
+            if g.error:
+                raise SystemExit(f"request failed: {g.error}")
+            out.append((c, t, prompt, g))
+            history += g.tokens
+            progress.step()
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session, c) for c in range(conversations)))
     return out
-
-
-def tokens_of(hash_ids: list[int]) -> np.ndarray:
-    """Deterministic tokens for each block id, so equal ids give equal prefixes."""
-    return np.concatenate([np.random.default_rng(h).integers(0, 32000, BLOCK_TOKENS, dtype=np.int32)
-                           for h in hash_ids])
-
-
-def kv_block(key: bytes) -> np.ndarray:
-    """Stand-in KV for a block: smooth float16 values derived from its key."""
-    seed = int.from_bytes(key[:8], "little")
-    base = np.random.default_rng(seed).standard_normal((2, LAYERS, KV_HEADS, 1, HEAD_DIM))
-    ramp = np.linspace(0, 1, BLOCK_TOKENS).reshape(1, 1, 1, -1, 1)
-    return np.ascontiguousarray((base * (1 + ramp)).astype(np.float16))
-
-
-async def writer(master: str, n: int) -> dict:
-    stats = {"requests": 0, "blocks": 0, "reused": 0, "written": 0, "put_s": 0.0}
-    async with AsyncPoolClient(master_url=master) as pool:
-        for hash_ids in workload(n):
-            keys = block_keys(NS, tokens_of(hash_ids))
-            hit = await pool.match_prefix(keys)
-            if hit < len(keys):
-                missing = keys[hit:]
-                blocks = [kv_block(k) for k in missing]  # what prefill would have computed
-                t = time.perf_counter()
-                res = await pool.batch_put(missing, blocks, chained=True)
-                stats["put_s"] += time.perf_counter() - t
-                stats["written"] += sum(r.stored for r in res)
-            stats["requests"] += 1
-            stats["blocks"] += len(keys)
-            stats["reused"] += hit
-    return stats
-
-
-async def reader(master: str, n: int) -> dict:
-    stats = {"requests": 0, "blocks": 0, "fetched": 0, "bytes": 0, "wrong": 0, "get_s": 0.0}
-    shape = kv_block(b"\0" * 16).shape
-    async with AsyncPoolClient(master_url=master) as pool:
-        bufs = [np.empty(shape, np.float16) for _ in range(64)]
-        for buf in bufs:
-            pool.register(buf)
-        for hash_ids in workload(n):
-            keys = block_keys(NS, tokens_of(hash_ids))[:64]
-            t = time.perf_counter()
-            results = await pool.batch_get(keys, bufs[:len(keys)])
-            stats["get_s"] += time.perf_counter() - t
-            for key, res, buf in zip(keys, results, bufs):
-                if res.hit:
-                    stats["fetched"] += 1
-                    stats["bytes"] += buf.nbytes
-                    stats["wrong"] += not np.array_equal(buf, kv_block(key))
-            stats["requests"] += 1
-            stats["blocks"] += len(keys)
-    return stats
-
-
-def role_main(role: str, master: str, n: int) -> None:
-    stats = asyncio.run(writer(master, n) if role == "writer" else reader(master, n))
-    print(json.dumps(stats), flush=True)
-
-
-def run_role(role: str, master: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--role", role, "--master", master, "-n", str(n)],
-                         check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["writer", "reader"])
-    parser.add_argument("--master")
-    parser.add_argument("-n", type=int, default=100, help="requests to replay")
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--model", default="small", help="engine model preset (tiny, small, bench)")
+    parser.add_argument("--block-tokens", type=int, default=32)
+    parser.add_argument("--prefill-pages", type=int, default=96,
+                        help="KV pages of the prefill engine: small, as accelerator memory is, so "
+                             "older prefixes live only in the pool")
+    parser.add_argument("--no-compare", action="store_true", help="skip the monolithic check")
     args = parser.parse_args()
-    if args.role:
-        return role_main(args.role, args.master, args.n)
-    data = tempfile.mkdtemp(prefix="kvpool-demo-")
-    env = dict(os.environ, KVPOOL_DAEMON_HOST_BYTES="2GiB", KVPOOL_DAEMON_SSD_BYTES="2GiB")
-    print(f"starting `kvpool up` (single node, no etcd, data in {data}) ...", flush=True)
-    up = subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--port", "0",
-                           "--data-dir", data], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+    t0 = time.perf_counter()
+    data = Path(tempfile.mkdtemp(prefix="kvpool-demo-"))
+    env = {"KVPOOL_DAEMON_HOST_BYTES": "1GiB", "KVPOOL_DAEMON_SSD_BYTES": "1GiB"}
+    engine_args = ["--model", args.model, "--block-tokens", str(args.block_tokens)]
+    procs: list[subprocess.Popen] = []
     try:
-        master = ""
-        for line in up.stdout:  # type: ignore[union-attr]
-            if line.startswith("{"):
-                master = json.loads(line)["master"]
-                break
-        if not master:
-            sys.exit("kvpool up did not start; run `.venv/bin/kvpool up` to see why")
-        print(f"pool ready: master {master}")
-        source = "the Mooncake conversation trace" if TRACE.exists() else "a generated chat workload"
-        print(f"prefill-like writer: replaying {args.n} requests from {source} ...", flush=True)
-        w = run_role("writer", master, args.n)
-        print(f"  {w['requests']} requests, {w['blocks']} blocks of {BLOCK_TOKENS} tokens: "
-              f"{w['reused']} reused from the pool (prefix hits), {w['written']} written "
-              f"in {w['put_s']:.2f} s")
-        print("decode-like reader: fetching every block of every request ...", flush=True)
-        r = run_role("reader", master, args.n)
-        gbps = r["bytes"] / r["get_s"] / 1e9 if r["get_s"] else 0.0
-        print(f"  {r['fetched']} of {r['blocks']} blocks fetched ({r['bytes'] / 2**20:.0f} MiB, "
-              f"{gbps:.2f} GB/s through NIXL), {r['wrong']} with wrong bytes")
+        print(f"starting `kvpool up` (single node, no etcd, data in {data}) ...", flush=True)
+        up, info = start(["clients.cli", "up", "--port", "0", "--data-dir", str(data / "pool")],
+                         data / "pool.log", env)
+        procs.append(up)
+        master = info["master"]
+        print(f"starting a prefill engine ({args.prefill_pages} KV pages), a decode engine and the "
+              f"router (model '{args.model}', {args.block_tokens}-token blocks, one torch thread "
+              "each) ...", flush=True)
+        p, pi = start(["engine.serve", "prefill", "--master", master, *engine_args,
+                       "--num-pages", str(args.prefill_pages)], data / "prefill.log")
+        d, di = start(["engine.serve", "decode", "--master", master, *engine_args], data / "decode.log")
+        procs += [p, d]
+        r, ri = start(["engine.serve", "router", "--prefill", pi["url"], "--decode", di["url"]],
+                      data / "router.log")
+        procs.append(r)
+        n = args.conversations * args.turns
+        print(f"replaying {args.conversations} conversations x {args.turns} turns "
+              f"(shared system prompt of {len(tokenizer.encode(SYSTEM))} tokens) ...", flush=True)
+        results = asyncio.run(chat(ri["url"], args.conversations, args.turns, args.max_tokens,
+                                   Progress(n, "disaggregated")))
+        results.sort(key=lambda x: (x[0], x[1]))
+        print("\nreused: prompt tokens not computed (from the prefill engine's pages or the "
+              "pool); pool: fetched from the pool")
+        print(f"{'conv':>4} {'turn':>4} {'prompt':>7} {'reused':>7} {'pool':>6} {'TTFT ms':>8} {'TPOT ms':>8}")
+        for c, t, prompt, g in results:
+            assert g.done is not None
+            print(f"{c:>4} {t:>4} {len(prompt):>7} {g.done['reused_tokens']:>7} "
+                  f"{g.done['pool_tokens']:>6} {g.ttft_ms:>8.1f} {statistics.mean(g.tpot_ms):>8.2f}")
+        prompt_tokens = sum(len(x[2]) for x in results)
+        reused = sum(x[3].done["reused_tokens"] for x in results)  # type: ignore[index]
+        ttfts = sorted(x[3].ttft_ms for x in results)
+        tpots = sorted(v for x in results for v in x[3].tpot_ms)
+        print(f"\ntotals: {n} requests, {prompt_tokens} prompt tokens, {reused} reused "
+              f"({100 * reused / prompt_tokens:.0f}%), "
+              f"{sum(len(x[3].tokens) for x in results)} generated")
+        print(f"        TTFT p50 {ttfts[len(ttfts) // 2]:.1f} ms, p99 {ttfts[int(0.99 * (len(ttfts) - 1))]:.1f} ms; "
+              f"TPOT p50 {tpots[len(tpots) // 2]:.2f} ms, p99 {tpots[int(0.99 * (len(tpots) - 1))]:.2f} ms")
         subprocess.run([sys.executable, "-m", "clients.cli", "status", "--master", master], cwd=ROOT)
+        if not args.no_compare:
+            print("\nmonolithic check: the same conversations on one process that prefills and "
+                  "decodes (its own pages only, no pool) ...", flush=True)
+            m, mi = start(["engine.serve", "mono", *engine_args], data / "mono.log")
+            procs.append(m)
+            mr, mri = start(["engine.serve", "router", "--mono", mi["url"]], data / "router-mono.log")
+            procs.append(mr)
+            mono = asyncio.run(chat(mri["url"], args.conversations, args.turns, args.max_tokens,
+                                    Progress(n, "monolithic   ")))
+            mono.sort(key=lambda x: (x[0], x[1]))
+            same = sum(a[3].tokens == b[3].tokens for a, b in zip(mono, results))
+            mono_ttft = sorted(x[3].ttft_ms for x in mono)
+            mono_tpot = sorted(v for x in mono for v in x[3].tpot_ms)
+            print(f"  {same} of {n} requests generated identical tokens")
+            print(f"  monolithic TTFT p50 {mono_ttft[len(mono_ttft) // 2]:.1f} ms, TPOT p50 "
+                  f"{mono_tpot[len(mono_tpot) // 2]:.2f} ms, p99 "
+                  f"{mono_tpot[int(0.99 * (len(mono_tpot) - 1))]:.2f} ms")
+            if same != n:
+                sys.exit("the disaggregated tokens differ from monolithic generation: a bug")
+        print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     finally:
-        up.terminate()
-        up.wait(timeout=30)
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

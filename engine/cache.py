@@ -1,0 +1,123 @@
+"""The paged KV cache: one tensor whose page IS one pool block, and the pages' bookkeeping.
+
+Layout ``[pages, layers, 2 (K, V), kv_heads, block_tokens, head_dim]``: page-major, so a
+page is one contiguous run of bytes that NIXL moves straight to or from the pool. Full
+pages of a prompt keep their block key after their request ends and stay reusable
+(least recently used first out) until their memory is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from engine.config import ModelConfig
+from kvpool.errors import KVPoolError
+from kvpool.keys import BlockKey
+
+LAYOUT = "PLCHTD"  # pages, layers, K/V, kv heads, tokens, head dim
+
+
+class CacheFull(KVPoolError):
+    """The engine's KV cache has no free page for a request; retry when others finish."""
+
+    code = "cache_full"
+    http_status = 503
+    retryable = True
+
+
+class PagedKVCache:
+    def __init__(self, model: ModelConfig, num_pages: int, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self.num_pages = num_pages
+        self.kv = torch.zeros(num_pages, model.layers, 2, model.kv_heads, block_tokens,
+                              model.head_dim, dtype=getattr(torch, model.dtype))
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._refs = [0] * num_pages
+        self._key_of: dict[int, BlockKey] = {}
+        self._by_key: dict[BlockKey, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # keyed pages nobody uses, LRU first
+
+    def layout_tag(self) -> str:
+        _, layers, two, heads, tokens, dim = self.kv.shape
+        return f"{LAYOUT}:L{layers}x{two}xH{heads}xT{tokens}xD{dim}"
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    def page(self, index: int) -> torch.Tensor:
+        return self.kv[index]
+
+    @property
+    def available(self) -> int:
+        return len(self._free) + len(self._idle)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._by_key)
+
+    def lookup(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Pages already holding the leading ``keys``; each is referenced until released."""
+        pages = []
+        for key in keys:
+            page = self._by_key.get(key)
+            if page is None:
+                break
+            self._idle.pop(page, None)
+            self._refs[page] += 1
+            pages.append(page)
+        return pages
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` pages for one request, taking idle cached pages (oldest first) when no free
+        page is left; all or nothing."""
+        if n > self.available:
+            raise CacheFull(f"{n} KV pages needed, {self.available} of {self.num_pages} available")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page = self._free.pop()
+            else:
+                page, _ = self._idle.popitem(last=False)
+                del self._by_key[self._key_of.pop(page)]
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def retain(self, pages: Sequence[int]) -> None:
+        for page in pages:
+            if self._refs[page] <= 0:
+                raise KVPoolError(f"page {page} is not in use; cannot retain it")
+            self._refs[page] += 1
+
+    def publish(self, page: int, key: BlockKey) -> None:
+        """The page holds the complete block ``key``: later requests may reuse it."""
+        if key in self._by_key or page in self._key_of:
+            return
+        self._key_of[page] = key
+        self._by_key[key] = page
+
+    def release(self, pages: Sequence[int]) -> None:
+        """Drop one reference to each page (a request's pages in prefix order); idle pages
+        are queued leaves first, so eviction takes the end of a prefix before its start."""
+        for page in reversed(pages):
+            if self._refs[page] <= 0:
+                raise KVPoolError(f"page {page} released more often than allocated")
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._key_of:
+                    self._idle[page] = None
+                else:
+                    self._free.append(page)
+
+    def check(self) -> None:
+        """Every page is exactly one of: in use, idle with a key, free."""
+        in_use = {p for p in range(self.num_pages) if self._refs[p] > 0}
+        idle, free = set(self._idle), set(self._free)
+        assert len(free) == len(self._free), "a page is twice on the free list"
+        assert not (in_use & idle) and not (in_use & free) and not (idle & free)
+        assert in_use | idle | free == set(range(self.num_pages)), "a page is lost"
+        assert all(self._by_key[k] == p for p, k in self._key_of.items())

@@ -1,0 +1,47 @@
+"""Calling the router: one request, its streamed tokens and timings, as a dataclass."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # seconds since the request was sent
+    done: dict[str, Any] | None = None  # the router's closing line: reuse, TTFT, TPOT, engines
+    error: str | None = None
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.token_times[0] * 1e3 if self.token_times else float("nan")
+
+    @property
+    def tpot_ms(self) -> list[float]:
+        t = self.token_times
+        return [(b - a) * 1e3 for a, b in zip(t, t[1:])]
+
+
+async def generate(session: aiohttp.ClientSession, router_url: str, body: dict[str, Any]) -> Generation:
+    """POST /v1/generate and read its NDJSON stream to the end."""
+    out = Generation()
+    start = time.perf_counter()
+    async with session.post(f"{router_url}/v1/generate", json=body) as resp:
+        if resp.status != 200:
+            out.error = (await resp.json()).get("message", f"HTTP {resp.status}")
+            return out
+        async for raw in resp.content:
+            msg = json.loads(raw)
+            if "token" in msg:
+                out.tokens.append(msg["token"])
+                out.token_times.append(time.perf_counter() - start)
+            elif "error" in msg:
+                out.error = msg["message"]
+            elif msg.get("done"):
+                out.done = msg
+    return out

@@ -1,0 +1,290 @@
+"""The router (the conductor of the Mooncake paper): picks a prefill engine and a decode
+engine for each request, or one mono engine, and streams the tokens back.
+
+A prefill engine is chosen by the work it would have to do before this request's first
+token: the prompt tokens it lacks (its cached prefix is estimated from the blocks this
+router sent it, since engines keep recent blocks in their pages; the pool holds the rest
+for everybody) plus the prompt tokens already queued on it. A decode engine is chosen by
+the requests it is running. An engine that fails is skipped until its /healthz answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from engine import tokenizer
+from engine.serve import NDJSON, line, read_json, serve
+from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
+from kvpool.keys import BlockKey, Namespace, block_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class EngineRef:
+    url: str
+    role: str
+    ns: Namespace | None = None
+    vocab: int = 256
+    capacity: int = 0  # pages: how many recent blocks the engine can keep
+    healthy: bool = True
+    running: int = 0
+    running_tokens: int = 0
+    recent: OrderedDict[BlockKey, None] = field(default_factory=OrderedDict)
+
+    def overlap(self, keys: list[BlockKey]) -> int:
+        n = 0
+        for key in keys:
+            if key not in self.recent:
+                break
+            n += 1
+        return n
+
+    def remember(self, keys: list[BlockKey]) -> None:
+        """Note blocks the engine now holds; the prefix counts as the most recent, because
+        an engine's cache (like the pool) lets the leaves of a prefix go first."""
+        for key in reversed(keys):
+            self.recent[key] = None
+            self.recent.move_to_end(key)
+        while len(self.recent) > self.capacity:
+            self.recent.popitem(last=False)
+
+
+class Router:
+    def __init__(self, prefill: list[str], decode: list[str], mono: list[str]) -> None:
+        if mono and (prefill or decode):
+            raise BadRequest("give the router either mono engines or prefill and decode engines")
+        if not mono and not (prefill and decode):
+            raise BadRequest("the router needs at least one prefill and one decode engine, "
+                             "or --mono engines")
+        self.mode = "mono" if mono else "disagg"
+        self.engines = [EngineRef(u.rstrip("/"), r) for r, urls in
+                        (("prefill", prefill), ("decode", decode), ("mono", mono)) for u in urls]
+        self.session: aiohttp.ClientSession | None = None
+        self._health: asyncio.Task[None] | None = None
+        self.app = web.Application()
+        self.app.add_routes([web.get("/healthz", self.healthz), web.get("/v1/engines", self.list),
+                             web.post("/v1/generate", self.generate)])
+
+    async def start(self) -> "Router":
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5,
+                                                                           sock_read=120))
+        await asyncio.gather(*(self._describe(e) for e in self.engines))
+        vocabs = {e.vocab for e in self.engines}
+        if len(vocabs) != 1:
+            raise BadRequest(f"engines disagree on the vocabulary size: {sorted(vocabs)}")
+        self._health = asyncio.create_task(self._probe())
+        return self
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            await asyncio.gather(self._health, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    async def _describe(self, e: EngineRef) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.get(f"{e.url}/v1/info") as resp:
+                info = await resp.json()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"engine {e.url} does not answer ({exc}); start it first") from None
+        if info["role"] != e.role:
+            raise BadRequest(f"{e.url} is a {info['role']} engine, not a {e.role} engine")
+        e.ns, e.vocab, e.capacity = Namespace(**info["namespace"]), info["vocab"], info["num_pages"]
+
+    async def _probe(self) -> None:
+        assert self.session is not None
+        while True:
+            await asyncio.sleep(1.0)
+            for e in [e for e in self.engines if not e.healthy]:
+                try:
+                    async with self.session.get(f"{e.url}/healthz") as resp:
+                        e.healthy = resp.status == 200
+                except (aiohttp.ClientError, OSError):
+                    pass
+
+    def _pick(self, role: str, prompt: list[int]) -> tuple[EngineRef, list[BlockKey], int]:
+        return choose(self.engines, role, prompt)
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "mode": self.mode})
+
+    async def list(self, _: web.Request) -> web.Response:
+        return web.json_response({"mode": self.mode, "engines": [
+            {"url": e.url, "role": e.role, "healthy": e.healthy, "running": e.running,
+             "recent_blocks": len(e.recent)} for e in self.engines]})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await read_json(request)
+            if "token_ids" not in body:
+                if not isinstance(body.get("prompt"), str):
+                    raise BadRequest("send 'prompt' (text) or 'token_ids' (a list of ints)")
+                body["token_ids"] = tokenizer.encode(body.pop("prompt"))
+        except KVPoolError as exc:
+            return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
+        resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await resp.prepare(request)
+        stats: dict[str, Any] = {"prompt_tokens": len(body["token_ids"])}
+        start = time.perf_counter()
+        times: list[float] = []
+
+        async def emit(token: int) -> None:
+            times.append(time.perf_counter() - start)
+            await resp.write(line({"token": token, "text": tokenizer.decode([token])}))
+
+        try:
+            if self.mode == "mono":
+                await self._mono(body, stats, emit)
+            else:
+                await self._disagg(body, stats, emit)
+        except KVPoolError as exc:
+            await resp.write(line({"error": exc.code, "message": str(exc)}))
+        else:
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            await resp.write(line({"done": True, **stats, "generated": len(times),
+                                   "ttft_ms": times[0] * 1e3 if times else None,
+                                   "tpot_ms": 1e3 * sum(gaps) / len(gaps) if gaps else None}))
+        await resp.write_eof()
+        return resp
+
+    async def _disagg(self, body: dict[str, Any], stats: dict[str, Any], emit: Any) -> None:
+        assert self.session is not None
+        prompt = body["token_ids"]
+        p, keys, _ = self._pick("prefill", prompt)
+        stats["prefill"] = p.url
+        p.running += 1
+        p.running_tokens += len(prompt)
+        handoff: dict[str, Any] | None = None
+        try:  # the first token streams to the client while the prompt's blocks are written
+            async with self.session.post(f"{p.url}/v1/prefill", json={**body, "stream": True}) as r:
+                if r.status != 200:
+                    raise _engine_error(p, await r.json())
+                async for raw in r.content:
+                    msg = json.loads(raw)
+                    if "first_token" in msg:
+                        await emit(msg["first_token"])
+                    elif "handoff" in msg:
+                        handoff = msg["handoff"]
+                    elif "error" in msg:
+                        raise _engine_error(p, msg)
+        except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
+            p.healthy = False
+            raise Unavailable(f"prefill engine {p.url} failed ({exc}); retry the request") from None
+        finally:
+            p.running -= 1
+            p.running_tokens -= len(prompt)
+        if handoff is None:
+            p.healthy = False
+            raise Unavailable(f"prefill engine {p.url} closed the stream without a handoff; retry")
+        p.remember(keys)
+        stats["reused_tokens"], stats["pool_tokens"] = handoff["reused_tokens"], handoff["pool_tokens"]
+        if handoff["max_tokens"] <= 1:
+            return
+        d, _, _ = self._pick("decode", prompt)
+        stats["decode"] = d.url
+        await self._relay(d, "/v1/decode", handoff, stats, emit)
+
+    async def _mono(self, body: dict[str, Any], stats: dict[str, Any], emit: Any) -> None:
+        m, keys, _ = self._pick("mono", body["token_ids"])
+        stats["mono"] = m.url
+        n = len(body["token_ids"])
+        m.running_tokens += n
+
+        def prefilled() -> None:  # the prompt no longer weighs on the engine's queue
+            m.running_tokens -= n
+
+        try:
+            await self._relay(m, "/v1/generate", body, stats, emit, first=prefilled)
+        finally:
+            m.remember(keys)
+
+    async def _relay(self, e: EngineRef, path: str, body: dict[str, Any], stats: dict[str, Any],
+                     emit: Any, first: Any = None) -> None:
+        """Forward an engine's token stream; an engine that dies mid-stream fails this request
+        alone, with a message that says what happened."""
+        assert self.session is not None
+        e.running += 1
+        got, done = 0, False
+        try:
+            async with self.session.post(f"{e.url}{path}", json=body) as r:
+                if r.status != 200:
+                    raise _engine_error(e, await r.json())
+                async for raw in r.content:
+                    msg = json.loads(raw)
+                    if "token" in msg:
+                        if got == 0 and first is not None:
+                            first()
+                            first = None
+                        got += 1
+                        await emit(msg["token"])
+                    elif "error" in msg:
+                        raise _engine_error(e, msg)
+                    elif msg.get("done"):
+                        stats.setdefault("reused_tokens", msg["reused_tokens"])
+                        stats.setdefault("pool_tokens", msg["pool_tokens"])
+                        if e.role == "decode":
+                            stats["decode_fetched_blocks"] = msg["fetched_blocks"]
+                            stats["decode_partial_fetched"] = msg["partial_fetched"]
+                        done = True
+        except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
+            e.healthy = False
+            raise Unavailable(f"{e.role} engine {e.url} failed after {got} streamed token(s): "
+                              f"{type(exc).__name__}: {exc}; this request is lost, retry it "
+                              "(the pool and other requests are unaffected)") from None
+        finally:
+            e.running -= 1
+            if first is not None:
+                first()
+        if not done:
+            e.healthy = False
+            raise Unavailable(f"{e.role} engine {e.url} closed the stream after {got} token(s) "
+                              "without finishing; retry the request")
+
+
+def choose(engines: list[EngineRef], role: str, prompt: list[int]
+           ) -> tuple[EngineRef, list[BlockKey], int]:
+    """The healthy engine of ``role`` with the least work before this prompt's first token
+    (prefill, mono: tokens queued plus prompt tokens it lacks; decode: running requests).
+    Returns it, the prompt's keys in its namespace, and its cached blocks of them."""
+    best: tuple[int, int, EngineRef, list[BlockKey], int] | None = None
+    for e in engines:
+        if e.role != role or not e.healthy:
+            continue
+        assert e.ns is not None
+        if role == "decode":
+            keys, hit, cost = [], 0, e.running
+        else:
+            keys = block_keys(e.ns, prompt)
+            hit = e.overlap(keys)
+            cost = e.running_tokens + len(prompt) - hit * e.ns.block_tokens
+        if best is None or (cost, e.running) < best[:2]:
+            best = (cost, e.running, e, keys, hit)
+    if best is None:
+        raise Unavailable(f"no healthy {role} engine; start one or wait for it to recover")
+    return best[2], best[3], best[4]
+
+
+def _engine_error(e: EngineRef, body: dict[str, Any]) -> KVPoolError:
+    return error_from_code(body.get("error", "internal"),
+                           f"{e.role} engine {e.url}: {body.get('message', body)}")
+
+
+async def run_router(args: argparse.Namespace) -> None:
+    router = await Router(args.prefill, args.decode, args.mono).start()
+    try:
+        await serve(router.app, args.host, args.port, {"role": "router", "mode": router.mode})
+    finally:
+        await router.stop()
