@@ -4,9 +4,7 @@ The whole cache tensor is registered with NIXL once, so puts read and gets land 
 in a page, with no staging copy. The namespace carries the model id, dtype and the cache
 layout, so engines that differ in any of them never share a key. Pool failures here are
 misses: the engine recomputes what it could not fetch, and a block it could not store
-is simply not cached. That includes errors that are not KVPoolErrors (NIXL raises its
-own when a daemon vanished before the master noticed): the engine's answer must not
-depend on the pool's health.
+is simply not cached; the engine's answer must not depend on the pool's health.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from typing import Sequence
 
 from clients.client import AsyncPoolClient
 from engine.cache import PagedKVCache
+from kvpool.errors import KVPoolError
 from kvpool.keys import BlockKey, Namespace
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ class KVAdapter:
         """Leading keys the pool holds; 0 when the pool cannot answer."""
         try:
             return await self.pool.match_prefix(keys)
-        except Exception as exc:  # noqa: BLE001 - see the module docstring
+        except KVPoolError as exc:
             log.warning("prefix match failed, computing from scratch: %s", exc)
             return 0
 
@@ -45,7 +44,7 @@ class KVAdapter:
             return 0
         try:
             results = await self.pool.batch_get(keys, [self.cache.page(p) for p in pages])
-        except Exception as exc:  # noqa: BLE001
+        except KVPoolError as exc:
             log.warning("fetching %d blocks failed, recomputing them: %s: %s", len(keys),
                         type(exc).__name__, exc)
             return 0
@@ -65,7 +64,7 @@ class KVAdapter:
         try:
             results = await self.pool.batch_put(keys, [self.cache.page(p) for p in pages],
                                                 chained=True, layout=self.cache.layout_tag())
-        except Exception as exc:  # noqa: BLE001
+        except KVPoolError as exc:
             log.warning("storing %d blocks failed; they stay uncached: %s: %s", len(keys),
                         type(exc).__name__, exc)
             return 0

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvpool.errors import BadRequest, TransferFailed
+from kvpool.errors import BadRequest, NodeGone, TransferFailed
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -129,7 +129,13 @@ class TransferAgent:
     # -- peers ----------------------------------------------------------------------------
 
     def add_peer(self, metadata: bytes) -> str:
-        name = self._agent.add_remote_agent(metadata)
+        """Load a peer's agent metadata; a peer NIXL cannot reach (its process died after it
+        published the metadata) is NodeGone, which callers retry elsewhere."""
+        try:
+            name = self._agent.add_remote_agent(metadata)
+        except Exception as exc:  # NIXL raises its own exception types
+            raise NodeGone(f"NIXL could not load a peer's agent metadata ({exc}); the node "
+                           "is probably gone: retry, the master drops it within its TTL") from None
         name = name.decode() if isinstance(name, bytes) else name
         self._peers.add(name)
         return name
