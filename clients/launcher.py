@@ -37,13 +37,39 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, wait_s: float = 20.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop(self.popen, sig, wait_s)
+
+
+def spawn(module: str, args: list[str], env: dict[str, str], log: Path
+          ) -> tuple[subprocess.Popen, dict]:
+    """Start ``python -m module args`` with its stderr in ``log``; wait for the one JSON
+    line on stdout by which kvpool's and the engines' servers announce their endpoints."""
+    popen = subprocess.Popen([sys.executable, "-u", "-m", module, *args],
+                             env={**os.environ, **env}, stdout=subprocess.PIPE,
+                             stderr=log.open("ab"))
+    assert popen.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            break
+        if line.startswith(b"{"):
+            return popen, json.loads(line)
+    popen.kill()
+    popen.wait()
+    raise Unavailable(f"`python -m {module} {' '.join(args)}` did not start; the end of {log}:\n"
+                      f"{log.read_text(errors='replace')[-2000:]}")
+
+
+def stop(popen: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 20.0) -> None:
+    """Signal a process we started and reap it (killed if it lingers past ``wait_s``)."""
+    if popen.poll() is None:
+        popen.send_signal(sig)
+        try:
+            popen.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
 
 
 def _ready(url: str) -> bool:
@@ -99,23 +125,9 @@ class LocalCluster:
 
     def _spawn(self, role: str, name: str, args: list[str], env: dict[str, str]) -> Proc:
         log = self.root / f"{name}.log"
-        popen = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args],
-                                 env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                 stderr=log.open("ab"))
-        assert popen.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = popen.stdout.readline()
-            if not line:
-                break
-            if line.startswith(b"{"):
-                url = json.loads(line)[role]
-                proc = self.procs[name] = Proc(role, name, url, popen, log)
-                return proc
-        popen.kill()
-        popen.wait()
-        raise Unavailable(f"{role} {name} did not start; the end of {log}:\n"
-                          f"{log.read_text(errors='replace')[-2000:]}")
+        popen, info = spawn("clients.cli", args, env, log)
+        proc = self.procs[name] = Proc(role, name, info[role], popen, log)
+        return proc
 
     def start_master(self, name: str, env: dict[str, str] | None = None) -> Proc:
         return self._spawn("master", name, [

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
+from kvpool.config import doc
 from kvpool.errors import ConfigError
-
-
-def doc(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -40,23 +38,12 @@ from clients.launcher import LocalCluster  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 1 * MiB
 BATCH = 16  # blocks per batch_get
 
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "platform": platform.platform(),
-            "setup": "every process on this one machine; NIXL UCX over loopback (CPU DRAM)"}
 
 
 def block_of(base: np.ndarray, i: int) -> np.ndarray:
@@ -261,7 +248,7 @@ def main() -> None:
 
     total = (64 if args.quick else 256) * MiB
     seconds = 2.0 if args.quick else 5.0
-    info = machine()
+    info = machine('every process on this one machine; NIXL UCX over loopback (CPU DRAM)')
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {info['setup']}")
     agg = {}
     with tempfile.TemporaryDirectory(prefix="kvpool-bench-cluster-") as tmp:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,23 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
+from benchlib import machine  # noqa: E402
 from kvpool.transfer import TransferAgent  # noqa: E402
 
 MiB = 1 << 20
 BATCH = 64 * MiB
 SIZES = [256 << 10, 1 * MiB, 4 * MiB, 16 * MiB]
 
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "transport": "NIXL UCX over loopback (CPU DRAM)"}
 
 
 def stamp(base: np.ndarray, size: int, batch: int) -> np.ndarray:
@@ -217,7 +206,7 @@ def main() -> None:
     for size, row in result["sizes"].items():
         row["raw_gbps"] = raw[size]
         row["get_ratio"] = row["get_gbps"] / raw[size]
-    result["machine"] = machine()
+    result["machine"] = machine('master, daemon and client processes on this one machine; NIXL UCX over loopback (CPU DRAM)')
     result["total_bytes_per_size"] = total
     rows = [["block", "put GB/s", "get GB/s", "get unverified", "raw NIXL GB/s", "get/raw",
              "unverified/raw", "bytes verified"]]
@@ -233,7 +222,7 @@ def main() -> None:
     print(f"single 1 MiB: put p50 {s['put_p50_ms']:.3f} ms, p99 {s['put_p99_ms']:.3f} ms; "
           f"get p50 {s['get_p50_ms']:.3f} ms, p99 {s['get_p99_ms']:.3f} ms")
     m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['transport']}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -42,6 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import machine  # noqa: E402
 from engine.client import Generation, generate  # noqa: E402
 
 
@@ -203,16 +203,16 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    preset, length, bt, streams, out_tokens = ("bench", 4096, 64, 4, 300)
+    preset, length, bt, streams, out_tokens = ("bench", 4096, 32, 4, 300)
     if args.quick:
         preset, length, bt, streams, out_tokens = ("small", 1024, 32, 4, 100)
     data = Path(tempfile.mkdtemp(prefix="kvpool-bench-ttft-"))
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
+    host = machine("every process on this one machine; NIXL UCX over loopback (CPU DRAM)")
     try:
         print(f"bench_ttft: model '{preset}', {length}-token prompts, {bt}-token blocks, one torch "
-              f"thread per engine; {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", flush=True)
+              f"thread per engine; {host['cpu']}, {host['cores']} cores", flush=True)
         up, master = start(["clients.cli", "up", "--port", "0", "--data-dir", str(data / "pool")],
                            data / "pool.log")
         procs.append(up)
@@ -271,7 +271,7 @@ def main() -> None:
         "config": {"model": preset, "prompt_tokens": length, "block_tokens": bt,
                    "decode_streams": streams, "output_tokens": out_tokens, "reps": args.reps,
                    "torch_threads": 1},
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "machine": host,
     }
     print(f"\n{'prefix in pool':<16} {'pool tokens':>11} {'TTFT ms':>9} {'vs 0%':>6}")
     for level, v in ttft.items():

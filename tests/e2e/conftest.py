@@ -3,19 +3,17 @@ engines and a router from `python -m engine.serve`, on free ports, stopped by pi
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-import time
 from typing import Any
 
 import pytest
+
+from clients import launcher
+from clients.launcher import stop
+from tests.integration.conftest import master_check
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "64MiB", "KVPOOL_DAEMON_SSD_BYTES": "64MiB",
@@ -25,32 +23,7 @@ POOL_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "64MiB", "KVPOOL_DAEMON_SSD_BYTES": "64M
 
 def spawn(module: str, args: list[str], log: Path, env: dict[str, str] | None = None
           ) -> tuple[subprocess.Popen, dict[str, Any]]:
-    """Start ``python -m module args`` and wait for the JSON line announcing its URL."""
-    out = log.open("ab")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT,
-                            env={**os.environ, **POOL_ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=out)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        raw = proc.stdout.readline()
-        if not raw:
-            break
-        if raw.startswith(b"{"):
-            return proc, json.loads(raw)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"`{module} {' '.join(args)}` did not start: {log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return launcher.spawn(module, args, {**POOL_ENV, **(env or {})}, log)
 
 
 @dataclass
@@ -86,17 +59,7 @@ class Stack:
 
     def check_pool(self) -> dict[str, Any]:
         """The master's own invariants (index, allocators, daemon inventories)."""
-        from kvpool.wire import RpcClient
-
-        async def run() -> dict[str, Any]:
-            rpc = RpcClient(self.master)
-            try:
-                return await rpc.call("check")
-            finally:
-                await rpc.close()
-
-        with ThreadPoolExecutor(1) as ex:
-            return ex.submit(asyncio.run, run()).result()
+        return master_check(self.master)
 
     def stop(self) -> None:
         for name in [n for n in self.procs if n not in ("pool", "master", "daemon")]:

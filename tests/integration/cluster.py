@@ -4,9 +4,7 @@ stopped by their own pids) with short leases and the test's helpers."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pytest
 
 from clients.launcher import LocalCluster
 from kvpool.config import ClientConfig
+from tests.integration.conftest import master_check
 
 TTL = 2.0  # leader and membership leases in these tests (etcd counts whole seconds)
 MASTER_ENV = {"KVPOOL_MASTER_PUT_TIMEOUT_S": "3", "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2",
@@ -44,19 +43,7 @@ class Cluster(LocalCluster):
 
     def check(self) -> dict:
         """The leader's invariants: index, allocators and every daemon's inventory agree."""
-        from kvpool.wire import RpcClient
-
-        url = self.wait_leader().url
-
-        async def run() -> dict:
-            rpc = RpcClient(url)
-            try:
-                return await rpc.call("check")
-            finally:
-                await rpc.close()
-
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, run()).result()
+        return master_check(self.wait_leader().url)
 
 
 def make_cluster(tmp: Path, masters: int = 1, daemons: int = 1, s3_endpoint: str = "") -> Cluster:

@@ -3,12 +3,11 @@ free ports with its own data folder, and stopped by their own process ids."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,36 +17,25 @@ from typing import Iterator
 
 import pytest
 
+from clients.launcher import spawn, stop
 from kvpool.config import ClientConfig
+from kvpool.wire import RpcClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, dict]:
-    """Start `kvpool <args>` and wait for the JSON line that announces its endpoints."""
-    out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=out)
-    deadline = time.monotonic() + 60
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(b"{"):
-            return proc, json.loads(line)
-    proc.kill()
-    raise RuntimeError(f"`kvpool {' '.join(args)}` did not start: {log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
+def master_check(url: str) -> dict:
+    """The master's ``check`` (index, allocators and every daemon's inventory agree);
+    callable from sync and async tests alike."""
+    async def run() -> dict:
+        rpc = RpcClient(url)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return await rpc.call("check")
+        finally:
+            await rpc.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 @dataclass
@@ -62,11 +50,12 @@ class Pool:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start_master(self) -> None:
-        proc, info = spawn(["master", "--port", "0"], self.master_env, self.tmp / "master.log")
+        proc, info = spawn("clients.cli", ["master", "--port", "0"], self.master_env,
+                            self.tmp / "master.log")
         self.procs["master"], self.master_url = proc, info["master"]
 
     def start_daemon(self) -> None:
-        proc, info = spawn(["daemon", "--master", self.master_url, "--node-id", "node0",
+        proc, info = spawn("clients.cli", ["daemon", "--master", self.master_url, "--node-id", "node0",
                             "--data-dir", str(self.tmp / "node0")], self.daemon_env,
                            self.tmp / "daemon.log")
         self.procs["daemon"], self.daemon_url = proc, info["daemon"]
@@ -79,19 +68,7 @@ class Pool:
 
     def check(self) -> dict:
         """The master's invariants, its index against the daemon's inventory included."""
-        import asyncio
-
-        from kvpool.wire import RpcClient
-
-        async def run() -> dict:
-            rpc = RpcClient(self.master_url)
-            try:
-                return await rpc.call("check")
-            finally:
-                await rpc.close()
-
-        with ThreadPoolExecutor(1) as pool:  # callable from sync and async tests alike
-            return pool.submit(asyncio.run, run()).result()
+        return master_check(self.master_url)
 
     def stop(self) -> None:
         for name in ("daemon", "master"):
