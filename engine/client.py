@@ -1,4 +1,5 @@
-"""Calling the router: one request, its streamed tokens and timings, as a dataclass."""
+"""Calling the engines: a router request with its streamed tokens and timings, as a
+dataclass; and the first token of a prompt straight from a prefill engine."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ async def generate(session: aiohttp.ClientSession, router_url: str, body: dict[s
             elif msg.get("done"):
                 out.done = msg
     return out
+
+
+async def first_token(session: aiohttp.ClientSession, prefill_url: str, prompt: list[int]
+                      ) -> tuple[float, dict[str, Any]]:
+    """Milliseconds until a prefill engine streams a prompt's first token (TTFT without a
+    router or a decode engine), and the handoff that follows once the prompt's blocks are
+    committed to the pool."""
+    start = time.perf_counter()
+    ttft, handoff = float("nan"), None
+    async with session.post(f"{prefill_url}/v1/prefill",
+                            json={"token_ids": prompt, "max_tokens": 1, "stream": True}) as resp:
+        async for raw in resp.content:
+            msg = json.loads(raw)
+            if "first_token" in msg:
+                ttft = (time.perf_counter() - start) * 1e3
+            elif "handoff" in msg:
+                handoff = msg["handoff"]
+            else:
+                raise RuntimeError(f"{prefill_url}: {msg}")
+    if handoff is None:
+        raise RuntimeError(f"{prefill_url} closed the stream without a handoff")
+    return ttft, handoff

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from engine.client import Generation, generate  # noqa: E402
+from engine.client import Generation, first_token, generate  # noqa: E402
 
 
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -72,26 +72,6 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
         if resp.status != 200:
             raise SystemExit(f"{url}: {out}")
         return out
-
-
-async def first_token(session: aiohttp.ClientSession, url: str, prompt: list[int]
-                      ) -> tuple[float, dict[str, Any]]:
-    """Milliseconds until the prefill engine streams the first token; and the handoff,
-    which comes once the prompt's blocks are committed."""
-    t = time.perf_counter()
-    ttft, handoff = float("nan"), None
-    async with session.post(f"{url}/v1/prefill",
-                            json={"token_ids": prompt, "max_tokens": 1, "stream": True}) as resp:
-        async for raw in resp.content:
-            msg = json.loads(raw)
-            if "first_token" in msg:
-                ttft = (time.perf_counter() - t) * 1e3
-            elif "handoff" in msg:
-                handoff = msg["handoff"]
-            else:
-                raise SystemExit(f"{url}: {msg}")
-    assert handoff is not None
-    return ttft, handoff
 
 
 async def measure_ttft(warm: str, measured: str, length: int, reps: int, seed: int

@@ -4,16 +4,16 @@ Starts `kvpool up` (no etcd), a prefill engine, a decode engine and the router, 
 process of its own, then replays a generated multi-turn chat: every conversation starts
 with the same system prompt, and every turn resends the whole conversation so far, so
 prompts share growing prefixes. Prints, per request, the prompt tokens, the tokens
-reused from the pool, time to first token and time per output token; then totals, and
-checks the tokens against a monolithic engine (one process, no pool) on the same prompts.
+reused from the pool, time to first token and time per output token; then totals and the
+pool's tiers; then TTFT of the longest prompts with and without reuse (two new prefill
+engines, one whose namespace has nothing in the pool, one that can reuse only the pool);
+and checks the tokens against a monolithic engine (one process, no pool).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import shutil
 import statistics
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import tokenizer  # noqa: E402
-from engine.client import Generation, generate  # noqa: E402
+from clients import launcher  # noqa: E402
+from engine.client import Generation, first_token, generate  # noqa: E402
 
 SYSTEM = ("You are kvpool's demo assistant. You answer questions about serving large language "
           "models: prefill and decode, paged KV caches, prefix reuse, tiered storage of KV "
@@ -44,13 +45,7 @@ QUESTIONS = ["What is a KV cache?", "Why split prefill from decode?", "How big i
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None
           ) -> tuple[subprocess.Popen, dict[str, Any]]:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=log.open("ab"), text=True)
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        if raw.startswith("{"):
-            return proc, json.loads(raw)
-    sys.exit(f"`python -m {' '.join(args)}` did not start; see {log}")
+    return launcher.spawn(args[0], args[1:], env or {}, log)
 
 
 class Progress:
@@ -87,6 +82,19 @@ async def chat(router: str, conversations: int, turns: int, max_tokens: int,
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(one(session, c) for c in range(conversations)))
+    return out
+
+
+async def with_and_without_reuse(cold: str, fresh: str, prompts: list[list[int]]
+                                 ) -> list[tuple[float, float, int]]:
+    """Per prompt: TTFT at an engine that can reuse nothing, TTFT at one that can reuse only
+    what is in the pool, and how many prompt tokens the latter fetched from the pool."""
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for prompt in prompts:
+            cold_ms, _ = await first_token(session, cold, prompt)
+            pool_ms, handoff = await first_token(session, fresh, prompt)
+            out.append((cold_ms, pool_ms, int(handoff["pool_tokens"])))
     return out
 
 
@@ -146,6 +154,25 @@ def main() -> None:
         print(f"        TTFT p50 {ttfts[len(ttfts) // 2]:.1f} ms, p99 {ttfts[int(0.99 * (len(ttfts) - 1))]:.1f} ms; "
               f"TPOT p50 {tpots[len(tpots) // 2]:.2f} ms, p99 {tpots[int(0.99 * (len(tpots) - 1))]:.2f} ms")
         subprocess.run([sys.executable, "-m", "clients.cli", "status", "--master", master], cwd=ROOT)
+        last = [x[2] for x in results if x[1] == args.turns - 1]
+        print("\nTTFT with and without reuse: the last turn of each conversation again, at two new\n"
+              "prefill engines. 'cold' has another namespace (a salt), so nothing in the pool is\n"
+              "its; 'pool' shares the namespace with empty pages, so all it reuses comes from the\n"
+              "pool ...", flush=True)
+        cold, ci = start(["engine.serve", "prefill", "--master", master, *engine_args,
+                          "--salt", "cold"], data / "prefill-cold.log")
+        fresh, fi = start(["engine.serve", "prefill", "--master", master, *engine_args],
+                          data / "prefill-fresh.log")
+        procs += [cold, fresh]
+        reuse = asyncio.run(with_and_without_reuse(ci["url"], fi["url"], last))
+        print(f"{'conv':>4} {'prompt':>7} {'from pool':>10} {'cold TTFT ms':>13} {'pool TTFT ms':>13} {'ratio':>6}")
+        for c, (prompt, (cold_ms, pool_ms, pooled)) in enumerate(zip(last, reuse)):
+            print(f"{c:>4} {len(prompt):>7} {pooled:>10} {cold_ms:>13.1f} {pool_ms:>13.1f} "
+                  f"{pool_ms / cold_ms:>6.2f}")
+        cold_p50 = statistics.median(r[0] for r in reuse)
+        pool_p50 = statistics.median(r[1] for r in reuse)
+        print(f"  TTFT p50 without reuse {cold_p50:.1f} ms, with the prefix from the pool "
+              f"{pool_p50:.1f} ms ({cold_p50 / pool_p50:.1f}x faster)")
         if not args.no_compare:
             print("\nmonolithic check: the same conversations on one process that prefills and "
                   "decodes (its own pages only, no pool) ...", flush=True)
