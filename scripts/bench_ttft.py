@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import statistics
@@ -42,19 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
+from clients import launcher  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "KVPOOL_DAEMON_HOST_BYTES": "2GiB", "KVPOOL_DAEMON_SSD_BYTES": "1GiB"}
-    proc = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=log.open("ab"), text=True)
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        if raw.startswith("{"):
-            info = json.loads(raw)
-            return proc, info.get("url") or info["master"]
-    sys.exit(f"`python -m {' '.join(args)}` did not start; see {log}")
+    env = {"KVPOOL_DAEMON_HOST_BYTES": "2GiB", "KVPOOL_DAEMON_SSD_BYTES": "1GiB"}
+    proc, info = launcher.spawn(args[0], args[1:], env, log)
+    return proc, info.get("url") or info["master"]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -230,12 +224,7 @@ def main() -> None:
         print(file=sys.stderr)
     finally:
         for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            launcher.stop(p)
         shutil.rmtree(data, ignore_errors=True)
 
     ratio = ttft["90"]["ttft_ms"] / ttft["0"]["ttft_ms"]

@@ -195,12 +195,7 @@ def main() -> None:
         print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            launcher.stop(proc)
         shutil.rmtree(data, ignore_errors=True)
 
 
