@@ -124,7 +124,8 @@ _BY_CODE: dict[str, type[KVPoolError]] = {
     cls.code: cls
     for cls in (
         KVPoolError, BadRequest, BlockNotFound, BlockLeased, TierFull, ChecksumMismatch,
-        NodeGone, NodeIdTaken, NotLeader, NotReady, ReservationLost, Unauthorized, TransferFailed, Unavailable, ConfigError,
+        NodeGone, NodeIdTaken, NotLeader, NotReady, ReservationLost, Unauthorized,
+        TransferFailed, Unavailable, ConfigError,
     )
 }
 
