@@ -145,12 +145,17 @@ class MasterHttp:
             if entry.state is BlockState.COMPLETE:
                 for r in entry.replicas:
                     counts[(r.node, r.tier.value)] = counts.get((r.node, r.tier.value), 0) + 1
+        seen: set[tuple[str, str]] = set()  # a shared store counts once, not once per node
         for node in self.core.nodes.values():
             for kind, space in node.tiers.items():
+                owner = (self.core.owner(node, kind), kind.value)
+                if owner in seen:
+                    continue
+                seen.add(owner)
                 row = table.setdefault(kind.value, {"capacity": 0, "used": 0, "blocks": 0})
                 row["capacity"] += space.capacity
                 row["used"] += space.used
-                row["blocks"] += counts.get((node.node_id, kind.value), 0)
+                row["blocks"] += counts.get(owner, 0)
         return table
 
     async def cluster(self, request: web.Request) -> web.Response:

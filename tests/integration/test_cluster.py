@@ -87,6 +87,8 @@ async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
             assert admin(leader, "/v1/evict", "POST", {"tier": tier, "fill": 0.0})[0] == 200
         assert {t for _, t in tiers_of(leader, obj_k)} == {"object"}
         assert not {n for n, _ in tiers_of(leader, obj_k)} & {"node0", "node1", "node2"}
+        store = admin(leader, "/v1/cluster")[1]["tiers"]["object"]  # one store, counted once
+        assert store["capacity"] == 256 << 20 and store["blocks"] >= len(obj_k)
         await client.batch_put(cold_k, cold_v, prefer_node="node2")
         assert admin(leader, "/v1/evict", "POST", {"tier": "host", "fill": 0.0})[0] == 200
         assert {admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["tier"] for k in cold_k} == {"ssd"}
