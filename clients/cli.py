@@ -130,7 +130,8 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
     root = Path(args.data_dir or "./data/cluster").resolve()
     shared = root / "objects"
-    local = LocalCluster(root, cluster=args.cluster or "default", ttl_s=args.ttl, daemon_env={
+    local = LocalCluster(root, cluster=args.cluster or "default", ttl_s=args.ttl,
+                         etcd_members=args.etcd_members, daemon_env={
         "KVPOOL_DAEMON_HOST_BYTES": args.host_bytes, "KVPOOL_DAEMON_SSD_BYTES": args.ssd_bytes,
         "KVPOOL_DAEMON_OBJECT_URL": f"file://{shared}"})
     stop = False
@@ -141,8 +142,8 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        print(f"starting etcd, {args.masters} master(s) and {args.nodes} daemon(s) in {root} ...",
-              flush=True)
+        print(f"starting etcd ({args.etcd_members} member(s)), {args.masters} master(s) and "
+              f"{args.nodes} daemon(s) in {root} ...", flush=True)
         local.start_etcd()
         for i in range(args.masters):
             local.start_master(f"master{i}")
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     cu = csub.add_parser("up", help="start etcd, masters and N daemons on free ports")
     cu.add_argument("nodes", type=int, nargs="?", default=3, help="number of daemons (default 3)")
     cu.add_argument("--masters", type=int, default=2, help="number of masters (default 2)")
+    cu.add_argument("--etcd-members", type=int, default=1,
+                    help="members of the etcd cluster (default 1; 3 survive losing one)")
     cu.add_argument("--data-dir", help="folder for every process's data and log (default ./data/cluster)")
     cu.add_argument("--cluster", help="cluster name (default 'default')")
     cu.add_argument("--ttl", type=float, default=3.0, help="leader and membership lease, seconds")

@@ -90,38 +90,48 @@ class LocalCluster:
     master_env: dict[str, str] = field(default_factory=dict)  # for every master
     daemon_env: dict[str, str] = field(default_factory=dict)  # for every daemon
     procs: dict[str, Proc] = field(default_factory=dict)
-    etcd_endpoint: str = ""
-    _peer_port: int = 0
+    etcd_members: int = 1  # members of the etcd cluster; three survive the loss of one
+    etcd_endpoint: str = ""  # every member's client address, comma-separated
+    _etcd_ports: list[tuple[int, int]] = field(default_factory=list)  # (client, peer) each
 
-    def start_etcd(self) -> Proc:
-        """Start etcd; started again after ``stop_etcd``, it keeps its data and ports."""
+    def start_etcd(self) -> list[Proc]:
+        """Start the etcd members; started again after ``stop_etcd``, they keep their data
+        and ports."""
         binary = shutil.which("etcd")
         if binary is None:
             raise ConfigError("no etcd server binary on PATH: install one (apt-get install "
                               "etcd-server, or a release from github.com/etcd-io/etcd)")
-        if not self.etcd_endpoint:
-            self.etcd_endpoint, self._peer_port = f"127.0.0.1:{free_port()}", free_port()
-        peer = self._peer_port
+        if not self._etcd_ports:
+            self._etcd_ports = [(free_port(), free_port()) for _ in range(self.etcd_members)]
+            self.etcd_endpoint = ",".join(f"127.0.0.1:{c}" for c, _ in self._etcd_ports)
+        initial = ",".join(f"kvpool{i}=http://127.0.0.1:{peer}"
+                           for i, (_, peer) in enumerate(self._etcd_ports))
         self.root.mkdir(parents=True, exist_ok=True)
-        log = self.root / "etcd.log"
-        popen = subprocess.Popen([
-            binary, "--name", "kvpool", "--data-dir", str(self.root / "etcd"),
-            "--listen-client-urls", f"http://{self.etcd_endpoint}",
-            "--advertise-client-urls", f"http://{self.etcd_endpoint}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"kvpool=http://127.0.0.1:{peer}"],
-            stdout=log.open("ab"), stderr=subprocess.STDOUT)
-        proc = self.procs["etcd"] = Proc("etcd", "etcd", self.etcd_endpoint, popen, log)
-        deadline = time.monotonic() + 30
-        while not _ready(f"http://{self.etcd_endpoint}/health"):
-            if not proc.alive() or time.monotonic() > deadline:
-                raise Unavailable(f"etcd did not start; see {log}")
-            time.sleep(0.1)
-        return proc
+        started = []
+        for i, (client, peer) in enumerate(self._etcd_ports):
+            name = "etcd" if len(self._etcd_ports) == 1 else f"etcd{i}"
+            log = self.root / f"{name}.log"
+            popen = subprocess.Popen([
+                binary, "--name", f"kvpool{i}", "--data-dir", str(self.root / name),
+                "--listen-client-urls", f"http://127.0.0.1:{client}",
+                "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", initial, "--initial-cluster-token", f"kvpool-{self.cluster}"],
+                stdout=log.open("ab"), stderr=subprocess.STDOUT)
+            started.append(Proc("etcd", name, f"127.0.0.1:{client}", popen, log))
+            self.procs[name] = started[-1]
+        deadline = time.monotonic() + 30  # members answer healthy once they have a quorum
+        for proc in started:
+            while not _ready(f"http://{proc.url}/health"):
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise Unavailable(f"etcd did not start; see {proc.log}")
+                time.sleep(0.1)
+        return started
 
     def stop_etcd(self, sig: int = signal.SIGTERM) -> None:
-        self.procs.pop("etcd").stop(sig)
+        for name in [n for n, p in self.procs.items() if p.role == "etcd"]:
+            self.procs.pop(name).stop(sig)
 
     def _spawn(self, role: str, name: str, args: list[str], env: dict[str, str]) -> Proc:
         log = self.root / f"{name}.log"

@@ -1,7 +1,10 @@
 """The coordinator over a real etcd server, for a pool spread across nodes.
 
-etcd leases count whole seconds, so TTLs round up. Connection failures surface as
-Unavailable, which callers treat as retryable.
+It takes every member of an etcd cluster (``host:port,host:port,...``) and talks to one at
+a time: a member that refuses or times out is swapped for the next, and the call is tried
+there, each member once. Leases, keys and watches live in the etcd cluster, not in one
+member, so they survive the swap. etcd leases count whole seconds, so TTLs round up.
+Connection failures surface as Unavailable, which callers treat as retryable.
 """
 
 from __future__ import annotations
@@ -9,81 +12,115 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aetcd
 from aetcd import transactions
-from aetcd.exceptions import ClientError
+from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError
 
 from kvpool.coordinator import EventKind, LeaseExpired, WatchEvent
 from kvpool.errors import BadRequest, Unavailable
 
 
-def parse_endpoint(endpoints: str) -> tuple[str, int]:
-    """The first of 'host:port[,host:port...]' (an http:// prefix is allowed)."""
-    first = endpoints.split(",")[0].strip().removeprefix("http://")
-    host, _, port = first.rpartition(":")
-    if not host or not port.isdigit():
-        raise BadRequest(f"etcd endpoint {first!r} is not host:port")
-    return host, int(port)
+def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
+    """'host:port[,host:port...]' (an http:// prefix is allowed) -> [(host, port), ...]."""
+    out = []
+    for item in endpoints.split(","):
+        item = item.strip().removeprefix("http://")
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadRequest(f"etcd endpoint {item!r} is not host:port")
+        out.append((host, int(port)))
+    if not out:
+        raise BadRequest("no etcd endpoint given; pass host:port[,host:port...]")
+    return out
 
 
 class EtcdCoordinator:
     def __init__(self, endpoints: str, timeout_s: float = 5.0) -> None:
-        host, port = parse_endpoint(endpoints)
-        self.endpoint = f"{host}:{port}"
-        self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+        self._members = parse_endpoints(endpoints)
+        self._timeout_s = timeout_s
+        self._at = 0
+        self._client = self._connect()
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except ClientError as exc:
-            raise Unavailable(f"etcd at {self.endpoint}: {type(exc).__name__}: {exc}; "
-                              "is etcd running?") from None
+    @property
+    def endpoint(self) -> str:
+        """The member this coordinator talks to now."""
+        host, port = self._members[self._at]
+        return f"{host}:{port}"
+
+    def _connect(self) -> aetcd.Client:
+        host, port = self._members[self._at]
+        return aetcd.Client(host=host, port=port, timeout=self._timeout_s)
+
+    async def _swap(self, broken: aetcd.Client) -> None:
+        """Move on to the next member, unless a concurrent call already did."""
+        if self._client is not broken:
+            return
+        self._at = (self._at + 1) % len(self._members)
+        self._client = self._connect()
+        with contextlib.suppress(Exception):
+            await broken.close()
+
+    async def _call(self, op: Callable[[aetcd.Client], Awaitable[Any]]) -> Any:
+        failure: Exception | None = None
+        for _ in range(len(self._members)):
+            client = self._client
+            try:
+                return await op(client)
+            except (ConnectionFailedError, ConnectionTimeoutError) as exc:
+                failure = exc
+                await self._swap(client)
+            except ClientError as exc:
+                if "lease not found" in str(exc):
+                    raise LeaseExpired(f"etcd: {exc}") from None
+                raise Unavailable(f"etcd at {self.endpoint}: {type(exc).__name__}: {exc}") from None
+        members = ", ".join(f"{h}:{p}" for h, p in self._members)
+        raise Unavailable(f"no etcd member answered ({members}): {type(failure).__name__}: "
+                          f"{failure}; is etcd running?")
 
     async def grant_lease(self, ttl_s: float) -> int:
-        lease = await self._call(self._client.lease(max(1, math.ceil(ttl_s))))
+        lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl_s))))
         return int(lease.id)
 
     async def keepalive(self, lease: int) -> None:
-        reply = await self._call(self._client.refresh_lease(lease))
+        reply = await self._call(lambda c: c.refresh_lease(lease))
         if reply is None or reply.TTL <= 0:
             raise LeaseExpired(f"lease {lease:x} has expired")
 
     async def revoke(self, lease: int) -> None:
-        with contextlib.suppress(Unavailable):  # revoking an expired lease is not an error
-            await self._call(self._client.revoke_lease(lease))
+        with contextlib.suppress(Unavailable, LeaseExpired):  # an expired lease is no error
+            await self._call(lambda c: c.revoke_lease(lease))
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> None:
-        try:
-            await self._client.put(key.encode(), value, lease=lease)
-        except ClientError as exc:
-            if lease is not None and "lease not found" in str(exc):
-                raise LeaseExpired(f"lease {lease:x} has expired") from None
-            raise Unavailable(f"etcd at {self.endpoint}: {exc}") from None
+        await self._call(lambda c: c.put(key.encode(), value, lease=lease))
 
     async def get(self, key: str) -> bytes | None:
-        item = await self._call(self._client.get(key.encode()))
+        item = await self._call(lambda c: c.get(key.encode()))
         return None if item is None else item.value
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        items = await self._call(self._client.get_prefix(prefix.encode()))
+        items = await self._call(lambda c: c.get_prefix(prefix.encode()))
         return {kv.key.decode(): kv.value for kv in items}
 
     async def delete(self, key: str) -> bool:
-        result = await self._call(self._client.delete(key.encode()))
+        result = await self._call(lambda c: c.delete(key.encode()))
         return bool(result and result.deleted)
 
     async def compare_and_set(self, key: str, expected: bytes | None, value: bytes,
                               lease: int | None = None) -> bool:
         k = key.encode()
         compare = (transactions.Version(k) == 0) if expected is None else (transactions.Value(k) == expected)
-        succeeded, _ = await self._call(self._client.transaction(
+        succeeded, _ = await self._call(lambda c: c.transaction(
             compare=[compare], success=[transactions.Put(k, value, lease=lease)], failure=[]))
         return bool(succeeded)
 
     async def watch_prefix(self, prefix: str) -> "_EtcdWatch":
-        watch = await self._call(self._client.watch_prefix(prefix.encode()))
+        """A watch on the current member; if that member dies the watch raises Unavailable,
+        and the caller lists and watches again (on the next member)."""
+        watch = await self._call(lambda c: c.watch_prefix(prefix.encode()))
         return _EtcdWatch(watch)
 
     async def close(self) -> None:

@@ -1,9 +1,9 @@
-"""Fixtures shared by every test package: a free port and a real moto S3 server."""
+"""Fixtures shared by every test package: a real moto S3 server and a real etcd server."""
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,15 +14,10 @@ from typing import Iterator
 
 import pytest
 
+from clients.launcher import LocalCluster, free_port
+
 _AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -72,44 +67,11 @@ def moto_server() -> Iterator[str]:
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real etcd server on free ports; yields 'host:port'. Skips when etcd is absent
     (`make test` installs Debian's etcd-server when it can)."""
-    import shutil
-
-    binary = shutil.which("etcd")
-    if binary is None:
+    if shutil.which("etcd") is None:
         pytest.skip("needs an etcd server binary: apt-get install etcd-server (make test does, as root)")
-    client, peer = free_port(), free_port()
-    data = tmp_path_factory.mktemp("etcd")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([
-        binary, "--name", "kvpool-test", "--data-dir", str(data),
-        "--listen-client-urls", f"http://127.0.0.1:{client}",
-        "--advertise-client-urls", f"http://127.0.0.1:{client}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"kvpool-test=http://127.0.0.1:{peer}"],
-        stdout=log, stderr=subprocess.STDOUT)
+    etcd = LocalCluster(tmp_path_factory.mktemp("etcd"))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"etcd exited with {proc.returncode}: "
-                                   f"{log.read().decode(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{client}/health", timeout=1) as resp:
-                    if b"true" in resp.read():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("etcd did not become healthy within 30 s")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{client}"
+        etcd.start_etcd()
+        yield etcd.etcd_endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        etcd.stop_etcd()
