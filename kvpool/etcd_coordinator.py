@@ -1,10 +1,12 @@
 """The coordinator over a real etcd server, for a pool spread across nodes.
 
 It takes every member of an etcd cluster (``host:port,host:port,...``) and talks to one at
-a time: a member that refuses or times out is swapped for the next, and the call is tried
-there, each member once. Leases, keys and watches live in the etcd cluster, not in one
-member, so they survive the swap. etcd leases count whole seconds, so TTLs round up.
-Connection failures surface as Unavailable, which callers treat as retryable.
+a time: a member that refuses, times out or breaks a call's stream is swapped for the
+next, and the call is tried again there, with backoff, until the coordinator's timeout
+(which also rides out the raft election that follows the loss of etcd's leader). Leases,
+keys and watches live in the etcd cluster, not in one member, so they survive the swap.
+etcd leases count whole seconds, so TTLs round up. What still fails surfaces as
+Unavailable, which callers treat as retryable.
 """
 
 from __future__ import annotations
@@ -16,10 +18,20 @@ from typing import Any, Awaitable, Callable
 
 import aetcd
 from aetcd import transactions
-from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError
+from aetcd.exceptions import (ClientError, ConnectionFailedError, ConnectionTimeoutError,
+                              InternalError)
 
 from kvpool.coordinator import EventKind, LeaseExpired, WatchEvent
 from kvpool.errors import BadRequest, Unavailable
+
+
+def _transient(exc: ClientError) -> bool:
+    """A member refused, timed out, broke the call's stream as it died, or the etcd cluster
+    is electing a raft leader: worth another try, on another member."""
+    if isinstance(exc, (ConnectionFailedError, ConnectionTimeoutError, InternalError)):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("deadline exceeded", "leader changed", "no leader", "timed out"))
 
 
 def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
@@ -65,21 +77,28 @@ class EtcdCoordinator:
             await broken.close()
 
     async def _call(self, op: Callable[[aetcd.Client], Awaitable[Any]]) -> Any:
-        failure: Exception | None = None
-        for _ in range(len(self._members)):
+        """Run ``op`` on the current member; while the failure is one another member (or a
+        moment) may cure, move on to the next member and retry, with backoff, until the
+        coordinator's timeout."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self._timeout_s, 0.05
+        while True:
             client = self._client
             try:
                 return await op(client)
-            except (ConnectionFailedError, ConnectionTimeoutError) as exc:
-                failure = exc
-                await self._swap(client)
             except ClientError as exc:
                 if "lease not found" in str(exc):
                     raise LeaseExpired(f"etcd: {exc}") from None
-                raise Unavailable(f"etcd at {self.endpoint}: {type(exc).__name__}: {exc}") from None
-        members = ", ".join(f"{h}:{p}" for h, p in self._members)
-        raise Unavailable(f"no etcd member answered ({members}): {type(failure).__name__}: "
-                          f"{failure}; is etcd running?")
+                if not _transient(exc):
+                    raise Unavailable(f"etcd at {self.endpoint}: {type(exc).__name__}: {exc}") from None
+                await self._swap(client)
+                if loop.time() + delay > deadline:
+                    members = ", ".join(f"{h}:{p}" for h, p in self._members)
+                    raise Unavailable(f"no etcd member answered in {self._timeout_s:.1f} s "
+                                      f"({members}): {type(exc).__name__}: {exc}; is etcd "
+                                      "running, with a quorum of its members?") from None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
     async def grant_lease(self, ttl_s: float) -> int:
         lease = await self._call(lambda c: c.lease(max(1, math.ceil(ttl_s))))

@@ -23,7 +23,8 @@ async def test_a_coordinator_keeps_its_lease_and_keys_when_its_member_dies(tmp_p
         pytest.skip("needs an etcd server binary: apt-get install etcd-server")
     etcd = LocalCluster(tmp_path, etcd_members=3)
     await asyncio.to_thread(etcd.start_etcd)
-    coord = EtcdCoordinator(etcd.etcd_endpoint, timeout_s=2.0)
+    # long enough to ride out the raft election when the killed member led etcd
+    coord = EtcdCoordinator(etcd.etcd_endpoint, timeout_s=6.0)
     try:
         lease = await coord.grant_lease(5)
         await coord.put("/kvpool/t/held", b"1", lease)
