@@ -35,6 +35,14 @@ async def read_all(client: AsyncPoolClient, keys: list[bytes]) -> list[np.ndarra
     return [out if r.hit else None for out, r in zip(outs, results)]
 
 
+async def assert_intact(client: AsyncPoolClient, keys: list[bytes], values: list[np.ndarray]) -> None:
+    """Every block is there, with the bytes that were put."""
+    got = await read_all(client, keys)
+    missing = [k.hex() for k, g in zip(keys, got) if g is None]
+    assert not missing, f"{len(missing)} of {len(keys)} blocks are missing, e.g. {missing[0]}"
+    assert all(np.array_equal(g, v) for g, v in zip(got, values)), "a block has wrong bytes"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterator[Cluster]:
     """Two masters, two daemons (tests add a third), an object tier shared through S3."""
@@ -61,8 +69,7 @@ async def test_a_block_put_through_one_node_is_read_by_another_client(cluster: C
     spread = [admin(leader, f"/v1/blocks/{k.hex()}")[1]["replicas"][0]["node"] for k in spread_k]
     assert spread.count("node0") == spread.count("node1") == 4
     async with AsyncPoolClient(cluster.client_config()) as reader:
-        got = await read_all(reader, keys)
-    assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+        await assert_intact(reader, keys, values)
     cluster.check()
 
 
@@ -103,16 +110,14 @@ async def test_a_dead_daemon_takes_only_its_lone_copies_and_brings_back_its_ssd(
         await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1"}, TTL + 5)
         assert time.monotonic() - killed <= TTL + 2.0
         assert await read_all(client, lone_k + cold_k) == [None] * 7  # missing, never read from the dead
-        got = await read_all(client, twin_k + obj_k)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, twin_v + obj_v))
+        await assert_intact(client, twin_k + obj_k, twin_v + obj_v)
         assert {n for n, t in tiers_of(leader, obj_k) if t == "host"} <= {"node0", "node1"}
         many = await client.batch_put(*blocks(1), replicas=5)
         assert many[0].replicas == 2  # best effort: two live nodes, two copies
 
         cluster.start_daemon("node2")  # same data folder: its SSD blocks come back
         await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1", "node2"})
-        got = await read_all(client, cold_k)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, cold_v))
+        await assert_intact(client, cold_k, cold_v)
     cluster.check()
 
 
@@ -123,8 +128,7 @@ async def test_a_client_given_every_master_url_finds_the_leader_without_etcd(clu
     cfg = ClientConfig(master_url=f"{standby.url},{leader.url}", timeout_s=10.0)
     async with AsyncPoolClient(cfg) as client:  # the standby answers NotLeader first
         await client.batch_put(keys, values)
-        got = await read_all(client, keys)
-    assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+        await assert_intact(client, keys, values)
 
 
 def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> None:
@@ -151,8 +155,7 @@ async def test_a_daemon_restarted_at_once_waits_out_its_old_lease(cluster: Clust
         await asyncio.to_thread(cluster.start_daemon, "node1")
         assert time.monotonic() - started < TTL + 5
         await asyncio.to_thread(cluster.wait_nodes, before)
-        got = await read_all(client, keys)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+        await assert_intact(client, keys, values)
     cluster.check()
 
 
@@ -224,8 +227,7 @@ async def test_killing_the_leader_under_load_loses_no_block(cluster: Cluster) ->
         assert not wrong
         assert not [o for o in outcomes if o.startswith("FATAL")], outcomes
         assert outcomes.count("ok") > 5
-        got = await read_all(client, orphan_k)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, orphan_v))
+        await assert_intact(client, orphan_k, orphan_v)
     cluster.start_master(old)  # back as a standby for the tests that follow
     cluster.start_daemon("node2")
     cluster.check()
@@ -244,10 +246,8 @@ async def test_the_cluster_recovers_from_an_etcd_restart_without_losing_a_block(
         await asyncio.to_thread(cluster.start_etcd)  # same data folder, same port
         await asyncio.to_thread(cluster.wait_leader, 30)
         await asyncio.to_thread(cluster.wait_nodes, nodes, 30)
-        got = await read_all(client, keys)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+        await assert_intact(client, keys, values)
         more_k, more_v = blocks(3)
         assert all(r.stored for r in await client.batch_put(more_k, more_v))
-        got = await read_all(client, more_k)
-        assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, more_v))
+        await assert_intact(client, more_k, more_v)
     cluster.check()

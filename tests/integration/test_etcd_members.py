@@ -8,14 +8,13 @@ import shutil
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
 from clients.launcher import LocalCluster
 from kvpool.etcd_coordinator import EtcdCoordinator
 from tests.integration.cluster import TTL, make_cluster
-from tests.integration.test_cluster import blocks, read_all
+from tests.integration.test_cluster import assert_intact, blocks
 
 
 async def test_a_coordinator_keeps_its_lease_and_keys_when_its_member_dies(tmp_path: Path) -> None:
@@ -52,12 +51,10 @@ async def test_the_pool_serves_on_when_an_etcd_member_dies(tmp_path: Path) -> No
             await asyncio.sleep(TTL + 1.0)  # past every lease that was not renewed elsewhere
             await asyncio.to_thread(cluster.wait_leader, 20)
             await asyncio.to_thread(cluster.wait_nodes, {"node0"}, 20)
-            got = await read_all(client, keys)
-            assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, values))
+            await assert_intact(client, keys, values)
             more_k, more_v = blocks(3)
             assert all(r.stored for r in await client.batch_put(more_k, more_v))
-            got = await read_all(client, more_k)
-            assert all(g is not None and np.array_equal(g, v) for g, v in zip(got, more_v))
+            await assert_intact(client, more_k, more_v)
         cluster.check()
     finally:
         cluster.stop()
