@@ -72,12 +72,9 @@ class EngineServer:
 
     async def info(self, _: web.Request) -> web.Response:
         w = self.worker
-        ns = w.ns
         return web.json_response({
             "role": w.role.value, "model_id": w.model.model_id, "vocab": w.model.cfg.vocab,
-            "namespace": {"model_id": ns.model_id, "dtype": ns.dtype, "kv_layout": ns.kv_layout,
-                          "tp_rank": ns.tp_rank, "tp_world_size": ns.tp_world_size,
-                          "block_tokens": ns.block_tokens, "salt": ns.salt},
+            "namespace": dataclasses.asdict(w.ns),
             "num_pages": w.cache.num_pages, "load": w.load(), "totals": w.totals})
 
     async def prefill(self, request: web.Request) -> web.StreamResponse:
