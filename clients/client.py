@@ -17,14 +17,16 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from kvpool.codec import BlockHeader, checksum, make_header
+from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent
 from kvpool.wire import NEW, Location, RpcClient
-from clients.buffers import BufferView, describe, view
+from clients.buffers import BufferView, view
+from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
+                              view_of)
 
 log = logging.getLogger(__name__)
 _REGION_CACHE = 64  # large caller buffers kept registered
@@ -189,14 +191,15 @@ class AsyncPoolClient:
         region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
         self._pinned.add(region.address)
 
-    def _ensure_registered(self, v: BufferView) -> None:
-        region = self.agent.find(v.address, v.nbytes)
-        if region is not None:
-            if region.address in self._cache:
-                self._cache.move_to_end(region.address)
-            return
-        region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
-        self._cache[region.address] = region
+    def _ensure_registered(self, buf: BufferView | SegmentedView) -> None:
+        for v in parts_of(buf):  # a segmented block's parts, one by one
+            region = self.agent.find(v.address, v.nbytes)
+            if region is not None:
+                if region.address in self._cache:
+                    self._cache.move_to_end(region.address)
+                continue
+            region = self.agent.register(v.address, v.nbytes, v.mem_type, v.device, v.owner)
+            self._cache[region.address] = region
 
     def _trim_regions(self) -> None:
         """Deregister the least recently used auto-registered buffers (after transfers)."""
@@ -228,7 +231,8 @@ class AsyncPoolClient:
         """Make every buffer in ``idx`` reachable by NIXL: registered ones as they are, small
         unregistered host ones through one scratch buffer (returned, with each one's slice),
         large ones by registering them (kept in an LRU cache for reuse)."""
-        small = [i for i in idx if views[i].mem_type == "DRAM" and views[i].nbytes <= _STAGE_MAX
+        small = [i for i in idx if isinstance(views[i], BufferView)
+                 and views[i].mem_type == "DRAM" and views[i].nbytes <= _STAGE_MAX
                  and self.agent.find(views[i].address, views[i].nbytes) is None]
         for i in idx:
             if i not in small:
@@ -274,7 +278,7 @@ class AsyncPoolClient:
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
         if not keys:
             return []
-        views = [view(value, writable=False) for value in values]
+        views = [view_of(value, writable=False) for value in values]
         tag = self.cfg.layout if layout is None else layout
         body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
         if chained:
@@ -291,8 +295,7 @@ class AsyncPoolClient:
 
             def checksum_new_blocks() -> None:  # runs while the bytes are on their way
                 for i in new:
-                    dtype, shape = describe(values[i])
-                    headers[i] = make_header(views[i].host_bytes(), dtype, shape, tag)
+                    headers[i] = header_of(values[i], views[i], tag)
 
             try:
                 await self._write(new, views, items, checksum_new_blocks)
@@ -327,9 +330,14 @@ class AsyncPoolClient:
             gone = await self._peers(a for a, _, _ in groups)
             if gone:
                 raise NodeGone(f"node(s) {', '.join(sorted(gone))} left the pool during the put; retry")
-            plans = [(agent, [(v.address, v.nbytes, v.device) for v, _ in pairs], lmem,
-                      [(l.address, l.size, l.device) for _, l in pairs], rmem)
-                     for (agent, lmem, rmem), pairs in groups.items()]
+            plans = []
+            for (agent, lmem, rmem), pairs in groups.items():
+                local, remote = [], []
+                for v, l in pairs:  # one row per segment of the block
+                    lrows, rrows = rows(v, (l.address, l.size, l.device))
+                    local += lrows
+                    remote += rrows
+                plans.append((agent, local, lmem, remote, rmem))
             if len(plans) == 1 and sum(views[i].nbytes for i in idx) <= INLINE_BYTES:
                 while_copying()
                 agent, local, lmem, remote, rmem = plans[0]
@@ -390,7 +398,7 @@ class AsyncPoolClient:
             raise BadRequest(f"{len(keys)} keys but {len(outs)} output buffers")
         if not keys:
             return []
-        views = [view(o, writable=True) for o in outs]
+        views = [view_of(o, writable=True) for o in outs]
         res = await self._call("get", {"keys": keys})
         try:
             return await self._read(res, keys, views)
@@ -447,8 +455,11 @@ class AsyncPoolClient:
                     results[i] = GetResult(keys[i], None, NodeGone(f"the node of {keys[i].hex()} left"))
                 continue
             for chunk in _chunks(idx, [items[i][3] for i in idx]):
-                local = [(land[i].address, items[i][3], land[i].device) for i in chunk]
-                remote = [(items[i][2], items[i][3], items[i][5]) for i in chunk]
+                local, remote = [], []
+                for i in chunk:  # one row per segment of the landing buffer
+                    lrows, rrows = rows(land[i], (items[i][2], items[i][3], items[i][5]), items[i][3])
+                    local += lrows
+                    remote += rrows
                 single = len(groups) == 1 and len(chunk) == len(idx)
                 transfers.append((chunk, (self.agent.run if single else self.agent.submit)(
                     "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
@@ -469,8 +480,7 @@ class AsyncPoolClient:
         header = BlockHeader.decode(raw_header)[0]
         if not self.cfg.verify_checksum:
             return GetResult(key, header)
-        data = v.host_bytes()
-        got = checksum(data[:header.payload_size] if data.nbytes > header.payload_size else data)
+        got = payload_checksum(v, header.payload_size)
         if got != header.checksum:
             return GetResult(key, None, ChecksumMismatch(
                 f"block {key.hex()} arrived with checksum {got:016x}, expected "

@@ -1,0 +1,209 @@
+"""Worker side: blocks move straight between vLLM's paged KV cache and the pool's arenas.
+
+vLLM's cache is one tensor per layer, so a vLLM block is one segment per layer (or two,
+K and V, where a backend keeps them apart). Each tensor is registered with NIXL once;
+a block is then handed to the client as ``Segments`` and moves in one transfer whose
+descriptor list has a row per segment: no staging copy. Loads run in the background
+between steps; saves start once a step's forward is done. A block that does not arrive
+(gone, corrupt, pool down) is reported to vLLM, which recomputes it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from clients.segments import Segments
+from engine.vllm_kv.common import (ConnectorConfig, KVPoolMetadata, KVPoolWorkerMetadata,
+                                   LoadSpec, SaveSpec, namespaces)
+from engine.vllm_kv.link import POOL_FAILURES, PoolLink
+from kvpool.errors import ConfigError
+
+log = logging.getLogger("vllm.kvpool." + __name__.rsplit(".", 1)[-1])  # under vLLM's handler
+
+
+@dataclass(slots=True)
+class _Load:
+    spec: LoadSpec
+    future: "concurrent.futures.Future[int]"
+
+
+@dataclass(slots=True)
+class _Saves:
+    futures: list["concurrent.futures.Future[Any]"] = field(default_factory=list)
+    finished: bool = False  # vLLM finished the request: report it once the saves are done
+
+
+class KVPoolWorker:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig, role: str) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self.cfg = cfg
+        self.rank = get_tensor_model_parallel_rank()
+        self.ns = namespaces(vllm_config, kv_cache_config, cfg)[self.rank]
+        self.num_blocks = kv_cache_config.num_blocks
+        self.layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+        self.sync_save = role == "kv_producer"  # a handoff: the answer waits for its blocks
+        self.link = PoolLink(cfg, f"worker{self.rank}")
+        self._views: list[torch.Tensor] = []  # per layer: [segments, blocks, bytes]
+        self.block_bytes = 0
+        self._loads: list[_Load] = []
+        self._saves: dict[str, _Saves] = {}
+        self._load_errors: set[int] = set()
+        self._stored: list[Any] = []  # appended on the link's thread
+        self._stored_lock = threading.Lock()
+        self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """View every layer's tensor as [segments, blocks, bytes] and register its memory
+        with NIXL once (tensors that share one allocation register it once)."""
+        names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
+        seen: set[int] = set()
+        for name in names:
+            t = kv_caches[name]
+            if not t.is_contiguous():
+                raise ConfigError(f"KV cache of {name} is not contiguous; kvpool cannot address its blocks")
+            dims = [d for d, n in enumerate(t.shape) if n == self.num_blocks]
+            if not dims:
+                raise ConfigError(f"KV cache of {name} has shape {tuple(t.shape)}, with no "
+                                  f"dimension of {self.num_blocks} blocks")
+            d = dims[0]
+            segs = math.prod(t.shape[:d])
+            self._views.append(t.view(torch.uint8).view(segs, self.num_blocks, -1)
+                               if t.element_size() == 1 else
+                               t.reshape(segs, self.num_blocks, -1).view(torch.uint8))
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+                self.link.register(whole)
+        self.block_bytes = sum(v.shape[0] * v.shape[2] for v in self._views)
+        log.info("kvpool connector (worker %d): %d layers, %d blocks of %d bytes (%d segments each), "
+                 "namespace %s", self.rank, len(self._views), self.num_blocks, self.block_bytes,
+                 sum(v.shape[0] for v in self._views), self.ns)
+
+    def segments(self, block_id: int) -> Segments:
+        """One vLLM block as the pool stores it: every layer's segments, in layer order."""
+        return Segments([v[s, block_id] for v in self._views for s in range(v.shape[0])])
+
+    # -- loads ----------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: KVPoolMetadata) -> None:
+        for spec in meta.loads:
+            if not self.link.available():
+                fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+                fut.set_result(0)
+            else:
+                fut = self.link.submit(self._load(spec), self.cfg.load_timeout_s)
+            self._loads.append(_Load(spec, fut))
+
+    async def _load(self, spec: LoadSpec) -> int:
+        """Read the blocks in place; returns how many leading ones arrived intact."""
+        keys = spec.keys[self.rank]
+        results = await self.link.client.batch_get(keys, [self.segments(b) for b in spec.block_ids])
+        got = 0
+        for res in results:
+            if not res.hit:
+                if res.error is not None:
+                    log.warning("kvpool: block %s unusable, vLLM recomputes from it: %s",
+                                res.key.hex(), res.error)
+                break
+            got += 1
+        return got
+
+    def _finished_loads(self) -> set[str]:
+        done: set[str] = set()
+        keep: list[_Load] = []
+        for load in self._loads:
+            if not load.future.done():
+                keep.append(load)
+                continue
+            try:
+                got = load.future.result()
+                self.link.succeeded()
+            except POOL_FAILURES as exc:
+                self.link.failed(f"loading {len(load.spec.block_ids)} blocks", exc)
+                got = 0
+            failed = load.spec.block_ids[got:]
+            self._load_errors.update(failed)
+            self.stats["loaded_blocks"] += got
+            self.stats["failed_blocks"] += len(failed)
+            done.add(load.spec.req_id)
+        self._loads = keep
+        return done
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves ----------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: KVPoolMetadata) -> None:
+        """Start this step's saves (the forward has written their blocks). A producer waits
+        for them, so its answer means the decode side can find the blocks."""
+        started = []
+        for spec in meta.saves:
+            saves = self._saves.setdefault(spec.req_id, _Saves())
+            if not self.link.available():
+                continue
+            fut = self.link.submit(self._save(spec), self.cfg.save_timeout_s)
+            saves.futures.append(fut)
+            started.append(fut)
+        if self.sync_save and started:
+            concurrent.futures.wait(started, self.cfg.save_timeout_s + 1.0)
+
+    async def _save(self, spec: SaveSpec) -> int:
+        keys = spec.keys[self.rank]
+        try:
+            results = await self.link.client.batch_put(
+                keys, [self.segments(b) for b in spec.block_ids], chained=True,
+                layout=self.ns.kv_layout)
+        except POOL_FAILURES as exc:
+            self.link.failed(f"saving {len(keys)} blocks", exc)
+            return 0
+        self.link.succeeded()
+        new = [(r.key, spec.parents[i] if self.rank == 0 else None, "host")
+               for i, r in enumerate(results) if r.stored]
+        with self._stored_lock:
+            self._stored.extend(new)
+            self.stats["saved_blocks"] += len(new)
+        return len(new)
+
+    def handle_preemptions(self, meta: KVPoolMetadata) -> None:
+        """A preempted request's blocks are freed at once: its saves must have read them
+        before the next forward can overwrite them."""
+        futures = [f for rid in meta.preempted if rid in self._saves for f in self._saves[rid].futures]
+        if futures:
+            concurrent.futures.wait(futures, self.cfg.save_timeout_s + 1.0)
+
+    # -- completions ----------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        for rid in finished_req_ids:
+            if rid in self._saves:
+                self._saves[rid].finished = True
+        sending = {rid for rid, s in self._saves.items()
+                   if s.finished and all(f.done() for f in s.futures)}
+        for rid in sending:
+            del self._saves[rid]
+        return sending, self._finished_loads()
+
+    def take_stored(self) -> KVPoolWorkerMetadata | None:
+        with self._stored_lock:
+            if not self._stored:
+                return None
+            stored, self._stored = self._stored, []
+        return KVPoolWorkerMetadata(stored)
+
+    def shutdown(self) -> None:
+        for load in self._loads:
+            concurrent.futures.wait([load.future], 2.0)
+        self.link.close()
