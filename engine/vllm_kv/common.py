@@ -36,6 +36,8 @@ class ConnectorConfig:
     save: bool = True  # save new full blocks (a kv_consumer never saves)
     load: bool = True  # load prefixes from the pool (a kv_producer never loads)
     event_token_ids: bool = False  # put token ids in BlockStored events (they are prompt content)
+    audit_path: str = ""  # append one JSON line per block saved or loaded: key and xxh3 of the
+    #                       bytes in vLLM's cache (how the tests prove loads are bit-exact)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None, role: str) -> "ConnectorConfig":

@@ -27,6 +27,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         self.scheduler: KVPoolScheduler | None = None
         self.worker: KVPoolWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
+            if ktc.kv_load_failure_policy != "recompute":
+                # The pool is a cache: a block it lost or that arrived corrupt is recomputed,
+                # never a failed request. vLLM reads the policy after building the connector.
+                log.warning("kvpool: kv_load_failure_policy %r -> 'recompute' (a pool failure "
+                            "is a recomputation)", ktc.kv_load_failure_policy)
+                ktc.kv_load_failure_policy = "recompute"
             self.scheduler = KVPoolScheduler(vllm_config, kv_cache_config, cfg)
         else:
             self.worker = KVPoolWorker(vllm_config, kv_cache_config, cfg, ktc.kv_role)

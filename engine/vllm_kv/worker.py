@@ -11,6 +11,7 @@ between steps; saves start once a step's forward is done. A block that does not 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import math
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from clients.segments import Segments
+from clients.segments import Segments, segmented_view
 from engine.vllm_kv.common import (ConnectorConfig, KVPoolMetadata, KVPoolWorkerMetadata,
                                    LoadSpec, SaveSpec, namespaces)
 from engine.vllm_kv.link import POOL_FAILURES, PoolLink
@@ -117,7 +118,16 @@ class KVPoolWorker:
                                 res.key.hex(), res.error)
                 break
             got += 1
+        self._audit("load", spec.req_id, keys[:got], spec.block_ids[:got])
         return got
+
+    def _audit(self, op: str, req_id: str, keys: list[bytes], block_ids: list[int]) -> None:
+        if not self.cfg.audit_path or not keys:
+            return
+        with open(self.cfg.audit_path, "a") as f:
+            for key, b in zip(keys, block_ids):
+                digest = segmented_view(self.segments(b), writable=False).checksum()
+                f.write(json.dumps({"op": op, "req": req_id, "key": key.hex(), "xxh3": f"{digest:016x}"}) + "\n")
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()
@@ -162,6 +172,7 @@ class KVPoolWorker:
 
     async def _save(self, spec: SaveSpec) -> int:
         keys = spec.keys[self.rank]
+        self._audit("save", spec.req_id, keys, spec.block_ids)
         try:
             results = await self.link.client.batch_put(
                 keys, [self.segments(b) for b in spec.block_ids], chained=True,

@@ -1,0 +1,228 @@
+"""Stock vLLM (``vllm serve``, CPU, float32, a small random-weight Llama) with kvpool as its
+KV connector, against a real pool: a second instance serves a prefix from the pool with
+the exact bytes the first computed and the tokens of a vLLM without the connector;
+prefill → pool → decode through the router gives those tokens too, streaming or not;
+removed or corrupt blocks are recomputed; another dtype reuses nothing; a dead pool
+changes nothing but speed. Four vLLM processes, started once for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+from clients.launcher import spawn, stop  # noqa: E402
+from engine.vllm_kv import launch  # noqa: E402
+from engine.vllm_kv.tiny_model import build  # noqa: E402
+from kvpool.transfer import TransferAgent  # noqa: E402
+from kvpool.wire import RpcClient  # noqa: E402
+from tests.e2e.conftest import POOL_ENV  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+BT = 32
+
+
+@dataclass
+class VStack:
+    tmp: Path
+    master: str = ""
+    pool: Any = None
+    vllm: dict[str, launch.VLLM] = field(default_factory=dict)
+    router: str = ""
+    router_proc: Any = None
+
+    def audit(self, name: str) -> list[dict[str, str]]:
+        path = self.tmp / f"audit-{name}.jsonl"
+        return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
+    tmp = tmp_path_factory.mktemp("vllm")
+    s = VStack(tmp)
+    model = build(tmp / "model")
+    s.pool, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
+                         POOL_ENV, tmp / "pool.log")
+    s.master = info["master"]
+    try:
+        def audit(name: str) -> dict[str, object]:
+            return {"audit_path": str(tmp / f"audit-{name}.jsonl"), "timeout_s": 1.0, "retry_s": 2.0}
+
+        s.vllm = {
+            "base": launch.start("base", model, tmp / "base.log"),
+            "prefill": launch.start("prefill", model, tmp / "prefill.log", role="kv_producer",
+                                    master=s.master, extra=audit("prefill")),
+            "decode": launch.start("decode", model, tmp / "decode.log", role="kv_consumer",
+                                   master=s.master, extra=audit("decode")),
+            "bf16": launch.start("bf16", model, tmp / "bf16.log", role="kv_both", master=s.master,
+                                 dtype="bfloat16", extra=audit("bf16")),
+        }
+        launch.wait_ready(list(s.vllm.values()))
+        s.router_proc, info = spawn("engine.vllm_kv.router", [
+            "--prefill", s.vllm["prefill"].url, "--decode", s.vllm["decode"].url,
+            "--block-tokens", str(BT)], {}, tmp / "router.log")
+        s.router = info["url"]
+        yield s
+    finally:
+        if s.router_proc is not None:
+            stop(s.router_proc)
+        for v in s.vllm.values():
+            v.stop()
+        if s.pool is not None:
+            stop(s.pool)
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def sse(url: str, body: dict[str, Any], timeout: float = 120.0) -> list[dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    out = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(4, 500, n)]
+
+
+def complete(url: str, tokens: list[int], max_tokens: int = 12) -> tuple[list[int], int]:
+    """Greedy completion: (generated token ids, prompt tokens vLLM did not compute)."""
+    r = post(f"{url}/v1/completions", {"model": "tiny", "prompt": tokens, "max_tokens": max_tokens,
+                                       "temperature": 0, "return_token_ids": True})
+    details = (r.get("usage") or {}).get("prompt_tokens_details") or {}
+    return list(r["choices"][0]["token_ids"]), int(details.get("cached_tokens") or 0)
+
+
+def pool_keys(vs: VStack, name: str, op: str) -> list[str]:
+    return [a["key"] for a in vs.audit(name) if a["op"] == op]
+
+
+def test_second_instance_loads_the_prefix_bit_exact_with_the_same_tokens(vs: VStack) -> None:
+    p = prompt(1, 6 * BT + 10)
+    ref, base_cached = complete(vs.vllm["base"].url, p)
+    assert base_cached == 0
+    first, _ = complete(vs.vllm["prefill"].url, p)
+    assert first == ref
+    saved = {a["key"]: a["xxh3"] for a in vs.audit("prefill") if a["op"] == "save"}
+    assert len(saved) == 6  # every full prompt block
+    again, cached = complete(vs.vllm["decode"].url, p)
+    assert again == ref
+    assert cached == 6 * BT  # vLLM's own count: the prefix came from outside
+    loaded = {a["key"]: a["xxh3"] for a in vs.audit("decode") if a["op"] == "load"}
+    assert loaded == saved  # the bytes in the decode cache are the bytes prefill computed
+
+
+def test_router_prefill_pool_decode_same_tokens_streaming_and_not(vs: VStack) -> None:
+    p = prompt(2, 5 * BT + 3)
+    ref, _ = complete(vs.vllm["base"].url, p, 10)
+    before = len(pool_keys(vs, "decode", "load"))
+    got, cached = complete(vs.router, p, 10)
+    assert got == ref and cached == 5 * BT
+    assert len(pool_keys(vs, "decode", "load")) == before + 5
+    body = {"model": "tiny", "prompt": p, "max_tokens": 10, "temperature": 0, "return_token_ids": True}
+    chunks = sse(f"{vs.router}/v1/completions", body)
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == ref
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "the pool keeps blocks " * 30}],
+            "max_tokens": 8, "temperature": 0}
+    want = post(f"{vs.vllm['base'].url}/v1/chat/completions", chat)["choices"][0]["message"]["content"]
+    r = post(f"{vs.router}/v1/chat/completions", chat)
+    assert r["choices"][0]["message"]["content"] == want
+    assert (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) > 0
+    streamed = "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in sse(f"{vs.router}/v1/chat/completions", chat) if c["choices"])
+    assert streamed == want
+
+
+def test_removed_blocks_are_recomputed_with_the_same_tokens(vs: VStack) -> None:
+    p = prompt(3, 5 * BT + 7)
+    ref, _ = complete(vs.vllm["base"].url, p)
+    n = len(pool_keys(vs, "prefill", "save"))
+    assert complete(vs.vllm["prefill"].url, p)[0] == ref
+    keys = pool_keys(vs, "prefill", "save")[n:]
+    assert len(keys) == 5
+    for key in keys[2:]:
+        req = urllib.request.Request(f"{vs.master}/v1/blocks/{key}", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).close()
+    got, cached = complete(vs.vllm["decode"].url, p)
+    assert got == ref and cached == 2 * BT
+
+
+def test_a_corrupt_block_is_recomputed_with_the_same_tokens(vs: VStack) -> None:
+    p = prompt(4, 4 * BT + 1)
+    ref, _ = complete(vs.vllm["base"].url, p)
+    n = len(pool_keys(vs, "prefill", "save"))
+    assert complete(vs.vllm["prefill"].url, p)[0] == ref
+    keys = pool_keys(vs, "prefill", "save")[n:]
+    asyncio.run(corrupt(vs.master, bytes.fromhex(keys[1])))
+    loads = len(pool_keys(vs, "decode", "load"))
+    got, _ = complete(vs.vllm["decode"].url, p)
+    assert got == ref
+    assert pool_keys(vs, "decode", "load")[loads:] == keys[:1]  # only the block before it landed
+    with pytest.raises(urllib.error.HTTPError):  # the pool dropped the corrupt block
+        urllib.request.urlopen(f"{vs.master}/v1/blocks/{keys[1]}", timeout=10)
+
+
+def test_another_dtype_reuses_nothing(vs: VStack) -> None:
+    p = prompt(1, 6 * BT + 10)  # the first test's prompt: its float32 blocks are in the pool
+    _, cached = complete(vs.vllm["bf16"].url, p)
+    assert cached == 0
+    saved = set(pool_keys(vs, "bf16", "save"))
+    assert len(saved) == 6 and not saved & set(pool_keys(vs, "prefill", "save"))
+
+
+def test_a_dead_pool_changes_nothing_but_speed(vs: VStack) -> None:
+    stop(vs.pool, signal.SIGKILL)
+    vs.pool = None
+    for i, n in enumerate((3 * BT + 5, 4 * BT)):
+        p = prompt(10 + i, n)
+        ref, _ = complete(vs.vllm["base"].url, p)
+        t0 = time.monotonic()
+        assert complete(vs.vllm["decode"].url, p)[0] == ref
+        assert complete(vs.vllm["prefill"].url, p)[0] == ref
+        assert complete(vs.router, p)[0] == ref
+        assert time.monotonic() - t0 < 60
+    log = (vs.tmp / "decode.log").read_text(errors="replace")
+    assert log.count("serving without the pool") == 1  # one warning, not one per request
+
+
+async def corrupt(master: str, key: bytes) -> None:
+    """Overwrite a stored block's bytes in the daemon's arena (as a bit flip in memory would):
+    its checksum no longer matches, which only a reader can notice."""
+    rpc = RpcClient(master)
+    agent = TransferAgent("test-corrupter", progress_thread=False)
+    try:
+        res = await rpc.call("get", {"keys": [key]})
+        item = res["items"][0]
+        assert item is not None, "the block to corrupt is not in the pool"
+        peer, address, size, mem, device = item[1], item[2], item[3], item[4], item[5]
+        meta = (await rpc.call("agents", {"agents": [peer]}))["metadata"]
+        agent.add_peer(bytes(meta[peer]))
+        junk = np.full(size, 0xAB, dtype=np.uint8)
+        agent.register(junk.ctypes.data, junk.nbytes, owner=junk)
+        await agent.run("WRITE", peer, [(junk.ctypes.data, size, 0)], "DRAM",
+                        [(address, size, device)], mem, 5.0)
+        await rpc.call("release", {"leases": [res["lease"]]})
+    finally:
+        agent.close()
+        await rpc.close()

@@ -1,0 +1,84 @@
+"""Scatter/gather blocks: a block given as a list of memory segments (as a paged cache
+holds it, one piece per layer) is put and got in one call, lands segment by segment, and
+is the same block as its contiguous bytes: same checksum, readable either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.client import AsyncPoolClient
+from clients.segments import Segments
+from kvpool.errors import BadRequest
+from kvpool.keys import Namespace, block_keys
+from tests.integration.conftest import Pool
+
+KiB = 1 << 10
+
+
+def keys_for(tag: str, n: int) -> list[bytes]:
+    return block_keys(Namespace("segments", "uint8", "raw", block_tokens=1, salt=tag), np.arange(n))
+
+
+def paged_cache(layers: int, blocks: int, seg_bytes: int, seed: int) -> list[torch.Tensor]:
+    """One tensor per layer, [blocks, bytes]: a block is one row of every layer."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (blocks, seg_bytes), dtype=torch.uint8, generator=g)
+            for _ in range(layers)]
+
+
+def block(cache: list[torch.Tensor], b: int) -> Segments:
+    return Segments([layer[b] for layer in cache])
+
+
+async def test_segmented_put_reads_back_contiguous_and_segmented(pool: Pool) -> None:
+    src = paged_cache(layers=4, blocks=8, seg_bytes=16 * KiB, seed=1)
+    keys = keys_for("roundtrip", 5)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        for layer in src:
+            client.register(layer)
+        put = await client.batch_put(keys, [block(src, b) for b in (3, 0, 7, 1, 5)], chained=True)
+        assert all(r.stored for r in put)
+        # contiguous readers see the layers' rows back to back
+        flat = np.empty(4 * 16 * KiB, dtype=np.uint8)
+        assert await client.get(keys[2], flat) is not None
+        assert np.array_equal(flat, torch.cat([layer[7] for layer in src]).numpy())
+        # a second paged cache gets them segment by segment, in one batched call
+        dst = [torch.zeros_like(layer) for layer in src]
+        res = await client.batch_get(keys, [block(dst, b) for b in range(5)])
+        assert all(r.hit for r in res)
+        for i, b in enumerate((3, 0, 7, 1, 5)):
+            for layer_src, layer_dst in zip(src, dst):
+                assert torch.equal(layer_dst[i], layer_src[b])
+        assert all(torch.count_nonzero(layer[5:]) == 0 for layer in dst)  # nothing else touched
+
+
+async def test_contiguous_put_lands_in_segments_unregistered_too(pool: Pool) -> None:
+    key = keys_for("contig", 1)[0]
+    value = np.random.default_rng(2).integers(0, 256, 3 * 8 * KiB, dtype=np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        assert (await client.put(key, value)).stored
+        parts = [np.zeros(8 * KiB, dtype=np.uint8) for _ in range(3)]  # not registered
+        header = await client.get(key, Segments(parts))
+        assert header is not None and header.payload_size == value.nbytes
+        assert np.array_equal(np.concatenate(parts), value)
+
+
+async def test_segments_of_uneven_sizes_and_a_miss(pool: Pool) -> None:
+    k_hit, k_miss = keys_for("uneven", 2)
+    parts = [np.arange(n, dtype=np.uint8) for n in (100, 4096, 7, 1000)]
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.put(k_hit, Segments(parts))
+        out = [np.zeros_like(p) for p in parts]
+        res = await client.batch_get([k_hit, k_miss], [Segments(out), Segments([np.zeros(8, np.uint8)])])
+        assert res[0].hit and not res[1].hit and res[1].error is None
+        assert all(np.array_equal(a, b) for a, b in zip(out, parts))
+
+
+async def test_segments_must_share_a_memory_type_and_exist(pool: Pool) -> None:
+    with pytest.raises(BadRequest):
+        Segments([])
+    async with AsyncPoolClient(pool.client_config()) as client:
+        with pytest.raises(BadRequest):
+            await client.put(keys_for("bad", 1)[0], Segments([np.zeros(4, np.uint8)[::2]]))
