@@ -56,6 +56,16 @@ async def put(core: MasterCore, keys: list[BlockKey], size: int = BLOCK) -> list
     return [item.status for item in items]
 
 
+async def nine_blocks_in_ten() -> tuple[FakeDaemon, MasterCore, list[BlockKey]]:
+    """A host arena of 10 blocks holding 9, over its 0.8 high watermark (low: 0.5)."""
+    d = fake("n1", host=10 * BLOCK)
+    core = await master(d, high_watermark=0.8, low_watermark=0.5)
+    keys = [key(i) for i in range(9)]
+    for k in keys:
+        await put(core, [k])
+    return d, core, keys
+
+
 def tiers_of(core: MasterCore, k: BlockKey) -> list[TierKind]:
     entry = core.state.index.readable(k)
     return sorted((r.tier for r in entry.replicas), key=lambda t: t.rank) if entry else []
@@ -111,11 +121,7 @@ async def test_abandoned_reservations_are_reclaimed_after_their_deadline() -> No
 
 
 async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_readable() -> None:
-    d = fake("n1", host=10 * BLOCK)
-    core = await master(d, high_watermark=0.8, low_watermark=0.5)
-    keys = [key(i) for i in range(9)]
-    for k in keys:
-        await put(core, [k])
+    d, core, keys = await nine_blocks_in_ten()
     lease, _ = await core.reads.get([keys[0]])  # the coldest block, but a reader holds it
     await core.sweep()
     host = core.state.nodes["n1"].tiers[TierKind.HOST]
@@ -134,11 +140,7 @@ async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_reada
 
 
 async def test_a_full_destination_leaves_the_block_where_it_is() -> None:
-    d = fake("n1", host=10 * BLOCK)
-    core = await master(d, high_watermark=0.8, low_watermark=0.5)
-    keys = [key(i) for i in range(9)]
-    for k in keys:
-        await put(core, [k])
+    d, core, keys = await nine_blocks_in_ten()
     d.full.add(TierKind.SSD)
     await core.sweep()
     assert all(tiers_of(core, k) == [TierKind.HOST] for k in keys)  # nothing lost
@@ -147,11 +149,7 @@ async def test_a_full_destination_leaves_the_block_where_it_is() -> None:
 
 
 async def test_a_corrupt_cold_replica_is_dropped_and_read_as_a_miss() -> None:
-    d = fake("n1", host=10 * BLOCK)
-    core = await master(d, high_watermark=0.8, low_watermark=0.5)
-    keys = [key(i) for i in range(9)]
-    for k in keys:
-        await put(core, [k])
+    d, core, keys = await nine_blocks_in_ten()
     await core.sweep()
     cold = next(k for k in keys if tiers_of(core, k) == [TierKind.SSD])
     d.corrupt.add((TierKind.SSD, cold))
