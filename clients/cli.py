@@ -175,13 +175,13 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
 def _leader_url(etcd: str, cluster: str) -> str:
     """The leading master's URL, as etcd names it."""
-    from kvpool.coordinator import cluster_prefix
     from kvpool.etcd_coordinator import EtcdCoordinator
+    from kvpool.keyspace import Keyspace
 
     async def ask() -> bytes | None:
         coord = EtcdCoordinator(etcd, timeout_s=3.0)
         try:
-            return await coord.get(f"{cluster_prefix(cluster)}master/leader")
+            return await coord.get(Keyspace(cluster).leader)
         finally:
             await coord.close()
 

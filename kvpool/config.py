@@ -31,7 +31,6 @@ class MasterConfig:
     token: str = doc("", "Bearer token that mutating admin calls must carry; empty disables the check.")
     read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
     put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
-    node_ttl_s: float = doc(5.0, "Membership lease of a daemon; missing heartbeats this long drop it.")
     high_watermark: float = doc(0.90, "Above this fraction of a tier's capacity, blocks are demoted.")
     low_watermark: float = doc(0.75, "Demotion stops once a tier is below this fraction.")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
@@ -63,7 +62,8 @@ class DaemonConfig:
     heartbeat_s: float = doc(1.0, "Without etcd: how often the daemon renews its membership with the master.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated): join a cluster; master_url is then unused.")
     cluster: str = doc("default", "Name of the cluster to join (with etcd).")
-    node_ttl_s: float = doc(5.0, "With etcd: the membership lease; a dead daemon leaves the index this long after.")
+    node_ttl_s: float = doc(5.0, "The daemon's membership lease (in etcd, or kept by a single master): "
+                                 "a dead daemon leaves the index this long after its last renewal.")
 
 
 @dataclass(frozen=True)

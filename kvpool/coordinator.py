@@ -73,10 +73,6 @@ class Coordinator(Protocol):
     async def close(self) -> None: ...
 
 
-def cluster_prefix(cluster: str) -> str:
-    return f"/kvpool/{cluster}/"
-
-
 @dataclass(slots=True)
 class _Lease:
     ttl_s: float

@@ -12,21 +12,24 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from typing import Any
+from typing import Any, Sequence
 
 from aiohttp import web
 
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
+from kvpool.daemon_link import (DAEMON_RPC_PATH, CopyResult, Health, Registration, StoredBlock,
+                                TierDescription, daemon_endpoint)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
-from kvpool.keys import parse_key
+from kvpool.keys import BlockKey
 from kvpool.membership import Membership
+from kvpool.protocol import Call
 from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
-from kvpool.wire import MAX_BODY, RpcClient, error_middleware, need, rpc_endpoint
+from kvpool.wire import MAX_BODY, RpcClient, error_middleware, rpc_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +117,27 @@ class PoolDaemon:
     def tier_infos(self) -> list[TierInfo]:
         return [TierInfo(k, t.capacity, t.used(), len(t)) for k, t in self.tiers.items()]
 
-    def registration(self) -> dict[str, Any]:
+    def _registration(self) -> Registration:
         assert self.agent is not None
         tiers = []
         for kind, tier in self.tiers.items():
-            item: dict[str, Any] = {"kind": kind.value, "capacity": tier.capacity}
+            desc = TierDescription(kind, tier.capacity)
             if isinstance(tier, ArenaTier):
-                item.update(address=tier.address, mem_type=tier.mem_type, device=tier.device_id)
-            if getattr(tier, "shared", False):
-                item["store"] = f"{self.cfg.s3_endpoint}|{tier.url}"  # type: ignore[attr-defined]
-            tiers.append(item)
-        return {"node_id": self.cfg.node_id, "url": self.url, "agent": self.agent_name,
-                "metadata": self.agent.metadata(), "tiers": tiers, "inventory": self.inventory()}
+                desc = TierDescription(kind, tier.capacity, tier.address, tier.mem_type, tier.device_id)
+            elif getattr(tier, "shared", False):
+                desc = TierDescription(kind, tier.capacity,
+                                       store=f"{self.cfg.s3_endpoint}|{tier.url}")  # type: ignore[attr-defined]
+            tiers.append(desc)
+        return Registration(self.cfg.node_id, self.url, self.agent_name, self.agent.metadata(),
+                            self.cfg.node_ttl_s, tiers, self._inventory())
 
     def describe(self) -> dict[str, Any]:
         """The value of this node's membership key: enough to reach it and size it up."""
-        return {"url": self.url, "agent": self.agent_name,
+        return {"url": self.url, "agent": self.agent_name, "ttl_s": self.cfg.node_ttl_s,
                 "tiers": {k.value: t.capacity for k, t in self.tiers.items()}}
 
-    def inventory(self) -> list[dict[str, Any]]:
-        return [{"key": b.key, "tier": kind.value, "location": b.location, "size": b.size,
-                 "header": b.header.encode()}
+    def _inventory(self) -> list[StoredBlock]:
+        return [StoredBlock(b.key, kind, b.location, b.size, b.header.encode())
                 for kind, tier in self.tiers.items() for b in tier.inventory()]
 
     async def _register(self, deadline_s: float) -> None:
@@ -143,7 +146,7 @@ class PoolDaemon:
         end = loop.time() + deadline_s
         while True:
             try:
-                await self._master.call("register", self.registration())
+                await self._master.call(Call.REGISTER, self._registration().pack())
                 return
             except KVPoolError as exc:
                 if not exc.retryable or loop.time() > end:
@@ -155,7 +158,7 @@ class PoolDaemon:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             try:
-                await self._master.call("heartbeat", {"node_id": self.cfg.node_id,
+                await self._master.call(Call.HEARTBEAT, {"node_id": self.cfg.node_id,
                                                       "agent": self.agent_name})
             except NodeGone:
                 log.warning("the master dropped this node; registering again")
@@ -168,82 +171,71 @@ class PoolDaemon:
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        app.router.add_get("/v1/d/rpc", rpc_endpoint({
-            "adopt": self.adopt, "copy": self.copy, "drop": self.drop,
-            "inventory": self.inventory_handler, "health": self.health,
-            "registration": self.registration_handler}))
+        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self)))
         app.router.add_get("/healthz", self.healthz)
         return app
 
-    def _tier(self, name: Any) -> Tier:
-        try:
-            return self.tiers[TierKind(name)]
-        except (ValueError, KeyError):
-            raise BadRequest(f"this node has no tier {name!r}") from None
+    def _tier(self, kind: TierKind) -> Tier:
+        tier = self.tiers.get(kind)
+        if tier is None:
+            raise BadRequest(f"this node has no {kind.value} tier")
+        return tier
 
-    async def adopt(self, body: dict[str, Any]) -> Any:
-        """Record blocks a client wrote into an arena through NIXL (the master's commit)."""
-        keys = [parse_key(k) for k in need(body, "keys", list)]
-        tiers, locations = need(body, "tiers", list), need(body, "locations", list)
-        headers = need(body, "headers", list)
-        if not len(keys) == len(tiers) == len(locations) == len(headers):
-            raise BadRequest("adopt needs keys, tiers, locations and headers of equal length")
-        for key, tier_name, location, raw in zip(keys, tiers, locations, headers):
-            tier = self._tier(tier_name)
+    # -- what the master asks (kvpool.daemon_link.DaemonLink) -----------------------------
+
+    async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
+        """Record blocks a client wrote into an arena through NIXL (the master's commit).
+        Every block is checked before any is recorded, so a bad batch changes nothing."""
+        checked = []
+        for block in blocks:
+            tier = self._tier(block.tier)
             if not isinstance(tier, ArenaTier):
-                raise BadRequest(f"tier {tier_name} is not an arena")
-            header, _ = BlockHeader.decode(bytes(raw))
-            tier.adopt(key, header, int(location))
-        return {"adopted": len(keys)}
+                raise BadRequest(f"tier {block.tier.value} is not an arena")
+            header, _ = BlockHeader.decode(block.header)
+            checked.append((tier, block, header))
+        for tier, block, header in checked:
+            tier.adopt(block.key, header, block.location)
 
-    async def copy(self, body: dict[str, Any]) -> Any:
+    async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
+                   locations: Sequence[int]) -> list[CopyResult]:
         """Copy blocks between this node's tiers; the source keeps its copy."""
-        keys = [parse_key(k) for k in need(body, "keys", list)]
-        src, dst = self._tier(body.get("src")), self._tier(body.get("dst"))
-        locations = need(body, "locations", list)
-        statuses, sizes = [], []
+        source, target = self._tier(src), self._tier(dst)
+        results = []
         for key, location in zip(keys, locations):
             try:
-                header, payload = await src.read(key)
-                stored = await dst.write(key, header, payload, int(location))
-                statuses.append("ok")
-                sizes.append(stored.size)
+                header, payload = await source.read(key)
+                stored = await target.write(key, header, payload, location)
+                results.append(CopyResult(stored.size))
             except ChecksumMismatch as exc:
                 log.warning("block %s in %s failed its checksum and was dropped: %s",
-                            key.hex(), src.kind.value, exc)
-                statuses.append("corrupt")
-                sizes.append(0)
-            except BlockNotFound:
-                statuses.append("missing")
-                sizes.append(0)
-            except TierFull:
-                statuses.append("full")
-                sizes.append(0)
-        return {"status": statuses, "sizes": sizes}
+                            key.hex(), src.value, exc)
+                results.append(CopyResult(error=exc))
+            except (BlockNotFound, TierFull) as exc:
+                results.append(CopyResult(error=exc))
+        return results
 
-    async def drop(self, body: dict[str, Any]) -> Any:
-        tier = self._tier(body.get("tier"))
+    async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
+        target = self._tier(tier)
         dropped = 0
-        for key in need(body, "keys", list):
-            dropped += await tier.remove(parse_key(key))
-        return {"dropped": dropped}
+        for key in keys:
+            dropped += await target.remove(key)
+        return dropped
 
-    async def inventory_handler(self, body: dict[str, Any]) -> Any:
-        return {"inventory": self.inventory()}
+    async def inventory(self) -> list[StoredBlock]:
+        return self._inventory()
 
-    async def registration_handler(self, body: dict[str, Any]) -> Any:
-        """What a newly elected master pulls: tiers, NIXL metadata and the whole inventory
-        (with ``rescan``, a shared object store is listed again first, so blocks that
-        nodes gone since wrote there are found)."""
-        if body.get("rescan"):
+    async def registration(self, rescan: bool = False) -> Registration:
+        """What a newly elected master pulls (with ``rescan``, a shared object store is
+        listed again first, so blocks that nodes gone since wrote there are found)."""
+        if rescan:
             for tier in self.tiers.values():
                 if getattr(tier, "shared", False):
                     await tier.rescan()  # type: ignore[attr-defined]
-        return self.registration()
+        return self._registration()
 
-    async def health(self, body: dict[str, Any]) -> Any:
-        return {"node_id": self.cfg.node_id, "agent": self.agent_name,
-                "tiers": {i.kind.value: [i.capacity, i.used, i.blocks] for i in self.tier_infos()}}
+    async def health(self) -> Health:
+        return Health(self.cfg.node_id, self.agent_name,
+                      {i.kind.value: [i.capacity, i.used, i.blocks] for i in self.tier_infos()})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.health({}))
+        return web.json_response((await self.health()).pack())

@@ -120,12 +120,19 @@ class ConfigError(KVPoolError):
     http_status = 400
 
 
+class ProtocolMismatch(KVPoolError):
+    """The two ends of a connection speak incompatible versions of kvpool's RPC."""
+
+    code = "protocol_mismatch"
+    http_status = 426
+
+
 _BY_CODE: dict[str, type[KVPoolError]] = {
     cls.code: cls
     for cls in (
         KVPoolError, BadRequest, BlockNotFound, BlockLeased, TierFull, ChecksumMismatch,
         NodeGone, NodeIdTaken, NotLeader, NotReady, ReservationLost, Unauthorized,
-        TransferFailed, Unavailable, ConfigError,
+        TransferFailed, Unavailable, ConfigError, ProtocolMismatch,
     )
 }
 

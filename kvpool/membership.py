@@ -15,31 +15,12 @@ import logging
 from contextlib import suppress
 from typing import Any, Callable
 
-import aiohttp
-
-from kvpool.coordinator import Coordinator, LeaseExpired, cluster_prefix
+from kvpool.coordinator import Coordinator, LeaseExpired
+from kvpool.daemon_link import probe
 from kvpool.errors import KVPoolError, NodeIdTaken
+from kvpool.keyspace import Keyspace
 
 log = logging.getLogger(__name__)
-
-
-def node_key(cluster: str, node_id: str) -> str:
-    return f"{cluster_prefix(cluster)}nodes/{node_id}"
-
-
-def nixl_key(cluster: str, agent: str) -> str:
-    return f"{cluster_prefix(cluster)}nixl/{agent}"
-
-
-async def _holder_alive(url: str, agent: str) -> bool:
-    """Does the daemon that holds a key still answer, as the same agent?"""
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
-            async with session.get(f"{url}/healthz") as resp:
-                info = await resp.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("agent") == agent
 
 
 class Membership:
@@ -49,6 +30,7 @@ class Membership:
                  describe: Callable[[], dict[str, Any]], metadata: bytes) -> None:
         self.coord = coord
         self.cluster = cluster
+        self.keys = Keyspace(cluster)
         self.node_id = node_id
         self.ttl_s = ttl_s
         self._describe = describe
@@ -61,13 +43,13 @@ class Membership:
         not run out yet) is waited for; one held by a live daemon is refused."""
         loop = asyncio.get_running_loop()
         end = loop.time() + (self.ttl_s + 5.0 if wait_s is None else wait_s)
-        key = node_key(self.cluster, self.node_id)
+        key = self.keys.node(self.node_id)
         value = self._describe()
         waited = False
         while True:
             lease = await self.coord.grant_lease(self.ttl_s)
             if await self.coord.compare_and_set(key, None, json.dumps(value).encode(), lease):
-                await self.coord.put(nixl_key(self.cluster, value["agent"]), self._metadata, lease)
+                await self.coord.put(self.keys.nixl(value["agent"]), self._metadata, lease)
                 self.lease = lease
                 log.info("node %s joined cluster %s (lease %x)", self.node_id, self.cluster, lease)
                 return
@@ -79,7 +61,7 @@ class Membership:
             if holder.get("agent") == value["agent"]:
                 await self.coord.delete(key)  # our own key from a lease we gave up
                 continue
-            if await _holder_alive(str(holder.get("url", "")), str(holder.get("agent", ""))):
+            if await probe(str(holder.get("url", "")), str(holder.get("agent", ""))):
                 raise NodeIdTaken(f"node id {self.node_id!r} is already in cluster "
                                   f"{self.cluster!r} (daemon at {holder.get('url')}); "
                                   "give this daemon another node_id")

@@ -2,7 +2,9 @@
 
 Hot calls (reserve, commit, get, match) carry batches of raw 16-byte keys in one compact
 binary body. Errors travel as ``{"error": code, "message": text}`` and come back out of
-``RpcClient.call`` as the same typed exception.
+``RpcClient.call`` as the same typed exception. The WebSocket handshake carries the
+protocol version both ways: a peer of another version is refused before any call, with
+an error that names both versions.
 """
 
 from __future__ import annotations
@@ -11,30 +13,29 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import msgpack
 from aiohttp import web
 
-from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
+from kvpool.errors import BadRequest, KVPoolError, ProtocolMismatch, Unavailable, error_from_code
 
 MAX_BODY = 64 << 20
 log = logging.getLogger(__name__)
 
-# What reserve answers for each key.
-NEW, EXISTS, IN_FLIGHT = 0, 1, 2
+# The RPC's version: raised whenever a record or call changes shape. Version 2 carries
+# named records (kvpool.protocol, kvpool.daemon_link) where version 1 sent bare lists.
+PROTOCOL_VERSION = 2
+SUBPROTOCOL = f"kvpool.{PROTOCOL_VERSION}"  # the WebSocket subprotocol both ends must pick
+PROTOCOL_HEADER = "KVPool-Protocol"  # a refusal names the server's version here
 
 
-class Location(NamedTuple):
-    """Where a block's bytes are, as reserve and get send it: what NIXL needs to reach them."""
-
-    node: str
-    agent: str  # the daemon's NIXL agent
-    address: int
-    size: int
-    mem_type: str  # "DRAM" or "VRAM"
-    device: int
+def _mismatch(theirs: str | None, url: str, side: str) -> ProtocolMismatch:
+    return ProtocolMismatch(
+        f"{side} speaks kvpool RPC protocol {PROTOCOL_VERSION} but {url} speaks "
+        f"{theirs or 'an unversioned (older) protocol'}; run the same kvpool release on both "
+        "ends (upgrade the older one)")
 
 
 def pack(obj: Any) -> bytes:
@@ -71,7 +72,14 @@ def rpc_endpoint(handlers: dict[str, Handler]) -> Callable[[web.Request], Awaita
     """
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_BODY)
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if SUBPROTOCOL not in offered:
+            theirs = ", ".join(p.removeprefix("kvpool.") for p in offered if p.startswith("kvpool."))
+            exc = _mismatch(theirs, f"the peer at {request.remote}", "this server")
+            return web.json_response({"error": exc.code, "message": str(exc)},
+                                     status=exc.http_status,
+                                     headers={PROTOCOL_HEADER: str(PROTOCOL_VERSION)})
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY, protocols=(SUBPROTOCOL,))
         await ws.prepare(request)
         tasks: set[asyncio.Task[None]] = set()
         async for msg in ws:
@@ -155,10 +163,18 @@ class RpcClient:
             try:
                 self._ws = await self._session.ws_connect(
                     self.url, max_msg_size=MAX_BODY, timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                    autoping=True)
+                    autoping=True, protocols=(SUBPROTOCOL,))
+            except aiohttp.WSServerHandshakeError as exc:
+                theirs = exc.headers.get(PROTOCOL_HEADER) if exc.headers else None
+                if exc.status == ProtocolMismatch.http_status or (theirs and theirs != str(PROTOCOL_VERSION)):
+                    raise _mismatch(theirs, self.url, "this client") from None
+                raise Unavailable(f"cannot open RPC to {self.url}: {exc}; is it a kvpool server?") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise Unavailable(f"cannot reach {self.url}: {exc or type(exc).__name__}; "
                                   "is the server running?") from None
+            if self._ws.protocol != SUBPROTOCOL:  # a server too old to check versions
+                await self._ws.close()
+                raise _mismatch(None, self.url, "this client")
             self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
             return self._ws
 

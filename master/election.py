@@ -14,14 +14,11 @@ import logging
 from contextlib import suppress
 from typing import Awaitable, Callable
 
-from kvpool.coordinator import Coordinator, LeaseExpired, cluster_prefix
+from kvpool.coordinator import Coordinator, LeaseExpired
 from kvpool.errors import KVPoolError
+from kvpool.keyspace import Keyspace
 
 log = logging.getLogger(__name__)
-
-
-def leader_key(cluster: str) -> str:
-    return f"{cluster_prefix(cluster)}master/leader"
 
 
 class Election:
@@ -31,7 +28,7 @@ class Election:
                  on_gain: Callable[[], Awaitable[None]],
                  on_loss: Callable[[], Awaitable[None]]) -> None:
         self.coord = coord
-        self.key = leader_key(cluster)
+        self.key = Keyspace(cluster).leader
         self.me = me
         self.ttl_s = ttl_s
         self.poll_s = min(0.25, ttl_s / 8)

@@ -9,12 +9,15 @@ from typing import Any
 
 from aiohttp import web
 
+from kvpool.daemon_link import Registration
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError, Unauthorized
 from kvpool.keys import BlockKey, parse_key
+from kvpool.protocol import Call
 from kvpool.tiers.base import TierKind
 from kvpool.wire import MAX_BODY, Handler, error_middleware, need, rpc_endpoint
-from master.core import MasterCore
-from master.index import BlockState
+from master import removal
+from master.core import MasterCore, Role
+from master.index import BlockEntry
 from master.openapi import OPENAPI
 
 
@@ -26,16 +29,17 @@ def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
 class MasterHttp:
     def __init__(self, core: MasterCore, server: Any = None) -> None:
         self.core = core
+        self.state = core.state
         self.server = server  # the MasterServer, for who leads (None: always this one)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        rpc = {
-            "reserve": self.reserve, "commit": self.commit, "abort": self.abort,
-            "get": self.get, "release": self.release, "exists": self.exists,
-            "match": self.match, "remove": self.remove, "pin": self.pin, "unpin": self.unpin,
-            "agents": self.agents, "corrupt": self.corrupt, "register": self.register,
-            "heartbeat": self.heartbeat, "check": self.check,
+        rpc: dict[Call, Handler] = {
+            Call.RESERVE: self.reserve, Call.COMMIT: self.commit, Call.ABORT: self.abort,
+            Call.GET: self.get, Call.RELEASE: self.release, Call.EXISTS: self.exists,
+            Call.MATCH: self.match, Call.REMOVE: self.remove, Call.PIN: self.pin,
+            Call.UNPIN: self.unpin, Call.AGENTS: self.agents, Call.CORRUPT: self.corrupt,
+            Call.REGISTER: self.register, Call.HEARTBEAT: self.heartbeat, Call.CHECK: self.check,
         }
         app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()}))
         app.router.add_get("/v1/cluster", self.cluster)
@@ -58,12 +62,10 @@ class MasterHttp:
         """Only a ready leader serves; read leases the client is done with ride along on any call."""
 
         async def call(body: dict[str, Any]) -> Any:
-            if self.server is not None:
-                self.core.leader_url = self.server.leader_url
             self.core.gate()
             released = body.get("release")
             if released:
-                self.core.release([int(x) for x in released])
+                self.core.leases.release([int(x) for x in released])
             return await handler(body)
 
         return call
@@ -71,57 +73,58 @@ class MasterHttp:
     async def reserve(self, body: dict[str, Any]) -> Any:
         keys = _keys(body)
         parents = [parse_key(p) if p else None for p in body.get("parents") or []]
-        put_id, items = await self.core.reserve(keys, need(body, "sizes", list), parents,
-                                                body.get("prefer"), body.get("replicas", 1))
-        return {"put_id": put_id, "items": items}
+        put_id, items = await self.core.puts.reserve(keys, need(body, "sizes", list), parents,
+                                                     body.get("prefer"), body.get("replicas", 1))
+        return {"put_id": put_id, "items": [r.pack() for r in items]}
 
     async def commit(self, body: dict[str, Any]) -> Any:
-        n = await self.core.commit(need(body, "put_id", int), _keys(body),
-                                   [bytes(h) for h in need(body, "headers", list)])
+        n = await self.core.puts.commit(need(body, "put_id", int), _keys(body),
+                                        [bytes(h) for h in need(body, "headers", list)])
         return {"committed": n}
 
     async def abort(self, body: dict[str, Any]) -> Any:
-        self.core.abort(need(body, "put_id", int), _keys(body))
+        self.core.puts.abort(need(body, "put_id", int), _keys(body))
         return {}
 
     async def get(self, body: dict[str, Any]) -> Any:
-        lease, items = await self.core.get(_keys(body))
-        return {"lease": lease, "items": items}
+        lease, grants = await self.core.reads.get(_keys(body))
+        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants]}
 
     async def release(self, body: dict[str, Any]) -> Any:
-        self.core.release([int(x) for x in need(body, "leases", list)])
+        self.core.leases.release([int(x) for x in need(body, "leases", list)])
         return {}
 
     async def exists(self, body: dict[str, Any]) -> Any:
-        return {"present": self.core.exists(_keys(body))}
+        return {"present": self.core.reads.exists(_keys(body))}
 
     async def match(self, body: dict[str, Any]) -> Any:
-        return {"count": self.core.match(_keys(body))}
+        return {"count": self.core.reads.match(_keys(body))}
 
     async def remove(self, body: dict[str, Any]) -> Any:
-        removed = await self.core.remove(_keys(body), bool(body.get("force", False)))
+        removed = await removal.remove(self.state, _keys(body), bool(body.get("force", False)))
         return {"removed": removed}
 
     async def pin(self, body: dict[str, Any]) -> Any:
-        self.core.pin(_keys(body), +1)
+        self.core.leases.pin(_keys(body), +1)
         return {}
 
     async def unpin(self, body: dict[str, Any]) -> Any:
-        self.core.pin(_keys(body), -1)
+        self.core.leases.pin(_keys(body), -1)
         return {}
 
     async def agents(self, body: dict[str, Any]) -> Any:
-        return {"metadata": await self.core.agent_metadata([str(a) for a in need(body, "agents", list)])}
+        agents = [str(a) for a in need(body, "agents", list)]
+        return {"metadata": await self.core.members.agent_metadata(agents)}
 
     async def corrupt(self, body: dict[str, Any]) -> Any:
-        await self.core.report_corrupt(_keys(body), [str(n) for n in need(body, "nodes", list)])
+        await self.core.reads.report_corrupt(_keys(body), [str(n) for n in need(body, "nodes", list)])
         return {}
 
     async def register(self, body: dict[str, Any]) -> Any:
-        return await self.core.register(body)
+        return await self.core.members.register(Registration.unpack(body))
 
     async def heartbeat(self, body: dict[str, Any]) -> Any:
-        await self.core.heartbeat(need(body, "node_id", str), need(body, "agent", str))
+        await self.core.members.heartbeat(need(body, "node_id", str), need(body, "agent", str))
         return {}
 
     async def check(self, body: dict[str, Any]) -> Any:
@@ -141,14 +144,14 @@ class MasterHttp:
     def tier_table(self) -> dict[str, dict[str, int]]:
         table: dict[str, dict[str, int]] = {}
         counts: dict[tuple[str, str], int] = {}
-        for entry in self.core.index.entries.values():
-            if entry.state is BlockState.COMPLETE:
+        for entry in self.state.index.entries.values():
+            if entry.state.readable:
                 for r in entry.replicas:
                     counts[(r.node, r.tier.value)] = counts.get((r.node, r.tier.value), 0) + 1
         seen: set[tuple[str, str]] = set()  # a shared store counts once, not once per node
-        for node in self.core.nodes.values():
+        for node in self.state.nodes.values():
             for kind, space in node.tiers.items():
-                owner = (self.core.owner(node, kind), kind.value)
+                owner = (self.state.owner(node, kind), kind.value)
                 if owner in seen:
                     continue
                 seen.add(owner)
@@ -159,15 +162,15 @@ class MasterHttp:
         return table
 
     async def cluster(self, request: web.Request) -> web.Response:
-        complete = sum(e.state is BlockState.COMPLETE for e in self.core.index.entries.values())
+        complete = sum(e.state.readable for e in self.state.index.entries.values())
         return web.json_response({
-            "cluster": self.core.cfg.cluster, "ready": self.core.ready, "leader": self.core.leader,
-            "nodes": len(self.core.nodes), "blocks": complete,
-            "pending": len(self.core.index) - complete, "tiers": self.tier_table()})
+            "cluster": self.core.cfg.cluster, "ready": self.core.role is Role.LEADER,
+            "leader": self.core.role.leads, "nodes": len(self.state.nodes), "blocks": complete,
+            "pending": len(self.state.index) - complete, "tiers": self.tier_table()})
 
     async def list_nodes(self, request: web.Request) -> web.Response:
         counts: dict[tuple[str, TierKind], int] = {}
-        for entry in self.core.index.entries.values():
+        for entry in self.state.index.entries.values():
             for r in entry.replicas:
                 counts[(r.node, r.tier)] = counts.get((r.node, r.tier), 0) + 1
         return web.json_response({"nodes": [
@@ -177,11 +180,11 @@ class MasterHttp:
                         "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None,
                         "shared_store": s.store or None}
                        for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
-            for n in self.core.nodes.values()]})
+            for n in self.state.nodes.values()]})
 
-    def _entry(self, request: web.Request):  # type: ignore[no-untyped-def]
+    def _entry(self, request: web.Request) -> BlockEntry:
         key = parse_key(request.match_info["key"])
-        entry = self.core.index.complete(key)
+        entry = self.state.index.readable(key)
         if entry is None:
             raise BlockNotFound(f"no complete block {key.hex()}")
         return entry
@@ -197,19 +200,19 @@ class MasterHttp:
 
     async def admin_pin(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        self.core.pin([self._entry(request).key], +1)
+        self.core.leases.pin([self._entry(request).key], +1)
         return web.json_response({"pinned": True})
 
     async def admin_unpin(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        self.core.pin([self._entry(request).key], -1)
+        self.core.leases.pin([self._entry(request).key], -1)
         return web.json_response({"pinned": False})
 
     async def admin_delete(self, request: web.Request) -> web.Response:
         self._authorize(request)
         entry = self._entry(request)
         force = request.query.get("force", "").lower() in ("1", "true", "yes")
-        await self.core.remove([entry.key], force)
+        await removal.remove(self.state, [entry.key], force)
         return web.json_response({"removed": True})
 
     async def admin_evict(self, request: web.Request) -> web.Response:
@@ -222,11 +225,11 @@ class MasterHttp:
         except (ValueError, json.JSONDecodeError) as exc:
             raise BadRequest(f"evict takes {{'tier': 'host'|'ssd'|..., 'fill': 0..1}}: {exc}") from None
         moved = 0
-        for node in list(self.core.nodes.values()):
+        for node in list(self.state.nodes.values()):
             space = node.tiers.get(tier)
             if space is not None:
                 before = space.used
-                await self.core.relieve(node, tier, need=space.capacity - int(fill * space.capacity))
+                await self.core.tiering.relieve(node, tier, need=space.capacity - int(fill * space.capacity))
                 moved += before - space.used
         return web.json_response({"freed_bytes": moved})
 
@@ -234,7 +237,7 @@ class MasterHttp:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        events = self.core.events.subscribe()
+        events = self.state.events.subscribe()
         try:
             idle = 0.0
             while request.transport is not None and not request.transport.is_closing():
@@ -250,20 +253,20 @@ class MasterHttp:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            self.core.events.unsubscribe(events)
+            self.state.events.unsubscribe(events)
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
-        lines = ["# TYPE kvpool_nodes gauge", f"kvpool_nodes {len(self.core.nodes)}",
-                 "# TYPE kvpool_blocks gauge", f"kvpool_blocks {len(self.core.index)}",
+        lines = ["# TYPE kvpool_nodes gauge", f"kvpool_nodes {len(self.state.nodes)}",
+                 "# TYPE kvpool_blocks gauge", f"kvpool_blocks {len(self.state.index)}",
                  "# TYPE kvpool_tier_capacity_bytes gauge", "# TYPE kvpool_tier_used_bytes gauge"]
-        for node in self.core.nodes.values():
+        for node in self.state.nodes.values():
             for kind, space in node.tiers.items():
                 labels = f'node="{node.node_id}",tier="{kind.value}"'
                 lines.append(f"kvpool_tier_capacity_bytes{{{labels}}} {space.capacity}")
                 lines.append(f"kvpool_tier_used_bytes{{{labels}}} {space.used}")
         lines.append("# TYPE kvpool_ops_total counter")
-        for name, value in sorted(self.core.counters.items()):
+        for name, value in sorted(self.state.counters.items()):
             lines.append(f'kvpool_ops_total{{op="{name}"}} {value}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -271,10 +274,10 @@ class MasterHttp:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.core.ready and self.core.leader
+        ready = self.core.role is Role.LEADER
         leader = self.server.leader_url if self.server is not None else ""
-        return web.json_response({"ready": ready, "leader": self.core.leader,
-                                  "leader_url": leader, "nodes": len(self.core.nodes)},
+        return web.json_response({"ready": ready, "leader": self.core.role.leads,
+                                  "leader_url": leader, "nodes": len(self.state.nodes)},
                                  status=200 if ready else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:

@@ -18,8 +18,30 @@ from kvpool.tiers.base import TierKind
 
 
 class BlockState(enum.Enum):
+    """PENDING -> COMPLETE <-> MOVING; any of them -> REMOVED (when it leaves the index).
+    Readers see COMPLETE and MOVING blocks (a move copies first and frees last)."""
+
     PENDING = "pending"
     COMPLETE = "complete"
+    MOVING = "moving"  # a tier move (demotion, promotion) is in flight
+    REMOVED = "removed"  # out of the index; whoever holds the entry after an await sees this
+
+    @property
+    def readable(self) -> bool:
+        return self is BlockState.COMPLETE or self is BlockState.MOVING
+
+
+class StateError(AssertionError):
+    """A block was not in the state a transition expects: a bug in the master, never a
+    race (callers that may race check the state first)."""
+
+
+_TRANSITIONS = {
+    BlockState.PENDING: {BlockState.COMPLETE, BlockState.REMOVED},
+    BlockState.COMPLETE: {BlockState.MOVING, BlockState.REMOVED},
+    BlockState.MOVING: {BlockState.COMPLETE, BlockState.REMOVED},
+    BlockState.REMOVED: set(),
+}
 
 
 @dataclass(slots=True)
@@ -43,7 +65,13 @@ class BlockEntry:
     children: int = 0  # cached successors; a block with any is worth more than its leaves
     pins: int = 0
     leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
-    moving: bool = False  # a tier move is in flight
+
+    def advance(self, to: BlockState, expect: BlockState) -> None:
+        """Move to ``to`` from ``expect``; anything else is a StateError that says what was found."""
+        if self.state is not expect or to not in _TRANSITIONS[expect]:
+            raise StateError(f"block {self.key.hex()} is {self.state.value}; moving it to "
+                             f"{to.value} expects {expect.value}")
+        self.state = to
 
     def leased(self, now: float) -> bool:
         if self.leases:
@@ -53,8 +81,7 @@ class BlockEntry:
         return bool(self.leases)
 
     def movable(self, now: float) -> bool:
-        return (self.state is BlockState.COMPLETE and not self.pins and not self.moving
-                and not self.leased(now))
+        return self.state is BlockState.COMPLETE and not self.pins and not self.leased(now)
 
     def replica(self, node: str, tier: TierKind) -> Replica | None:
         for r in self.replicas:
@@ -80,9 +107,10 @@ class Index:
     def get(self, key: BlockKey) -> BlockEntry | None:
         return self.entries.get(key)
 
-    def complete(self, key: BlockKey) -> BlockEntry | None:
+    def readable(self, key: BlockKey) -> BlockEntry | None:
+        """The entry of a block readers may see (COMPLETE, or MOVING between tiers)."""
         entry = self.entries.get(key)
-        return entry if entry is not None and entry.state is BlockState.COMPLETE else None
+        return entry if entry is not None and entry.state.readable else None
 
     def add(self, entry: BlockEntry) -> None:
         if entry.key in self.entries:
@@ -104,7 +132,10 @@ class Index:
             lru.pop(entry.key, None)
 
     def remove(self, entry: BlockEntry) -> None:
-        """Forget an entry; its replica list stays as it was, for the caller to free."""
+        """Forget an entry (it becomes REMOVED); its replica list stays as it was, for the
+        caller to free."""
+        if entry.state is not BlockState.REMOVED:
+            entry.advance(BlockState.REMOVED, entry.state)
         for r in entry.replicas:
             lru = self._lru.get((r.node, r.tier))
             if lru is not None:
@@ -149,5 +180,6 @@ class Index:
             assert entry.key == key
             for r in entry.replicas:
                 assert key in self._lru.get((r.node, r.tier), {}), f"{key.hex()} missing from LRU"
-            if entry.state is BlockState.COMPLETE:
+            assert entry.state is not BlockState.REMOVED, f"{key.hex()} is indexed but REMOVED"
+            if entry.state.readable:
                 assert entry.header, f"COMPLETE block {key.hex()} has no header"

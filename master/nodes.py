@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Sequence
 
-from kvpool.errors import BadRequest
+from kvpool.daemon_link import DaemonLink, TierDescription
 from kvpool.tiers.base import TIER_ORDER, TierKind
-from kvpool.wire import RpcClient
 from master.allocator import ArenaAllocator
 
 
@@ -28,8 +27,25 @@ class TierSpace:
     def used(self) -> int:
         return self.allocator.used if self.allocator is not None else self.cold_used
 
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
     def fill(self) -> float:
         return self.used / self.capacity if self.capacity else 1.0
+
+    def take(self, location: int, size: int) -> None:
+        """Account for a replica that is already there (an inventory, a finished copy)."""
+        if self.allocator is not None:
+            self.allocator.reserve_at(location, size)
+        else:
+            self.cold_used += size
+
+    def release(self, location: int, size: int) -> None:
+        if self.allocator is not None:
+            self.allocator.free(location)
+        else:
+            self.cold_used = max(0, self.cold_used - size)
 
 
 @dataclass(slots=True)
@@ -38,8 +54,9 @@ class Node:
     url: str
     agent: str  # NIXL agent name; a new one on every daemon start
     tiers: dict[TierKind, TierSpace]
-    link: RpcClient
-    lease: int = 0
+    link: DaemonLink
+    lease: int = 0  # single node: the membership lease the master keeps for it
+    ttl_s: float = 5.0  # its membership lease's TTL
 
     def below(self, tier: TierKind) -> TierKind | None:
         """The next slower tier this node has, where demotion goes."""
@@ -49,21 +66,12 @@ class Node:
         return None
 
 
-def parse_tiers(raw: Any, alignment: int) -> dict[TierKind, TierSpace]:
-    """Tiers as a daemon announces them at registration."""
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("registration needs a non-empty list of tiers")
-    tiers: dict[TierKind, TierSpace] = {}
-    for item in raw:
-        try:
-            kind = TierKind(item["kind"])
-            capacity = int(item["capacity"])
-            space = TierSpace(kind, capacity, int(item.get("address", 0)),
-                              str(item.get("mem_type", "DRAM")), int(item.get("device", 0)),
-                              store=str(item.get("store", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"bad tier description {item!r}: {exc}") from None
-        if kind.is_arena:
-            space.allocator = ArenaAllocator(capacity, alignment)
-        tiers[kind] = space
-    return tiers
+def tier_spaces(tiers: Sequence[TierDescription], alignment: int) -> dict[TierKind, TierSpace]:
+    """The master's accounting for tiers as a daemon announces them."""
+    out: dict[TierKind, TierSpace] = {}
+    for t in tiers:
+        space = TierSpace(t.kind, t.capacity, t.address, t.mem_type, t.device, store=t.store)
+        if t.kind.is_arena:
+            space.allocator = ArenaAllocator(t.capacity, alignment)
+        out[t.kind] = space
+    return out

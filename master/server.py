@@ -1,5 +1,5 @@
 """Running a master: the HTTP site plus its background loops (sweep, membership, and with
-etcd the election)."""
+etcd the election), all owned by one TaskGroup."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from aiohttp import web
 
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator, InProcessCoordinator
-from master.core import MasterCore
+from master.core import MasterCore, Role
+from master.election import Election
 from master.http import MasterHttp
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,12 @@ class MasterServer:
             coordinator = EtcdCoordinator(cfg.etcd, timeout_s=max(1.0, cfg.leader_ttl_s / 2))
         self.clustered = bool(cfg.etcd)
         self.coord = coordinator or InProcessCoordinator()
-        self.core = MasterCore(cfg, self.coord)
-        self.core.clustered = self.clustered
-        self.election = None
+        self.core = MasterCore(cfg, self.coord, clustered=self.clustered,
+                               leader_url=lambda: self.leader_url)
+        self.election: Election | None = None
         self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._main: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._term: asyncio.Task[None] | None = None
         self.url = ""
 
@@ -48,30 +50,37 @@ class MasterServer:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://{self.cfg.host}:{port}"
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._sweep_forever(), name="master-sweep")]
         if self.clustered:
-            from master.election import Election
-
-            await self.core.end_term()
             self.election = Election(self.coord, self.cfg.cluster, self.url, self.cfg.leader_ttl_s,
                                      self._lead, self._follow)
-            self._tasks.append(loop.create_task(self.election.run(), name="master-election"))
-        else:
-            self._tasks.append(loop.create_task(self.core.watch_membership(), name="master-membership"))
+        started = asyncio.get_running_loop().create_future()
+        self._main = asyncio.get_running_loop().create_task(self._run(started), name="master")
+        await started
         log.info("master serving at %s%s", self.url, " (cluster mode, etcd)" if self.clustered else "")
         return self
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._sweep_forever(), name="master-sweep")
+                if self.election is not None:
+                    group.create_task(self.election.run(), name="master-election")
+                else:
+                    group.create_task(self.core.members.watch(), name="master-membership")
+                started.set_result(None)
+        finally:
+            self._group = None
 
     @property
     def leader_url(self) -> str:
         return self.election.leader_url if self.election is not None else self.url
 
     async def _lead(self) -> None:
-        from master.cluster import follow_members
-
         await self.core.begin_term()
-        self._term = asyncio.get_running_loop().create_task(follow_members(self.core),
-                                                            name="master-members")
+        assert self._group is not None
+        self._term = self._group.create_task(self.core.members.follow(self.core.rebuilt),
+                                             name="master-members")
 
     async def _follow(self) -> None:
         await self._stop_term()
@@ -87,7 +96,7 @@ class MasterServer:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval_s)
-            if not (self.core.leader and self.core.ready):
+            if self.core.role is not Role.LEADER:
                 continue
             try:
                 await self.core.sweep()
@@ -95,14 +104,17 @@ class MasterServer:
                 log.exception("sweep failed")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with suppress(asyncio.CancelledError):
-                await task
-        await self._stop_term()
-        for node in list(self.core.nodes.values()):
-            await node.link.close()
+        if self._main is not None:
+            self._main.cancel()
+            try:
+                await self._main
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a loop that died before the stop: say so, stop anyway
+                log.exception("the master's background loops failed")
+            self._main = None
+        self._term = None
+        await self.core.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.coord.close()

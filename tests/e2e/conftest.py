@@ -18,7 +18,7 @@ from tests.integration.conftest import master_check
 ROOT = Path(__file__).resolve().parents[2]
 POOL_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "64MiB", "KVPOOL_DAEMON_SSD_BYTES": "64MiB",
             "KVPOOL_DAEMON_OBJECT_BYTES": "256MiB", "KVPOOL_DAEMON_HEARTBEAT_S": "0.5",
-            "KVPOOL_MASTER_NODE_TTL_S": "2", "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2"}
+            "KVPOOL_DAEMON_NODE_TTL_S": "2", "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2"}
 
 
 def spawn(module: str, args: list[str], log: Path, env: dict[str, str] | None = None

@@ -24,6 +24,7 @@ pytest.importorskip("vllm")
 from clients.launcher import spawn, stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
+from kvpool.protocol import Call, ReadGrant  # noqa: E402
 from kvpool.transfer import TransferAgent  # noqa: E402
 from kvpool.wire import RpcClient  # noqa: E402
 from tests.e2e.conftest import POOL_ENV  # noqa: E402
@@ -212,17 +213,18 @@ async def corrupt(master: str, key: bytes) -> None:
     rpc = RpcClient(master)
     agent = TransferAgent("test-corrupter", progress_thread=False)
     try:
-        res = await rpc.call("get", {"keys": [key]})
-        item = res["items"][0]
-        assert item is not None, "the block to corrupt is not in the pool"
-        peer, address, size, mem, device = item[1], item[2], item[3], item[4], item[5]
-        meta = (await rpc.call("agents", {"agents": [peer]}))["metadata"]
+        res = await rpc.call(Call.GET, {"keys": [key]})
+        grant = ReadGrant.unpack(res["items"][0])
+        assert grant is not None, "the block to corrupt is not in the pool"
+        loc = grant.location
+        peer, address, size, mem, device = loc.agent, loc.address, loc.size, loc.mem_type, loc.device
+        meta = (await rpc.call(Call.AGENTS, {"agents": [peer]}))["metadata"]
         agent.add_peer(bytes(meta[peer]))
         junk = np.full(size, 0xAB, dtype=np.uint8)
         agent.register(junk.ctypes.data, junk.nbytes, owner=junk)
         await agent.run("WRITE", peer, [(junk.ctypes.data, size, 0)], "DRAM",
                         [(address, size, device)], mem, 5.0)
-        await rpc.call("release", {"leases": [res["lease"]]})
+        await rpc.call(Call.RELEASE, {"leases": [res["lease"]]})
     finally:
         agent.close()
         await rpc.close()

@@ -77,9 +77,10 @@ class Pool:
 
 
 MASTER_ENV = {"KVPOOL_MASTER_PUT_TIMEOUT_S": "2", "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2",
-              "KVPOOL_MASTER_READ_LEASE_S": "30", "KVPOOL_MASTER_NODE_TTL_S": "3"}
+              "KVPOOL_MASTER_READ_LEASE_S": "30"}
 DAEMON_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "256MiB", "KVPOOL_DAEMON_SSD_BYTES": "256MiB",
-              "KVPOOL_DAEMON_OBJECT_BYTES": "1GiB", "KVPOOL_DAEMON_HEARTBEAT_S": "0.5"}
+              "KVPOOL_DAEMON_OBJECT_BYTES": "1GiB", "KVPOOL_DAEMON_HEARTBEAT_S": "0.5",
+              "KVPOOL_DAEMON_NODE_TTL_S": "3"}
 
 
 def make_pool(tmp: Path, master_env: dict[str, str] | None = None,

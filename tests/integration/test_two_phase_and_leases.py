@@ -9,14 +9,15 @@ import time
 
 import aiohttp
 import msgpack
+from aiohttp import web
 import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
 from kvpool.codec import make_header
-from kvpool.errors import BadRequest, BlockLeased, TierFull
+from kvpool.errors import BadRequest, BlockLeased, ProtocolMismatch, TierFull
 from kvpool.keys import Namespace, block_keys
-from kvpool.wire import RpcClient
+from kvpool.wire import PROTOCOL_VERSION, SUBPROTOCOL, RpcClient
 from tests.integration.conftest import ROOT, Pool, admin, host_used, make_pool, wait_for
 
 MiB = 1 << 20
@@ -138,7 +139,7 @@ async def test_malformed_input_gets_typed_errors_and_servers_keep_serving(pool: 
             await client._call("reserve", {"keys": [keys_for("big", 1)[0]], "sizes": [1 << 40]})
     async with aiohttp.ClientSession() as session:
         for url in (f"{pool.master_url}/v1/rpc", f"{pool.daemon_url}/v1/d/rpc"):
-            async with session.ws_connect(url) as ws:
+            async with session.ws_connect(url, protocols=(SUBPROTOCOL,)) as ws:
                 whole = msgpack.packb([7, "get", {"keys": [key]}])
                 for frame in (b"\xc1\xff garbage", whole[:-5], msgpack.packb([8, "nope", {}]),
                               msgpack.packb({"not": "a list"})):
@@ -155,6 +156,40 @@ async def test_malformed_input_gets_typed_errors_and_servers_keep_serving(pool: 
         assert await client.get(key, out) is not None and out.all()
     assert admin(pool.master_url, "/healthz")[0] == 200
     assert admin(pool.daemon_url, "/healthz")[0] == 200
+
+
+async def test_a_peer_of_another_protocol_version_is_refused_with_both_versions(pool: Pool) -> None:
+    async with aiohttp.ClientSession() as session:
+        for url in (f"{pool.master_url}/v1/rpc", f"{pool.daemon_url}/v1/d/rpc"):
+            for offered in ((), ("kvpool.1",)):  # an unversioned and an older peer
+                async with session.get(url, headers={
+                        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                        **({"Sec-WebSocket-Protocol": ", ".join(offered)} if offered else {})}) as resp:
+                    body = await resp.json()
+                assert resp.status == 426 and body["error"] == "protocol_mismatch", body
+                assert f"protocol {PROTOCOL_VERSION}" in body["message"]
+                if offered:
+                    assert "speaks 1" in body["message"], body["message"]
+    # A client of this release against a server that refuses it says both versions too.
+    async def older_server(request: web.Request) -> web.Response:
+        return web.json_response({"error": "protocol_mismatch", "message": "old"}, status=426,
+                                 headers={"KVPool-Protocol": "1"})
+
+    app = web.Application()
+    app.router.add_get("/v1/rpc", older_server)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rpc = RpcClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(ProtocolMismatch, match=f"protocol {PROTOCOL_VERSION} but .* speaks 1"):
+            await rpc.call("exists", {"keys": []})
+    finally:
+        await rpc.close()
+        await runner.cleanup()
 
 
 def test_admin_api_token_openapi_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from kvpool.coordinator import InProcessCoordinator
-from master.election import Election, leader_key
+from kvpool.keyspace import Keyspace
+from master.election import Election
 
 
 class Candidate:
@@ -41,7 +42,7 @@ async def test_one_leader_and_a_standby_that_takes_over_when_it_stops() -> None:
     assert not b.election.leading and b.election.leader_url == "http://a"
     await a.stop()  # a clean stop revokes the lease: b leads within a poll
     await wait_until(lambda: b.election.leading, timeout=1.0)
-    assert await coord.get(leader_key("t")) == b"http://b"
+    assert await coord.get(Keyspace("t").leader) == b"http://b"
     await b.stop()
     await coord.close()
 

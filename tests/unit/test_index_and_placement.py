@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 from kvpool.tiers.base import TierKind
-from kvpool.wire import RpcClient
+from kvpool.daemon_link import RpcDaemonLink, TierDescription
 from master.index import BlockEntry, BlockState, Index, Replica
-from master.nodes import Node, parse_tiers
+from master.nodes import Node, tier_spaces
 from master.placement import arena_candidates, extra_replica_spaces, pressured, relief_target
 
 
@@ -46,11 +46,11 @@ def test_leases_pins_and_state_decide_what_may_move() -> None:
 
 
 def node(node_id: str, host: int, used: int = 0) -> Node:
-    tiers = parse_tiers([{"kind": "host", "capacity": host, "address": 1 << 40},
-                         {"kind": "ssd", "capacity": 10 * host}], alignment=4096)
+    tiers = tier_spaces([TierDescription(TierKind.HOST, host, address=1 << 40),
+                         TierDescription(TierKind.SSD, 10 * host)], alignment=4096)
     if used:
         tiers[TierKind.HOST].allocator.allocate(used)  # type: ignore[union-attr]
-    return Node(node_id, "http://127.0.0.1:1", "agent", tiers, RpcClient("http://127.0.0.1:1"))
+    return Node(node_id, "http://127.0.0.1:1", "agent", tiers, RpcDaemonLink("http://127.0.0.1:1"))
 
 
 def test_new_blocks_go_to_the_fastest_tier_then_preferred_then_emptiest_node() -> None:

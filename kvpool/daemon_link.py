@@ -1,0 +1,275 @@
+"""The one link from the master to a pool daemon: what the master may ask, typed both ways.
+
+``DaemonLink`` is the protocol; ``RpcDaemonLink`` speaks it over the daemon's RPC and
+``daemon_endpoint`` serves it there, so method names and record shapes live only here.
+Per-key outcomes come back as records whose ``error`` is a typed KVPoolError
+(ChecksumMismatch, BlockNotFound, TierFull), never as strings for the master to match.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from kvpool.errors import BadRequest, KVPoolError, error_from_code
+from kvpool.keys import BlockKey, parse_key
+from kvpool.tiers.base import TierKind
+from kvpool.wire import Handler, RpcClient, need
+
+DAEMON_RPC_PATH = "/v1/d/rpc"
+
+
+class DaemonCall(enum.StrEnum):
+    ADOPT = "adopt"
+    COPY = "copy"
+    DROP = "drop"
+    INVENTORY = "inventory"
+    REGISTRATION = "registration"
+    HEALTH = "health"
+
+
+def _tier(raw: Any) -> TierKind:
+    try:
+        return TierKind(raw)
+    except ValueError:
+        raise BadRequest(f"unknown tier {raw!r}") from None
+
+
+def _fields(raw: Any, n: int, what: str) -> list[Any]:
+    if not isinstance(raw, (list, tuple)) or len(raw) != n:
+        raise BadRequest(f"malformed {what}: expected an array of {n}")
+    return list(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlock:
+    """A block a daemon holds (inventory), or is told to record (adopt): for arenas the
+    offset, for cold tiers 0; the encoded BlockHeader travels as is."""
+
+    key: BlockKey
+    tier: TierKind
+    location: int
+    size: int
+    header: bytes
+
+    def pack(self) -> list[Any]:
+        return [self.key, self.tier.value, self.location, self.size, self.header]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "StoredBlock":
+        key, tier, location, size, header = _fields(raw, 5, "stored block")
+        if not isinstance(location, int) or not isinstance(size, int) or location < 0 or size < 0:
+            raise BadRequest("a stored block's location and size are non-negative integers")
+        return cls(parse_key(key), _tier(tier), location, size, bytes(header))
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    """One key of a tier-to-tier copy: the bytes stored at the destination, or why not."""
+
+    size: int = 0
+    error: KVPoolError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def pack(self) -> list[Any]:
+        if self.error is None:
+            return [self.size, "", ""]
+        return [0, self.error.code, str(self.error)]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "CopyResult":
+        size, code, message = _fields(raw, 3, "copy result")
+        return cls(int(size)) if not code else cls(0, error_from_code(str(code), str(message)))
+
+
+@dataclass(frozen=True, slots=True)
+class TierDescription:
+    """One tier as a daemon announces it: arenas give NIXL's view (address, memory type,
+    device); a shared object store names itself so every node naming it shares one space."""
+
+    kind: TierKind
+    capacity: int
+    address: int = 0
+    mem_type: str = "DRAM"
+    device: int = 0
+    store: str = ""
+
+    def pack(self) -> list[Any]:
+        return [self.kind.value, self.capacity, self.address, self.mem_type, self.device, self.store]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "TierDescription":
+        kind, capacity, address, mem_type, device, store = _fields(raw, 6, "tier description")
+        if not all(isinstance(v, int) and v >= 0 for v in (capacity, address, device)):
+            raise BadRequest("a tier's capacity, address and device are non-negative integers")
+        return cls(_tier(kind), capacity, address, str(mem_type), device, str(store))
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Everything a master needs to take a node in: how to reach it (RPC and NIXL), its
+    tiers, its membership TTL and its whole inventory."""
+
+    node_id: str
+    url: str
+    agent: str
+    metadata: bytes  # NIXL agent metadata
+    ttl_s: float
+    tiers: list[TierDescription]
+    inventory: list[StoredBlock] = field(default_factory=list)
+
+    def pack(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "url": self.url, "agent": self.agent,
+                "metadata": self.metadata, "ttl_s": self.ttl_s,
+                "tiers": [t.pack() for t in self.tiers],
+                "inventory": [b.pack() for b in self.inventory]}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "Registration":
+        if not isinstance(body, dict):
+            raise BadRequest("a registration is a map")
+        node_id = need(body, "node_id", str)
+        if not node_id:
+            raise BadRequest("registration needs a node_id")
+        ttl = need(body, "ttl_s", (int, float))
+        if not 0 < ttl <= 3600:
+            raise BadRequest(f"membership ttl_s={ttl!r} is outside (0, 3600]")
+        tiers = [TierDescription.unpack(t) for t in need(body, "tiers", list)]
+        if not tiers:
+            raise BadRequest("registration needs a non-empty list of tiers")
+        return cls(node_id, need(body, "url", str), need(body, "agent", str),
+                   need(body, "metadata", bytes), float(ttl), tiers,
+                   [StoredBlock.unpack(b) for b in need(body, "inventory", list)])
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    node_id: str
+    agent: str  # a new one on every daemon start: tells a restarted daemon from the old one
+    tiers: dict[str, list[int]]  # kind -> [capacity, used, blocks]
+
+    def pack(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "agent": self.agent, "tiers": self.tiers}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "Health":
+        if not isinstance(body, dict):
+            raise BadRequest("a health answer is a map")
+        return cls(need(body, "node_id", str), need(body, "agent", str), dict(body.get("tiers", {})))
+
+
+class DaemonService(Protocol):
+    """What the master asks of one daemon (the pool daemon implements it)."""
+
+    async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
+        """Record blocks that clients wrote into arenas (a put's commit)."""
+
+    async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
+                   locations: Sequence[int]) -> list[CopyResult]:
+        """Copy blocks between this node's tiers (arena destinations at the given offsets,
+        already allocated by the master); the source keeps its copy."""
+
+    async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
+        """Forget blocks of one tier; returns how many were there."""
+
+    async def inventory(self) -> list[StoredBlock]: ...
+
+    async def registration(self, rescan: bool = False) -> Registration:
+        """Tiers, NIXL metadata and inventory; ``rescan`` lists a shared store again first."""
+
+    async def health(self) -> Health: ...
+
+
+class DaemonLink(DaemonService, Protocol):
+    """The master's end of one daemon: the service, plus closing the link."""
+
+    async def close(self) -> None: ...
+
+
+class RpcDaemonLink:
+    """DaemonLink over the daemon's RPC endpoint (one persistent WebSocket)."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+        self.url = url
+        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH)
+
+    async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
+        await self._rpc.call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
+
+    async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
+                   locations: Sequence[int]) -> list[CopyResult]:
+        res = await self._rpc.call(DaemonCall.COPY, {"keys": list(keys), "src": src.value,
+                                                     "dst": dst.value, "locations": list(locations)})
+        results = [CopyResult.unpack(r) for r in need(res, "results", list)]
+        if len(results) != len(keys):
+            raise BadRequest(f"the daemon at {self.url} answered {len(results)} copy results "
+                             f"for {len(keys)} keys")
+        return results
+
+    async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
+        res = await self._rpc.call(DaemonCall.DROP, {"tier": tier.value, "keys": list(keys)})
+        return int(need(res, "dropped", int))
+
+    async def inventory(self) -> list[StoredBlock]:
+        res = await self._rpc.call(DaemonCall.INVENTORY)
+        return [StoredBlock.unpack(b) for b in need(res, "inventory", list)]
+
+    async def registration(self, rescan: bool = False) -> Registration:
+        return Registration.unpack(await self._rpc.call(DaemonCall.REGISTRATION, {"rescan": rescan}))
+
+    async def health(self) -> Health:
+        return Health.unpack(await self._rpc.call(DaemonCall.HEALTH))
+
+    async def close(self) -> None:
+        await self._rpc.close()
+
+
+async def probe(url: str, agent: str, timeout_s: float = 1.0) -> bool:
+    """Does the daemon at ``url`` answer, as the same agent? The one liveness check: a
+    node id held by a daemon that answers is taken; one whose holder is silent is stale."""
+    link = RpcDaemonLink(url, timeout_s=timeout_s)
+    try:
+        return (await link.health()).agent == agent
+    except KVPoolError:
+        return False
+    finally:
+        await link.close()
+
+
+def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
+    """The RPC handlers that serve ``daemon`` (the pool daemon itself) to the master."""
+
+    def keys(body: dict[str, Any]) -> list[BlockKey]:
+        return [parse_key(k) for k in need(body, "keys", list)]
+
+    async def adopt(body: dict[str, Any]) -> Any:
+        blocks = [StoredBlock.unpack(b) for b in need(body, "blocks", list)]
+        await daemon.adopt(blocks)
+        return {"adopted": len(blocks)}
+
+    async def copy(body: dict[str, Any]) -> Any:
+        ks, locations = keys(body), need(body, "locations", list)
+        if len(locations) != len(ks) or not all(isinstance(x, int) and x >= 0 for x in locations):
+            raise BadRequest("copy needs one non-negative integer location per key")
+        results = await daemon.copy(ks, _tier(body.get("src")), _tier(body.get("dst")), locations)
+        return {"results": [r.pack() for r in results]}
+
+    async def drop(body: dict[str, Any]) -> Any:
+        return {"dropped": await daemon.drop(_tier(body.get("tier")), keys(body))}
+
+    async def inventory(body: dict[str, Any]) -> Any:
+        return {"inventory": [b.pack() for b in await daemon.inventory()]}
+
+    async def registration(body: dict[str, Any]) -> Any:
+        return (await daemon.registration(bool(body.get("rescan", False)))).pack()
+
+    async def health(body: dict[str, Any]) -> Any:
+        return (await daemon.health()).pack()
+
+    return {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.DROP: drop,
+            DaemonCall.INVENTORY: inventory, DaemonCall.REGISTRATION: registration,
+            DaemonCall.HEALTH: health}

@@ -1,0 +1,263 @@
+"""Which daemons are in the pool, and what the index knows because of them.
+
+A node joins with its registration (tiers, NIXL metadata, whole inventory) and leaves
+the moment its membership key is gone: its replicas leave the index at once, so no get
+returns a location on a dead node. Without etcd, daemons register with the master, which
+keeps their leased keys in the in-process coordinator. With etcd, daemons own their keys
+(kvpool.membership) and the leader follows them: it lists them, pulls each daemon's
+registration, is ready once every listed daemon is in, then follows changes; a broken
+watch starts over with a full listing, so nothing that happened meanwhile is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Callable
+
+from kvpool.codec import BlockHeader
+from kvpool.coordinator import Coordinator, EventKind, LeaseExpired, WatchEvent
+from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
+from kvpool.errors import BadRequest, KVPoolError, NodeGone, NodeIdTaken
+from kvpool.keyspace import Keyspace
+from master.index import BlockEntry, BlockState, Replica
+from master.nodes import Node, tier_spaces
+from master.state import PoolState
+
+log = logging.getLogger(__name__)
+LinkFactory = Callable[[str], DaemonLink]
+
+
+class Membership:
+    def __init__(self, state: PoolState, coord: Coordinator, clustered: bool,
+                 connect: LinkFactory = RpcDaemonLink) -> None:
+        self.state = state
+        self.coord = coord
+        self.keys = Keyspace(state.cfg.cluster)
+        self.clustered = clustered  # with etcd: daemons join through it, never by `register`
+        self.connect = connect
+
+    # -- joining and leaving --------------------------------------------------------------
+
+    async def join(self, reg: Registration, link: DaemonLink | None = None) -> Node:
+        """Take a node into the index: its tiers, and every block of its inventory."""
+        st = self.state
+        old = st.nodes.get(reg.node_id)
+        if old is not None:
+            if old.agent == reg.agent:
+                if link is not None:
+                    await link.close()
+                return old
+            await self.drop(reg.node_id, "replaced by a restarted daemon")
+        tiers = tier_spaces(reg.tiers, st.cfg.alignment)
+        for kind, space in list(tiers.items()):
+            if space.store:
+                shared = st.stores.setdefault(f"@{space.store}", space)
+                shared.capacity = max(shared.capacity, space.capacity)
+                tiers[kind] = shared
+        node = Node(reg.node_id, reg.url, reg.agent, tiers, link or self.connect(reg.url),
+                    ttl_s=reg.ttl_s)
+        for block in reg.inventory:
+            self._adopt(node, block)
+        st.nodes[reg.node_id] = node
+        log.info("node %s joined: %s, %d blocks", reg.node_id, reg.url, len(reg.inventory))
+        return node
+
+    def _adopt(self, node: Node, block: StoredBlock) -> None:
+        st = self.state
+        try:
+            header, _ = BlockHeader.decode(block.header)
+        except KVPoolError as exc:
+            log.warning("node %s reported a bad inventory item: %s", node.node_id, exc)
+            return
+        space = node.tiers.get(block.tier)
+        if space is None:
+            return
+        owner = st.owner(node, block.tier)
+        entry = st.index.get(block.key)
+        if entry is None:
+            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header)
+            st.index.add(entry)
+        elif not entry.state.readable or entry.replica(owner, block.tier):
+            return
+        space.take(block.location, block.size)
+        st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
+
+    async def drop(self, node_id: str, reason: str) -> None:
+        st = self.state
+        node = st.nodes.pop(node_id, None)
+        if node is None:
+            return
+        lost = 0
+        for entry in st.index.on(node_id):
+            for r in [r for r in entry.replicas if r.node == node_id]:
+                st.index.drop_replica(entry, r)
+            if not entry.replicas:
+                st.index.remove(entry)
+                st.events.emit("removed", entry.key, node_id)
+                lost += 1
+        await node.link.close()
+        log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)
+
+    async def agent_metadata(self, agents: list[str]) -> dict[str, bytes]:
+        """NIXL metadata of live daemons' agents, as published through the coordinator."""
+        found = {}
+        for agent in agents:
+            meta = await self.coord.get(self.keys.nixl(agent))
+            if meta is not None:
+                found[agent] = meta
+        return found
+
+    # -- without etcd: daemons register with the master -----------------------------------
+
+    async def register(self, reg: Registration) -> dict[str, Any]:
+        """A daemon joins (or rejoins after a restart); the master keeps its leased key."""
+        if self.clustered:
+            raise BadRequest("this master runs in cluster mode: daemons join through etcd; "
+                             "start the daemon with --etcd (and --cluster) instead of --master")
+        old = self.state.nodes.get(reg.node_id)
+        if old is not None and old.agent == reg.agent:  # a retried registration
+            await self.coord.keepalive(old.lease)
+            return {"lease": old.lease, "ttl_s": old.ttl_s}
+        if old is not None and await probe(old.url, old.agent):
+            raise NodeIdTaken(f"node id {reg.node_id!r} is already in the pool (at {old.url}); "
+                              "give this daemon another node_id")
+        node = await self.join(reg)
+        node.lease = await self.coord.grant_lease(reg.ttl_s)
+        await self.coord.put(self.keys.node(reg.node_id), json.dumps(
+            {"url": reg.url, "agent": reg.agent}).encode(), node.lease)
+        # Published under the node's lease: it vanishes with the node, never outlives it.
+        await self.coord.put(self.keys.nixl(reg.agent), reg.metadata, node.lease)
+        return {"lease": node.lease, "ttl_s": reg.ttl_s}
+
+    async def heartbeat(self, node_id: str, agent: str) -> None:
+        if self.clustered:
+            raise BadRequest("this master runs in cluster mode: daemons renew their etcd lease")
+        node = self.state.nodes.get(node_id)
+        if node is None or node.agent != agent:
+            raise NodeGone(f"node {node_id} is not a member; register again")
+        try:
+            await self.coord.keepalive(node.lease)
+        except LeaseExpired:
+            await self.drop(node_id, "membership lease expired")
+            raise NodeGone(f"node {node_id}'s lease expired; register again") from None
+
+    async def watch(self) -> None:
+        """Single node: drop a node the moment its key disappears (its lease expired)."""
+        watch = await self.coord.watch_prefix(self.keys.nodes)
+        try:
+            async for event in watch:
+                if event.kind is EventKind.DELETE:
+                    await self.drop(self.keys.node_id(event.key), "membership lease expired")
+        finally:
+            await watch.aclose()
+
+    # -- with etcd: the leader follows the daemons' keys ----------------------------------
+
+    async def _pull(self, node_id: str, value: bytes, rebuilding: bool) -> None:
+        """Take the daemon a membership key describes into the index (if not in already)."""
+        info = json.loads(value)
+        known = self.state.nodes.get(node_id)
+        if known is not None and known.agent == info.get("agent"):
+            return
+        link = self.connect(str(info["url"]))
+        try:
+            # The first node of a rebuild lists a shared object store again, so blocks that
+            # nodes gone since demoted there are found.
+            reg = await link.registration(rescan=rebuilding and not self.state.stores)
+            if reg.agent != info.get("agent") or reg.node_id != node_id:
+                raise KVPoolError(f"{info['url']} is no longer the daemon {node_id} that etcd lists")
+        except BaseException:
+            await link.close()
+            raise
+        await self.join(reg, link)
+
+    async def _sync(self, rebuilding: bool) -> tuple[set[str], float]:
+        """Make the index's nodes the listed ones: drop the unlisted, pull the new. Returns
+        the listed nodes that could not be pulled (not answering yet, or dying) and the
+        longest membership TTL listed."""
+        prefix = self.keys.nodes
+        listed = {self.keys.node_id(k): v for k, v in (await self.coord.get_prefix(prefix)).items()}
+        for node_id in list(self.state.nodes):
+            if node_id not in listed:
+                await self.drop(node_id, "membership lease expired")
+        missing, ttl = set(), 0.0
+        for node_id, value in listed.items():
+            try:
+                ttl = max(ttl, float(json.loads(value).get("ttl_s", 0.0)))
+                await self._pull(node_id, value, rebuilding)
+            except (KVPoolError, ValueError, KeyError, TypeError) as exc:
+                log.warning("cannot pull node %s yet: %s", node_id, exc)
+                missing.add(node_id)
+        return missing, ttl
+
+    async def follow(self, ready: Callable[[], None]) -> None:
+        """Run while leading: rebuild, call ``ready``, then follow membership changes.
+
+        The rebuild waits for every listed daemon, or for its key to go (a daemon that
+        died just before keeps its key until its lease runs out), at most its TTL + 2 s;
+        a daemon still missing then is pulled again every 2 s while the leader serves."""
+        loop = asyncio.get_running_loop()
+        rebuilding = True
+        while True:
+            watch = None
+            pending: asyncio.Task[WatchEvent] | None = None
+            try:
+                watch = await self.coord.watch_prefix(self.keys.nodes)
+                events = watch.__aiter__()
+                missing, ttl = await self._sync(rebuilding)
+                if rebuilding:
+                    end = loop.time() + ttl + 2.0
+                    while missing and loop.time() < end:
+                        await asyncio.sleep(0.2)
+                        missing, _ = await self._sync(rebuilding)
+                    if missing:
+                        log.error("serving without node(s) %s, which are listed but do not answer",
+                                  ", ".join(sorted(missing)))
+                    rebuilding = False
+                    ready()
+                    log.info("index rebuilt from %d nodes: %d blocks; serving",
+                             len(self.state.nodes), len(self.state.index))
+                while True:
+                    # The next event is awaited by a task of its own: cancelling a watch's
+                    # iterator mid-wait would end it, so a timeout only stops our waiting.
+                    if pending is None:
+                        pending = asyncio.create_task(events.__anext__())  # type: ignore[arg-type]
+                    done, _ = await asyncio.wait({pending}, timeout=2.0 if missing else None)
+                    if not done:
+                        missing, _ = await self._sync(rebuilding)
+                        continue
+                    event, pending = pending.result(), None
+                    await self._on_event(event, missing)
+            except (KVPoolError, StopAsyncIteration) as exc:
+                log.warning("membership watch ended: %s; listing again", exc or type(exc).__name__)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                if watch is not None:
+                    await watch.aclose()
+            await asyncio.sleep(0.2)
+
+    async def _on_event(self, event: WatchEvent, missing: set[str]) -> None:
+        node_id = self.keys.node_id(event.key)
+        if event.kind is EventKind.DELETE:
+            missing.discard(node_id)
+            await self.drop(node_id, "membership lease expired")
+            return
+        known = self.state.nodes.get(node_id)
+        if event.value is None or (known is not None and _agent(event.value) == known.agent):
+            return
+        try:
+            await self._pull(node_id, event.value, rebuilding=False)
+            missing.discard(node_id)
+        except (KVPoolError, ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot pull node %s: %s; trying again", node_id, exc)
+            missing.add(node_id)
+
+
+def _agent(value: bytes) -> str:
+    try:
+        return str(json.loads(value)["agent"])
+    except (ValueError, KeyError, TypeError):
+        return ""

@@ -1,0 +1,84 @@
+"""The read path: leased gets (cold blocks promoted first), exists, prefix match, and
+reports of replicas that failed their checksum at a reader."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from kvpool.errors import ChecksumMismatch, KVPoolError
+from kvpool.keys import BlockKey
+from kvpool.protocol import ReadGrant
+from master.index import BlockEntry, Replica
+from master.leases import Leases
+from master.state import PoolState
+from master.tiering import Tiering
+
+
+class Reads:
+    def __init__(self, state: PoolState, leases: Leases, tiering: Tiering) -> None:
+        self.state = state
+        self.leases = leases
+        self.tiering = tiering
+
+    def _grant(self, entry: BlockEntry, replica: Replica) -> ReadGrant:
+        self.state.index.touch(entry)
+        return ReadGrant(self.state.location(replica), entry.header)
+
+    async def get(self, keys: Sequence[BlockKey]) -> tuple[int, list[ReadGrant | None]]:
+        """Where to read each stored block, under one new read lease (None for a miss)."""
+        st = self.state
+        found: list[tuple[int, BlockEntry, Replica]] = []
+        for i, key in enumerate(keys):
+            entry = st.index.readable(key)
+            best = entry.best() if entry is not None else None
+            if entry is not None and best is not None:
+                found.append((i, entry, best))
+        lease = self.leases.grant([e for _, e, _ in found])
+        out: list[ReadGrant | None] = [None] * len(keys)
+        cold = []
+        for i, entry, best in found:
+            if best.tier.is_arena:
+                out[i] = self._grant(entry, best)
+            else:
+                cold.append((i, entry))
+        if cold:
+            await self._promote(keys, cold, lease, out)
+        hits = sum(x is not None for x in out)
+        st.counters["get_hits"] += hits
+        st.counters["get_misses"] += len(keys) - hits
+        return lease, out
+
+    async def _promote(self, keys: Sequence[BlockKey], cold: list[tuple[int, BlockEntry]],
+                       lease: int, out: list[ReadGrant | None]) -> None:
+        results = await asyncio.gather(*(self.tiering.promote(keys[i]) for i, _ in cold),
+                                       return_exceptions=True)
+        for (i, entry), res in zip(cold, results):
+            if isinstance(res, Replica) and entry.state.readable:
+                out[i] = self._grant(entry, res)
+                continue
+            if isinstance(res, BaseException) and not isinstance(res, KVPoolError):
+                raise res
+            entry.leases.pop(lease, None)
+
+    def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
+        return [self.state.index.readable(k) is not None for k in keys]
+
+    def match(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are stored: the reusable prefix of a prompt."""
+        for n, key in enumerate(keys):
+            if self.state.index.readable(key) is None:
+                return n
+        return len(keys)
+
+    async def report_corrupt(self, keys: Sequence[BlockKey], nodes: Sequence[str]) -> None:
+        """A reader got bytes that failed their checksum: drop the replica it was sent to."""
+        st = self.state
+        for key, node_id in zip(keys, nodes):
+            entry = st.index.readable(key)
+            replica = entry.best() if entry else None
+            if entry is None or replica is None or replica.node != node_id:
+                continue
+            await st.drop_on_daemon(node_id, replica.tier, [key])
+            if replica in entry.replicas:
+                st.lose_replica(entry, replica, ChecksumMismatch("a reader's checksum failed"))

@@ -1,0 +1,126 @@
+"""The pool state every room of the master operates on: the index, the nodes and shared
+stores with their space, the event log and the counters, plus the bookkeeping that keeps
+them consistent with each other.
+
+Everything runs on one asyncio loop, so updates between awaits are atomic. Daemons are
+told about a block before the index shows it, and forget it before its space is handed
+out again (drop, then free), so the index never points at bytes that are not there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from typing import Sequence
+
+from kvpool.config import MasterConfig
+from kvpool.errors import KVPoolError
+from kvpool.keys import BlockKey
+from kvpool.protocol import Location
+from kvpool.tiers.base import TierKind
+from master.events import EventHub
+from master.index import BlockEntry, BlockState, Index, Replica
+from master.nodes import Node, TierSpace
+
+log = logging.getLogger(__name__)
+
+
+class PoolState:
+    def __init__(self, cfg: MasterConfig) -> None:
+        self.cfg = cfg
+        self.index = Index()
+        self.nodes: dict[str, Node] = {}
+        # Shared object stores by owner id ("@" + store): their replicas belong to no node,
+        # so a node's death leaves them, and any node naming the store can promote them.
+        self.stores: dict[str, TierSpace] = {}
+        self.events = EventHub()
+        self.counters: dict[str, int] = defaultdict(int)
+        self.rng = random.SystemRandom()
+        self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
+
+    def clear(self) -> None:
+        """Forget everything (a term ended); the caller closes the nodes' links."""
+        self.index = Index()
+        self.nodes = {}
+        self.stores = {}
+
+    def new_term(self) -> None:
+        self.term = self.rng.getrandbits(30) | 1
+
+    def new_id(self) -> int:
+        return self.rng.getrandbits(63) | 1
+
+    # -- owners of replicas: nodes, and shared object stores ------------------------------
+
+    @staticmethod
+    def owner(node: Node, kind: TierKind) -> str:
+        """Who a replica in ``node``'s tier ``kind`` belongs to: the node, or its shared store."""
+        space = node.tiers.get(kind)
+        return f"@{space.store}" if space is not None and space.store else node.node_id
+
+    def space(self, owner: str, kind: TierKind) -> TierSpace | None:
+        if owner.startswith("@"):
+            return self.stores.get(owner)
+        node = self.nodes.get(owner)
+        return node.tiers.get(kind) if node is not None else None
+
+    def node_for(self, owner: str) -> Node | None:
+        """The live node that acts for an owner: itself, or for a store the node naming it
+        with the most free host arena."""
+        if not owner.startswith("@"):
+            return self.nodes.get(owner)
+        users = [n for n in self.nodes.values() if self.owner(n, TierKind.OBJECT) == owner]
+        return max(users, key=lambda n: n.tiers[TierKind.HOST].free
+                   if TierKind.HOST in n.tiers else -1, default=None)
+
+    def location(self, replica: Replica) -> Location:
+        node = self.nodes[replica.node]
+        space = node.tiers[replica.tier]
+        return Location(node.node_id, node.agent, space.address + replica.location,
+                        replica.size, space.mem_type, space.device)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def free(self, owner: str, replica: Replica) -> None:
+        """Give a replica's space back (arena bytes or a cold tier's count)."""
+        space = self.space(owner, replica.tier)
+        if space is not None:
+            space.release(replica.location, replica.size)
+
+    def forget_replica(self, entry: BlockEntry, replica: Replica) -> None:
+        """Index bookkeeping only; the caller made sure the daemon no longer holds it."""
+        self.index.drop_replica(entry, replica)
+        self.free(replica.node, replica)
+
+    def lose_replica(self, entry: BlockEntry, replica: Replica, why: KVPoolError) -> None:
+        """A replica's bytes are bad or gone (the daemon said so): forget it; a block with
+        no replica left is gone."""
+        log.warning("block %s on %s/%s dropped: %s", entry.key.hex(), replica.node,
+                    replica.tier.value, why)
+        self.forget_replica(entry, replica)
+        self.counters[f"dropped_{why.code}"] += 1
+        if not entry.replicas:
+            self.index.remove(entry)
+            self.events.emit("removed", entry.key, replica.node, replica.tier)
+
+    def discard_pending(self, entry: BlockEntry) -> None:
+        """Undo a reservation nobody committed: out of the index, its arena space free."""
+        if entry.state is not BlockState.PENDING:
+            return
+        self.index.remove(entry)
+        for r in entry.replicas:
+            self.free(r.node, r)
+
+    async def drop_on_daemon(self, owner: str, tier: TierKind, keys: Sequence[BlockKey]) -> None:
+        """Tell the node (or a node naming the store) to forget blocks. A daemon that does
+        not confirm overwrites its stale arena records when the space is adopted again."""
+        node = self.node_for(owner)
+        if node is None:
+            if owner.startswith("@"):
+                log.warning("no live node names store %s; %d blocks stay in it", owner[1:], len(keys))
+            return
+        try:
+            await node.link.drop(tier, keys)
+        except KVPoolError as exc:
+            log.warning("node %s did not confirm dropping %d blocks: %s", owner, len(keys), exc)

@@ -1,0 +1,208 @@
+"""Tiering: watermarks, demotion one tier down, eviction at the last tier, and
+promotion of cold blocks into a host arena when they are read.
+
+Eviction order is the index's: least recently used first, leaves of a prefix before the
+blocks they chain from. A move copies first, switches the index, then frees the source,
+so a block is readable all the way through; leased and pinned blocks never move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
+from kvpool.keys import BlockKey
+from kvpool.tiers.base import TierKind
+from master.index import BlockEntry, BlockState, Replica
+from master.nodes import Node
+from master.placement import pressured, relief_target
+from master.state import PoolState
+
+log = logging.getLogger(__name__)
+DEMOTE_BATCH = 64  # blocks per copy call to a daemon
+
+
+class Tiering:
+    def __init__(self, state: PoolState) -> None:
+        self.state = state
+        self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def clear(self) -> None:
+        self._relieving.clear()
+
+    async def sweep(self) -> None:
+        """Bring every tier above its high watermark down to its low one, fastest first."""
+        for node, kind in pressured(list(self.state.nodes.values()), self.state.cfg.high_watermark):
+            await self.relieve(node, kind)
+
+    async def relieve(self, node: Node, kind: TierKind, need: int = 0, at_least: int = 0) -> bool:
+        """Demote (or, at the last tier, evict) the coldest movable blocks of one tier until
+        it is below its low watermark (and ``need`` bytes fit), freeing at least
+        ``at_least`` bytes (a fragmented arena may need more than its fill suggests).
+        True when anything moved."""
+        st = self.state
+        owner = st.owner(node, kind)
+        async with self._relieving[(owner, kind)]:
+            space = node.tiers.get(kind)
+            if space is None or st.nodes.get(node.node_id) is not node:
+                return False
+            target = max(0, min(relief_target(space, st.cfg.low_watermark, need),
+                                space.used - at_least))
+            now = time.monotonic()
+            victims, freed = [], 0
+            for entry in st.index.coldest(owner, kind):
+                if space.used - freed <= target:
+                    break
+                if entry.movable(now):
+                    victims.append(entry)
+                    freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
+            if not victims:
+                return False
+            await self.demote(node, kind, victims)
+            return True
+
+    async def demote(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
+        """Move blocks one tier down on their node; at the last tier, evict them."""
+        dst = node.below(kind)
+        for start in range(0, len(entries), DEMOTE_BATCH):
+            chunk = [e for e in entries[start:start + DEMOTE_BATCH] if e.state is BlockState.COMPLETE]
+            for e in chunk:
+                e.advance(BlockState.MOVING, BlockState.COMPLETE)
+            try:
+                moved = chunk if dst is None else await self._copy_down(node, kind, dst, chunk)
+                await self._drop_replicas(node, kind, moved)
+            finally:
+                for e in chunk:
+                    if e.state is BlockState.MOVING:
+                        e.advance(BlockState.COMPLETE, BlockState.MOVING)
+
+    async def _copy_down(self, node: Node, src: TierKind, dst: TierKind,
+                         entries: list[BlockEntry]) -> list[BlockEntry]:
+        """Copy to ``dst`` the blocks that have no replica at ``dst`` or below yet; returns
+        the blocks that now have one."""
+        st = self.state
+        dst_owner = st.owner(node, dst)
+        need = [e for e in entries if not any(r.node in (node.node_id, dst_owner)
+                                              and r.tier.rank >= dst.rank for r in e.replicas)]
+        done = [e for e in entries if e not in need]
+        if not need:
+            return done
+        dst_space = node.tiers[dst]
+        estimate = sum(e.size for e in need)
+        if dst_space.used + estimate > st.cfg.high_watermark * dst_space.capacity:
+            await self.relieve(node, dst, need=estimate)
+        locations = [0] * len(need)
+        if dst_space.allocator is not None:  # an arena destination: its space is reserved first
+            placed = [(e, dst_space.allocator.allocate(e.size)) for e in need]
+            for e, at in placed:
+                if at is None:
+                    log.warning("no room in %s/%s to demote %s into", node.node_id, dst.value, e.key.hex())
+            need = [e for e, at in placed if at is not None]
+            locations = [at for _, at in placed if at is not None]
+        try:
+            results = await node.link.copy([e.key for e in need], src, dst, locations)
+        except KVPoolError as exc:
+            log.warning("demotion %s->%s on %s failed: %s", src.value, dst.value, node.node_id, exc)
+            if dst_space.allocator is not None:
+                for at in locations:
+                    dst_space.allocator.free(at)
+            return done
+        for entry, at, res in zip(need, locations, results):
+            if entry.state is BlockState.REMOVED:
+                if res.ok:  # removed meanwhile: the copy goes before its space is reused
+                    await st.drop_on_daemon(dst_owner, dst, [entry.key])
+                if dst_space.allocator is not None:
+                    dst_space.allocator.free(at)
+            elif res.ok:
+                if dst_space.allocator is None:
+                    dst_space.take(at, res.size)
+                st.index.add_replica(entry, Replica(dst_owner, dst, at, res.size))
+                done.append(entry)
+            else:
+                if dst_space.allocator is not None:
+                    dst_space.allocator.free(at)
+                self._failed(entry, entry.replica(node.node_id, src), dst, res.error)
+        st.counters[f"demoted_{src.value}"] += len(need)
+        return done
+
+    def _failed(self, entry: BlockEntry, source: Replica | None, dst: TierKind,
+                error: KVPoolError | None) -> None:
+        """A copy of one block did not happen: a bad or vanished source replica is lost;
+        a full destination leaves the block where it is."""
+        if isinstance(error, (ChecksumMismatch, BlockNotFound)):
+            if source is not None and source in entry.replicas:
+                self.state.lose_replica(entry, source, error)
+        else:
+            log.warning("cannot copy %s to %s: %s", entry.key.hex(), dst.value, error)
+            self.state.counters[f"move_failed_{dst.value}"] += 1
+
+    async def _drop_replicas(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
+        """Forget the ``kind`` replica of blocks nobody is reading; evict lone ones."""
+        st = self.state
+        now = time.monotonic()
+        owner = st.owner(node, kind)
+        drop = [e for e in entries if e.state is not BlockState.REMOVED and not e.leased(now)
+                and not e.pins and e.replica(owner, kind) is not None]
+        if not drop:
+            return
+        await st.drop_on_daemon(owner, kind, [e.key for e in drop])
+        for entry in drop:
+            replica = entry.replica(owner, kind)
+            if replica is None:
+                continue
+            st.forget_replica(entry, replica)
+            if not entry.replicas:
+                st.index.remove(entry)
+                st.events.emit("removed", entry.key, node.node_id, kind, entry.size)
+                st.counters["evicted"] += 1
+
+    async def promote(self, key: BlockKey) -> Replica | None:
+        """Copy a cold block into its node's host arena (the checksum is verified on the
+        way); the block's fastest replica, or None when it cannot be read now."""
+        st = self.state
+        entry = st.index.readable(key)
+        if entry is None:
+            return None
+        while entry.state is BlockState.MOVING:
+            await asyncio.sleep(0.002)
+        if entry.state is not BlockState.COMPLETE:
+            return None
+        best = entry.best()
+        if best is None or best.tier.is_arena:
+            return best
+        node = st.node_for(best.node)
+        if node is None:  # a shared store no live node names now: a miss until one does
+            return None
+        space = node.tiers.get(TierKind.HOST)
+        if space is None or space.allocator is None:
+            raise TierFull(f"node {node.node_id} has no host arena to promote into")
+        entry.advance(BlockState.MOVING, BlockState.COMPLETE)
+        try:
+            offset = space.allocator.allocate(entry.size)
+            if offset is None:
+                await self.relieve(node, TierKind.HOST, need=entry.size)
+                offset = space.allocator.allocate(entry.size)
+                if offset is None:
+                    raise TierFull("the host arena is full of leased or pinned blocks")
+            try:
+                [res] = await node.link.copy([key], best.tier, TierKind.HOST, [offset])
+            except BaseException:
+                space.allocator.free(offset)
+                raise
+            if not res.ok or entry.state is BlockState.REMOVED:
+                if res.ok:  # removed meanwhile: the copy goes before its space is reused
+                    await st.drop_on_daemon(node.node_id, TierKind.HOST, [key])
+                space.allocator.free(offset)
+                if not res.ok and entry.state is not BlockState.REMOVED:
+                    self._failed(entry, best, TierKind.HOST, res.error)
+                return None
+            replica = Replica(node.node_id, TierKind.HOST, offset, entry.size)
+            st.index.add_replica(entry, replica)
+            st.counters["promoted"] += 1
+            return replica
+        finally:
+            if entry.state is BlockState.MOVING:
+                entry.advance(BlockState.COMPLETE, BlockState.MOVING)

@@ -1,0 +1,83 @@
+"""An in-process pool daemon behind the master's DaemonLink, for unit tests of the
+master's logic: blocks are records in dicts, and faults (a corrupt replica, a full tier,
+a daemon that stops answering) are switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from kvpool.daemon_link import CopyResult, Health, Registration, StoredBlock, TierDescription
+from kvpool.errors import BlockNotFound, ChecksumMismatch, TierFull, Unavailable
+from kvpool.keys import BlockKey
+from kvpool.tiers.base import TierKind
+
+
+@dataclass
+class FakeDaemon:
+    node_id: str
+    tiers: list[TierDescription]
+    url: str = ""
+    agent: str = ""
+    held: dict[TierKind, dict[BlockKey, StoredBlock]] = field(default_factory=dict)
+    corrupt: set[tuple[TierKind, BlockKey]] = field(default_factory=set)
+    full: set[TierKind] = field(default_factory=set)
+    down: bool = False
+    calls: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.url = self.url or f"fake://{self.node_id}"
+        self.agent = self.agent or f"agent-{self.node_id}"
+        for t in self.tiers:
+            self.held.setdefault(t.kind, {})
+
+    def _answer(self, name: str) -> None:
+        self.calls.append(name)
+        if self.down:
+            raise Unavailable(f"{self.url} does not answer")
+
+    def registration_now(self) -> Registration:
+        return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers,
+                            [b for blocks in self.held.values() for b in blocks.values()])
+
+    async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
+        self._answer("adopt")
+        for b in blocks:
+            self.held[b.tier][b.key] = b
+
+    async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
+                   locations: Sequence[int]) -> list[CopyResult]:
+        self._answer("copy")
+        out = []
+        for key, location in zip(keys, locations):
+            block = self.held[src].get(key)
+            if block is None:
+                out.append(CopyResult(error=BlockNotFound(f"{key.hex()} is not in {src.value}")))
+            elif (src, key) in self.corrupt:
+                del self.held[src][key]
+                out.append(CopyResult(error=ChecksumMismatch(f"{key.hex()} failed its checksum")))
+            elif dst in self.full:
+                out.append(CopyResult(error=TierFull(f"{dst.value} is full")))
+            else:
+                self.held[dst][key] = StoredBlock(key, dst, location, block.size, block.header)
+                out.append(CopyResult(block.size))
+        return out
+
+    async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
+        self._answer("drop")
+        return sum(self.held[tier].pop(k, None) is not None for k in keys)
+
+    async def inventory(self) -> list[StoredBlock]:
+        self._answer("inventory")
+        return self.registration_now().inventory
+
+    async def registration(self, rescan: bool = False) -> Registration:
+        self._answer("registration")
+        return self.registration_now()
+
+    async def health(self) -> Health:
+        self._answer("health")
+        return Health(self.node_id, self.agent, {})
+
+    async def close(self) -> None:
+        pass

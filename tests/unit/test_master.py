@@ -1,0 +1,240 @@
+"""The master's logic over in-process fake daemons: two-phase puts, leases, tier moves,
+failures reported per key, roles. No processes, no network; ``check`` after mutations."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kvpool.codec import make_header
+from kvpool.config import MasterConfig
+from kvpool.coordinator import InProcessCoordinator
+from kvpool.daemon_link import TierDescription
+from kvpool.errors import BadRequest, NodeGone, NotLeader, NotReady, TierFull
+from kvpool.keys import BlockKey
+from kvpool.protocol import ReserveStatus
+from kvpool.tiers.base import TierKind
+from master import removal
+from master.core import MasterCore, Role
+from master.index import BlockEntry, BlockState, Replica, StateError
+from tests.unit.fake_daemon import FakeDaemon
+
+KiB = 1024
+BLOCK = 64 * KiB
+
+
+def key(i: int) -> BlockKey:
+    return i.to_bytes(16, "little")
+
+
+def fake(node_id: str, host: int = 16 * BLOCK, gpu: int = 0, ssd: int = 1024 * BLOCK) -> FakeDaemon:
+    tiers = [TierDescription(TierKind.HOST, host, address=1 << 40)]
+    if gpu:
+        tiers.insert(0, TierDescription(TierKind.GPU, gpu, address=1 << 44, mem_type="VRAM"))
+    if ssd:
+        tiers.append(TierDescription(TierKind.SSD, ssd))
+    return FakeDaemon(node_id, tiers)
+
+
+async def master(*daemons: FakeDaemon, **cfg: object) -> MasterCore:
+    by_url = {d.url: d for d in daemons}
+    core = MasterCore(MasterConfig(**cfg), InProcessCoordinator(),  # type: ignore[arg-type]
+                      connect=lambda url: by_url[url])
+    for d in daemons:
+        await core.members.join(d.registration_now())
+    return core
+
+
+async def put(core: MasterCore, keys: list[BlockKey], size: int = BLOCK) -> list[ReserveStatus]:
+    put_id, items = await core.puts.reserve(keys, [size] * len(keys), [], None)
+    new = [k for k, item in zip(keys, items) if item.status is ReserveStatus.NEW]
+    header = make_header(np.zeros(size, np.uint8), "uint8").encode()
+    if new:
+        assert await core.puts.commit(put_id, new, [header] * len(new)) == len(new)
+    return [item.status for item in items]
+
+
+async def nine_blocks_in_ten() -> tuple[FakeDaemon, MasterCore, list[BlockKey]]:
+    """A host arena of 10 blocks holding 9, over its 0.8 high watermark (low: 0.5)."""
+    d = fake("n1", host=10 * BLOCK)
+    core = await master(d, high_watermark=0.8, low_watermark=0.5)
+    keys = [key(i) for i in range(9)]
+    for k in keys:
+        await put(core, [k])
+    return d, core, keys
+
+
+def tiers_of(core: MasterCore, k: BlockKey) -> list[TierKind]:
+    entry = core.state.index.readable(k)
+    return sorted((r.tier for r in entry.replicas), key=lambda t: t.rank) if entry else []
+
+
+async def test_a_put_is_invisible_until_the_daemon_recorded_it() -> None:
+    d = fake("n1")
+    core = await master(d)
+    put_id, [item] = await core.puts.reserve([key(1)], [BLOCK], [], None)
+    assert item.status is ReserveStatus.NEW and item.locations[0].node == "n1"
+    assert core.reads.exists([key(1)]) == [False] and d.held[TierKind.HOST] == {}
+    assert (await core.reads.get([key(1)]))[1] == [None]
+    assert await put(core, [key(1)]) == [ReserveStatus.IN_FLIGHT]  # a second writer waits
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    assert await core.puts.commit(put_id, [key(1)], [header]) == 1
+    assert key(1) in d.held[TierKind.HOST]
+    assert core.reads.exists([key(1)]) == [True]
+    assert await put(core, [key(1)]) == [ReserveStatus.EXISTS]
+    await core.check()
+
+
+async def test_a_commit_whose_daemon_fails_leaves_nothing_visible_and_frees_the_space() -> None:
+    d = fake("n1")
+    core = await master(d)
+    put_id, _ = await core.puts.reserve([key(1), key(2)], [BLOCK, BLOCK], [], None)
+    d.down = True
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    with pytest.raises(NodeGone, match="could not record"):
+        await core.puts.commit(put_id, [key(1), key(2)], [header, header])
+    d.down = False
+    assert core.reads.exists([key(1), key(2)]) == [False, False]
+    assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
+    await core.check()
+
+
+async def test_a_commit_with_a_wrong_header_is_refused_and_rolled_back() -> None:
+    core = await master(fake("n1"))
+    put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None)
+    small = make_header(np.zeros(BLOCK // 2, np.uint8), "uint8").encode()
+    with pytest.raises(BadRequest, match="were reserved"):
+        await core.puts.commit(put_id, [key(1)], [small])
+    assert core.state.index.get(key(1)) is None
+    await core.check()
+
+
+async def test_abandoned_reservations_are_reclaimed_after_their_deadline() -> None:
+    core = await master(fake("n1"), put_timeout_s=5.0)
+    await core.puts.reserve([key(1)], [BLOCK], [], None)
+    assert core.puts.reclaim(time.monotonic()) == 0
+    assert core.puts.reclaim(time.monotonic() + 6.0) == 1
+    assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
+    await core.check()
+
+
+async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_readable() -> None:
+    d, core, keys = await nine_blocks_in_ten()
+    lease, _ = await core.reads.get([keys[0]])  # the coldest block, but a reader holds it
+    await core.sweep()
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used <= 0.5 * host.capacity
+    assert tiers_of(core, keys[0]) == [TierKind.HOST]  # leased: not moved
+    moved = [k for k in keys if tiers_of(core, k) == [TierKind.SSD]]
+    assert moved == keys[1:1 + len(moved)] and len(moved) >= 4  # coldest first
+    assert all(k in d.held[TierKind.SSD] and k not in d.held[TierKind.HOST] for k in moved)
+    core.leases.release([lease])
+    await core.check()
+    # A read of a demoted block promotes it back into the host arena.
+    _, [grant] = await core.reads.get([moved[0]])
+    assert grant is not None and grant.location.mem_type == "DRAM"
+    assert TierKind.HOST in tiers_of(core, moved[0])
+    await core.check()
+
+
+async def test_a_full_destination_leaves_the_block_where_it_is() -> None:
+    d, core, keys = await nine_blocks_in_ten()
+    d.full.add(TierKind.SSD)
+    await core.sweep()
+    assert all(tiers_of(core, k) == [TierKind.HOST] for k in keys)  # nothing lost
+    assert core.state.counters["move_failed_ssd"] > 0
+    await core.check()
+
+
+async def test_a_corrupt_cold_replica_is_dropped_and_read_as_a_miss() -> None:
+    d, core, keys = await nine_blocks_in_ten()
+    await core.sweep()
+    cold = next(k for k in keys if tiers_of(core, k) == [TierKind.SSD])
+    d.corrupt.add((TierKind.SSD, cold))
+    assert (await core.reads.get([cold]))[1] == [None]
+    assert core.state.index.get(cold) is None
+    assert core.state.counters["dropped_checksum_mismatch"] == 1
+    await core.check()
+
+
+async def test_gpu_blocks_demote_into_distinct_host_offsets() -> None:
+    d = fake("n1", gpu=8 * BLOCK, host=64 * BLOCK)
+    core = await master(d, high_watermark=0.7, low_watermark=0.2)
+    keys = [key(i) for i in range(7)]
+    for k in keys:
+        await put(core, [k])
+    assert all(tiers_of(core, k) == [TierKind.GPU] for k in keys)
+    await core.sweep()
+    on_host = [k for k in keys if tiers_of(core, k) == [TierKind.HOST]]
+    assert len(on_host) >= 4
+    offsets = [d.held[TierKind.HOST][k].location for k in on_host]
+    assert len(set(offsets)) == len(offsets)
+    await core.check()
+
+
+async def test_removal_respects_pins_and_leases_unless_forced() -> None:
+    d = fake("n1")
+    core = await master(d)
+    await put(core, [key(1), key(2)])
+    core.leases.pin([key(1)], +1)
+    with pytest.raises(Exception, match="pinned"):
+        await removal.remove(core.state, [key(1), key(2)], force=False)
+    assert core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
+    assert await removal.remove(core.state, [key(1), key(2), key(3)], force=True) == [True, True, False]
+    assert d.held[TierKind.HOST] == {}
+    assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
+    await core.check()
+
+
+async def test_a_node_that_leaves_takes_its_replicas_out_of_the_index_at_once() -> None:
+    a, b = fake("a"), fake("b")
+    core = await master(a, b)
+    put_id, items = await core.puts.reserve([key(1)], [BLOCK], [], "a", replicas=2)
+    assert sorted(loc.node for loc in items[0].locations) == ["a", "b"]
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    await core.puts.commit(put_id, [key(1)], [header])
+    await core.members.drop("a", "test")
+    _, [grant] = await core.reads.get([key(1)])
+    assert grant is not None and grant.location.node == "b"
+    await core.check()
+
+
+async def test_no_room_anywhere_is_tier_full_and_changes_nothing() -> None:
+    core = await master(fake("n1", host=4 * BLOCK, ssd=0))
+    await put(core, [key(1)])
+    core.leases.pin([key(1)], +1)
+    with pytest.raises(TierFull):
+        await core.puts.reserve([key(2)], [8 * BLOCK], [], None)
+    assert core.state.index.get(key(2)) is None
+    await core.check()
+
+
+async def test_roles_gate_calls_and_change_only_along_their_transitions() -> None:
+    core = MasterCore(MasterConfig(), InProcessCoordinator(), clustered=True,
+                      leader_url=lambda: "http://other:7700")
+    assert core.role is Role.STANDBY
+    with pytest.raises(NotLeader, match="http://other:7700"):
+        core.gate()
+    await core.begin_term()
+    with pytest.raises(NotReady):
+        core.gate()
+    core.rebuilt()
+    core.gate()
+    with pytest.raises(AssertionError, match="cannot become"):
+        core.rebuilt()
+    await core.end_term()
+    assert core.role is Role.STANDBY
+
+
+def test_block_states_move_only_along_their_transitions() -> None:
+    entry = BlockEntry(key(1), BLOCK, BlockState.PENDING, [Replica("n1", TierKind.HOST, 0, BLOCK)])
+    with pytest.raises(StateError, match="is pending; moving it to moving expects complete"):
+        entry.advance(BlockState.MOVING, BlockState.COMPLETE)
+    entry.advance(BlockState.COMPLETE, BlockState.PENDING)
+    entry.advance(BlockState.MOVING, BlockState.COMPLETE)
+    assert entry.state.readable
+    entry.advance(BlockState.REMOVED, BlockState.MOVING)
+    with pytest.raises(StateError, match="is removed"):
+        entry.advance(BlockState.COMPLETE, BlockState.REMOVED)
