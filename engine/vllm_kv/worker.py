@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,9 @@ class KVPoolWorker:
     async def _load(self, spec: LoadSpec) -> int:
         """Read the blocks in place; returns how many leading ones arrived intact."""
         keys = spec.keys[self.rank]
+        t0 = time.perf_counter()
         results = await self.link.client.batch_get(keys, [self.segments(b) for b in spec.block_ids])
+        seconds = time.perf_counter() - t0
         got = 0
         for res in results:
             if not res.hit:
@@ -118,6 +121,10 @@ class KVPoolWorker:
                                 res.key.hex(), res.error)
                 break
             got += 1
+        if self.cfg.stats_path:
+            with open(self.cfg.stats_path, "a") as f:
+                f.write(json.dumps({"op": "load", "req": spec.req_id, "blocks": got,
+                                    "bytes": got * self.block_bytes, "seconds": seconds}) + "\n")
         self._audit("load", spec.req_id, keys[:got], spec.block_ids[:got])
         return got
 
