@@ -44,6 +44,7 @@ class PutResult:
     key: BlockKey
     stored: bool  # False: the key already existed (or another writer is storing it)
     replicas: int = 1  # copies on distinct nodes (a put asking for more gets as many as fit)
+    tier: str = ""  # where a new block went: "gpu" or "host" (hot tiers take new blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +315,8 @@ class AsyncPoolClient:
             if done["committed"] != len(new):
                 raise NodeGone(f"only {done['committed']} of {len(new)} blocks were committed: "
                                "their node left during the put; retry")
-        return [PutResult(k, item.status is ReserveStatus.NEW, item.replicas)
+        return [PutResult(k, item.status is ReserveStatus.NEW, item.replicas,
+                          _tier(item.locations[0].mem_type) if item.locations else "")
                 for k, item in zip(keys, items)]
 
     async def _write(self, idx: list[int], views: list[BufferView], items: list[Reservation],
@@ -532,6 +534,10 @@ class AsyncPoolClient:
     async def unpin(self, keys: Sequence[BlockKey]) -> None:
         body = {"keys": [parse_key(k) for k in keys]}
         await self._retrying(lambda: self._call(Call.UNPIN, dict(body)))
+
+
+def _tier(mem_type: str) -> str:
+    return "gpu" if mem_type == "VRAM" else "host"
 
 
 def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:

@@ -90,10 +90,11 @@ class KVPoolWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker → scheduler: blocks whose save landed in the pool, for events."""
 
     stored: list[tuple[BlockKey, BlockKey | None, str]] = field(default_factory=list)  # key, parent, tier
+    dropped: list[BlockKey] = field(default_factory=list)  # arrived corrupt: the pool dropped them
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVPoolWorkerMetadata":
         assert isinstance(other, KVPoolWorkerMetadata)
-        return KVPoolWorkerMetadata(self.stored + other.stored)
+        return KVPoolWorkerMetadata(self.stored + other.stored, self.dropped + other.dropped)
 
 
 def namespaces(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> list[Namespace]:

