@@ -77,7 +77,8 @@ class Membership:
         owner = st.owner(node, block.tier)
         entry = st.index.get(block.key)
         if entry is None:
-            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header)
+            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
+                               parent=header.parent)
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return
