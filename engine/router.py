@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from engine import tokenizer
-from engine.serve import NDJSON, line, read_json, serve
+from engine.http import NDJSON, error_response, line, read_json, serve
 from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
 from kvpool.keys import BlockKey, Namespace, block_keys
 
@@ -134,7 +134,7 @@ class Router:
                     raise BadRequest("send 'prompt' (text) or 'token_ids' (a list of ints)")
                 body["token_ids"] = tokenizer.encode(body.pop("prompt"))
         except KVPoolError as exc:
-            return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
+            return error_response(exc)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         stats: dict[str, Any] = {"prompt_tokens": len(body["token_ids"])}

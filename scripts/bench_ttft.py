@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from clients import launcher  # noqa: E402
+from kvpool import launcher  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 
@@ -187,7 +187,7 @@ def main() -> None:
     try:
         print(f"bench_ttft: model '{preset}', {length}-token prompts, {bt}-token blocks, one torch "
               f"thread per engine; {host['cpu']}, {host['cores']} cores", flush=True)
-        up, master = start(["clients.cli", "up", "--port", "0", "--data-dir", str(data / "pool")],
+        up, master = start(["kvpool", "up", "--port", "0", "--data-dir", str(data / "pool")],
                            data / "pool.log")
         procs.append(up)
         eng = ["--model", preset, "--block-tokens", str(bt), "--num-pages", str(4 * length // bt + 64)]

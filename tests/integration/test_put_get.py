@@ -125,7 +125,7 @@ def test_another_process_reads_what_this_one_wrote(pool: Pool) -> None:
 
 
 def test_status_prints_a_table_of_tiers(pool: Pool) -> None:
-    res = subprocess.run([sys.executable, "-m", "clients.cli", "status", "--master", pool.master_url],
+    res = subprocess.run([sys.executable, "-m", "kvpool", "status", "--master", pool.master_url],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "host" in res.stdout and "ssd" in res.stdout and "capacity" in res.stdout
