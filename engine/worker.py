@@ -27,11 +27,11 @@ import torch
 
 from clients.client import AsyncPoolClient
 from engine.adapter import KVAdapter, namespace
-from engine.cache import CacheFull, PagedKVCache
+from engine.cache import PagedKVCache
 from engine.config import EngineConfig
 from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
-from kvpool.errors import BadRequest, KVPoolError
+from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
 
 log = logging.getLogger(__name__)

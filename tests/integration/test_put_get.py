@@ -62,6 +62,19 @@ async def test_batches_keep_their_order(pool: Pool) -> None:
         assert [int(o[0]) for o in outs] == order
 
 
+async def test_get_bytes_returns_the_payload_or_none(pool: Pool) -> None:
+    """The tools' read: the block's payload as bytes, by raw or hex key; a miss is None."""
+    key, missing = keys_for("get_bytes", 2)
+    value = np.random.default_rng(5).integers(0, 256, 96 * KiB, dtype=np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.put(key, value)
+        assert await client.get_bytes(key) == value.tobytes()
+        assert await client.get_bytes(key.hex()) == value.tobytes()
+        assert await client.get_bytes(missing) is None
+        await client.remove(key)  # its read lease ended: the block may go
+        assert await client.get_bytes(key) is None
+
+
 async def test_putting_an_existing_key_keeps_the_first_value(pool: Pool) -> None:
     key = keys_for("dup", 1)[0]
     first = np.full(64 * KiB, 1, dtype=np.uint8)
