@@ -31,6 +31,9 @@ class KVPoolError(Exception):
         _BY_CODE[code] = cls
 
 
+_BY_CODE[KVPoolError.code] = KVPoolError
+
+
 class BadRequest(KVPoolError):
     """The request is malformed: bad key, wrong size, truncated body, unknown field."""
 
@@ -149,9 +152,6 @@ class CacheFull(KVPoolError):
     code = "cache_full"
     http_status = 503
     retryable = True
-
-
-_BY_CODE[KVPoolError.code] = KVPoolError
 
 
 def error_from_code(code: str, message: str) -> KVPoolError:
