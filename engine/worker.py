@@ -27,12 +27,13 @@ import torch
 
 from clients.client import AsyncPoolClient
 from engine.adapter import KVAdapter, namespace
-from engine.cache import CacheFull, PagedKVCache
+from engine.cache import PagedKVCache
 from engine.config import EngineConfig
 from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
-from kvpool.errors import BadRequest, KVPoolError
+from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
+from kvpool.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -151,25 +152,25 @@ class Worker:
         self._admits: deque[tuple[Sequence, Handoff]] = deque()
         self._active: list[Sequence] = []
         self._stepping: list[Sequence] = []  # taken from a queue, not yet running
-        self._stores: set[asyncio.Task[None]] = set()
+        self._scheduler = TaskOwner(f"engine-{role.value}")  # the step loop: cancelled on stop
+        self._stores = TaskOwner(f"engine-{role.value} stores")  # writes to the pool: awaited on stop
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.totals = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0,
                        "blocks_fetched": 0, "blocks_stored": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> "Worker":
-        self._task = asyncio.create_task(self._run(), name=f"engine-{self.role.value}")
+        self._scheduler.spawn(self._run(), name=f"engine-{self.role.value}")
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._stores:
-            await asyncio.gather(*self._stores, return_exceptions=True)
-        self._compute.shutdown(wait=True)
+        """Stop scheduling; the computation in flight ends and hands its blocks on, and every
+        write to the pool lands before this returns."""
+        await self._scheduler.cancel()
+        await asyncio.to_thread(self._compute.shutdown, wait=True)
+        await asyncio.sleep(0)  # what the compute thread handed to the loop runs first
+        await self._stores.drain()
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class Worker:
         self._stepping = batch
         if not batch:
             if self._prefills and self._stores and not self._active:  # pages held by writes
-                await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
+                await self._stores.any_done()
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:(len(s.req.prompt) - 1) // bt]) for s in batch))
         loop = asyncio.get_running_loop()
@@ -369,10 +370,7 @@ class Worker:
             finally:
                 self.cache.release(pages)
 
-        task = asyncio.get_running_loop().create_task(write())
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
-        return task
+        return self._stores.spawn(write(), name="engine-store")
 
     def _count(self, seq: Sequence) -> None:
         self.totals["requests"] += 1
@@ -406,7 +404,7 @@ class Worker:
         self._stepping = batch
         if not batch:
             if self._admits and self._stores and not self._active:  # pages held by writes
-                await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
+                await self._stores.any_done()
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:len(s.req.prompt) // bt]) for s in batch))
         await asyncio.gather(*(self._fetch_partial(s, h) for s, h in handoffs))

@@ -17,9 +17,9 @@ import logging
 from typing import Any, Callable
 
 from kvpool.codec import BlockHeader
-from kvpool.coordinator import Coordinator, EventKind, LeaseExpired, WatchEvent
+from kvpool.coordinator import Coordinator, EventKind, WatchEvent
 from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
-from kvpool.errors import BadRequest, KVPoolError, NodeGone, NodeIdTaken
+from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken
 from kvpool.keyspace import Keyspace
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
