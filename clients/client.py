@@ -265,16 +265,20 @@ class AsyncPoolClient:
 
     async def batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], *,
                         layout: str | None = None, chained: bool = False,
-                        prefer_node: str | None = None, replicas: int = 1) -> list[PutResult]:
-        """Store blocks; ``chained`` says keys[i] is the prefix parent of keys[i+1], which
-        eviction uses to keep prefixes longer than their leaves. ``prefer_node`` asks for
-        the writer's node; ``replicas`` for that many copies on distinct nodes (best
-        effort: each result says how many it got)."""
-        return await self._retrying(lambda: self._batch_put(keys, values, layout, chained,
+                        parent: BlockKey | None = None, prefer_node: str | None = None,
+                        replicas: int = 1) -> list[PutResult]:
+        """Store blocks; ``chained`` says keys[i] is the prefix parent of keys[i+1], and
+        ``parent`` is the block keys[0] chains from (the last block of a prefix already in
+        the pool), which eviction uses to keep prefixes longer than their leaves; the
+        links travel in the blocks' headers, so they survive restarts. ``prefer_node``
+        asks for the writer's node; ``replicas`` for that many copies on distinct nodes
+        (best effort: each result says how many it got)."""
+        return await self._retrying(lambda: self._batch_put(keys, values, layout, chained, parent,
                                                             prefer_node, replicas))
 
     async def _batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], layout: str | None,
-                         chained: bool, prefer_node: str | None, replicas: int) -> list[PutResult]:
+                         chained: bool, parent: BlockKey | None, prefer_node: str | None,
+                         replicas: int) -> list[PutResult]:
         keys = [parse_key(k) for k in keys]
         if len(keys) != len(values):
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
@@ -283,8 +287,11 @@ class AsyncPoolClient:
         views = [view_of(value, writable=False) for value in values]
         tag = self.cfg.layout if layout is None else layout
         body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
-        if chained:
-            body["parents"] = [None] + keys[:-1]
+        parents: list[BlockKey | None] = [None] * len(keys)
+        if chained or parent is not None:
+            first = parse_key(parent) if parent is not None else None
+            parents = [first] + (keys[:-1] if chained else [None] * (len(keys) - 1))
+            body["parents"] = parents
         if prefer_node:
             body["prefer"] = prefer_node
         if replicas != 1:
@@ -300,7 +307,7 @@ class AsyncPoolClient:
 
             def checksum_new_blocks() -> None:  # runs while the bytes are on their way
                 for i in new:
-                    headers[i] = header_of(values[i], views[i], tag)
+                    headers[i] = header_of(values[i], views[i], tag, parents[i])
 
             try:
                 await self._write(new, views, items, checksum_new_blocks)
@@ -510,11 +517,15 @@ class AsyncPoolClient:
         body = {"keys": [parse_key(k) for k in keys]}
         return (await self._retrying(lambda: self._call(Call.EXISTS, dict(body))))["present"]
 
-    async def match_prefix(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading keys are stored: the reusable prefix of a prompt."""
+    async def match_prefix(self, keys: Sequence[BlockKey], *, prefetch: bool = False) -> int:
+        """How many leading keys are stored: the reusable prefix of a prompt. With
+        ``prefetch``, matched blocks in cold tiers start moving to a host arena at once,
+        so the get that follows finds them hot."""
         if not keys:
             return 0
-        body = {"keys": [parse_key(k) for k in keys]}
+        body: dict[str, Any] = {"keys": [parse_key(k) for k in keys]}
+        if prefetch:
+            body["prefetch"] = True
         return (await self._retrying(lambda: self._call(Call.MATCH, dict(body))))["count"]
 
     async def remove(self, key: BlockKey, *, force: bool = False) -> None:
@@ -527,13 +538,20 @@ class AsyncPoolClient:
         res = await self._retrying(lambda: self._call(Call.REMOVE, dict(body)))
         return sum(res["removed"])
 
-    async def pin(self, keys: Sequence[BlockKey]) -> None:
-        body = {"keys": [parse_key(k) for k in keys]}
-        await self._retrying(lambda: self._call(Call.PIN, dict(body)))
+    async def pin(self, keys: Sequence[BlockKey], *, ttl_s: float | None = None,
+                  prefix: bool = False) -> int:
+        """Keep blocks in the pool: a hard pin until unpinned (never evicted), or with
+        ``ttl_s`` a soft pin (evicted after every unpinned block, until it expires).
+        ``prefix`` pins every block each key chains from too. Returns how many blocks."""
+        body: dict[str, Any] = {"keys": [parse_key(k) for k in keys], "prefix": prefix}
+        if ttl_s is not None:
+            body["ttl_s"] = float(ttl_s)
+        return (await self._retrying(lambda: self._call(Call.PIN, dict(body))))["pinned"]
 
-    async def unpin(self, keys: Sequence[BlockKey]) -> None:
-        body = {"keys": [parse_key(k) for k in keys]}
-        await self._retrying(lambda: self._call(Call.UNPIN, dict(body)))
+    async def unpin(self, keys: Sequence[BlockKey], *, prefix: bool = False) -> int:
+        """Take back one hard pin and any soft pin of each block (and its prefix)."""
+        body = {"keys": [parse_key(k) for k in keys], "prefix": prefix}
+        return (await self._retrying(lambda: self._call(Call.UNPIN, dict(body))))["unpinned"]
 
 
 def _tier(mem_type: str) -> str:

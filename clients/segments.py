@@ -113,9 +113,10 @@ def parts_of(v: BufferView | SegmentedView) -> list[BufferView]:
     return v.parts if isinstance(v, SegmentedView) else [v]
 
 
-def header_of(value: Any, v: BufferView | SegmentedView, layout: str) -> BlockHeader:
+def header_of(value: Any, v: BufferView | SegmentedView, layout: str,
+              parent: bytes | None = None) -> BlockHeader:
     """The header a put commits: a segmented block is stored as its bytes, in order."""
     if isinstance(v, SegmentedView):
-        return BlockHeader(DType.UINT8, (v.nbytes,), layout, v.nbytes, v.checksum())
+        return BlockHeader(DType.UINT8, (v.nbytes,), layout, v.nbytes, v.checksum(), parent=parent)
     dtype, shape = describe(value)
-    return make_header(v.host_bytes(), dtype, shape, layout)
+    return make_header(v.host_bytes(), dtype, shape, layout, parent)

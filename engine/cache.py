@@ -14,18 +14,10 @@ from typing import Sequence
 import torch
 
 from engine.config import ModelConfig
-from kvpool.errors import KVPoolError
+from kvpool.errors import CacheFull, KVPoolError
 from kvpool.keys import BlockKey
 
 LAYOUT = "PLCHTD"  # pages, layers, K/V, kv heads, tokens, head dim
-
-
-class CacheFull(KVPoolError):
-    """The engine's KV cache has no free page for a request; retry when others finish."""
-
-    code = "cache_full"
-    http_status = 503
-    retryable = True
 
 
 class PagedKVCache:

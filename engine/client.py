@@ -10,13 +10,16 @@ from typing import Any
 
 import aiohttp
 
+from kvpool.errors import Unavailable, error_from_code
+
 
 @dataclass
 class Generation:
     tokens: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # seconds since the request was sent
     done: dict[str, Any] | None = None  # the router's closing line: reuse, TTFT, TPOT, engines
-    error: str | None = None
+    error: str | None = None  # the message of the error that ended the request
+    error_code: str | None = None  # its code in kvpool.errors (e.g. cache_full)
 
     @property
     def ttft_ms(self) -> float:
@@ -34,7 +37,9 @@ async def generate(session: aiohttp.ClientSession, router_url: str, body: dict[s
     start = time.perf_counter()
     async with session.post(f"{router_url}/v1/generate", json=body) as resp:
         if resp.status != 200:
-            out.error = (await resp.json()).get("message", f"HTTP {resp.status}")
+            body = await resp.json()
+            out.error = body.get("message", f"HTTP {resp.status}")
+            out.error_code = body.get("error", "internal")
             return out
         async for raw in resp.content:
             msg = json.loads(raw)
@@ -42,7 +47,7 @@ async def generate(session: aiohttp.ClientSession, router_url: str, body: dict[s
                 out.tokens.append(msg["token"])
                 out.token_times.append(time.perf_counter() - start)
             elif "error" in msg:
-                out.error = msg["message"]
+                out.error, out.error_code = msg["message"], msg["error"]
             elif msg.get("done"):
                 out.done = msg
     return out
@@ -63,8 +68,9 @@ async def first_token(session: aiohttp.ClientSession, prefill_url: str, prompt: 
                 ttft = (time.perf_counter() - start) * 1e3
             elif "handoff" in msg:
                 handoff = msg["handoff"]
-            else:
-                raise RuntimeError(f"{prefill_url}: {msg}")
+            else:  # the engine's error line, typed by its code
+                raise error_from_code(msg.get("error", "internal"),
+                                      f"{prefill_url}: {msg.get('message', msg)}")
     if handoff is None:
-        raise RuntimeError(f"{prefill_url} closed the stream without a handoff")
+        raise Unavailable(f"{prefill_url} closed the stream without a handoff")
     return ttft, handoff

@@ -25,7 +25,7 @@ import xxhash
 from engine.cache import PagedKVCache
 from engine.config import ModelConfig
 from engine.sampling import Sampling, sample
-from kvpool.errors import ConfigError
+from kvpool.errors import BadRequest, ConfigError
 
 DECODE_TILE = 8
 
@@ -200,9 +200,9 @@ class Transformer:
         there was nothing to compute."""
         bt = cache.block_tokens
         if start % bt:
-            raise ValueError(f"prefill must start on a page boundary, got {start}")
+            raise BadRequest(f"prefill must start on a page boundary, got {start}")
         if len(tokens) > self.cfg.max_positions:
-            raise ValueError(f"{len(tokens)} tokens exceed max_positions {self.cfg.max_positions}")
+            raise BadRequest(f"{len(tokens)} tokens exceed max_positions {self.cfg.max_positions}")
         ids = torch.as_tensor(list(tokens), dtype=torch.long)
         if start >= len(tokens):
             return None

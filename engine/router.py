@@ -23,9 +23,10 @@ import aiohttp
 from aiohttp import web
 
 from engine import tokenizer
-from engine.serve import NDJSON, line, read_json, serve
+from engine.http import NDJSON, error_response, line, read_json, serve
 from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
 from kvpool.keys import BlockKey, Namespace, block_keys
+from kvpool.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Router:
         self.engines = [EngineRef(u.rstrip("/"), r) for r, urls in
                         (("prefill", prefill), ("decode", decode), ("mono", mono)) for u in urls]
         self.session: aiohttp.ClientSession | None = None
-        self._health: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner("router")  # the health probe: cancelled on stop
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/v1/engines", self.list),
                              web.post("/v1/generate", self.generate)])
@@ -83,13 +84,11 @@ class Router:
         vocabs = {e.vocab for e in self.engines}
         if len(vocabs) != 1:
             raise BadRequest(f"engines disagree on the vocabulary size: {sorted(vocabs)}")
-        self._health = asyncio.create_task(self._probe())
+        self._tasks.spawn(self._probe(), name="router-health")
         return self
 
     async def stop(self) -> None:
-        if self._health is not None:
-            self._health.cancel()
-            await asyncio.gather(self._health, return_exceptions=True)
+        await self._tasks.cancel()
         if self.session is not None:
             await self.session.close()
 
@@ -134,7 +133,7 @@ class Router:
                     raise BadRequest("send 'prompt' (text) or 'token_ids' (a list of ints)")
                 body["token_ids"] = tokenizer.encode(body.pop("prompt"))
         except KVPoolError as exc:
-            return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
+            return error_response(exc)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         stats: dict[str, Any] = {"prompt_tokens": len(body["token_ids"])}

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -20,30 +18,12 @@ from aiohttp import web
 
 from clients.client import AsyncPoolClient
 from engine.config import PRESETS, EngineConfig
+from engine.http import NDJSON, error_response, line, read_json, serve
 from engine.model import Transformer
 from engine.worker import Handoff, Request, Role, Sequence, Worker
 from kvpool.errors import BadRequest, KVPoolError
 
 log = logging.getLogger(__name__)
-NDJSON = "application/x-ndjson"
-
-
-def _error(exc: KVPoolError) -> web.Response:
-    return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
-
-
-def line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
 
 
 class EngineServer:
@@ -65,7 +45,7 @@ class EngineServer:
         try:
             return await handler(request)
         except KVPoolError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -122,23 +102,6 @@ class EngineServer:
             self.worker.cancel(seq)  # the caller went away: free the sequence's pages
             raise
         return resp
-
-
-async def serve(app: web.Application, host: str, port: int, announce: dict[str, Any]) -> None:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(json.dumps({**announce, "url": f"http://{host}:{port}"}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
 
 
 def load_model(args: argparse.Namespace) -> Transformer:

@@ -27,12 +27,13 @@ import torch
 
 from clients.client import AsyncPoolClient
 from engine.adapter import KVAdapter, namespace
-from engine.cache import CacheFull, PagedKVCache
+from engine.cache import PagedKVCache
 from engine.config import EngineConfig
 from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
-from kvpool.errors import BadRequest, KVPoolError
+from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
+from kvpool.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class Sequence:
     def generated(self) -> int:
         return len(self.tokens) - len(self.req.prompt)
 
+    @property
+    def parent(self) -> BlockKey | None:
+        """The block the first computed one chains from: the last block not computed here."""
+        return self.keys[self.cached - 1] if self.cached else None
+
     async def stream(self) -> AsyncIterator[int]:
         """The tokens as they come; raises the error that ended the request, if any."""
         while True:
@@ -151,25 +157,25 @@ class Worker:
         self._admits: deque[tuple[Sequence, Handoff]] = deque()
         self._active: list[Sequence] = []
         self._stepping: list[Sequence] = []  # taken from a queue, not yet running
-        self._stores: set[asyncio.Task[None]] = set()
+        self._scheduler = TaskOwner(f"engine-{role.value}")  # the step loop: cancelled on stop
+        self._stores = TaskOwner(f"engine-{role.value} stores")  # writes to the pool: awaited on stop
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.totals = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0,
                        "blocks_fetched": 0, "blocks_stored": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> "Worker":
-        self._task = asyncio.create_task(self._run(), name=f"engine-{self.role.value}")
+        self._scheduler.spawn(self._run(), name=f"engine-{self.role.value}")
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._stores:
-            await asyncio.gather(*self._stores, return_exceptions=True)
-        self._compute.shutdown(wait=True)
+        """Stop scheduling; the computation in flight ends and hands its blocks on, and every
+        write to the pool lands before this returns."""
+        await self._scheduler.cancel()
+        await asyncio.to_thread(self._compute.shutdown, wait=True)
+        await asyncio.sleep(0)  # what the compute thread handed to the loop runs first
+        await self._stores.drain()
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -294,7 +300,7 @@ class Worker:
         self._stepping = batch
         if not batch:
             if self._prefills and self._stores and not self._active:  # pages held by writes
-                await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
+                await self._stores.any_done()
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:(len(s.req.prompt) - 1) // bt]) for s in batch))
         loop = asyncio.get_running_loop()
@@ -330,7 +336,7 @@ class Worker:
         self._count(seq)
         prefill_ms = (time.perf_counter() - seq.started) * 1e3
         if self.role is Role.MONO:
-            self._store(new_keys, new_pages)
+            self._store(new_keys, new_pages, seq.parent)
             seq.out.put_nowait(token)
             self._active.append(seq)
             self._finish_if_done(seq)
@@ -345,7 +351,7 @@ class Worker:
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
                           seq.cached * bt, seq.fetched * bt, prefill_ms,
                           partial_key.hex() if partial_key else None)
-        task = self._store(new_keys, new_pages)
+        task = self._store(new_keys, new_pages, seq.parent)
         pages, seq.pages = seq.pages, []
         assert seq.first is not None
         seq.first.set_result(token)
@@ -359,20 +365,19 @@ class Worker:
 
         task.add_done_callback(hand_off)
 
-    def _store(self, keys: list[BlockKey], pages: list[int]) -> asyncio.Task[None]:
+    def _store(self, keys: list[BlockKey], pages: list[int],
+               parent: BlockKey | None) -> asyncio.Task[None]:
+        """Write pages as a chain of blocks under ``parent`` (the last reused block)."""
         self.cache.retain(pages)
 
         async def write() -> None:
             try:
                 if self.adapter is not None and keys:
-                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages)
+                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages, parent)
             finally:
                 self.cache.release(pages)
 
-        task = asyncio.get_running_loop().create_task(write())
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
-        return task
+        return self._stores.spawn(write(), name="engine-store")
 
     def _count(self, seq: Sequence) -> None:
         self.totals["requests"] += 1
@@ -406,7 +411,7 @@ class Worker:
         self._stepping = batch
         if not batch:
             if self._admits and self._stores and not self._active:  # pages held by writes
-                await asyncio.wait(self._stores, return_when=asyncio.FIRST_COMPLETED)
+                await self._stores.any_done()
             return
         await asyncio.gather(*(self._fetch(s, s.keys[:len(s.req.prompt) // bt]) for s in batch))
         await asyncio.gather(*(self._fetch_partial(s, h) for s, h in handoffs))
@@ -422,7 +427,7 @@ class Worker:
             keys, pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
             for key, page in zip(keys, pages):
                 self.cache.publish(page, key)
-            self._store(keys, pages)  # blocks recomputed here go back to the pool
+            self._store(keys, pages, seq.parent)  # blocks recomputed here go back to the pool
             self._count(seq)
             assert seq.first_token is not None
             seq.tokens.append(seq.first_token)

@@ -18,8 +18,11 @@ import zstandard
 from kvpool.errors import BadRequest, ChecksumMismatch
 
 MAGIC = b"KVPB"
-FORMAT_VERSION = 1
-_FIXED = struct.Struct("<4sBBBBHHQQ")  # magic, version, codec, dtype, ndim, layout len, pad, size, checksum
+FORMAT_VERSION = 2  # 2 adds the parent key (flag bit 0); version 1 blocks still read
+_READS = (1, 2)
+_FIXED = struct.Struct("<4sBBBBHHQQ")  # magic, version, codec, dtype, ndim, layout len, flags, size, checksum
+_HAS_PARENT = 1
+_KEY_BYTES = 16
 _MAX_NDIM = 8
 _MAX_LAYOUT = 255
 
@@ -71,7 +74,9 @@ _ALIASES = {
 
 @dataclass(frozen=True, slots=True)
 class BlockHeader:
-    """What a reader needs to trust and interpret a payload."""
+    """What a reader needs to trust and interpret a payload, and the key of the block it
+    chains from (its prefix parent), so that a cold block read back after a restart keeps
+    its place in the prefix tree."""
 
     dtype: DType
     shape: tuple[int, ...]
@@ -80,14 +85,18 @@ class BlockHeader:
     checksum: int
     codec: Codec = Codec.RAW
     version: int = FORMAT_VERSION
+    parent: bytes | None = None
 
     def encode(self) -> bytes:
         layout = self.layout.encode()
         if len(self.shape) > _MAX_NDIM or len(layout) > _MAX_LAYOUT:
             raise BadRequest("block header too large: at most 8 dims and a 255-byte layout tag")
-        return (_FIXED.pack(MAGIC, self.version, self.codec, self.dtype, len(self.shape),
-                            len(layout), 0, self.payload_size, self.checksum)
-                + struct.pack(f"<{len(self.shape)}Q", *self.shape) + layout)
+        if self.parent is not None and len(self.parent) != _KEY_BYTES:
+            raise BadRequest(f"a parent key is {_KEY_BYTES} bytes, not {len(self.parent)}")
+        flags = _HAS_PARENT if self.parent is not None else 0
+        return (_FIXED.pack(MAGIC, FORMAT_VERSION, self.codec, self.dtype, len(self.shape),
+                            len(layout), flags, self.payload_size, self.checksum)
+                + struct.pack(f"<{len(self.shape)}Q", *self.shape) + layout + (self.parent or b""))
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> tuple["BlockHeader", int]:
@@ -95,19 +104,23 @@ class BlockHeader:
         data = memoryview(data)
         if len(data) < _FIXED.size:
             raise BadRequest(f"truncated block header: {len(data)} bytes")
-        magic, version, codec, dtype, ndim, nlayout, _, size, checksum = _FIXED.unpack_from(data)
+        magic, version, codec, dtype, ndim, nlayout, flags, size, checksum = _FIXED.unpack_from(data)
         if magic != MAGIC:
             raise BadRequest(f"not a kvpool block: magic {bytes(magic)!r}")
-        if version != FORMAT_VERSION:
+        if version not in _READS:
             raise BadRequest(f"block format version {version} is not supported "
-                             f"(this build reads {FORMAT_VERSION})")
-        end = _FIXED.size + 8 * ndim + nlayout
+                             f"(this build reads {', '.join(map(str, _READS))})")
+        if flags & ~_HAS_PARENT or (version == 1 and flags):
+            raise BadRequest(f"corrupt block header: unknown flags {flags:#x}")
+        layout_end = _FIXED.size + 8 * ndim + nlayout
+        end = layout_end + (_KEY_BYTES if flags & _HAS_PARENT else 0)
         if ndim > _MAX_NDIM or len(data) < end:
             raise BadRequest("truncated or corrupt block header")
         try:
             shape = struct.unpack_from(f"<{ndim}Q", data, _FIXED.size)
-            header = cls(DType(dtype), tuple(shape), bytes(data[end - nlayout:end]).decode(),
-                         size, checksum, Codec(codec), version)
+            header = cls(DType(dtype), tuple(shape), bytes(data[layout_end - nlayout:layout_end]).decode(),
+                         size, checksum, Codec(codec), version,
+                         bytes(data[layout_end:end]) if flags & _HAS_PARENT else None)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"corrupt block header: {exc}") from None
         return header, end
@@ -118,12 +131,13 @@ def checksum(payload: bytes | memoryview | np.ndarray) -> int:
 
 
 def make_header(payload: bytes | memoryview | np.ndarray, dtype: DType | str,
-                shape: tuple[int, ...] | None = None, layout: str = "") -> BlockHeader:
+                shape: tuple[int, ...] | None = None, layout: str = "",
+                parent: bytes | None = None) -> BlockHeader:
     """Header for a raw payload, checksum included."""
     view = memoryview(payload).cast("B")
     dt = dtype if isinstance(dtype, DType) else DType.parse(dtype)
     return BlockHeader(dt, tuple(shape) if shape is not None else (view.nbytes // dt.itemsize,),
-                       layout, view.nbytes, checksum(view))
+                       layout, view.nbytes, checksum(view), parent=parent)
 
 
 def verify(header: BlockHeader, payload: bytes | memoryview | np.ndarray) -> None:
@@ -150,18 +164,36 @@ def _unplanes(planes: bytes, itemsize: int) -> bytes:
     return np.ascontiguousarray(arr.reshape(itemsize, -1).T).tobytes()
 
 
+@dataclass(frozen=True, slots=True)
+class ColdCodec:
+    """How a cold tier stores payloads: byte planes + zstd at ``level``, or raw. A block
+    that compression shrinks by less than ``min_saving`` is stored raw (its header says
+    so): decoding it on every read would cost more than the bytes it saves."""
+
+    codec: Codec = Codec.ZSTD_PLANES
+    level: int = 1
+    min_saving: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.level <= 22:
+            raise BadRequest(f"zstd level {self.level} is outside 1..22")
+        if not 0.0 <= self.min_saving < 1.0:
+            raise BadRequest(f"min_saving {self.min_saving} is outside [0, 1)")
+
+
 def encode_cold(header: BlockHeader, payload: bytes | memoryview | np.ndarray,
-                codec: Codec = Codec.ZSTD_PLANES, level: int = 1) -> bytes:
+                codec: ColdCodec = ColdCodec()) -> bytes:
     """Self-describing blob for a cold tier: header, stored length, stored bytes."""
     view = memoryview(payload).cast("B")
-    if codec == Codec.ZSTD_PLANES:
-        body = zstandard.ZstdCompressor(level=level).compress(
+    kind = codec.codec
+    if kind == Codec.ZSTD_PLANES:
+        body = zstandard.ZstdCompressor(level=codec.level).compress(
             _planes(view, header.dtype.itemsize).data)
-        if len(body) >= view.nbytes:  # incompressible: store raw, the header says so
-            codec, body = Codec.RAW, bytes(view)
+        if len(body) > (1.0 - codec.min_saving) * view.nbytes:
+            kind, body = Codec.RAW, bytes(view)
     else:
         body = bytes(view)
-    return replace(header, codec=codec).encode() + struct.pack("<Q", len(body)) + body
+    return replace(header, codec=kind).encode() + struct.pack("<Q", len(body)) + body
 
 
 def decode_cold(blob: bytes | memoryview) -> tuple[BlockHeader, bytes]:

@@ -31,14 +31,36 @@ class MasterConfig:
     token: str = doc("", "Bearer token that mutating admin calls must carry; empty disables the check.")
     read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
     put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
-    high_watermark: float = doc(0.90, "Above this fraction of a tier's capacity, blocks are demoted.")
-    low_watermark: float = doc(0.75, "Demotion stops once a tier is below this fraction.")
+    gpu_high: float = doc(0.90, "GPU arena: above this fraction of capacity, blocks are demoted to host.")
+    gpu_low: float = doc(0.75, "GPU arena: demotion stops once it is below this fraction.")
+    host_high: float = doc(0.90, "Host arena: above this fraction, blocks are demoted to SSD (or "
+                                 "evicted); a fuller fast tier serves more hits.")
+    host_low: float = doc(0.75, "Host arena: demotion stops below this fraction; the gap to "
+                                "host_high is the room writes land in between sweeps.")
+    ssd_high: float = doc(0.90, "SSD tier: above this fraction, blocks are demoted to the object tier.")
+    ssd_low: float = doc(0.75, "SSD tier: demotion stops below this fraction.")
+    object_high: float = doc(0.90, "Object tier (the last): above this fraction, blocks are removed.")
+    object_low: float = doc(0.75, "Object tier: removal stops below this fraction.")
+    last_tier_ttl_s: float = doc(0.0, "Blocks unread for this long are removed from a node's last "
+                                      "tier; 0 keeps them until space is needed.")
+    policy: str = doc("lru", "Eviction and cold-tier admission policy (see master/policy.py).")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
     cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
     leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")
+
+    def watermarks(self, tier: str) -> tuple[float, float]:
+        """(high, low) of a tier: "gpu", "host", "ssd" or "object"."""
+        return getattr(self, f"{tier}_high"), getattr(self, f"{tier}_low")
+
+    def __post_init__(self) -> None:
+        for tier in ("gpu", "host", "ssd", "object"):
+            high, low = self.watermarks(tier)
+            if not 0.0 < low <= high <= 1.0:
+                raise ConfigError(f"[master] {tier}_low = {low} and {tier}_high = {high} must "
+                                  "satisfy 0 < low <= high <= 1")
 
 
 @dataclass(frozen=True)
@@ -57,7 +79,9 @@ class DaemonConfig:
     object_bytes: int = doc(64 * GiB, "Capacity this node may use in the object tier; 0 disables it.")
     s3_endpoint: str = doc("", "Endpoint URL of an S3-compatible service; empty uses AWS defaults.")
     cold_codec: str = doc("zstd", "Codec of cold tiers: 'zstd' (byte planes + zstd) or 'raw'.")
-    zstd_level: int = doc(1, "zstd level for cold tiers.")
+    zstd_level: int = doc(1, "zstd level for cold tiers (1..22: higher packs tighter, writes slower).")
+    cold_min_saving: float = doc(0.05, "A cold block that zstd shrinks by less than this fraction is "
+                                       "stored raw (decoding it would cost more than it saves).")
     io_threads: int = doc(4, "Threads for blocking LMDB, file and S3 calls.")
     heartbeat_s: float = doc(1.0, "Without etcd: how often the daemon renews its membership with the master.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated): join a cluster; master_url is then unused.")

@@ -15,15 +15,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvpool.errors import KVPoolError
-
-
-class LeaseExpired(KVPoolError):
-    """The lease was revoked or ran out; keys attached to it are gone."""
-
-    code = "lease_expired"
-    http_status = 410
-    retryable = True
+from kvpool.errors import LeaseExpired  # raised here; defined with the other errors
 
 
 class EventKind(enum.Enum):

@@ -2,10 +2,14 @@
 
 Every error crosses process boundaries as ``{"error": code, "message": text}``; ``code``
 maps back to the class on the other side, so a caller catches the same type whether the
-failure happened locally, in the master or in a daemon.
+failure happened locally, in the master, in a daemon or in an engine. Every class is
+defined here, the engines' too: a class elsewhere would be unknown to a process that has
+not imported its module, and would arrive as a bare ``KVPoolError``.
 """
 
 from __future__ import annotations
+
+_BY_CODE: dict[str, type[KVPoolError]] = {}
 
 
 class KVPoolError(Exception):
@@ -14,6 +18,20 @@ class KVPoolError(Exception):
     code = "internal"
     http_status = 500
     retryable = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Enter each class in the code table; a class without a code of its own, or with
+        another's, could not be told apart on the wire."""
+        super().__init_subclass__(**kwargs)
+        code = cls.__dict__.get("code")
+        if not isinstance(code, str):
+            raise TypeError(f"{cls.__name__} needs a wire code of its own (class attribute `code`)")
+        if code in _BY_CODE:
+            raise TypeError(f"{cls.__name__} takes the code {code!r} of {_BY_CODE[code].__name__}")
+        _BY_CODE[code] = cls
+
+
+_BY_CODE[KVPoolError.code] = KVPoolError
 
 
 class BadRequest(KVPoolError):
@@ -127,14 +145,20 @@ class ProtocolMismatch(KVPoolError):
     http_status = 426
 
 
-_BY_CODE: dict[str, type[KVPoolError]] = {
-    cls.code: cls
-    for cls in (
-        KVPoolError, BadRequest, BlockNotFound, BlockLeased, TierFull, ChecksumMismatch,
-        NodeGone, NodeIdTaken, NotLeader, NotReady, ReservationLost, Unauthorized,
-        TransferFailed, Unavailable, ConfigError, ProtocolMismatch,
-    )
-}
+class LeaseExpired(KVPoolError):
+    """The coordinator lease was revoked or ran out; keys attached to it are gone."""
+
+    code = "lease_expired"
+    http_status = 410
+    retryable = True
+
+
+class CacheFull(KVPoolError):
+    """An engine's KV cache has no free page for a request; retry when others finish."""
+
+    code = "cache_full"
+    http_status = 503
+    retryable = True
 
 
 def error_from_code(code: str, message: str) -> KVPoolError:

@@ -21,8 +21,8 @@ from aetcd import transactions
 from aetcd.exceptions import (ClientError, ConnectionFailedError, ConnectionTimeoutError,
                               InternalError)
 
-from kvpool.coordinator import EventKind, LeaseExpired, WatchEvent
-from kvpool.errors import BadRequest, Unavailable
+from kvpool.coordinator import EventKind, WatchEvent
+from kvpool.errors import BadRequest, LeaseExpired, Unavailable
 
 
 def _transient(exc: ClientError) -> bool:

@@ -69,10 +69,6 @@ def block_keys(ns: Namespace, tokens: Sequence[int] | np.ndarray) -> list[BlockK
     return keys
 
 
-def key_hex(key: BlockKey) -> str:
-    return key.hex()
-
-
 def parse_key(value: str | bytes) -> BlockKey:
     """Accept 16 raw bytes or 32 hex characters; anything else is a BadRequest."""
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -15,9 +15,9 @@ import logging
 from contextlib import suppress
 from typing import Any, Callable
 
-from kvpool.coordinator import Coordinator, LeaseExpired
+from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import probe
-from kvpool.errors import KVPoolError, NodeIdTaken
+from kvpool.errors import KVPoolError, LeaseExpired, NodeIdTaken
 from kvpool.keyspace import Keyspace
 
 log = logging.getLogger(__name__)

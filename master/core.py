@@ -88,6 +88,7 @@ class MasterCore:
     async def end_term(self) -> None:
         """Leadership ends: serve nothing, hold no links. Reservations of the term are lost."""
         self._become(Role.STANDBY)
+        await self.reads.clear()
         nodes = list(self.state.nodes.values())
         self.state.clear()
         self.leases.clear()
@@ -106,5 +107,6 @@ class MasterCore:
         return await check(self.state)
 
     async def close(self) -> None:
+        await self.reads.clear()
         for node in list(self.state.nodes.values()):
             await node.link.close()

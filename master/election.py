@@ -14,8 +14,8 @@ import logging
 from contextlib import suppress
 from typing import Awaitable, Callable
 
-from kvpool.coordinator import Coordinator, LeaseExpired
-from kvpool.errors import KVPoolError
+from kvpool.coordinator import Coordinator
+from kvpool.errors import KVPoolError, LeaseExpired
 from kvpool.keyspace import Keyspace
 
 log = logging.getLogger(__name__)

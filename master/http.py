@@ -18,12 +18,22 @@ from kvpool.wire import MAX_BODY, Handler, error_middleware, need, rpc_endpoint
 from master import removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry
+from master.nodes import Node, TierSpace
 from master.openapi import OPENAPI
 
 
 def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
     raw = need(body, name, list)
     return [parse_key(k) for k in raw]
+
+
+def _optional(body: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
+    return need(body, name, typ) if body.get(name) is not None else None
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    """An optional boolean that must be a boolean (``"no"`` is not false, it is an error)."""
+    return bool(_optional(body, name, bool))
 
 
 class MasterHttp:
@@ -98,19 +108,18 @@ class MasterHttp:
         return {"present": self.core.reads.exists(_keys(body))}
 
     async def match(self, body: dict[str, Any]) -> Any:
-        return {"count": self.core.reads.match(_keys(body))}
+        return {"count": self.core.reads.match(_keys(body), prefetch=_flag(body, "prefetch"))}
 
     async def remove(self, body: dict[str, Any]) -> Any:
         removed = await removal.remove(self.state, _keys(body), bool(body.get("force", False)))
         return {"removed": removed}
 
     async def pin(self, body: dict[str, Any]) -> Any:
-        self.core.leases.pin(_keys(body), +1)
-        return {}
+        ttl = _optional(body, "ttl_s", (int, float))
+        return {"pinned": self.core.leases.pin(_keys(body), ttl, _flag(body, "prefix"))}
 
     async def unpin(self, body: dict[str, Any]) -> Any:
-        self.core.leases.pin(_keys(body), -1)
-        return {}
+        return {"unpinned": self.core.leases.unpin(_keys(body), _flag(body, "prefix"))}
 
     async def agents(self, body: dict[str, Any]) -> Any:
         agents = [str(a) for a in need(body, "agents", list)]
@@ -141,24 +150,43 @@ class MasterHttp:
             raise Unauthorized("this call changes the pool and needs "
                                "'Authorization: Bearer <token>' (the master's configured token)")
 
-    def tier_table(self) -> dict[str, dict[str, int]]:
-        table: dict[str, dict[str, int]] = {}
-        counts: dict[tuple[str, str], int] = {}
+    def _usage(self) -> dict[tuple[str, TierKind], list[int]]:
+        """Per (owner, tier): [blocks, payload bytes, stored bytes] of the readable blocks."""
+        usage: dict[tuple[str, TierKind], list[int]] = {}
         for entry in self.state.index.entries.values():
             if entry.state.readable:
                 for r in entry.replicas:
-                    counts[(r.node, r.tier.value)] = counts.get((r.node, r.tier.value), 0) + 1
-        seen: set[tuple[str, str]] = set()  # a shared store counts once, not once per node
+                    row = usage.setdefault((r.node, r.tier), [0, 0, 0])
+                    row[0] += 1
+                    row[1] += entry.size
+                    row[2] += r.size
+        return usage
+
+    @staticmethod
+    def _compression(payload: int, stored: int) -> float:
+        """Payload bytes per stored byte (cold tiers compress; arenas hold payloads as is)."""
+        return round(payload / stored, 3) if stored else 1.0
+
+    def tier_table(self) -> dict[str, dict[str, Any]]:
+        usage = self._usage()
+        table: dict[str, dict[str, Any]] = {}
+        seen: set[tuple[str, TierKind]] = set()  # a shared store counts once, not once per node
         for node in self.state.nodes.values():
             for kind, space in node.tiers.items():
-                owner = (self.state.owner(node, kind), kind.value)
+                owner = (self.state.owner(node, kind), kind)
                 if owner in seen:
                     continue
                 seen.add(owner)
-                row = table.setdefault(kind.value, {"capacity": 0, "used": 0, "blocks": 0})
+                blocks, payload, stored = usage.get(owner, [0, 0, 0])
+                row = table.setdefault(kind.value, {"capacity": 0, "used": 0, "blocks": 0,
+                                                    "payload": 0, "stored": 0})
                 row["capacity"] += space.capacity
                 row["used"] += space.used
-                row["blocks"] += counts.get(owner, 0)
+                row["blocks"] += blocks
+                row["payload"] += payload
+                row["stored"] += stored
+        for row in table.values():
+            row["compression"] = self._compression(row.pop("payload"), row.pop("stored"))
         return table
 
     async def cluster(self, request: web.Request) -> web.Response:
@@ -169,17 +197,20 @@ class MasterHttp:
             "pending": len(self.state.index) - complete, "tiers": self.tier_table()})
 
     async def list_nodes(self, request: web.Request) -> web.Response:
-        counts: dict[tuple[str, TierKind], int] = {}
-        for entry in self.state.index.entries.values():
-            for r in entry.replicas:
-                counts[(r.node, r.tier)] = counts.get((r.node, r.tier), 0) + 1
+        usage = self._usage()
+
+        def tier(n: Node, k: TierKind, s: TierSpace) -> dict[str, Any]:
+            blocks, payload, stored = usage.get((self.state.owner(n, k), k), [0, 0, 0])
+            return {"kind": k.value, "capacity": s.capacity, "used": s.used, "blocks": blocks,
+                    "compression": self._compression(payload, stored),
+                    "high_watermark": self.core.cfg.watermarks(k.value)[0],
+                    "low_watermark": self.core.cfg.watermarks(k.value)[1],
+                    "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None,
+                    "shared_store": s.store or None}
+
         return web.json_response({"nodes": [
             {"node_id": n.node_id, "url": n.url, "agent": n.agent,
-             "tiers": [{"kind": k.value, "capacity": s.capacity, "used": s.used,
-                        "blocks": counts.get((n.node_id, k), 0),
-                        "fragmentation": round(s.allocator.fragmentation, 4) if s.allocator else None,
-                        "shared_store": s.store or None}
-                       for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
+             "tiers": [tier(n, k, s) for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
             for n in self.state.nodes.values()]})
 
     def _entry(self, request: web.Request) -> BlockEntry:
@@ -200,12 +231,12 @@ class MasterHttp:
 
     async def admin_pin(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        self.core.leases.pin([self._entry(request).key], +1)
+        self.core.leases.pin([self._entry(request).key])
         return web.json_response({"pinned": True})
 
     async def admin_unpin(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        self.core.leases.pin([self._entry(request).key], -1)
+        self.core.leases.unpin([self._entry(request).key])
         return web.json_response({"pinned": False})
 
     async def admin_delete(self, request: web.Request) -> web.Response:

@@ -1,20 +1,23 @@
 """The global index: block key -> entry (state, header, replicas, leases, pins).
 
 Kept in memory and rebuilt from the daemons' inventories; nothing here touches the
-network. Per (node, tier) the index keeps blocks in least-recently-used order, which is
-what demotion walks.
+network. Per (owner, tier) an eviction policy orders the blocks there, and the index
+keeps every block's cached successors (by parent link, whatever order blocks arrive in),
+which is what makes eviction prefix-aware: a block whose successor is cached in its tier
+or a faster one goes after that successor.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
+from master.policy import BlockInfo, EvictionPolicy, Lru
 
 
 class BlockState(enum.Enum):
@@ -62,9 +65,10 @@ class BlockEntry:
     put_id: int = 0  # the reservation that owns a PENDING entry
     deadline: float = 0.0  # PENDING: reclaimed after this
     parent: BlockKey | None = None
-    children: int = 0  # cached successors; a block with any is worth more than its leaves
-    pins: int = 0
+    pins: int = 0  # hard pins: never evicted while any is held
+    soft_until: float = 0.0  # a soft pin: evicted after every unpinned block, until then
     leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
+    used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
 
     def advance(self, to: BlockState, expect: BlockState) -> None:
         """Move to ``to`` from ``expect``; anything else is a StateError that says what was found."""
@@ -83,6 +87,13 @@ class BlockEntry:
     def movable(self, now: float) -> bool:
         return self.state is BlockState.COMPLETE and not self.pins and not self.leased(now)
 
+    def soft_pinned(self, now: float) -> bool:
+        return self.soft_until > now
+
+    @property
+    def info(self) -> BlockInfo:
+        return BlockInfo(self.key, self.size, self.parent)
+
     def replica(self, node: str, tier: TierKind) -> Replica | None:
         for r in self.replicas:
             if r.node == node and r.tier == tier:
@@ -96,10 +107,15 @@ class BlockEntry:
         return min(self.replicas, key=lambda r: r.tier.rank, default=None)
 
 
+PolicyMaker = Callable[[str, TierKind], EvictionPolicy]
+
+
 class Index:
-    def __init__(self) -> None:
+    def __init__(self, make_policy: PolicyMaker = lambda owner, kind: Lru()) -> None:
         self.entries: dict[BlockKey, BlockEntry] = {}
-        self._lru: dict[tuple[str, TierKind], OrderedDict[BlockKey, None]] = {}
+        self._make_policy = make_policy
+        self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
+        self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -112,24 +128,47 @@ class Index:
         entry = self.entries.get(key)
         return entry if entry is not None and entry.state.readable else None
 
+    def policy(self, owner: str, kind: TierKind) -> EvictionPolicy:
+        tier = self._tiers.get((owner, kind))
+        if tier is None:
+            tier = self._tiers[(owner, kind)] = self._make_policy(owner, kind)
+        return tier
+
     def add(self, entry: BlockEntry) -> None:
         if entry.key in self.entries:
             raise BadRequest(f"block {entry.key.hex()} is already indexed")
         self.entries[entry.key] = entry
+        now = time.monotonic()
+        entry.used_at = now
         for r in entry.replicas:
-            self._lru.setdefault((r.node, r.tier), OrderedDict())[entry.key] = None
-        if entry.parent is not None and (parent := self.entries.get(entry.parent)) is not None:
-            parent.children += 1
+            self.policy(r.node, r.tier).inserted(entry.info, now)
+        if entry.parent is not None:
+            self._children.setdefault(entry.parent, set()).add(entry.key)
+
+    def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
+        """Link a block to the one it chains from (known at commit, or from its header)."""
+        if parent == entry.parent:
+            return
+        if entry.parent is not None:
+            self._unlink(entry.parent, entry.key)
+        entry.parent = parent
+        if parent is not None:
+            self._children.setdefault(parent, set()).add(entry.key)
+
+    def _unlink(self, parent: BlockKey, child: BlockKey) -> None:
+        kids = self._children.get(parent)
+        if kids is not None:
+            kids.discard(child)
+            if not kids:
+                del self._children[parent]
 
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
         entry.replicas.append(replica)
-        self._lru.setdefault((replica.node, replica.tier), OrderedDict())[entry.key] = None
+        self.policy(replica.node, replica.tier).inserted(entry.info, time.monotonic())
 
     def drop_replica(self, entry: BlockEntry, replica: Replica) -> None:
         entry.replicas.remove(replica)
-        lru = self._lru.get((replica.node, replica.tier))
-        if lru is not None:
-            lru.pop(entry.key, None)
+        self.policy(replica.node, replica.tier).removed(entry.key)
 
     def remove(self, entry: BlockEntry) -> None:
         """Forget an entry (it becomes REMOVED); its replica list stays as it was, for the
@@ -137,49 +176,71 @@ class Index:
         if entry.state is not BlockState.REMOVED:
             entry.advance(BlockState.REMOVED, entry.state)
         for r in entry.replicas:
-            lru = self._lru.get((r.node, r.tier))
-            if lru is not None:
-                lru.pop(entry.key, None)
+            self.policy(r.node, r.tier).removed(entry.key)
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
-        if entry.parent is not None and (parent := self.entries.get(entry.parent)) is not None:
-            parent.children = max(0, parent.children - 1)
+        if entry.parent is not None:
+            self._unlink(entry.parent, entry.key)
 
     def touch(self, entry: BlockEntry) -> None:
-        """A read: the entry becomes most recently used on every tier that holds it."""
+        """A read: every tier holding the block hears of it."""
+        now = time.monotonic()
+        entry.used_at = now
         for r in entry.replicas:
-            lru = self._lru.get((r.node, r.tier))
-            if lru is not None and entry.key in lru:
-                lru.move_to_end(entry.key)
+            self.policy(r.node, r.tier).accessed(entry.key, now)
 
-    def coldest(self, node: str, tier: TierKind) -> Iterator[BlockEntry]:
-        """Blocks on (node, tier), coldest first, leaves of a prefix before their parents."""
-        keys = list(self._lru.get((node, tier), ()))
-        later = []
-        for key in keys:
+    def successor_cached(self, entry: BlockEntry, tier: TierKind) -> bool:
+        """Is a block that chains from this one cached in ``tier`` or a faster one?"""
+        for key in self._children.get(entry.key, ()):
+            child = self.entries.get(key)
+            if child is not None and any(r.tier.rank <= tier.rank for r in child.replicas):
+                return True
+        return False
+
+    def coldest(self, owner: str, tier: TierKind, now: float) -> Iterator[BlockEntry]:
+        """Blocks of (owner, tier) in eviction order: the policy's order among blocks with
+        no cached successor in this or a faster tier; then soft-pinned ones; then those
+        whose successors are cached (evicted only when nothing else is left)."""
+        soft, later = [], []
+        for key in self.policy(owner, tier).victims():
             entry = self.entries.get(key)
             if entry is None:
                 continue
-            if entry.children:
+            if self.successor_cached(entry, tier):
                 later.append(entry)
+            elif entry.soft_pinned(now):
+                soft.append(entry)
             else:
                 yield entry
+        yield from soft
         yield from later
+
+    def chain(self, entry: BlockEntry) -> Iterator[BlockEntry]:
+        """The block and every indexed block of its prefix, by parent links."""
+        seen: set[BlockKey] = set()
+        current: BlockEntry | None = entry
+        while current is not None and current.key not in seen:
+            seen.add(current.key)
+            yield current
+            current = self.entries.get(current.parent) if current.parent is not None else None
 
     def on(self, node: str) -> list[BlockEntry]:
         return [e for e in self.entries.values() if any(r.node == node for r in e.replicas)]
 
     def check(self) -> None:
         """Invariants the tests verify after mutations."""
-        for (node, tier), lru in self._lru.items():
-            for key in lru:
-                entry = self.entries.get(key)
-                assert entry is not None, f"LRU of {node}/{tier.value} holds unknown {key.hex()}"
-                assert entry.replica(node, tier) is not None, f"LRU/replica mismatch {key.hex()}"
+        for (owner, tier), policy in self._tiers.items():
+            held = [e for e in self.entries.values() if e.replica(owner, tier) is not None]
+            assert len(policy) == len(held), (
+                f"the policy of {owner}/{tier.value} orders {len(policy)} blocks, the index has {len(held)}")
+        for parent, kids in self._children.items():
+            for key in kids:
+                child = self.entries.get(key)
+                assert child is not None and child.parent == parent, f"stale successor link {key.hex()}"
         for key, entry in self.entries.items():
             assert entry.key == key
             for r in entry.replicas:
-                assert key in self._lru.get((r.node, r.tier), {}), f"{key.hex()} missing from LRU"
+                assert (r.node, r.tier) in self._tiers, f"{key.hex()} has no policy at {r.node}/{r.tier.value}"
             assert entry.state is not BlockState.REMOVED, f"{key.hex()} is indexed but REMOVED"
             if entry.state.readable:
                 assert entry.header, f"COMPLETE block {key.hex()} has no header"

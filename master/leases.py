@@ -2,8 +2,9 @@
 
 A get takes one lease over every block it returns; until the reader releases it (riding
 on its next call) or it expires, no replica of those blocks moves, is evicted or is
-overwritten. A pin keeps a block in the pool until it is unpinned (counted: two pins
-need two unpins).
+overwritten. A hard pin keeps a block in the pool until it is unpinned (counted: two
+pins need two unpins); a soft pin with a TTL makes it the last to go until then. Both
+can name a prefix: the block and every block it chains from.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from kvpool.errors import BlockNotFound
+from kvpool.errors import BadRequest, BlockNotFound
 from kvpool.keys import BlockKey
 from master.index import BlockEntry
 from master.state import PoolState
@@ -51,11 +52,38 @@ class Leases:
     def held(self) -> int:
         return len(self._held)
 
-    def pin(self, keys: Sequence[BlockKey], delta: int) -> None:
-        """Pin (+1) or unpin (-1) every key, or none of them if one is not stored."""
-        entries = [self.state.index.readable(k) for k in keys]
-        for key, entry in zip(keys, entries):
+    def _entries(self, keys: Sequence[BlockKey], prefix: bool) -> list[BlockEntry]:
+        """The stored blocks named (and with ``prefix``, every block each chains from), or
+        BlockNotFound naming the first key that is not stored."""
+        index = self.state.index
+        entries = []
+        for key in keys:
+            entry = index.readable(key)
             if entry is None:
                 raise BlockNotFound(f"no complete block {key.hex()}")
+            entries.extend(index.chain(entry) if prefix else [entry])
+        return list({id(e): e for e in entries}.values())
+
+    def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None, prefix: bool = False) -> int:
+        """Pin every key (or none, if one is not stored). A hard pin (no ``ttl_s``) keeps a
+        block until it is unpinned, once per pin; a soft pin keeps it for ``ttl_s`` seconds,
+        evicted only after every unpinned block. Returns how many blocks were pinned."""
+        entries = self._entries(keys, prefix)
+        if ttl_s is not None:
+            if not 0 < ttl_s <= 7 * 86400:
+                raise BadRequest(f"a soft pin's ttl_s={ttl_s!r} is outside (0, 7 days]")
+            until = time.monotonic() + ttl_s
+            for entry in entries:
+                entry.soft_until = max(entry.soft_until, until)
+        else:
+            for entry in entries:
+                entry.pins += 1
+        return len(entries)
+
+    def unpin(self, keys: Sequence[BlockKey], prefix: bool = False) -> int:
+        """Take back one hard pin and any soft pin of every key."""
+        entries = self._entries(keys, prefix)
         for entry in entries:
-            entry.pins = max(0, entry.pins + delta)  # type: ignore[union-attr]
+            entry.pins = max(0, entry.pins - 1)
+            entry.soft_until = 0.0
+        return len(entries)

@@ -17,9 +17,9 @@ import logging
 from typing import Any, Callable
 
 from kvpool.codec import BlockHeader
-from kvpool.coordinator import Coordinator, EventKind, LeaseExpired, WatchEvent
+from kvpool.coordinator import Coordinator, EventKind, WatchEvent
 from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
-from kvpool.errors import BadRequest, KVPoolError, NodeGone, NodeIdTaken
+from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken
 from kvpool.keyspace import Keyspace
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
@@ -77,7 +77,8 @@ class Membership:
         owner = st.owner(node, block.tier)
         entry = st.index.get(block.key)
         if entry is None:
-            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header)
+            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
+                               parent=header.parent)
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return

@@ -47,5 +47,6 @@ OPENAPI: dict[str, Any] = {
         "/healthz": {"get": _op("Liveness")},
         "/readyz": {"get": _op("Readiness: 503 on a standby master, and on a new leader until it has "
                               "rebuilt its index from the daemons' inventories")},
+        "/openapi.json": {"get": _op("This document")},
     },
 }

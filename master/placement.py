@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kvpool.tiers.base import TIER_ORDER, TierKind
 from master.nodes import Node, TierSpace
@@ -46,12 +46,12 @@ def relief_target(space: TierSpace, low: float, need: int = 0) -> int:
     return max(0, min(int(low * space.capacity), space.capacity - need))
 
 
-def pressured(nodes: Iterable[Node], high: float) -> list[tuple[Node, TierKind]]:
-    """Every (node, tier) above its high watermark, fastest tiers first."""
+def pressured(nodes: Iterable[Node], high: Callable[[TierKind], float]) -> list[tuple[Node, TierKind]]:
+    """Every (node, tier) above its tier's high watermark, fastest tiers first."""
     out = []
     for node in nodes:
         for kind in TIER_ORDER:
             space = node.tiers.get(kind)
-            if space is not None and over_high(space, high):
+            if space is not None and over_high(space, high(kind)):
                 out.append((node, kind))
     return out

@@ -126,15 +126,19 @@ class Puts:
                 raise BadRequest(f"block {key.hex()} has no reservation under this put "
                                  "(it expired and was reclaimed, or belongs to another writer)")
             entries.append(entry)
+        parents = []
         for entry, raw in zip(entries, headers):
             try:
                 header, used = BlockHeader.decode(raw)
                 if used != len(raw) or header.payload_size != entry.size:
                     raise BadRequest(f"header says {header.payload_size} bytes, "
                                      f"{entry.size} were reserved")
+                if header.parent is not None and entry.parent not in (None, header.parent):
+                    raise BadRequest("the header's parent differs from the reservation's")
             except BadRequest as exc:
                 self.abort(put_id, keys)
                 raise BadRequest(f"block {entry.key.hex()}: {exc}") from None
+            parents.append(header.parent or entry.parent)
         hold = time.monotonic() + st.cfg.put_timeout_s
         by_node: dict[str, list[StoredBlock]] = defaultdict(list)
         for entry, raw in zip(entries, headers):
@@ -156,10 +160,11 @@ class Puts:
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
         committed = 0
-        for entry, raw in zip(entries, headers):
+        for entry, raw, parent in zip(entries, headers, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0
+                st.index.set_parent(entry, parent)
                 st.index.touch(entry)
                 for r in entry.replicas:
                     st.events.emit("stored", entry.key, r.node, r.tier, entry.size)

@@ -1,18 +1,24 @@
-"""The read path: leased gets (cold blocks promoted first), exists, prefix match, and
-reports of replicas that failed their checksum at a reader."""
+"""The read path: leased gets (cold blocks promoted first), exists, prefix match (with
+prefetch: the matched cold blocks start moving to a host arena at once, so the get that
+follows finds them hot), and reports of replicas that failed their checksum at a reader."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Sequence
 
 from kvpool.errors import ChecksumMismatch, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReadGrant
+from kvpool.tasks import TaskOwner
 from master.index import BlockEntry, Replica
 from master.leases import Leases
 from master.state import PoolState
 from master.tiering import Tiering
+
+log = logging.getLogger(__name__)
+PREFETCH_AT_ONCE = 64  # promotions a prefetch runs concurrently
 
 
 class Reads:
@@ -20,6 +26,12 @@ class Reads:
         self.state = state
         self.leases = leases
         self.tiering = tiering
+        self._prefetching = TaskOwner("prefetch")
+
+    async def clear(self) -> None:
+        """Stop every prefetch in flight (a term ended, the master stops)."""
+        done, self._prefetching = self._prefetching, TaskOwner("prefetch")
+        await done.cancel()
 
     def _grant(self, entry: BlockEntry, replica: Replica) -> ReadGrant:
         self.state.index.touch(entry)
@@ -38,6 +50,7 @@ class Reads:
         out: list[ReadGrant | None] = [None] * len(keys)
         cold = []
         for i, entry, best in found:
+            st.counters[f"get_hits_{best.tier.value}"] += 1
             if best.tier.is_arena:
                 out[i] = self._grant(entry, best)
             else:
@@ -64,12 +77,33 @@ class Reads:
     def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [self.state.index.readable(k) is not None for k in keys]
 
-    def match(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading keys are stored: the reusable prefix of a prompt."""
-        for n, key in enumerate(keys):
-            if self.state.index.readable(key) is None:
-                return n
-        return len(keys)
+    def match(self, keys: Sequence[BlockKey], prefetch: bool = False) -> int:
+        """How many leading keys are stored: the reusable prefix of a prompt. With
+        ``prefetch``, the matched blocks that are only in cold tiers start their promotion."""
+        index = self.state.index
+        n = 0
+        cold = []
+        for key in keys:
+            entry = index.readable(key)
+            if entry is None:
+                break
+            best = entry.best()
+            if prefetch and best is not None and not best.tier.is_arena:
+                cold.append(key)
+            n += 1
+        if cold:
+            self._prefetching.spawn(self._prefetch(cold), name="prefetch")
+            self.state.counters["prefetched"] += len(cold)
+        return n
+
+    async def _prefetch(self, keys: list[BlockKey]) -> None:
+        for start in range(0, len(keys), PREFETCH_AT_ONCE):
+            chunk = keys[start:start + PREFETCH_AT_ONCE]
+            results = await asyncio.gather(*(self.tiering.promote(k) for k in chunk),
+                                           return_exceptions=True)
+            for key, res in zip(chunk, results):
+                if isinstance(res, BaseException) and not isinstance(res, KVPoolError):
+                    log.error("prefetch of %s failed", key.hex(), exc_info=res)
 
     async def report_corrupt(self, keys: Sequence[BlockKey], nodes: Sequence[str]) -> None:
         """A reader got bytes that failed their checksum: drop the replica it was sent to."""

@@ -15,13 +15,14 @@ from collections import defaultdict
 from typing import Sequence
 
 from kvpool.config import MasterConfig
-from kvpool.errors import KVPoolError
+from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
 from kvpool.tiers.base import TierKind
 from master.events import EventHub
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace
+from master.policy import POLICIES, EvictionPolicy, PolicyFactory
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 class PoolState:
     def __init__(self, cfg: MasterConfig) -> None:
         self.cfg = cfg
-        self.index = Index()
+        if cfg.policy not in POLICIES:
+            raise ConfigError(f"[master] policy {cfg.policy!r} is not one of {', '.join(sorted(POLICIES))}")
+        self.policies: PolicyFactory = POLICIES[cfg.policy]()
+        self.index = Index(self._make_policy)
         self.nodes: dict[str, Node] = {}
         # Shared object stores by owner id ("@" + store): their replicas belong to no node,
         # so a node's death leaves them, and any node naming the store can promote them.
@@ -39,9 +43,14 @@ class PoolState:
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
 
+    def _make_policy(self, owner: str, kind: TierKind) -> EvictionPolicy:
+        space = self.space(owner, kind)
+        return self.policies.make(kind.value, space.capacity if space is not None else 0)
+
     def clear(self) -> None:
         """Forget everything (a term ended); the caller closes the nodes' links."""
-        self.index = Index()
+        self.policies = POLICIES[self.cfg.policy]()
+        self.index = Index(self._make_policy)
         self.nodes = {}
         self.stores = {}
 

@@ -1,9 +1,13 @@
 """Tiering: watermarks, demotion one tier down, eviction at the last tier, and
 promotion of cold blocks into a host arena when they are read.
 
-Eviction order is the index's: least recently used first, leaves of a prefix before the
-blocks they chain from. A move copies first, switches the index, then frees the source,
-so a block is readable all the way through; leased and pinned blocks never move.
+Each tier keeps between its own watermarks. Eviction order is the index's: the policy's
+order (master/policy.py) among blocks with no cached successor, soft-pinned blocks
+after every other, the blocks a cached successor chains from last. The policy also
+decides which demoted blocks a slower tier admits; the others are evicted. A move copies
+first, switches the index, then frees the source, so a block is readable all the way
+through; leased and hard-pinned blocks never move. The last tier also drops blocks
+unread for ``last_tier_ttl_s``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,28 @@ class Tiering:
     def clear(self) -> None:
         self._relieving.clear()
 
+    def high(self, kind: TierKind) -> float:
+        return self.state.cfg.watermarks(kind.value)[0]
+
     async def sweep(self) -> None:
-        """Bring every tier above its high watermark down to its low one, fastest first."""
-        for node, kind in pressured(list(self.state.nodes.values()), self.state.cfg.high_watermark):
+        """Bring every tier above its high watermark down to its low one, fastest first;
+        drop what outlived the last tier's TTL."""
+        for node, kind in pressured(list(self.state.nodes.values()), self.high):
             await self.relieve(node, kind)
+        if self.state.cfg.last_tier_ttl_s > 0:
+            await self._expire(time.monotonic() - self.state.cfg.last_tier_ttl_s)
+
+    async def _expire(self, before: float) -> None:
+        st = self.state
+        for node in list(st.nodes.values()):
+            last = max(node.tiers, key=lambda k: k.rank)
+            owner = st.owner(node, last)
+            now = time.monotonic()
+            stale = [e for e in st.index.coldest(owner, last, now)
+                     if e.used_at < before and e.movable(now) and len(e.replicas) == 1]
+            if stale:
+                await self.demote(node, last, stale)
+                st.counters["expired"] += len(stale)
 
     async def relieve(self, node: Node, kind: TierKind, need: int = 0, at_least: int = 0) -> bool:
         """Demote (or, at the last tier, evict) the coldest movable blocks of one tier until
@@ -49,11 +71,11 @@ class Tiering:
             space = node.tiers.get(kind)
             if space is None or st.nodes.get(node.node_id) is not node:
                 return False
-            target = max(0, min(relief_target(space, st.cfg.low_watermark, need),
+            target = max(0, min(relief_target(space, st.cfg.watermarks(kind.value)[1], need),
                                 space.used - at_least))
             now = time.monotonic()
             victims, freed = [], 0
-            for entry in st.index.coldest(owner, kind):
+            for entry in st.index.coldest(owner, kind, now):
                 if space.used - freed <= target:
                     break
                 if entry.movable(now):
@@ -85,14 +107,23 @@ class Tiering:
         the blocks that now have one."""
         st = self.state
         dst_owner = st.owner(node, dst)
-        need = [e for e in entries if not any(r.node in (node.node_id, dst_owner)
-                                              and r.tier.rank >= dst.rank for r in e.replicas)]
-        done = [e for e in entries if e not in need]
+        now = time.monotonic()
+        admits = st.index.policy(dst_owner, dst)
+        need, done = [], []
+        for e in entries:
+            if any(r.node in (node.node_id, dst_owner) and r.tier.rank >= dst.rank for r in e.replicas):
+                done.append(e)  # already below
+            elif not admits.admit(e.info, now):
+                # Evicted instead of demoted: the policy expects no reuse worth the copy.
+                st.counters[f"not_admitted_{dst.value}"] += 1
+                done.append(e)
+            else:
+                need.append(e)
         if not need:
             return done
         dst_space = node.tiers[dst]
         estimate = sum(e.size for e in need)
-        if dst_space.used + estimate > st.cfg.high_watermark * dst_space.capacity:
+        if dst_space.used + estimate > self.high(dst) * dst_space.capacity:
             await self.relieve(node, dst, need=estimate)
         locations = [0] * len(need)
         if dst_space.allocator is not None:  # an arena destination: its space is reserved first

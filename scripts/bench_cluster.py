@@ -1,6 +1,6 @@
 """Cluster mode: aggregate get bandwidth over 1, 2 and 3 daemons, and a leader failover.
 
-Everything runs as real processes on this machine (`clients.launcher.LocalCluster`): an
+Everything runs as real processes on this machine (`kvpool.launcher.LocalCluster`): an
 etcd server, masters, daemons, and two client processes.
 
 1. Aggregate get GB/s: for 1, 2 and 3 daemons, one loader puts TOTAL bytes in 1 MiB
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
-from clients.launcher import LocalCluster  # noqa: E402
+from kvpool.launcher import LocalCluster  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402

@@ -156,7 +156,7 @@ async def bench_raw(total: int) -> dict:
 
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", *args], cwd=ROOT,
                             env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     for line in proc.stdout:  # type: ignore[union-attr]

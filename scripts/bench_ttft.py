@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from clients import launcher  # noqa: E402
+from kvpool import launcher  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 
@@ -99,13 +99,13 @@ async def measure_tpot(router: str, streams: int, out_tokens: int, long_prompt: 
     rng = random.Random(seed)
     prompts = [[rng.randrange(256) for _ in range(200 + 37 * i)] for i in range(streams)]
     done = asyncio.Event()
-    pending: set[asyncio.Task[Generation]] = set()
+    pending: list[asyncio.Task[Generation]] = []
 
-    async def arrivals(session: aiohttp.ClientSession) -> int:
+    async def arrivals(session: aiohttp.ClientSession, group: asyncio.TaskGroup) -> int:
         load_rng, sent = random.Random(seed + 1), 0
         while not done.is_set():
             body = {"token_ids": [load_rng.randrange(256) for _ in range(long_prompt)], "max_tokens": 1}
-            pending.add(asyncio.create_task(generate(session, router, body)))
+            pending.append(group.create_task(generate(session, router, body)))
             sent += 1
             try:
                 await asyncio.wait_for(done.wait(), every_s)
@@ -113,24 +113,24 @@ async def measure_tpot(router: str, streams: int, out_tokens: int, long_prompt: 
                 pass
         return sent
 
-    async with aiohttp.ClientSession() as session:
-        loader = asyncio.create_task(arrivals(session)) if every_s else None
+    async def stream(session: aiohttp.ClientSession, p: list[int]) -> Generation:
+        g = await generate(session, router, {"token_ids": p, "max_tokens": out_tokens})
+        if g.error:
+            raise SystemExit(f"decode stream failed: {g.error}")
+        progress(f"TPOT {label}: {len(g.tokens)} tokens streamed")
+        return g
+
+    # the group ends once the arrivals stop and every long prompt they sent has finished
+    async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as group:
+        loader = group.create_task(arrivals(session, group)) if every_s else None
         if loader is not None:
             await asyncio.sleep(0.2)  # the first long prompt is already computing
-
-        async def stream(p: list[int]) -> Generation:
-            g = await generate(session, router, {"token_ids": p, "max_tokens": out_tokens})
-            if g.error:
-                raise SystemExit(f"decode stream failed: {g.error}")
-            progress(f"TPOT {label}: {len(g.tokens)} tokens streamed")
-            return g
-
-        gens = await asyncio.gather(*(stream(p) for p in prompts))
+        gens = await asyncio.gather(*(stream(session, p) for p in prompts))
         done.set()
-        sent = await loader if loader is not None else 0
-        for g in await asyncio.gather(*pending):
-            if g.error:
-                raise SystemExit(f"long prefill failed: {g.error}")
+    sent = loader.result() if loader is not None else 0
+    for task in pending:
+        if task.result().error:
+            raise SystemExit(f"long prefill failed: {task.result().error}")
     gaps = [x for g in gens for x in g.tpot_ms[1:]]
     return gaps, [g.tokens for g in gens], sent
 
@@ -187,7 +187,7 @@ def main() -> None:
     try:
         print(f"bench_ttft: model '{preset}', {length}-token prompts, {bt}-token blocks, one torch "
               f"thread per engine; {host['cpu']}, {host['cores']} cores", flush=True)
-        up, master = start(["clients.cli", "up", "--port", "0", "--data-dir", str(data / "pool")],
+        up, master = start(["kvpool", "up", "--port", "0", "--data-dir", str(data / "pool")],
                            data / "pool.log")
         procs.append(up)
         eng = ["--model", preset, "--block-tokens", str(bt), "--num-pages", str(4 * length // bt + 64)]

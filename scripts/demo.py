@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import tokenizer  # noqa: E402
-from clients import launcher  # noqa: E402
+from kvpool import launcher  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 SYSTEM = ("You are kvpool's demo assistant. You answer questions about serving large language "
@@ -117,7 +117,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         print(f"starting `kvpool up` (single node, no etcd, data in {data}) ...", flush=True)
-        up, info = start(["clients.cli", "up", "--port", "0", "--data-dir", str(data / "pool")],
+        up, info = start(["kvpool", "up", "--port", "0", "--data-dir", str(data / "pool")],
                          data / "pool.log", env)
         procs.append(up)
         master = info["master"]
@@ -153,7 +153,7 @@ def main() -> None:
               f"{sum(len(x[3].tokens) for x in results)} generated")
         print(f"        TTFT p50 {ttfts[len(ttfts) // 2]:.1f} ms, p99 {ttfts[int(0.99 * (len(ttfts) - 1))]:.1f} ms; "
               f"TPOT p50 {tpots[len(tpots) // 2]:.2f} ms, p99 {tpots[int(0.99 * (len(tpots) - 1))]:.2f} ms")
-        subprocess.run([sys.executable, "-m", "clients.cli", "status", "--master", master], cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "kvpool", "status", "--master", master], cwd=ROOT)
         last = [x[2] for x in results if x[1] == args.turns - 1]
         print("\nTTFT with and without reuse: the last turn of each conversation again, at two new\n"
               "prefill engines. 'cold' has another namespace (a salt), so nothing in the pool is\n"

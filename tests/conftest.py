@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from clients.launcher import LocalCluster, free_port
+from kvpool.launcher import LocalCluster, free_port
 
 _AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}

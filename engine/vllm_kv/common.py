@@ -75,7 +75,7 @@ class SaveSpec:
     req_id: str
     keys: list[list[BlockKey]]
     block_ids: list[int]
-    parents: list[BlockKey | None]  # rank 0's parent of each key (for events)
+    parent: list[BlockKey | None]  # per TP rank: the key the first block chains from
 
 
 @dataclass

@@ -139,7 +139,7 @@ class KVPoolScheduler:
             for i in range(lo, full):
                 self._token_ids[st.keys[0][i]] = st.tokens[i * bt:(i + 1) * bt]
         meta.saves.append(SaveSpec(st.req_id, [k[lo:full] for k in st.keys], st.block_ids[lo:full],
-                                   [st.keys[0][i - 1] if i else None for i in range(lo, full)]))
+                                   [k[lo - 1] if lo else None for k in st.keys]))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Hold the blocks while a save reads them; the worker reports when it is done."""

@@ -187,13 +187,13 @@ class KVPoolWorker:
         try:
             results = await self.link.client.batch_put(
                 keys, [self.segments(b) for b in spec.block_ids], chained=True,
-                layout=self.ns.kv_layout)
+                parent=spec.parent[self.rank], layout=self.ns.kv_layout)
         except POOL_FAILURES as exc:
             self.link.failed(f"saving {len(keys)} blocks", exc)
             return 0
         self.link.succeeded()
-        new = [(r.key, spec.parents[i] if self.rank == 0 else None, r.tier or "host")
-               for i, r in enumerate(results) if r.stored]
+        parents = [spec.parent[self.rank], *keys[:-1]]
+        new = [(r.key, parents[i], r.tier or "host") for i, r in enumerate(results) if r.stored]
         with self._stored_lock:
             self._stored.extend(new)
             self.stats["saved_blocks"] += len(new)

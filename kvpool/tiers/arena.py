@@ -108,10 +108,6 @@ class ArenaTier:
     def inventory(self) -> list[StoredBlock]:
         return list(self._blocks.values())
 
-    def get(self, key: BlockKey) -> StoredBlock | None:
-        """The committed block under ``key``, or None (a miss is not an error)."""
-        return self._blocks.get(key)
-
     def view(self, location: int, size: int) -> memoryview:
         """Zero-copy view of host arena bytes; valid only while the caller holds a lease."""
         if self._host is None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 import zstandard
 
 from kvpool import codec as blockcodec
-from kvpool.codec import BlockHeader, Codec
+from kvpool.codec import BlockHeader, Codec, ColdCodec
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
 from kvpool.keys import KEY_BYTES, BlockKey
 from kvpool.tiers.base import StoredBlock, TierKind
@@ -51,15 +51,14 @@ class BlobStore(Protocol):
 class ColdTier:
     """A Tier over a BlobStore: compression, checksums, capacity and the inventory."""
 
-    def __init__(self, kind: TierKind, store: BlobStore, capacity: int, codec: Codec = Codec.ZSTD_PLANES,
-                 level: int = 1, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, kind: TierKind, store: BlobStore, capacity: int, codec: ColdCodec = ColdCodec(),
+                 executor: ThreadPoolExecutor | None = None) -> None:
         if capacity <= 0:
             raise BadRequest(f"a {kind.value} tier needs a positive capacity, got {capacity}")
         self.kind = kind
         self.capacity = capacity
         self._store = store
-        self._codec = Codec(codec)
-        self._level = level
+        self._codec = codec
         self._blocks: dict[BlockKey, StoredBlock] = {}
         self._used = 0
         self._reserved = 0  # bytes of writes between their capacity check and their commit
@@ -178,7 +177,7 @@ class ColdTier:
     async def _write(self, key: BlockKey, header: BlockHeader, view: memoryview) -> StoredBlock:
         try:
             header = replace(header, codec=Codec.RAW)
-            blob = await self._run(_encode, header, view, self._codec, self._level)
+            blob = await self._run(_encode, header, view, self._codec)
             size = len(blob)
             if self._used + self._reserved + size > self.capacity:
                 raise TierFull(f"{self.kind.value} tier has {self.capacity - self._used - self._reserved} "
@@ -250,10 +249,10 @@ class ColdTier:
             raise BadRequest(f"the {self.kind.value} tier is closed")
 
 
-def _encode(header: BlockHeader, view: memoryview, codec: Codec, level: int) -> bytes:
+def _encode(header: BlockHeader, view: memoryview, codec: ColdCodec) -> bytes:
     """A cold tier never stores a payload that does not match its header."""
     blockcodec.verify(header, view)
-    return blockcodec.encode_cold(header, view, codec, level)
+    return blockcodec.encode_cold(header, view, codec)
 
 
 def _decode(blob: bytes) -> tuple[BlockHeader, bytes]:

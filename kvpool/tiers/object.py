@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from kvpool.codec import Codec
+from kvpool.codec import ColdCodec
 from kvpool.errors import BadRequest, KVPoolError, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
@@ -185,14 +185,14 @@ class _S3Store:
 class ObjectTier(ColdTier):
     """The object tier; build one with ``ObjectTier.from_url``."""
 
-    def __init__(self, store: BlobStore, url: str, capacity: int, codec: Codec = Codec.ZSTD_PLANES,
-                 level: int = 1, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, store: BlobStore, url: str, capacity: int, codec: ColdCodec = ColdCodec(),
+                 executor: ThreadPoolExecutor | None = None) -> None:
         self.url = url
-        super().__init__(TierKind.OBJECT, store, capacity, codec, level, executor)
+        super().__init__(TierKind.OBJECT, store, capacity, codec, executor)
 
     @classmethod
-    def from_url(cls, url: str, capacity: int, s3_endpoint: str = "", codec: Codec = Codec.ZSTD_PLANES,
-                 level: int = 1, executor: ThreadPoolExecutor | None = None) -> "ObjectTier":
+    def from_url(cls, url: str, capacity: int, s3_endpoint: str = "", codec: ColdCodec = ColdCodec(),
+                 executor: ThreadPoolExecutor | None = None) -> "ObjectTier":
         """``s3://bucket/prefix`` (the bucket is created if missing), ``file:///abs/path``
         or a plain path. S3 credentials come from the usual AWS environment variables."""
         parsed = urlparse(url)
@@ -210,7 +210,7 @@ class ObjectTier(ColdTier):
         else:
             raise BadRequest(f"object tier url {url!r}: use s3://bucket/prefix, file:///path or a path")
         try:
-            return cls(store, url, capacity, codec, level, executor)
+            return cls(store, url, capacity, codec, executor)
         except BaseException:
             store.close()
             raise

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import lmdb
 
-from kvpool.codec import Codec
+from kvpool.codec import ColdCodec
 from kvpool.errors import BadRequest, KVPoolError, TierFull
 from kvpool.keys import KEY_BYTES, BlockKey
 from kvpool.tiers.base import TierKind
@@ -66,7 +66,7 @@ class _LmdbStore:
 class SsdTier(ColdTier):
     """The SSD tier: one LMDB environment in a folder; blocks survive a restart."""
 
-    def __init__(self, path: str | Path, capacity: int, codec: Codec = Codec.ZSTD_PLANES, level: int = 1,
+    def __init__(self, path: str | Path, capacity: int, codec: ColdCodec = ColdCodec(),
                  executor: ThreadPoolExecutor | None = None) -> None:
         if capacity <= 0:
             raise BadRequest(f"the ssd tier needs a positive capacity, got {capacity}")
@@ -74,7 +74,7 @@ class SsdTier(ColdTier):
         # LMDB needs room beyond the payload for its pages, and freed pages linger a while.
         store = _LmdbStore(self.path, int(capacity * 1.25) + 64 * MiB)
         try:
-            super().__init__(TierKind.SSD, store, capacity, codec, level, executor)
+            super().__init__(TierKind.SSD, store, capacity, codec, executor)
         except BaseException:
             store.close()
             raise

@@ -9,7 +9,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from kvpool.coordinator import Coordinator, EventKind, InProcessCoordinator, LeaseExpired
+from kvpool.coordinator import Coordinator, EventKind, InProcessCoordinator
+from kvpool.errors import LeaseExpired
 from kvpool.etcd_coordinator import EtcdCoordinator
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from clients import launcher
-from clients.launcher import stop
+from kvpool import launcher
+from kvpool.launcher import stop
 from tests.integration.conftest import master_check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +36,15 @@ class Stack:
     urls: dict[str, str] = field(default_factory=dict)
 
     def pool_up(self) -> None:
-        proc, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(self.tmp / "pool")],
+        proc, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(self.tmp / "pool")],
                            self.tmp / "pool.log")
         self.procs["pool"], self.master = proc, info["master"]
 
     def pool_apart(self) -> None:
         """Master and daemon as two processes, so the daemon can die alone."""
-        proc, info = spawn("clients.cli", ["master", "--port", "0"], self.tmp / "master.log")
+        proc, info = spawn("kvpool", ["master", "--port", "0"], self.tmp / "master.log")
         self.procs["master"], self.master = proc, info["master"]
-        proc, _ = spawn("clients.cli", ["daemon", "--master", self.master, "--node-id", "node0",
+        proc, _ = spawn("kvpool", ["daemon", "--master", self.master, "--node-id", "node0",
                                         "--data-dir", str(self.tmp / "node0")], self.tmp / "daemon.log")
         self.procs["daemon"] = proc
 

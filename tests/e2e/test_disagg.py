@@ -80,17 +80,25 @@ def test_disaggregated_tokens_equal_monolithic(disagg: Stack, model: Transformer
     # second turn: each conversation grows, so it reuses the blocks of the first
     turns = [p + g.tokens + tokens(rng, 9) for p, g in zip(prompts, first)]
     second = asyncio.run(run_all(disagg.urls["router"], [{"token_ids": t, "max_tokens": 12} for t in turns]))
+    shared = len(system) // BT  # blocks a decode engine may hold from an earlier request
     for body, g in zip(bodies, first):
         assert g.error is None, g.error
         assert g.done is not None
-        if len(body["token_ids"]) % BT:  # the decode engine fetched the partial block too
-            assert g.done["decode_partial_fetched"] and g.done["decode_fetched_blocks"] >= 0
+        full = len(body["token_ids"]) // BT
+        # a decode engine never computed these prompts: every full block past the shared
+        # system prompt comes from the pool, and so does the trailing partial block
+        assert full - shared <= g.done["decode_fetched_blocks"] <= full
+        assert g.done["decode_partial_fetched"] == bool(len(body["token_ids"]) % BT)
         sampling = Sampling(body.get("temperature", 0.0), body.get("seed", 0))
         assert g.tokens == reference(model, body["token_ids"], 12, sampling)
+    # the system prompt's blocks reached a fresh decode engine through the pool at least once
+    assert sum(g.done["decode_fetched_blocks"] for g in first) >= \
+        sum(len(b["token_ids"]) // BT - shared for b in bodies) + shared  # type: ignore[index]
     for t, g in zip(turns, second):
         assert g.error is None, g.error
         assert g.tokens == reference(model, t, 12)
         assert g.done is not None and g.done["reused_tokens"] >= (len(t) - 12 - 9) // BT * BT - BT
+        assert g.done["decode_fetched_blocks"] <= len(t) // BT
     assert sum(g.done["reused_tokens"] for g in second) > 0  # type: ignore[index]
     assert {g.done["decode"] for g in first + second} == {disagg.urls["decode1"], disagg.urls["decode2"]}  # type: ignore[index]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cache import CacheFull, PagedKVCache
+from engine.cache import PagedKVCache
 from engine.config import ModelConfig
 from engine.model import DecodeRow, Transformer, generate, tiled_linear
 from engine.sampling import Sampling
+from kvpool.errors import CacheFull
 
 BT = 16
 

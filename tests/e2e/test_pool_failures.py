@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import torch
 
-from engine.client import generate
+from engine.client import Generation, generate
 from engine.config import ModelConfig
 from engine.model import Transformer, generate as reference_generate
 from tests.e2e.conftest import Stack
@@ -95,3 +95,13 @@ def test_small_caches_queue_requests_and_refuse_what_never_fits(stack: Stack, mo
         post(prefill + "/v1/prefill", {"token_ids": tokens(rng, 150), "max_tokens": 4})
     body = json.loads(err.value.read())
     assert err.value.code == 503 and body["error"] == "cache_full" and "10 KV pages needed" in body["message"]
+    # through a router the client sees the same typed error, not an untyped internal one
+    router = stack.engine("router-small", "router", "--prefill", prefill, "--decode", decode)
+
+    async def refused() -> Generation:
+        async with aiohttp.ClientSession() as session:
+            return await generate(session, router, {"token_ids": tokens(rng, 150), "max_tokens": 4})
+
+    g = asyncio.run(refused())
+    assert g.tokens == [] and g.error is not None and "10 KV pages needed" in g.error
+    assert g.error_code == "cache_full"

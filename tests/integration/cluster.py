@@ -1,4 +1,4 @@
-"""A cluster of real processes on 127.0.0.1 for the tests: `clients.launcher.LocalCluster`
+"""A cluster of real processes on 127.0.0.1 for the tests: `kvpool.launcher.LocalCluster`
 (etcd, masters and daemons through the CLI, each on free ports with its own data folder,
 stopped by their own pids) with short leases and the test's helpers."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from clients.launcher import LocalCluster
+from kvpool.launcher import LocalCluster
 from kvpool.config import ClientConfig
 from tests.integration.conftest import master_check
 

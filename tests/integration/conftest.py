@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from clients.launcher import spawn, stop
+from kvpool.launcher import spawn, stop
 from kvpool.config import ClientConfig
 from kvpool.wire import RpcClient
 
@@ -50,12 +50,12 @@ class Pool:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start_master(self) -> None:
-        proc, info = spawn("clients.cli", ["master", "--port", "0"], self.master_env,
+        proc, info = spawn("kvpool", ["master", "--port", "0"], self.master_env,
                             self.tmp / "master.log")
         self.procs["master"], self.master_url = proc, info["master"]
 
     def start_daemon(self) -> None:
-        proc, info = spawn("clients.cli", ["daemon", "--master", self.master_url, "--node-id", "node0",
+        proc, info = spawn("kvpool", ["daemon", "--master", self.master_url, "--node-id", "node0",
                             "--data-dir", str(self.tmp / "node0")], self.daemon_env,
                            self.tmp / "daemon.log")
         self.procs["daemon"], self.daemon_url = proc, info["daemon"]

@@ -133,7 +133,7 @@ async def test_a_client_given_every_master_url_finds_the_leader_without_etcd(clu
 
 def test_a_duplicate_daemon_id_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "daemon", "--etcd", cluster.etcd_endpoint,
+        [sys.executable, "-m", "kvpool", "daemon", "--etcd", cluster.etcd_endpoint,
          "--cluster", cluster.cluster, "--node-id", "node0", "--data-dir", str(tmp_path / "dup")],
         cwd=ROOT, env={**os.environ, **DAEMON_ENV}, capture_output=True, timeout=60)
     assert proc.returncode != 0
@@ -162,7 +162,7 @@ async def test_a_daemon_restarted_at_once_waits_out_its_old_lease(cluster: Clust
 def test_a_daemon_pointed_at_a_cluster_master_without_etcd_is_told_to_use_etcd(
         cluster: Cluster, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "daemon", "--master", cluster.wait_leader().url,
+        [sys.executable, "-m", "kvpool", "daemon", "--master", cluster.wait_leader().url,
          "--node-id", "stray", "--data-dir", str(tmp_path / "stray")],
         cwd=ROOT, env={**os.environ, **DAEMON_ENV}, capture_output=True, timeout=60)
     assert proc.returncode != 0

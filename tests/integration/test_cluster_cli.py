@@ -19,7 +19,7 @@ from tests.integration.conftest import ROOT
 
 
 def test_cluster_up_starts_a_usable_cluster_and_stops_it_all(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "clients.cli", "cluster", "up", "2",
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", "cluster", "up", "2",
                              "--data-dir", str(tmp_path), "--ttl", "2", "--host-bytes", "64MiB",
                              "--ssd-bytes", "64MiB"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clients.client import AsyncPoolClient
-from clients.launcher import LocalCluster
+from kvpool.launcher import LocalCluster
 from kvpool.etcd_coordinator import EtcdCoordinator
 from tests.integration.cluster import TTL, make_cluster
 from tests.integration.test_cluster import assert_intact, blocks

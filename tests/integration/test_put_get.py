@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
 import subprocess
 import sys
 
@@ -60,6 +62,19 @@ async def test_batches_keep_their_order(pool: Pool) -> None:
         got = await client.batch_get([keys[i] for i in order], outs)
         assert [g.key for g in got] == [keys[i] for i in order]
         assert [int(o[0]) for o in outs] == order
+
+
+async def test_get_bytes_returns_the_payload_or_none(pool: Pool) -> None:
+    """The tools' read: the block's payload as bytes, by raw or hex key; a miss is None."""
+    key, missing = keys_for("get_bytes", 2)
+    value = np.random.default_rng(5).integers(0, 256, 96 * KiB, dtype=np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.put(key, value)
+        assert await client.get_bytes(key) == value.tobytes()
+        assert await client.get_bytes(key.hex()) == value.tobytes()
+        assert await client.get_bytes(missing) is None
+        await client.remove(key)  # its read lease ended: the block may go
+        assert await client.get_bytes(key) is None
 
 
 async def test_putting_an_existing_key_keeps_the_first_value(pool: Pool) -> None:
@@ -124,18 +139,51 @@ def test_another_process_reads_what_this_one_wrote(pool: Pool) -> None:
     assert res.stdout.strip() == xxhash.xxh3_64_hexdigest(value)
 
 
-def test_status_prints_a_table_of_tiers(pool: Pool) -> None:
-    res = subprocess.run([sys.executable, "-m", "clients.cli", "status", "--master", pool.master_url],
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def _bytes_near(cell: str, exact: int) -> bool:
+    """``cell`` (``1.5 GiB``) names ``exact`` bytes to the one decimal it shows."""
+    number, unit = cell.split()
+    return abs(float(number) * _UNITS[unit] - exact) <= 0.05 * _UNITS[unit]
+
+
+async def test_status_prints_the_tiers_the_master_reports(pool: Pool) -> None:
+    async with AsyncPoolClient(pool.client_config()) as client:  # something in the pool to count
+        await client.batch_put(keys_for("status", 3), [np.ones(256 * KiB, np.uint8)] * 3)
+    res = subprocess.run([sys.executable, "-m", "kvpool", "status", "--master", pool.master_url],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "host" in res.stdout and "ssd" in res.stdout and "capacity" in res.stdout
-    blocks = admin(pool.master_url, "/v1/cluster")[1]["blocks"]
-    assert f"{blocks} blocks" in res.stdout
+    summary = admin(pool.master_url, "/v1/cluster")[1]
+    nodes = admin(pool.master_url, "/v1/nodes")[1]["nodes"]
+    title, header, rule, *lines = res.stdout.splitlines()
+    assert title == (f"master {pool.master_url}: {summary['nodes']} node(s), {summary['blocks']} "
+                     f"blocks, {summary['pending']} puts in flight")
+    assert header.split() == ["node", "tier", "capacity", "used", "use", "watermarks", "blocks",
+                              "compression"]
+    assert set(rule) == {"-", " "}
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines]
+    expected = [(n["node_id"], t) for n in nodes for t in n["tiers"]]
+    assert [r[:2] for r in rows] == [[node, t["kind"]] for node, t in expected]
+    for (node, t), (_, _, capacity, used, use, marks, blocks, ratio) in zip(expected, rows):
+        assert _bytes_near(capacity, t["capacity"]) and _bytes_near(used, t["used"]), (node, t)
+        assert use == f"{100 * t['used'] / t['capacity']:.1f}%" and int(blocks) == t["blocks"]
+        assert marks == f"{100 * t['low_watermark']:.0f}-{100 * t['high_watermark']:.0f}%"
+        assert ratio == f"{t['compression']:.2f}x"
+    by_tier: dict[str, list[int]] = {}
+    for _, t in expected:
+        by_tier.setdefault(t["kind"], []).append(int(t["blocks"]))
+    # one node here: the per-tier rows add up to the cluster summary's tiers
+    assert {k: sum(v) for k, v in by_tier.items()} == \
+        {k: t["blocks"] for k, t in summary["tiers"].items()}
+    assert sum(int(r[6]) for r in rows) >= 3 and summary["blocks"] >= 3
+    res = subprocess.run([sys.executable, "-m", "kvpool", "status", "--json", "--master",
+                          pool.master_url], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"cluster": summary, "nodes": nodes}
 
 
 async def test_event_stream_reports_stored_and_removed_blocks(pool: Pool) -> None:
-    import json
-
     import aiohttp
 
     key = keys_for("events", 1)[0]

@@ -65,10 +65,17 @@ async def test_pressure_demotes_to_ssd_then_object_and_everything_reads_back(sma
 
 
 async def test_restart_keeps_cold_blocks_and_drops_damaged_ones(small_pool: Pool) -> None:
+    fresh = block_keys(Namespace("itest-tiers", "float16", "raw", block_tokens=1, salt="fresh"),
+                       np.arange(3))
+    async with AsyncPoolClient(small_pool.client_config()) as client:  # new blocks land in host
+        await client.batch_put(fresh, [np.full(64 << 10, i, np.uint8) for i in range(3)])
+    assert [tiers_of(small_pool, k) for k in fresh] == [{"host"}] * 3
     cold = {k: tiers_of(small_pool, k) for k in KEYS}
     ssd_keys = [k for k, t in cold.items() if t == {"ssd"}]
     object_keys = [k for k, t in cold.items() if t == {"object"}]
-    assert ssd_keys and object_keys, cold
+    promoted = [k for k, t in cold.items() if "host" in t and len(t) > 1]  # read back earlier
+    # one damaged and at least one survivor in each cold tier, and hot copies that must go
+    assert len(ssd_keys) >= 2 and len(object_keys) >= 2 and promoted, cold
     small_pool.kill_daemon(signal.SIGKILL)
     data = Path(small_pool.tmp) / "node0"
     damaged_ssd, damaged_object = ssd_keys[0], object_keys[0]
@@ -84,7 +91,7 @@ async def test_restart_keeps_cold_blocks_and_drops_damaged_ones(small_pool: Pool
     obj.write_bytes(bytes(blob))
 
     small_pool.start_daemon()
-    survivors = [k for k in ssd_keys[1:] + object_keys[1:]]
+    survivors = ssd_keys[1:] + object_keys[1:]
     wait_for(lambda: all(tiers_of(small_pool, k) for k in survivors[:5]), 15,
              "the restarted daemon's cold blocks to be listed again")
     index = {k: i for i, k in enumerate(KEYS)}
@@ -102,6 +109,10 @@ async def test_restart_keeps_cold_blocks_and_drops_damaged_ones(small_pool: Pool
             assert header is None, "a damaged block was served"
             assert not await client.exists(key)
             assert admin(small_pool.master_url, f"/v1/blocks/{key.hex()}")[0] == 404
-        hot_only = [k for k, t in cold.items() if t == {"host"}]
-        for key in hot_only[:5]:  # the host arena does not survive a restart: a miss, not bytes
-            assert await client.get(key, out) is None
+        for key in promoted:  # the host copy went with the arena; the cold copy serves
+            assert tiers_of(small_pool, key) == cold[key] - {"host"}
+            assert await client.get(key, out) is not None
+            assert out.tobytes() == value(index[key]).tobytes()
+        for key in fresh:  # the host arena does not survive a restart: a miss, not bytes
+            assert await client.get(key, np.zeros(64 << 10, np.uint8)) is None
+            assert not await client.exists(key)

@@ -7,7 +7,10 @@ import pytest
 import torch
 import zstandard
 
-from kvpool.codec import BlockHeader, Codec, DType, decode_cold, encode_cold, make_header, verify
+import struct
+
+from kvpool.codec import (BlockHeader, Codec, ColdCodec, DType, decode_cold, encode_cold,
+                          make_header, verify)
 from kvpool.errors import BadRequest, ChecksumMismatch
 
 
@@ -27,6 +30,37 @@ def test_header_round_trip_and_rejects() -> None:
         BlockHeader.decode(raw[:4] + bytes([9]) + raw[5:])  # a future format version
     with pytest.raises(BadRequest):
         BlockHeader.decode(raw[:10])
+
+
+def test_the_parent_key_travels_in_the_header_and_version_1_blocks_still_read() -> None:
+    parent = bytes(range(16))
+    h = make_header(kv_like(256), "float16", layout="LKHND", parent=parent)
+    raw = h.encode()
+    assert BlockHeader.decode(raw)[0].parent == parent
+    back, data = decode_cold(encode_cold(h, kv_like(256).tobytes()))
+    assert back.parent == parent and data == kv_like(256).tobytes()
+    # A block written by the previous format (version 1: no flags, no parent) still reads.
+    v1 = bytearray(make_header(kv_like(256), "float16", layout="LKHND").encode())
+    v1[4] = 1
+    old, used = BlockHeader.decode(bytes(v1))
+    assert old.parent is None and old.version == 1 and used == len(v1)
+    with pytest.raises(BadRequest, match="flags"):  # version 1 had no flags
+        BlockHeader.decode(bytes(v1[:10]) + struct.pack("<H", 1) + bytes(v1[12:]) + parent)
+    with pytest.raises(BadRequest, match="16 bytes"):
+        make_header(kv_like(4), "float16", parent=b"short").encode()
+
+
+def test_a_block_that_compresses_too_little_is_stored_raw() -> None:
+    rng = np.random.default_rng(3)
+    # Half smooth, half noise: zstd saves some, but less than a 60% threshold asks for.
+    raw = np.concatenate([kv_like(8192).view(np.uint8),
+                          rng.integers(0, 256, 16384, dtype=np.uint8)]).tobytes()
+    header = make_header(raw, "float16")
+    assert BlockHeader.decode(encode_cold(header, raw, ColdCodec(min_saving=0.0)))[0].codec == Codec.ZSTD_PLANES
+    blob = encode_cold(header, raw, ColdCodec(min_saving=0.6))
+    assert BlockHeader.decode(blob)[0].codec == Codec.RAW and decode_cold(blob)[1] == raw
+    with pytest.raises(BadRequest):
+        ColdCodec(level=40)
 
 
 @pytest.mark.parametrize("payload,dtype", [

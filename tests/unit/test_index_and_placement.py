@@ -19,17 +19,48 @@ def entry(key: int, parent: int | None = None, state: BlockState = BlockState.CO
 
 def test_coldest_first_and_leaves_before_their_prefix() -> None:
     index = Index()
+    now = time.monotonic()
     for k, parent in [(1, None), (2, 1), (3, 2), (9, None)]:
         index.add(entry(k, parent))
     index.touch(index.get(bytes([1]) * 16))  # block 1 is now the most recently used
-    order = [e.key[0] for e in index.coldest("n1", TierKind.HOST)]
+    order = [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)]
     # 3 and 9 are leaves; 2 is cold but its successor 3 is still cached, so it comes later,
     # and so does 1 (whose successor 2 is cached).
     assert order == [3, 9, 2, 1]
     index.remove(index.get(bytes([3]) * 16))  # 2 is a leaf now, and colder than 9
-    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST)] == [2, 9, 1]
-    assert index.get(bytes([2]) * 16).children == 0
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [2, 9, 1]
+    assert not index.successor_cached(index.get(bytes([2]) * 16), TierKind.HOST)
     index.check()
+
+
+def test_prefix_links_hold_whatever_order_blocks_arrive_in() -> None:
+    """After a restart the inventory lists blocks in any order: a successor indexed before
+    its parent still keeps the parent for later."""
+    index = Index()
+    now = time.monotonic()
+    index.add(entry(3, 2))
+    index.add(entry(2, 1))
+    index.add(entry(1, None))
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [3, 2, 1]
+    # A successor cached only in a slower tier does not hold its parent in this one.
+    slow = entry(4, 1)
+    slow.replicas = [Replica("n1", TierKind.SSD, 0, 4096)]
+    index.add(slow)
+    index.remove(index.get(bytes([3]) * 16))
+    index.remove(index.get(bytes([2]) * 16))
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [1]
+    assert index.successor_cached(index.get(bytes([1]) * 16), TierKind.SSD)
+    index.check()
+
+
+def test_soft_pinned_blocks_go_after_every_unpinned_one_until_they_expire() -> None:
+    index = Index()
+    now = time.monotonic()
+    for k in (1, 2, 3):
+        index.add(entry(k))
+    index.get(bytes([1]) * 16).soft_until = now + 60
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [2, 3, 1]
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now + 61)] == [1, 2, 3]
 
 
 def test_leases_pins_and_state_decide_what_may_move() -> None:
@@ -71,7 +102,7 @@ def test_extra_replicas_go_to_other_nodes_emptiest_first() -> None:
 def test_pressure_and_relief_targets() -> None:
     full = node("full", 100 << 20, used=95 << 20)
     calm = node("calm", 100 << 20, used=50 << 20)
-    assert pressured([full, calm], high=0.9) == [(full, TierKind.HOST)]
+    assert pressured([full, calm], high=lambda kind: 0.9) == [(full, TierKind.HOST)]
     space = full.tiers[TierKind.HOST]
     assert relief_target(space, low=0.75) == int(0.75 * space.capacity)
     assert relief_target(space, low=0.75, need=40 << 20) == space.capacity - (40 << 20)

@@ -135,7 +135,7 @@ class LocalCluster:
 
     def _spawn(self, role: str, name: str, args: list[str], env: dict[str, str]) -> Proc:
         log = self.root / f"{name}.log"
-        popen, info = spawn("clients.cli", args, env, log)
+        popen, info = spawn("kvpool", args, env, log)
         proc = self.procs[name] = Proc(role, name, info[role], popen, log)
         return proc
 
