@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.launcher import spawn, stop  # noqa: E402
+from kvpool.launcher import spawn, stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from scripts.benchlib import machine  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> None:
     model = build(tmp / "model", max_positions=prompt_len + 512, **shape)
     params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
                  .load_file(str(tmp / "model" / "model.safetensors")).values())
-    pool, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
+    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                        {"KVPOOL_DAEMON_HOST_BYTES": "4GiB"}, tmp / "pool.log")
     master = info["master"]
     stats = tmp / "stats.jsonl"

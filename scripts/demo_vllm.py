@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.launcher import spawn, stop  # noqa: E402
+from kvpool.launcher import spawn, stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvpool-demo-vllm-"))
     print(f"model, logs and pool data in {tmp}")
     model = build(tmp / "model")
-    pool, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
+    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                        {"KVPOOL_DAEMON_HOST_BYTES": "1GiB"}, tmp / "pool.log")
     master = info["master"]
     print(f"pool up: master {master}")

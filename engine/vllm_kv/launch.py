@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.launcher import free_port, stop
+from kvpool.launcher import free_port, stop
 from kvpool.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from engine.router import EngineRef, choose
-from engine.serve import serve
+from engine.http import serve
 from kvpool.errors import BadRequest, KVPoolError, Unavailable
 from kvpool.keys import Namespace
 

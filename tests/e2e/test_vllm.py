@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from clients.launcher import free_port, spawn, stop  # noqa: E402
+from kvpool.launcher import free_port, spawn, stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from kvpool.protocol import Call, ReadGrant  # noqa: E402
@@ -54,7 +54,7 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
     tmp = tmp_path_factory.mktemp("vllm")
     s = VStack(tmp)
     model = build(tmp / "model")
-    s.pool, info = spawn("clients.cli", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
+    s.pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                          POOL_ENV, tmp / "pool.log")
     s.master = info["master"]
     events_port = free_port()
