@@ -34,7 +34,7 @@ class ConnectorConfig:
     save_timeout_s: float = 10.0  # a save still running after this is abandoned (not committed)
     retry_s: float = 5.0  # after a failure, the pool is left alone this long, then tried again
     save: bool = True  # save new full blocks (a kv_consumer never saves)
-    load: bool = True  # load prefixes from the pool (a kv_producer never loads)
+    load: bool = True  # load prefixes from the pool
     event_token_ids: bool = False  # put token ids in BlockStored events (they are prompt content)
     audit_path: str = ""  # append one JSON line per block saved or loaded: key and xxh3 of the
     #                       bytes in vLLM's cache (how the tests prove loads are bit-exact)
@@ -48,10 +48,8 @@ class ConnectorConfig:
         if unknown:
             raise ConfigError(f"unknown kv_connector_extra_config key(s) {unknown}; "
                               f"known: {sorted(known)}")
-        if role == "kv_consumer":
+        if role == "kv_consumer":  # a producer loads too: its prompts share prefixes as well
             extra.setdefault("save", False)
-        if role == "kv_producer":
-            extra.setdefault("load", False)
         try:
             return cls(**extra)
         except TypeError as exc:

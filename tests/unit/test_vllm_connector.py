@@ -1,0 +1,44 @@
+"""The vLLM connector's pieces that need no engine: its config refuses what it does not
+know, and the blocks it saved become vLLM events, one per chained run."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from engine.vllm_kv.common import ConnectorConfig  # noqa: E402
+from engine.vllm_kv.events import removed_event, stored_events  # noqa: E402
+from kvpool.errors import ConfigError  # noqa: E402
+from kvpool.keys import Namespace, block_keys  # noqa: E402
+
+
+def test_unknown_extra_config_keys_are_errors() -> None:
+    with pytest.raises(ConfigError, match="master_ulr"):
+        ConnectorConfig.from_extra({"master_ulr": "http://x"}, "kv_both")
+    with pytest.raises(ConfigError, match="no_such"):
+        ConnectorConfig.from_extra({"no_such": 1}, "kv_both")
+
+
+def test_roles_decide_what_is_saved_and_loaded() -> None:
+    assert not ConnectorConfig.from_extra({}, "kv_consumer").save
+    assert ConnectorConfig.from_extra({}, "kv_consumer").load
+    producer = ConnectorConfig.from_extra({}, "kv_producer")
+    assert producer.save and producer.load  # a prefill instance reuses prefixes too
+    both = ConnectorConfig.from_extra({"save": False}, "kv_both")
+    assert not both.save and both.load
+
+
+def test_saved_blocks_become_one_event_per_chained_run() -> None:
+    ns = Namespace("m", "float32", "vllm/cpu", block_tokens=4)
+    a = block_keys(ns, list(range(12)))
+    b = block_keys(ns, list(range(100, 108)))
+    stored = [(a[0], None, "host"), (a[1], a[0], "host"), (a[2], a[1], "host"),
+              (b[1], b[0], "host")]  # b[0] was in the pool already: not announced
+    tokens = {a[0]: [0, 1, 2, 3], a[1]: [4, 5, 6, 7], a[2]: [8, 9, 10, 11]}
+    events = stored_events(stored, 4, tokens)
+    assert [e.block_hashes for e in events] == [a[:3], [b[1]]]
+    assert [e.parent_block_hash for e in events] == [None, b[0]]
+    assert events[0].token_ids == list(range(12)) and events[1].token_ids == []
+    assert all(e.medium == "host" and e.block_size == 4 for e in events)
+    assert removed_event([a[2]], "host").block_hashes == [a[2]]
