@@ -38,7 +38,7 @@ class ConnectorConfig:
     event_token_ids: bool = False  # put token ids in BlockStored events (they are prompt content)
     audit_path: str = ""  # append one JSON line per block saved or loaded: key and xxh3 of the
     #                       bytes in vLLM's cache (how the tests prove loads are bit-exact)
-    stats_path: str = ""  # append one JSON line per load: blocks, bytes, seconds (benchmarks)
+    stats_path: str = ""  # one JSON line per load and save: blocks, bytes, seconds (benchmarks)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None, role: str) -> "ConnectorConfig":

@@ -184,6 +184,7 @@ class KVPoolWorker:
     async def _save(self, spec: SaveSpec) -> int:
         keys = spec.keys[self.rank]
         self._audit("save", spec.req_id, keys, spec.block_ids)
+        t0 = time.perf_counter()
         try:
             results = await self.link.client.batch_put(
                 keys, [self.segments(b) for b in spec.block_ids], chained=True,
@@ -192,6 +193,11 @@ class KVPoolWorker:
             self.link.failed(f"saving {len(keys)} blocks", exc)
             return 0
         self.link.succeeded()
+        if self.cfg.stats_path:
+            with open(self.cfg.stats_path, "a") as f:
+                f.write(json.dumps({"op": "save", "req": spec.req_id, "blocks": len(keys),
+                                    "bytes": len(keys) * self.block_bytes,
+                                    "seconds": time.perf_counter() - t0}) + "\n")
         parents = [spec.parent[self.rank], *keys[:-1]]
         new = [(r.key, parents[i], r.tier or "host") for i, r in enumerate(results) if r.stored]
         with self._stored_lock:
