@@ -100,7 +100,6 @@ def namespaces(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> 
     KV layout (platform, layers, heads, head size), TP rank and size, block size."""
     from vllm.platforms import current_platform
 
-    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ConfigError(f"KVPoolConnector supports models with one KV cache group; this one has "
@@ -108,6 +107,7 @@ def namespaces(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> 
     spec = groups[0].kv_cache_spec
     if not all(hasattr(spec, a) for a in ("num_kv_heads", "head_size")):
         raise ConfigError(f"KVPoolConnector needs an attention KV cache, not {type(spec).__name__}")
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     model_id = cfg.model_id or _model_identity(mc)
     dtype = str(spec.dtype).removeprefix("torch.") if cc.cache_dtype == "auto" else cc.cache_dtype
     layout = (f"vllm/{current_platform.device_type}/L{len(groups[0].layer_names)}"

@@ -78,7 +78,7 @@ class KVPoolWorker:
             if not dims:
                 raise ConfigError(f"KV cache of {name} has shape {tuple(t.shape)}, with no "
                                   f"dimension of {self.num_blocks} blocks")
-            d = dims[0]
+            d = 1 if len(dims) > 1 and dims[:2] == [0, 1] and t.shape[0] == 2 else dims[0]  # (K/V, blocks, ...)
             segs = math.prod(t.shape[:d])
             self._views.append(t.view(torch.uint8).view(segs, self.num_blocks, -1)
                                if t.element_size() == 1 else

@@ -42,3 +42,19 @@ def test_saved_blocks_become_one_event_per_chained_run() -> None:
     assert events[0].token_ids == list(range(12)) and events[1].token_ids == []
     assert all(e.medium == "host" and e.block_size == 4 for e in events)
     assert removed_event([a[2]], "host").block_hashes == [a[2]]
+
+
+def test_a_model_with_several_kv_cache_groups_is_refused_at_start() -> None:
+    import torch
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                            SlidingWindowSpec)
+
+    from engine.vllm_kv.common import namespaces
+
+    full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                               sliding_window=128)
+    hybrid = KVCacheConfig(num_blocks=16, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layers.0.attn"], full), KVCacheGroupSpec(["layers.1.attn"], window)])
+    with pytest.raises(ConfigError, match="hybrid attention"):
+        namespaces(None, hybrid, ConnectorConfig())
