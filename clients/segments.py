@@ -10,6 +10,7 @@ contiguous payload and a block written one way reads back the other.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,9 +27,12 @@ Row = tuple[int, int, int]  # address, length, device id
 @dataclass(frozen=True, slots=True)
 class Segments:
     """A block given as buffers (numpy arrays or torch tensors, each contiguous) whose
-    concatenation, in order, is the block's payload."""
+    concatenation, in order, is the block's payload; or, for host memory the caller has
+    registered, as ``(address, nbytes)`` pairs, which costs no object per segment (a paged
+    cache's blocks are thousands of segments a second). ``owner`` keeps such memory alive."""
 
     parts: Sequence[Any]
+    owner: Any = None
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -50,6 +54,9 @@ class SegmentedView:
 
 
 def segmented_view(block: Segments, writable: bool) -> SegmentedView:
+    if isinstance(block.parts[0], tuple):  # raw host rows
+        parts = [BufferView(int(a), int(n), "DRAM", 0, block.owner) for a, n in block.parts]
+        return SegmentedView(parts, sum(p.nbytes for p in parts), "DRAM", 0)
     parts = [view(p, writable) for p in block.parts]
     kinds = {(p.mem_type, p.device) for p in parts}
     if len(kinds) != 1:
@@ -64,9 +71,12 @@ def stream_checksum(parts: Sequence[BufferView], limit: int) -> int:
     for p in parts:
         if left <= 0:
             break
-        data = p.host_bytes()
-        h.update(data if data.nbytes <= left else data[:left])
-        left -= data.nbytes
+        n = min(p.nbytes, left)
+        if p.mem_type == "DRAM":  # straight from the address: no array object per segment
+            h.update((ctypes.c_char * n).from_address(p.address))
+        else:
+            h.update(p.host_bytes()[:n])
+        left -= n
     return h.intdigest()
 
 
@@ -101,7 +111,8 @@ def payload_checksum(v: BufferView | SegmentedView, limit: int) -> int:
 
 def as_array(v: SegmentedView) -> np.ndarray:
     """The payload gathered into one new array (tests and tools; not on the hot path)."""
-    return np.concatenate([p.host_bytes() for p in v.parts])
+    return np.concatenate([np.frombuffer((ctypes.c_char * p.nbytes).from_address(p.address), np.uint8)
+                           if p.mem_type == "DRAM" else p.host_bytes() for p in v.parts])
 
 
 def view_of(obj: Any, writable: bool) -> BufferView | SegmentedView:

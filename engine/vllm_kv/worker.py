@@ -54,6 +54,7 @@ class KVPoolWorker:
         self.sync_save = role == "kv_producer"  # a handoff: the answer waits for its blocks
         self.link = PoolLink(cfg, f"worker{self.rank}")
         self._views: list[torch.Tensor] = []  # per layer: [segments, blocks, bytes]
+        self._rows: list[tuple[int, int, int, int, int]] | None = None  # host: base, strides, sizes
         self.block_bytes = 0
         self._loads: list[_Load] = []
         self._saves: dict[str, _Saves] = {}
@@ -89,12 +90,21 @@ class KVPoolWorker:
                 whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                 self.link.register(whole)
         self.block_bytes = sum(v.shape[0] * v.shape[2] for v in self._views)
+        if all(not v.is_cuda for v in self._views):
+            self._rows = [(v.data_ptr(), v.stride(1), v.stride(0), v.shape[0], v.shape[2])
+                          for v in self._views]
         log.info("kvpool connector (worker %d): %d layers, %d blocks of %d bytes (%d segments each), "
                  "namespace %s", self.rank, len(self._views), self.num_blocks, self.block_bytes,
                  sum(v.shape[0] for v in self._views), self.ns)
 
     def segments(self, block_id: int) -> Segments:
-        """One vLLM block as the pool stores it: every layer's segments, in layer order."""
+        """One vLLM block as the pool stores it: every layer's segments, in layer order.
+        Host caches go as raw (address, length) rows: a block is 2 x layers segments and
+        a load moves hundreds of blocks, so no tensor object per segment."""
+        if self._rows is not None:
+            return Segments([(base + block_id * stride + s * seg_stride, n)
+                             for base, stride, seg_stride, segs, n in self._rows
+                             for s in range(segs)], owner=self._views)
         return Segments([v[s, block_id] for v in self._views for s in range(v.shape[0])])
 
     # -- loads ----------------------------------------------------------------------------

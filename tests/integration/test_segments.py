@@ -82,3 +82,24 @@ async def test_segments_must_share_a_memory_type_and_exist(pool: Pool) -> None:
     async with AsyncPoolClient(pool.client_config()) as client:
         with pytest.raises(BadRequest):
             await client.put(keys_for("bad", 1)[0], Segments([np.zeros(4, np.uint8)[::2]]))
+
+
+async def test_raw_host_rows_are_the_same_block(pool: Pool) -> None:
+    """(address, length) rows of registered host memory move like buffers do."""
+    src = paged_cache(layers=3, blocks=4, seg_bytes=4 * KiB, seed=5)
+    dst = [torch.zeros_like(layer) for layer in src]
+    key = keys_for("rows", 1)[0]
+    seg = 4 * KiB
+
+    def rows_of(cache: list[torch.Tensor], b: int) -> Segments:
+        return Segments([(layer.data_ptr() + b * seg, seg) for layer in cache], owner=cache)
+
+    async with AsyncPoolClient(pool.client_config()) as client:
+        for layer in src + dst:
+            client.register(layer)
+        await client.put(key, rows_of(src, 2))
+        assert await client.get(key, rows_of(dst, 1)) is not None
+        assert all(torch.equal(d[1], s[2]) for s, d in zip(src, dst))
+        flat = np.empty(3 * seg, dtype=np.uint8)  # and as one contiguous buffer: same checksum
+        assert await client.get(key, flat) is not None
+        assert np.array_equal(flat, torch.cat([s[2] for s in src]).numpy())
