@@ -9,6 +9,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
+from kvpool.auth import guard_bind
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator, InProcessCoordinator
 from master.core import MasterCore, Role
@@ -44,6 +45,7 @@ class MasterServer:
         self.url = ""
 
     async def start(self) -> "MasterServer":
+        guard_bind(self.cfg.host, self.cfg.credentials(), "the master")
         self._runner = web.AppRunner(MasterHttp(self.core, self).app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
