@@ -41,7 +41,8 @@ class MasterConfig:
                                     "register, renew and answer with it. Any credential "
                                     "configured turns the checks on everywhere." + _SECRET)
     client_tokens: str = secret_doc("Engines' credentials, comma-separated (one per engine or "
-                                    "team, so each can be revoked): the hot RPC." + _SECRET)
+                                    "team, so each can be revoked), each a secret or "
+                                    "file:PATH: the hot RPC." + _SECRET)
     admin_token: str = secret_doc("Credential of operators: forced removes, check, the admin "
                                   "API's mutations; it also does what a client and a viewer "
                                   "may." + _SECRET)
@@ -71,10 +72,11 @@ class MasterConfig:
 
     def credentials(self) -> Credentials:
         """The secrets this master accepts, read now (file:PATH ones from their files)."""
-        clients = [t for t in secret(self.client_tokens, "[master] client_tokens").split(",")]
+        clients = [secret(t.strip(), "[master] client_tokens")
+                   for t in self.client_tokens.split(",") if t.strip()]
         return Credentials.of({
             Role.CLUSTER: [secret(self.cluster_token, "[master] cluster_token")],
-            Role.CLIENT: [t.strip() for t in clients],
+            Role.CLIENT: clients,
             Role.ADMIN: [secret(self.admin_token, "[master] admin_token")],
             Role.VIEWER: [secret(self.viewer_token, "[master] viewer_token")]})
 

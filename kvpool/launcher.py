@@ -110,11 +110,11 @@ class LocalCluster:
                 f.write(new_secret() + "\n")
             self.credentials[role] = f"file:{path}"
         c = self.credentials
-        self.master_env.update({"KVPOOL_MASTER_CLUSTER_TOKEN": c["cluster"],
-                                "KVPOOL_MASTER_CLIENT_TOKENS": c["client"],
-                                "KVPOOL_MASTER_ADMIN_TOKEN": c["admin"],
-                                "KVPOOL_MASTER_VIEWER_TOKEN": c["viewer"]})
-        self.daemon_env["KVPOOL_DAEMON_CLUSTER_TOKEN"] = c["cluster"]
+        self.master_env = {**self.master_env, "KVPOOL_MASTER_CLUSTER_TOKEN": c["cluster"],
+                           "KVPOOL_MASTER_CLIENT_TOKENS": c["client"],
+                           "KVPOOL_MASTER_ADMIN_TOKEN": c["admin"],
+                           "KVPOOL_MASTER_VIEWER_TOKEN": c["viewer"]}
+        self.daemon_env = {**self.daemon_env, "KVPOOL_DAEMON_CLUSTER_TOKEN": c["cluster"]}
         return dict(c)
 
     def _headers(self) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -313,3 +314,34 @@ def test_a_secured_single_process_pool_needs_one_credential_per_role(tmp_path: P
         assert http(info["master"], "/v1/nodes")[0] == 401
     finally:
         stop(proc)
+
+
+async def test_in_a_cluster_a_daemon_without_the_cluster_credential_is_not_taken_in(
+        tmp_path: Path) -> None:
+    """With etcd, daemons join by writing their key there; a key without a proof of the
+    cluster credential names no daemon the leader connects to (nor shows its credential to)."""
+    from tests.integration.cluster import DAEMON_ENV as NODE_ENV, MASTER_ENV as LEADER_ENV, TTL, Cluster
+
+    if shutil.which("etcd") is None:
+        pytest.skip("needs an etcd server binary: apt-get install etcd-server")
+    c = Cluster(tmp_path, cluster="sec", ttl_s=TTL, master_env=LEADER_ENV, daemon_env=NODE_ENV)
+    creds = c.generate_credentials()
+    try:
+        c.start_etcd()
+        c.start_master("m0")
+        c.wait_leader()
+        c.start_daemon("node0")
+        c.start_daemon("rogue", env={"KVPOOL_DAEMON_CLUSTER_TOKEN": ""})
+        c.wait_nodes({"node0"})
+        await asyncio.sleep(2 * TTL)  # the leader has seen the rogue's key and passed on it
+        assert c.nodes() == {"node0"}
+        assert "lacks a valid proof" in c.procs["m0"].log.read_text()
+        async with AsyncPoolClient(c.client_config(token=creds["client"])) as engine:
+            key = keys("cluster", 1)[0]
+            assert (await engine.put(key, np.ones(4096, np.uint8))).stored
+            assert await engine.get_bytes(key) == bytes(np.ones(4096, np.uint8))
+        async with AsyncPoolClient(c.client_config(token=creds["viewer"])) as viewer:
+            with pytest.raises(Forbidden):
+                await viewer.exists(key)
+    finally:
+        c.stop()
