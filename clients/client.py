@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from kvpool.auth import secret
+from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader, checksum, make_header
 from kvpool.config import ClientConfig
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
@@ -68,8 +68,9 @@ class AsyncPoolClient:
         self._failover = bool(cfg.etcd) or len(self._masters) > 1
         self._etcd: Any = None
         self._token = secret(cfg.token, "[client] token")  # read once; never logged
+        self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
         self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(
-            self.master_url, timeout_s=cfg.timeout_s, token=self._token)
+            self.master_url, timeout_s=cfg.timeout_s, token=self._token, tls=self._tls)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
@@ -162,7 +163,7 @@ class AsyncPoolClient:
             url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
         if url != self.master_url or self._rpc is None:
             old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s,
-                                                  token=self._token)
+                                                  token=self._token, tls=self._tls)
             self.master_url = url
             if old is not None:
                 await old.close()

@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -192,3 +193,30 @@ def membership_proof(token: str, node_id: str, url: str, agent: str) -> str:
 def membership_proof_ok(token: str, node_id: str, info: dict[str, object]) -> bool:
     expected = membership_proof(token, node_id, str(info.get("url", "")), str(info.get("agent", "")))
     return hmac.compare_digest(expected, str(info.get("proof", "")))
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+def server_tls(cert: str, key: str, where: str) -> ssl.SSLContext | None:
+    """The TLS context a server serves with: both files, or neither (plain HTTP)."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ConfigError(f"{where}: set both tls_cert and tls_key (PEM files), or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}: cannot load the certificate {cert} with key {key}: {exc}") from None
+    return ctx
+
+
+def client_tls(ca: str, where: str) -> ssl.SSLContext | None:
+    """What a caller verifies https:// servers against: the CA file ``ca``, or the
+    system's CAs when empty (None)."""
+    if not ca:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}: cannot load the CA file {ca}: {exc}") from None

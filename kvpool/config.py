@@ -48,6 +48,9 @@ class MasterConfig:
                                   "may." + _SECRET)
     viewer_token: str = secret_doc("Read-only credential: /metrics, /v1/events and the admin "
                                    "API's GETs." + _SECRET)
+    tls_cert: str = doc("", "PEM certificate: serve HTTP and RPC over TLS (https://); with tls_key.")
+    tls_key: str = doc("", "PEM private key of tls_cert.")
+    tls_ca: str = doc("", "PEM CA file to verify the daemons (their https:// URLs) over TLS; empty: the system's CAs.")
     read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
     put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
     gpu_high: float = doc(0.90, "GPU arena: above this fraction of capacity, blocks are demoted to host.")
@@ -118,6 +121,9 @@ class DaemonConfig:
     cluster_token: str = secret_doc("The cluster credential (the masters' cluster_token): the "
                                     "daemon registers with it and accepts only it on its "
                                     "RPC; required when host is not loopback." + _SECRET)
+    tls_cert: str = doc("", "PEM certificate: serve HTTP and RPC over TLS (https://); with tls_key.")
+    tls_key: str = doc("", "PEM private key of tls_cert.")
+    tls_ca: str = doc("", "PEM CA file to verify the master (an https:// master_url) over TLS; empty: the system's CAs.")
     node_ttl_s: float = doc(5.0, "The daemon's membership lease (in etcd, or kept by a single master): "
                                  "a dead daemon leaves the index this long after its last renewal.")
 
@@ -133,6 +139,8 @@ class ClientConfig:
     cluster: str = doc("default", "Name of the cluster (with etcd).")
     token: str = secret_doc("This engine's credential: one of the master's client_tokens (an "
                             "admin_token works too); empty when the pool runs open." + _SECRET)
+    tls_ca: str = doc("", "PEM CA file to verify masters over TLS (https:// URLs); empty: the "
+                          "system's CAs.")
     host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
                         "interface when every master or etcd endpoint is on loopback, else all.")
 

@@ -43,6 +43,8 @@ class PoolDaemon:
         # answers (read once, at construction: a file:PATH that is missing fails here).
         self._token = auth.secret(cfg.cluster_token, "[daemon] cluster_token")
         self._credentials = Credentials.of({Role.CLUSTER: [self._token]})
+        self._serve_tls = auth.server_tls(cfg.tls_cert, cfg.tls_key, "[daemon]")
+        self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}"
         self.agent: TransferAgent | None = None
@@ -78,21 +80,22 @@ class PoolDaemon:
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.cfg.host}:{port}"
+        self.url = f"{'https' if self._serve_tls else 'http'}://{self.cfg.host}:{port}"
         if self.cfg.etcd:
             from kvpool.etcd_coordinator import EtcdCoordinator
 
             self._coord = EtcdCoordinator(self.cfg.etcd, timeout_s=max(1.0, self.cfg.node_ttl_s / 2))
             self.membership = Membership(self._coord, self.cfg.cluster, self.cfg.node_id,
                                          self.cfg.node_ttl_s, self.describe, self.agent.metadata(),
-                                         token=self._token)
+                                         token=self._token, tls=self._peer_tls)
             await self.membership.join()
             self.membership.start()
         else:
-            self._master = RpcClient(self.cfg.master_url, timeout_s=30.0, token=self._token)
+            self._master = RpcClient(self.cfg.master_url, timeout_s=30.0, token=self._token,
+                                     tls=self._peer_tls)
             await self._register(deadline_s=30.0)
             self._heartbeat = loop.create_task(self._heartbeat_forever(), name="daemon-heartbeat")
         log.info("daemon %s serving at %s with tiers %s", self.cfg.node_id, self.url,

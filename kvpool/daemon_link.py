@@ -9,6 +9,7 @@ Per-key outcomes come back as records whose ``error`` is a typed KVPoolError
 from __future__ import annotations
 
 import enum
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -194,9 +195,10 @@ class DaemonLink(DaemonService, Protocol):
 class RpcDaemonLink:
     """DaemonLink over the daemon's RPC endpoint (one persistent WebSocket)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, token: str = "") -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0, token: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url = url
-        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token)
+        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token, tls=tls)
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         await self._rpc.call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
@@ -229,11 +231,12 @@ class RpcDaemonLink:
         await self._rpc.close()
 
 
-async def probe(url: str, agent: str, timeout_s: float = 1.0, token: str = "") -> bool:
+async def probe(url: str, agent: str, timeout_s: float = 1.0, token: str = "",
+                tls: ssl.SSLContext | None = None) -> bool:
     """Does the daemon at ``url`` answer, as the same agent? The one liveness check: a
     node id held by a daemon that answers is taken; one whose holder is silent is stale.
     ``token``: the cluster credential (a daemon answers nobody else)."""
-    link = RpcDaemonLink(url, timeout_s=timeout_s, token=token)
+    link = RpcDaemonLink(url, timeout_s=timeout_s, token=token, tls=tls)
     try:
         return (await link.health()).agent == agent
     except KVPoolError:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from typing import Any, Awaitable, Callable, Mapping
 
 import aiohttp
@@ -192,9 +193,12 @@ class RpcClient:
     """Calls on one server over a persistent WebSocket; errors come back typed."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0, path: str = "/v1/rpc",
-                 token: str = "") -> None:
+                 token: str = "", tls: ssl.SSLContext | None = None) -> None:
+        """``token``: the credential to present; ``tls``: what an https:// server's
+        certificate is verified against (None: the system's CAs)."""
         self.base_url = base_url.rstrip("/")
         self._headers = auth.bearer(token)
+        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
         self.url = self.base_url + path
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
@@ -213,7 +217,8 @@ class RpcClient:
             try:
                 self._ws = await self._session.ws_connect(
                     self.url, max_msg_size=MAX_BODY, timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                    autoping=True, protocols=(SUBPROTOCOL,), headers=self._headers)
+                    autoping=True, protocols=(SUBPROTOCOL,), headers=self._headers,
+                    ssl=self._tls)
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == Unauthorized.http_status:
                     raise Unauthorized(

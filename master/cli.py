@@ -31,7 +31,8 @@ async def _up(args: argparse.Namespace) -> None:
     # One process, one cluster credential: the daemon takes the master's unless given its own.
     daemon = await PoolDaemon(dataclasses.replace(
         cfg.daemon, master_url=master.url,
-        cluster_token=cfg.daemon.cluster_token or cfg.master.cluster_token)).start()
+        cluster_token=cfg.daemon.cluster_token or cfg.master.cluster_token,
+        tls_ca=cfg.daemon.tls_ca or cfg.master.tls_ca)).start()
     print(f"kvpool is up (single node, no etcd)\n"
           f"  master  {master.url}   (admin API: {master.url}/v1/cluster, {master.url}/openapi.json)\n"
           f"  daemon  {daemon.url}   node {cfg.daemon.node_id}, data in {cfg.daemon.data_dir}\n"

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
 from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
-from kvpool.auth import membership_proof_ok, secret
+from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
 from master.index import BlockEntry, BlockState, Replica
@@ -40,7 +40,8 @@ class Membership:
         # The cluster credential: the master presents it to daemons, and a daemon's etcd
         # key must carry its proof before the master connects (and presents it) there.
         self._token = secret(state.cfg.cluster_token, "[master] cluster_token")
-        self.connect = connect or (lambda url: RpcDaemonLink(url, token=self._token))
+        self._tls = client_tls(state.cfg.tls_ca, "[master] tls_ca")
+        self.connect = connect or (lambda url: RpcDaemonLink(url, token=self._token, tls=self._tls))
 
     # -- joining and leaving --------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class Membership:
         if old is not None and old.agent == reg.agent:  # a retried registration
             await self.coord.keepalive(old.lease)
             return {"lease": old.lease, "ttl_s": old.ttl_s}
-        if old is not None and await probe(old.url, old.agent, token=self._token):
+        if old is not None and await probe(old.url, old.agent, token=self._token, tls=self._tls):
             raise NodeIdTaken(f"node id {reg.node_id!r} is already in the pool (at {old.url}); "
                               "give this daemon another node_id")
         node = await self.join(reg)

@@ -345,3 +345,67 @@ async def test_in_a_cluster_a_daemon_without_the_cluster_credential_is_not_taken
                 await viewer.exists(key)
     finally:
         c.stop()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), signed by itself: its own CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvpool-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_with_a_certificate_the_rpc_and_http_speak_tls(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    tls = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "TLS_CA": str(cert)}
+    pool = Pool(tmp_path,
+                {**MASTER_ENV, "KVPOOL_MASTER_CLUSTER_TOKEN": TOKENS["cluster"],
+                 "KVPOOL_MASTER_CLIENT_TOKENS": TOKENS["client"],
+                 **{f"KVPOOL_MASTER_{k}": v for k, v in tls.items()}},
+                {**DAEMON_ENV, "KVPOOL_DAEMON_CLUSTER_TOKEN": TOKENS["cluster"],
+                 **{f"KVPOOL_DAEMON_{k}": v for k, v in tls.items()}})
+    pool.start_master()
+    pool.start_daemon()
+    try:
+        assert pool.master_url.startswith("https://") and pool.daemon_url.startswith("https://")
+        ks = keys("tls", 1)
+        cfg = ClientConfig(master_url=pool.master_url, token=TOKENS["client"], tls_ca=str(cert))
+        async with AsyncPoolClient(cfg) as c:
+            assert (await c.put(ks[0], np.ones(4096, np.uint8))).stored
+            assert await c.get_bytes(ks[0]) == bytes(np.ones(4096, np.uint8))
+        untrusting = ClientConfig(master_url=pool.master_url, token=TOKENS["client"])
+        async with AsyncPoolClient(untrusting) as c:  # the system's CAs do not know it
+            with pytest.raises(KVPoolError, match="certificate"):
+                await c.exists(ks[0])
+        plain = pool.master_url.replace("https://", "http://")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(plain + "/healthz", timeout=5)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(pool.master_url + "/healthz", timeout=5, context=ctx) as resp:
+            assert resp.status == 200
+    finally:
+        pool.stop()
