@@ -19,7 +19,7 @@ import numpy as np
 
 from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader, checksum, make_header
-from kvpool.config import ClientConfig
+from kvpool.config import ClientConfig, apply_env
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool.keys import BlockKey, parse_key
@@ -59,7 +59,7 @@ class GetResult:
 class AsyncPoolClient:
     def __init__(self, cfg: ClientConfig | None = None, *, master_url: str | None = None,
                  name: str | None = None) -> None:
-        cfg = cfg or ClientConfig()
+        cfg = cfg or apply_env(ClientConfig(), "client")  # KVPOOL_CLIENT_TOKEN and the rest
         self.cfg = cfg
         self._masters = [u.strip() for u in (master_url or cfg.master_url).split(",") if u.strip()]
         self.master_url = self._masters[0]

@@ -29,6 +29,7 @@ from typing import Iterable
 from kvpool.errors import ConfigError, Forbidden, Unauthorized
 
 AUTH_HEADER = "Authorization"
+COOKIE = "kvpool_token"  # a browser's reads (EventSource sends no headers); never a change
 FILE_PREFIX = "file:"
 
 

@@ -170,16 +170,21 @@ async def error_middleware(request: web.Request,
 def auth_middleware(credentials: Credentials, open_paths: frozenset[str],
                     own_paths: frozenset[str]) -> Any:
     """HTTP endpoints' credential check: reads (GET) need the viewer role, everything else
-    the admin role; ``open_paths`` need nothing, ``own_paths`` check for themselves (RPC)."""
+    the admin role; ``open_paths`` need nothing, ``own_paths`` check for themselves (RPC).
+    A read may carry the credential in the cookie ``kvpool_token`` instead, for a browser's
+    EventSource, which cannot send headers (a cookie never authorizes a change: CSRF)."""
 
     @web.middleware
     async def check(request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
         if credentials.enabled and request.path not in open_paths and request.path not in own_paths:
+            reading = request.method in ("GET", "HEAD")
+            header = request.headers.get(auth.AUTH_HEADER)
+            if header is None and reading and auth.COOKIE in request.cookies:
+                header = f"Bearer {request.cookies[auth.COOKIE]}"
             try:
-                role = credentials.role_of(request.headers.get(auth.AUTH_HEADER))
-                reading = request.method in ("GET", "HEAD")
+                role = credentials.role_of(header)
                 auth.require(Role.VIEWER if reading else Role.ADMIN, role=role,
                              what=f"{request.method} {request.path}")
             except (Unauthorized, Forbidden) as exc:

@@ -193,6 +193,9 @@ def test_the_admin_api_wants_a_viewer_to_read_and_an_admin_to_change(secure: Poo
         assert http(url, path, token=TOKENS["admin"])[0] == 200, path
     status, body = http(url, "/v1/events")
     assert status == 401 and body["error"] == "unauthorized"
+    assert _with_cookie(url, "/v1/events", "GET", TOKENS["viewer"]) == 200  # a browser's
+    assert _with_cookie(url, "/v1/events", "GET", TOKENS["client"]) == 403
+    assert _with_cookie(url, f"/v1/blocks/{ks[0].hex()}/pin", "POST", TOKENS["admin"]) == 401
     pin = f"/v1/blocks/{ks[0].hex()}/pin"
     for token in ("", WRONG):
         assert http(url, pin, "POST", token)[0] == 401
@@ -204,6 +207,16 @@ def test_the_admin_api_wants_a_viewer_to_read_and_an_admin_to_change(secure: Poo
     assert http(url, f"/v1/blocks/{ks[0].hex()}", "DELETE", TOKENS["viewer"])[0] == 403
     assert http(url, f"/v1/blocks/{ks[0].hex()}?force=true", "DELETE", TOKENS["admin"])[0] == 200
     assert http(url, "/v1/evict", "POST", TOKENS["client"])[0] == 403
+
+
+def _with_cookie(url: str, path: str, method: str, token: str) -> int:
+    req = urllib.request.Request(url + path, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Cookie": f"kvpool_token={token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 async def _put(pool: Pool, key: bytes) -> None:
