@@ -68,10 +68,11 @@ def _status(args: argparse.Namespace) -> int:
         for t in node["tiers"]:
             pct = 100.0 * t["used"] / t["capacity"] if t["capacity"] else 0.0
             rows.append([node["node_id"], t["kind"], human(t["capacity"]), human(t["used"]),
-                         f"{pct:.1f}%", t["blocks"]])
+                         f"{pct:.1f}%", f"{100 * t['low_watermark']:.0f}-{100 * t['high_watermark']:.0f}%",
+                         t["blocks"], f"{t['compression']:.2f}x"])
     print(f"master {url}: {summary['nodes']} node(s), {summary['blocks']} blocks, "
           f"{summary['pending']} puts in flight")
-    print(table(["node", "tier", "capacity", "used", "use", "blocks"], rows))
+    print(table(["node", "tier", "capacity", "used", "use", "watermarks", "blocks", "compression"], rows))
     return 0
 
 

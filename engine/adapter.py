@@ -57,13 +57,16 @@ class KVAdapter:
             got += 1
         return got
 
-    async def store(self, keys: Sequence[BlockKey], pages: Sequence[int]) -> int:
-        """Write full pages as blocks (a prefix chain); returns how many were new."""
+    async def store(self, keys: Sequence[BlockKey], pages: Sequence[int],
+                    parent: BlockKey | None = None) -> int:
+        """Write full pages as blocks (a prefix chain under ``parent``, the block keys[0]
+        chains from); returns how many were new."""
         if not keys:
             return 0
         try:
             results = await self.pool.batch_put(keys, [self.cache.page(p) for p in pages],
-                                                chained=True, layout=self.cache.layout_tag())
+                                                chained=True, parent=parent,
+                                                layout=self.cache.layout_tag())
         except KVPoolError as exc:
             log.warning("storing %d blocks failed; they stay uncached: %s: %s", len(keys),
                         type(exc).__name__, exc)

@@ -128,6 +128,11 @@ class Sequence:
     def generated(self) -> int:
         return len(self.tokens) - len(self.req.prompt)
 
+    @property
+    def parent(self) -> BlockKey | None:
+        """The block the first computed one chains from: the last block not computed here."""
+        return self.keys[self.cached - 1] if self.cached else None
+
     async def stream(self) -> AsyncIterator[int]:
         """The tokens as they come; raises the error that ended the request, if any."""
         while True:
@@ -331,7 +336,7 @@ class Worker:
         self._count(seq)
         prefill_ms = (time.perf_counter() - seq.started) * 1e3
         if self.role is Role.MONO:
-            self._store(new_keys, new_pages)
+            self._store(new_keys, new_pages, seq.parent)
             seq.out.put_nowait(token)
             self._active.append(seq)
             self._finish_if_done(seq)
@@ -346,7 +351,7 @@ class Worker:
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
                           seq.cached * bt, seq.fetched * bt, prefill_ms,
                           partial_key.hex() if partial_key else None)
-        task = self._store(new_keys, new_pages)
+        task = self._store(new_keys, new_pages, seq.parent)
         pages, seq.pages = seq.pages, []
         assert seq.first is not None
         seq.first.set_result(token)
@@ -360,13 +365,15 @@ class Worker:
 
         task.add_done_callback(hand_off)
 
-    def _store(self, keys: list[BlockKey], pages: list[int]) -> asyncio.Task[None]:
+    def _store(self, keys: list[BlockKey], pages: list[int],
+               parent: BlockKey | None) -> asyncio.Task[None]:
+        """Write pages as a chain of blocks under ``parent`` (the last reused block)."""
         self.cache.retain(pages)
 
         async def write() -> None:
             try:
                 if self.adapter is not None and keys:
-                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages)
+                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages, parent)
             finally:
                 self.cache.release(pages)
 
@@ -420,7 +427,7 @@ class Worker:
             keys, pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
             for key, page in zip(keys, pages):
                 self.cache.publish(page, key)
-            self._store(keys, pages)  # blocks recomputed here go back to the pool
+            self._store(keys, pages, seq.parent)  # blocks recomputed here go back to the pool
             self._count(seq)
             assert seq.first_token is not None
             seq.tokens.append(seq.first_token)

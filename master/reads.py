@@ -11,6 +11,7 @@ from typing import Sequence
 from kvpool.errors import ChecksumMismatch, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReadGrant
+from kvpool.tasks import TaskOwner
 from master.index import BlockEntry, Replica
 from master.leases import Leases
 from master.state import PoolState
@@ -25,14 +26,12 @@ class Reads:
         self.state = state
         self.leases = leases
         self.tiering = tiering
-        self._prefetching: set[asyncio.Task[None]] = set()
+        self._prefetching = TaskOwner("prefetch")
 
     async def clear(self) -> None:
         """Stop every prefetch in flight (a term ended, the master stops)."""
-        tasks, self._prefetching = self._prefetching, set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        done, self._prefetching = self._prefetching, TaskOwner("prefetch")
+        await done.cancel()
 
     def _grant(self, entry: BlockEntry, replica: Replica) -> ReadGrant:
         self.state.index.touch(entry)
@@ -93,9 +92,7 @@ class Reads:
                 cold.append(key)
             n += 1
         if cold:
-            task = asyncio.get_running_loop().create_task(self._prefetch(cold))
-            self._prefetching.add(task)
-            task.add_done_callback(self._prefetching.discard)
+            self._prefetching.spawn(self._prefetch(cold), name="prefetch")
             self.state.counters["prefetched"] += len(cold)
         return n
 

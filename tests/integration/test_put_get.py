@@ -159,21 +159,24 @@ async def test_status_prints_the_tiers_the_master_reports(pool: Pool) -> None:
     title, header, rule, *lines = res.stdout.splitlines()
     assert title == (f"master {pool.master_url}: {summary['nodes']} node(s), {summary['blocks']} "
                      f"blocks, {summary['pending']} puts in flight")
-    assert header.split() == ["node", "tier", "capacity", "used", "use", "blocks"]
+    assert header.split() == ["node", "tier", "capacity", "used", "use", "watermarks", "blocks",
+                              "compression"]
     assert set(rule) == {"-", " "}
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines]
     expected = [(n["node_id"], t) for n in nodes for t in n["tiers"]]
     assert [r[:2] for r in rows] == [[node, t["kind"]] for node, t in expected]
-    for (node, t), (_, _, capacity, used, use, blocks) in zip(expected, rows):
+    for (node, t), (_, _, capacity, used, use, marks, blocks, ratio) in zip(expected, rows):
         assert _bytes_near(capacity, t["capacity"]) and _bytes_near(used, t["used"]), (node, t)
         assert use == f"{100 * t['used'] / t['capacity']:.1f}%" and int(blocks) == t["blocks"]
+        assert marks == f"{100 * t['low_watermark']:.0f}-{100 * t['high_watermark']:.0f}%"
+        assert ratio == f"{t['compression']:.2f}x"
     by_tier: dict[str, list[int]] = {}
     for _, t in expected:
         by_tier.setdefault(t["kind"], []).append(int(t["blocks"]))
     # one node here: the per-tier rows add up to the cluster summary's tiers
     assert {k: sum(v) for k, v in by_tier.items()} == \
         {k: t["blocks"] for k, t in summary["tiers"].items()}
-    assert sum(int(r[5]) for r in rows) >= 3 and summary["blocks"] >= 3
+    assert sum(int(r[6]) for r in rows) >= 3 and summary["blocks"] >= 3
     res = subprocess.run([sys.executable, "-m", "kvpool", "status", "--json", "--master",
                           pool.master_url], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
