@@ -161,6 +161,7 @@ def enter(role: Role | None) -> contextvars.Token[Role | None]:
 def is_loopback(host: str) -> bool:
     if not host or host == "localhost":
         return bool(host)
+    host = host.strip("[]")
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

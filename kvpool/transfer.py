@@ -54,11 +54,17 @@ def _interface_of(host: str) -> str:
     import struct
 
     try:
-        addr = ipaddress.ip_address(socket.gethostbyname(host))
-    except (OSError, ValueError):
-        raise ConfigError(f"host {host!r} does not resolve to an address of this machine") from None
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addr = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, ValueError):
+            raise ConfigError(f"host {host!r} does not resolve to an address of this machine") from None
     if addr.is_loopback:
         return "lo"
+    if addr.version == 6:
+        raise ConfigError(f"host {host}: NIXL's listener can be bound to an IPv4 address, "
+                          "loopback, or every interface (0.0.0.0); give one of those")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
             try:  # SIOCGIFADDR: the interface's IPv4 address

@@ -75,3 +75,28 @@ def test_a_membership_proof_binds_what_the_key_says() -> None:
     assert not auth.membership_proof_ok("c", "node2", info)
     assert not auth.membership_proof_ok("c", "node1", {**info, "url": "http://evil:1"})
     assert not auth.membership_proof_ok("c", "node1", {**info, "proof": ""})
+
+
+def test_nixl_listens_on_the_interface_of_the_configured_host() -> None:
+    from kvpool.transfer import _interface_of, _net_devices, client_host
+
+    assert _interface_of("127.0.0.1") == _interface_of("::1") == _interface_of("localhost") == "lo"
+    assert _net_devices("0.0.0.0") is None and _net_devices("") is None
+    with pytest.raises(ConfigError, match="no network interface"):
+        _interface_of("203.0.113.77")  # TEST-NET-3: no interface of this machine
+    assert client_host("", "http://127.0.0.1:7700,http://localhost:7701") == "127.0.0.1"
+    assert client_host("", "127.0.0.1:2379") == "127.0.0.1"
+    assert client_host("", "http://127.0.0.1:7700,http://10.0.0.10:7700") == ""
+    assert client_host("10.0.0.5", "http://127.0.0.1:7700") == "10.0.0.5"
+
+
+def test_the_cluster_example_configs_will_not_start_without_their_credentials() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs" / "cluster"
+    master = load(root / "master.toml", environ={}).master
+    assert master.host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="cannot read the credential file /etc/kvpool/"):
+        master.credentials()
+    daemon = load(root / "node1.toml", environ={}).daemon
+    assert daemon.cluster_token == "file:/etc/kvpool/cluster.token"
+    client = load(root / "client.toml", environ={}).client
+    assert client.token == "file:/etc/kvpool/client.token"
