@@ -21,8 +21,8 @@ from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration, StoredBlock,
-                                TierDescription, daemon_endpoint)
+from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
+                                StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
 from kvpool.membership import Membership

@@ -12,11 +12,11 @@ import asyncio
 import bisect
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
