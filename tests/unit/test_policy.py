@@ -53,7 +53,7 @@ def test_reuse_evicts_the_trailing_block_of_a_put_first():
 
 
 def test_reuse_keeps_a_read_block_past_newer_unread_ones():
-    lru, reuse = LRUFactory().make("host", 4), ReuseAwareFactory().make("host", 4)
+    lru, reuse = LRUFactory().make("host", 4), ReuseAwareFactory(bonus=1.0).make("host", 4)
     for p in (lru, reuse):
         put_run(p, [1])
         p.accessed(k(1), 1.0)
@@ -101,16 +101,17 @@ def test_reuse_victims_are_each_held_key_once():
 
 
 def synthetic() -> list[Request]:
-    """One conversation prefix read every tenth request, one-off requests in between,
-    each ending in a trailing block: LRU's window is shorter than the reuse gap."""
+    """One conversation read every tenth request, one-off requests in between whose only
+    new block is their trailing one: LRU's window is shorter than the reuse gap, and the
+    default spends its room on trailing blocks first."""
     reqs, uid = [], 100
     hot = (k(0), k(1), k(2))
     for t in range(200):
         if t % 10 in (0, 1):
             reqs.append(Request(float(t), hot))
         else:
-            reqs.append(Request(float(t), (k(0), k(uid), k(uid + 1))))
-            uid += 2
+            reqs.append(Request(float(t), (k(0), k(uid))))  # a one-off: a trailing block only
+            uid += 1
     return reqs
 
 
