@@ -65,7 +65,9 @@ class MasterConfig:
     object_low: float = doc(0.75, "Object tier: removal stops below this fraction.")
     last_tier_ttl_s: float = doc(0.0, "Blocks unread for this long are removed from a node's last "
                                       "tier; 0 keeps them until space is needed.")
-    policy: str = doc("lru", "Eviction and cold-tier admission policy (see master/policy.py).")
+    policy: str = doc("reuse", "Eviction and cold-tier admission policy: 'reuse' (least recently "
+                               "used among leaves, a put's trailing block first, read blocks kept "
+                               "longer; chosen on the production trace) or 'lru' (master/policy.py).")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
