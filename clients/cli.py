@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
+from kvpool.auth import bearer, secret
 from kvpool.cli import Verb, config_argument, human, table
 from kvpool.config import load
 from kvpool.errors import KVPoolError
@@ -39,11 +40,22 @@ def _status(args: argparse.Namespace) -> int:
         url = _leader_url(args.etcd, args.cluster or "default")
     else:
         url = (args.master or load(args.config).client.master_url).rstrip("/")
+    headers = bearer(secret(args.token or load(args.config).client.token, "--token"))
+
+    def fetch(path: str) -> dict:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers),
+                                    timeout=5) as resp:
+            return json.load(resp)
+
     try:
-        with urllib.request.urlopen(f"{url}/v1/nodes", timeout=5) as resp:
-            nodes = json.load(resp)["nodes"]
-        with urllib.request.urlopen(f"{url}/v1/cluster", timeout=5) as resp:
-            summary = json.load(resp)
+        nodes, summary = fetch("/v1/nodes")["nodes"], fetch("/v1/cluster")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            print(f"the master at {url} refused: {json.loads(exc.read() or b'{}').get('message')}\n"
+                  "pass --token (a viewer or admin credential, or file:PATH)", file=sys.stderr)
+            return 2
+        print(f"the master at {url} answered {exc.code}: {exc.reason}", file=sys.stderr)
+        return 2
     except (urllib.error.URLError, OSError) as exc:
         print(f"cannot reach the master at {url}: {exc}\n"
               f"start one with `kvpool up`, or pass --master URL", file=sys.stderr)
@@ -70,6 +82,8 @@ def _status_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--etcd", help="etcd endpoint host:port: ask the cluster's leader")
     s.add_argument("--cluster", help="cluster name (default 'default')")
+    s.add_argument("--token", help="viewer (or admin) credential, or file:PATH; default: "
+                                   "[client] token or KVPOOL_CLIENT_TOKEN")
 
 
 STATUS = Verb("status", "a table of the pool's tiers", _status_arguments, _status)

@@ -17,14 +17,15 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
+from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader
-from kvpool.config import ClientConfig
+from kvpool.config import ClientConfig, apply_env
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
-from kvpool.transfer import INLINE_BYTES, Region, TransferAgent
+from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, view
 from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
@@ -61,7 +62,7 @@ class GetResult:
 class AsyncPoolClient:
     def __init__(self, cfg: ClientConfig | None = None, *, master_url: str | None = None,
                  name: str | None = None) -> None:
-        cfg = cfg or ClientConfig()
+        cfg = cfg or apply_env(ClientConfig(), "client")  # KVPOOL_CLIENT_TOKEN and the rest
         self.cfg = cfg
         self._masters = [u.strip() for u in (master_url or cfg.master_url).split(",") if u.strip()]
         self.master_url = self._masters[0]
@@ -69,8 +70,10 @@ class AsyncPoolClient:
         # A cluster (etcd, or several masters) fails over; a single master fails fast.
         self._failover = bool(cfg.etcd) or len(self._masters) > 1
         self._etcd: Any = None
-        self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(self.master_url,
-                                                                      timeout_s=cfg.timeout_s)
+        self._token = secret(cfg.token, "[client] token")  # read once; never logged
+        self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
+        self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(
+            self.master_url, timeout_s=cfg.timeout_s, token=self._token, tls=self._tls)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
@@ -108,7 +111,8 @@ class AsyncPoolClient:
     @property
     def agent(self) -> TransferAgent:
         if self._agent is None:
-            self._agent = TransferAgent(self.name, progress_thread=False)
+            host = client_host(self.cfg.host, self.cfg.etcd or ",".join(self._masters))
+            self._agent = TransferAgent(self.name, progress_thread=False, host=host)
         return self._agent
 
     async def _call(self, name: Call, body: dict[str, Any]) -> Any:
@@ -161,7 +165,8 @@ class AsyncPoolClient:
         elif len(self._masters) > 1:
             url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
         if url != self.master_url or self._rpc is None:
-            old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s)
+            old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s,
+                                                  token=self._token, tls=self._tls)
             self.master_url = url
             if old is not None:
                 await old.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TypeVar, get_type_hints
 
+from kvpool.auth import Credentials, Role, secret
 from kvpool.errors import ConfigError
 
 MiB = 1 << 20
@@ -24,11 +25,32 @@ def doc(default: Any, text: str) -> Any:
     return field(default=default, metadata={"doc": text})
 
 
+def secret_doc(text: str) -> Any:
+    """A credential field: never shown in a config's repr (nor so in logs or tracebacks)."""
+    return field(default="", repr=False, metadata={"doc": text, "secret": True})
+
+
+_SECRET = " Give the secret itself or file:PATH (its first line); see README 'Security'."
+
+
 @dataclass(frozen=True)
 class MasterConfig:
     host: str = doc("127.0.0.1", "Address the master's HTTP server binds to.")
     port: int = doc(0, "Port of the master's HTTP server; 0 picks a free one.")
-    token: str = doc("", "Bearer token that mutating admin calls must carry; empty disables the check.")
+    cluster_token: str = secret_doc("Credential of masters and daemons among themselves: daemons "
+                                    "register, renew and answer with it. Any credential "
+                                    "configured turns the checks on everywhere." + _SECRET)
+    client_tokens: str = secret_doc("Engines' credentials, comma-separated (one per engine or "
+                                    "team, so each can be revoked), each a secret or "
+                                    "file:PATH: the hot RPC." + _SECRET)
+    admin_token: str = secret_doc("Credential of operators: forced removes, check, the admin "
+                                  "API's mutations; it also does what a client and a viewer "
+                                  "may." + _SECRET)
+    viewer_token: str = secret_doc("Read-only credential: /metrics, /v1/events and the admin "
+                                   "API's GETs." + _SECRET)
+    tls_cert: str = doc("", "PEM certificate: serve HTTP and RPC over TLS (https://); with tls_key.")
+    tls_key: str = doc("", "PEM private key of tls_cert.")
+    tls_ca: str = doc("", "PEM CA file to verify the daemons (their https:// URLs) over TLS; empty: the system's CAs.")
     read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
     put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
     gpu_high: float = doc(0.90, "GPU arena: above this fraction of capacity, blocks are demoted to host.")
@@ -43,13 +65,25 @@ class MasterConfig:
     object_low: float = doc(0.75, "Object tier: removal stops below this fraction.")
     last_tier_ttl_s: float = doc(0.0, "Blocks unread for this long are removed from a node's last "
                                       "tier; 0 keeps them until space is needed.")
-    policy: str = doc("lru", "Eviction and cold-tier admission policy (see master/policy.py).")
+    policy: str = doc("reuse", "Eviction and cold-tier admission policy: 'reuse' (least recently "
+                               "used among leaves, a put's trailing block first, read blocks kept "
+                               "longer; chosen on the production trace) or 'lru' (master/policy.py).")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
     cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
     leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")
+
+    def credentials(self) -> Credentials:
+        """The secrets this master accepts, read now (file:PATH ones from their files)."""
+        clients = [secret(t.strip(), "[master] client_tokens")
+                   for t in self.client_tokens.split(",") if t.strip()]
+        return Credentials.of({
+            Role.CLUSTER: [secret(self.cluster_token, "[master] cluster_token")],
+            Role.CLIENT: clients,
+            Role.ADMIN: [secret(self.admin_token, "[master] admin_token")],
+            Role.VIEWER: [secret(self.viewer_token, "[master] viewer_token")]})
 
     def watermarks(self, tier: str) -> tuple[float, float]:
         """(high, low) of a tier: "gpu", "host", "ssd" or "object"."""
@@ -86,6 +120,12 @@ class DaemonConfig:
     heartbeat_s: float = doc(1.0, "Without etcd: how often the daemon renews its membership with the master.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated): join a cluster; master_url is then unused.")
     cluster: str = doc("default", "Name of the cluster to join (with etcd).")
+    cluster_token: str = secret_doc("The cluster credential (the masters' cluster_token): the "
+                                    "daemon registers with it and accepts only it on its "
+                                    "RPC; required when host is not loopback." + _SECRET)
+    tls_cert: str = doc("", "PEM certificate: serve HTTP and RPC over TLS (https://); with tls_key.")
+    tls_key: str = doc("", "PEM private key of tls_cert.")
+    tls_ca: str = doc("", "PEM CA file to verify the master (an https:// master_url) over TLS; empty: the system's CAs.")
     node_ttl_s: float = doc(5.0, "The daemon's membership lease (in etcd, or kept by a single master): "
                                  "a dead daemon leaves the index this long after its last renewal.")
 
@@ -99,6 +139,12 @@ class ClientConfig:
     layout: str = doc("", "Layout tag written into the header of blocks this client puts.")
     etcd: str = doc("", "etcd endpoints: find the leading master there (instead of master_url).")
     cluster: str = doc("default", "Name of the cluster (with etcd).")
+    token: str = secret_doc("This engine's credential: one of the master's client_tokens (an "
+                            "admin_token works too); empty when the pool runs open." + _SECRET)
+    tls_ca: str = doc("", "PEM CA file to verify masters over TLS (https:// URLs); empty: the "
+                          "system's CAs.")
+    host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
+                        "interface when every master or etcd endpoint is on loopback, else all.")
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 from aiohttp import web
 
+from kvpool import auth
+from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_RPC_PATH, CopyResult, Health, Registration, StoredBlock,
-                                TierDescription, daemon_endpoint)
+from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
+                                StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
 from kvpool.membership import Membership
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 class PoolDaemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
+        # The cluster credential: presented to the master, and the only one this daemon
+        # answers (read once, at construction: a file:PATH that is missing fails here).
+        self._token = auth.secret(cfg.cluster_token, "[daemon] cluster_token")
+        self._credentials = Credentials.of({Role.CLUSTER: [self._token]})
+        self._serve_tls = auth.server_tls(cfg.tls_cert, cfg.tls_key, "[daemon]")
+        self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}"
         self.agent: TransferAgent | None = None
@@ -56,6 +64,7 @@ class PoolDaemon:
         if not self.cfg.master_url and not self.cfg.etcd:
             raise BadRequest("the daemon needs master_url (flag --master or KVPOOL_DAEMON_MASTER_URL) "
                              "or etcd (flag --etcd or KVPOOL_DAEMON_ETCD)")
+        auth.guard_bind(self.cfg.host, self._credentials, f"daemon {self.cfg.node_id}")
         try:
             return await self._start()
         except BaseException:
@@ -65,26 +74,28 @@ class PoolDaemon:
     async def _start(self) -> "PoolDaemon":
         loop = asyncio.get_running_loop()
         self.tiers = await loop.run_in_executor(self._executor, open_tiers, self.cfg, self._executor)
-        self.agent = TransferAgent(self.agent_name)
+        self.agent = TransferAgent(self.agent_name, host=self.cfg.host)
         for tier in self.tiers.values():
             if isinstance(tier, ArenaTier):
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.cfg.host}:{port}"
+        self.url = f"{'https' if self._serve_tls else 'http'}://{self.cfg.host}:{port}"
         if self.cfg.etcd:
             from kvpool.etcd_coordinator import EtcdCoordinator
 
             self._coord = EtcdCoordinator(self.cfg.etcd, timeout_s=max(1.0, self.cfg.node_ttl_s / 2))
             self.membership = Membership(self._coord, self.cfg.cluster, self.cfg.node_id,
-                                         self.cfg.node_ttl_s, self.describe, self.agent.metadata())
+                                         self.cfg.node_ttl_s, self.describe, self.agent.metadata(),
+                                         token=self._token, tls=self._peer_tls)
             await self.membership.join()
             self.membership.start()
         else:
-            self._master = RpcClient(self.cfg.master_url, timeout_s=30.0)
+            self._master = RpcClient(self.cfg.master_url, timeout_s=30.0, token=self._token,
+                                     tls=self._peer_tls)
             await self._register(deadline_s=30.0)
             self._heartbeat = loop.create_task(self._heartbeat_forever(), name="daemon-heartbeat")
         log.info("daemon %s serving at %s with tiers %s", self.cfg.node_id, self.url,
@@ -133,8 +144,13 @@ class PoolDaemon:
 
     def describe(self) -> dict[str, Any]:
         """The value of this node's membership key: enough to reach it and size it up."""
-        return {"url": self.url, "agent": self.agent_name, "ttl_s": self.cfg.node_ttl_s,
-                "tiers": {k.value: t.capacity for k, t in self.tiers.items()}}
+        value: dict[str, Any] = {"url": self.url, "agent": self.agent_name,
+                                 "ttl_s": self.cfg.node_ttl_s,
+                                 "tiers": {k.value: t.capacity for k, t in self.tiers.items()}}
+        if self._token:  # shows the master this key is a cluster member's (kvpool.auth)
+            value["proof"] = auth.membership_proof(self._token, self.cfg.node_id, self.url,
+                                                   self.agent_name)
+        return value
 
     def _inventory(self) -> list[StoredBlock]:
         return [StoredBlock(b.key, kind, b.location, b.size, b.header.encode())
@@ -171,7 +187,8 @@ class PoolDaemon:
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self)))
+        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
+                                                        DAEMON_ROLES))
         app.router.add_get("/healthz", self.healthz)
         return app
 

@@ -9,9 +9,11 @@ Per-key outcomes come back as records whose ``error`` is a typed KVPoolError
 from __future__ import annotations
 
 import enum
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from kvpool.auth import Role
 from kvpool.errors import BadRequest, KVPoolError, error_from_code
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
@@ -193,9 +195,10 @@ class DaemonLink(DaemonService, Protocol):
 class RpcDaemonLink:
     """DaemonLink over the daemon's RPC endpoint (one persistent WebSocket)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0, token: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url = url
-        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH)
+        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token, tls=tls)
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         await self._rpc.call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
@@ -228,16 +231,22 @@ class RpcDaemonLink:
         await self._rpc.close()
 
 
-async def probe(url: str, agent: str, timeout_s: float = 1.0) -> bool:
+async def probe(url: str, agent: str, timeout_s: float = 1.0, token: str = "",
+                tls: ssl.SSLContext | None = None) -> bool:
     """Does the daemon at ``url`` answer, as the same agent? The one liveness check: a
-    node id held by a daemon that answers is taken; one whose holder is silent is stale."""
-    link = RpcDaemonLink(url, timeout_s=timeout_s)
+    node id held by a daemon that answers is taken; one whose holder is silent is stale.
+    ``token``: the cluster credential (a daemon answers nobody else)."""
+    link = RpcDaemonLink(url, timeout_s=timeout_s, token=token, tls=tls)
     try:
         return (await link.health()).agent == agent
     except KVPoolError:
         return False
     finally:
         await link.close()
+
+
+# Every call on a daemon is the cluster's: only masters (holding its credential) call them.
+DAEMON_ROLES: dict[str, frozenset[Role]] = {c: frozenset({Role.CLUSTER}) for c in DaemonCall}
 
 
 def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
@@ -265,7 +274,10 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
         return {"inventory": [b.pack() for b in await daemon.inventory()]}
 
     async def registration(body: dict[str, Any]) -> Any:
-        return (await daemon.registration(bool(body.get("rescan", False)))).pack()
+        rescan = body.get("rescan", False)
+        if not isinstance(rescan, bool):
+            raise BadRequest(f"field 'rescan' must be a boolean, not {type(rescan).__name__}")
+        return (await daemon.registration(rescan)).pack()
 
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()

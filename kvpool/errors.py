@@ -109,10 +109,18 @@ class ReservationLost(KVPoolError):
 
 
 class Unauthorized(KVPoolError):
-    """A mutating admin call came without the configured bearer token."""
+    """The call came without a credential, or with one this server does not know."""
 
     code = "unauthorized"
     http_status = 401
+
+
+class Forbidden(KVPoolError):
+    """The credential is valid but its role may not make this call (a client's on an
+    admin call, a viewer's on a put, a client's on the daemons' own RPC)."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 class TransferFailed(KVPoolError):

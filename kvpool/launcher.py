@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpool.auth import bearer, new_secret, secret
 from kvpool.errors import ConfigError, Unavailable
 
 
@@ -93,6 +94,32 @@ class LocalCluster:
     etcd_members: int = 1  # members of the etcd cluster; three survive the loss of one
     etcd_endpoint: str = ""  # every member's client address, comma-separated
     _etcd_ports: list[tuple[int, int]] = field(default_factory=list)  # (client, peer) each
+    credentials: dict[str, str] = field(default_factory=dict)  # role -> "file:PATH"; empty: open
+
+    def generate_credentials(self) -> dict[str, str]:
+        """A fresh secret per role, each in a file of its own (mode 0600) under
+        ``root/credentials``, handed to the masters and daemons this cluster starts as
+        ``file:PATH`` (so no secret shows in a process listing or its environment)."""
+        folder = self.root / "credentials"
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        for role in ("cluster", "client", "admin", "viewer"):
+            path = folder / f"{role}.token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_secret() + "\n")
+            self.credentials[role] = f"file:{path}"
+        c = self.credentials
+        self.master_env = {**self.master_env, "KVPOOL_MASTER_CLUSTER_TOKEN": c["cluster"],
+                           "KVPOOL_MASTER_CLIENT_TOKENS": c["client"],
+                           "KVPOOL_MASTER_ADMIN_TOKEN": c["admin"],
+                           "KVPOOL_MASTER_VIEWER_TOKEN": c["viewer"]}
+        self.daemon_env = {**self.daemon_env, "KVPOOL_DAEMON_CLUSTER_TOKEN": c["cluster"]}
+        return dict(c)
+
+    def _headers(self) -> dict[str, str]:
+        viewer = self.credentials.get("viewer")
+        return bearer(secret(viewer, "viewer credential")) if viewer else {}
 
     def start_etcd(self) -> list[Proc]:
         """Start the etcd members; started again after ``stop_etcd``, they keep their data
@@ -177,7 +204,8 @@ class LocalCluster:
         if leader is None:
             return set()
         try:
-            with urllib.request.urlopen(f"{leader.url}/v1/nodes", timeout=2) as resp:
+            req = urllib.request.Request(f"{leader.url}/v1/nodes", headers=self._headers())
+            with urllib.request.urlopen(req, timeout=2) as resp:
                 return {n["node_id"] for n in json.load(resp)["nodes"]}
         except OSError:
             return set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from contextlib import suppress
 from typing import Any, Callable
 
@@ -27,7 +28,8 @@ class Membership:
     """Join, stay, rejoin. ``describe`` gives the key's value (url, agent, tiers)."""
 
     def __init__(self, coord: Coordinator, cluster: str, node_id: str, ttl_s: float,
-                 describe: Callable[[], dict[str, Any]], metadata: bytes) -> None:
+                 describe: Callable[[], dict[str, Any]], metadata: bytes, token: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.coord = coord
         self.cluster = cluster
         self.keys = Keyspace(cluster)
@@ -35,6 +37,8 @@ class Membership:
         self.ttl_s = ttl_s
         self._describe = describe
         self._metadata = metadata
+        self._token = token  # the cluster credential, to probe the holder of our node id
+        self._tls = tls
         self.lease: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -61,7 +65,8 @@ class Membership:
             if holder.get("agent") == value["agent"]:
                 await self.coord.delete(key)  # our own key from a lease we gave up
                 continue
-            if await probe(str(holder.get("url", "")), str(holder.get("agent", ""))):
+            if await probe(str(holder.get("url", "")), str(holder.get("agent", "")),
+                           token=self._token, tls=self._tls):
                 raise NodeIdTaken(f"node id {self.node_id!r} is already in cluster "
                                   f"{self.cluster!r} (daemon at {holder.get('url')}); "
                                   "give this daemon another node_id")

@@ -12,16 +12,19 @@ import asyncio
 import bisect
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from kvpool.errors import BadRequest, NodeGone, TransferFailed
+from kvpool.auth import is_loopback
+from kvpool.errors import BadRequest, ConfigError, NodeGone, TransferFailed
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -41,9 +44,49 @@ class Region:
 
 
 _BUILD_LOCK = threading.Lock()
+_ANY = ("", "0.0.0.0", "::")
 
 
-def _nixl_agent(name: str, progress_thread: bool, progress_delay_us: int) -> Any:
+def _interface_of(host: str) -> str:
+    """The network interface that holds address ``host`` (``lo`` for loopback)."""
+    import fcntl
+    import ipaddress
+    import struct
+
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            addr = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, ValueError):
+            raise ConfigError(f"host {host!r} does not resolve to an address of this machine") from None
+    if addr.is_loopback:
+        return "lo"
+    if addr.version == 6:
+        raise ConfigError(f"host {host}: NIXL's listener can be bound to an IPv4 address, "
+                          "loopback, or every interface (0.0.0.0); give one of those")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == str(addr):
+                return name
+    raise ConfigError(f"no network interface of this machine has the address {host}; set host "
+                      "to one of its addresses (or 0.0.0.0 for all)")
+
+
+def _net_devices(host: str) -> str | None:
+    """UCX_NET_DEVICES for an agent that must listen on ``host`` only. UCX otherwise opens
+    its TCP listener on every interface (the external one too, with host = 127.0.0.1);
+    shared-memory transports are not network devices and stay available."""
+    if host in _ANY or "UCX_NET_DEVICES" in os.environ:  # the operator's own choice wins
+        return None
+    return _interface_of(host)
+
+
+def _nixl_agent(name: str, progress_thread: bool, progress_delay_us: int, host: str = "") -> Any:
     """A NIXL agent whose progress thread sleeps between polls. The Python API pins the
     delay at 0, which makes the thread spin a whole core even while idle; 100 us costs
     no bandwidth and next to no latency here (measured: 1 MiB READ p50 0.135 ms either
@@ -57,14 +100,31 @@ def _nixl_agent(name: str, progress_thread: bool, progress_delay_us: int) -> Any
         cfg.pthrDelay = progress_delay_us
         return build(agent_name, cfg)
 
+    devices = _net_devices(host)
     with _BUILD_LOCK:
         api.nixlBind.nixlAgent = with_delay
+        if devices is not None:  # UCX reads it when the agent's backend starts, only then
+            os.environ["UCX_NET_DEVICES"] = devices
         try:
             return api.nixl_agent(name, api.nixl_agent_config(
                 enable_prog_thread=progress_thread, backends=["UCX"],
                 sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
         finally:
             api.nixlBind.nixlAgent = build
+            if devices is not None:
+                del os.environ["UCX_NET_DEVICES"]
+
+
+def client_host(configured: str, endpoints: str) -> str:
+    """Where a client's agent listens: ``configured``, else loopback when every endpoint it
+    talks to (master URLs or etcd host:port, comma-separated) is on loopback, else all."""
+    if configured:
+        return configured
+    hosts = []
+    for ep in (e.strip() for e in endpoints.split(",") if e.strip()):
+        hosts.append(urlsplit(ep if "//" in ep else f"//{ep}").hostname or "")
+    local = bool(hosts) and all(is_loopback(h) for h in hosts)
+    return "127.0.0.1" if local else ""
 
 
 class TransferAgent:
@@ -78,9 +138,11 @@ class TransferAgent:
     may use it.
     """
 
-    def __init__(self, name: str, progress_thread: bool = True, progress_delay_us: int = 100) -> None:
+    def __init__(self, name: str, progress_thread: bool = True, progress_delay_us: int = 100,
+                 host: str = "") -> None:
+        """``host``: the address whose interface UCX may listen on ("" or 0.0.0.0: all)."""
         self.name = name
-        self._agent = _nixl_agent(name, progress_thread, progress_delay_us)
+        self._agent = _nixl_agent(name, progress_thread, progress_delay_us, host)
         self._poster = ThreadPoolExecutor(1, thread_name_prefix=f"nixl-{name}")
         self._starts: list[int] = []
         self._regions: dict[int, Region] = {}

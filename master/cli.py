@@ -28,7 +28,11 @@ async def _up(args: argparse.Namespace) -> None:
 
     cfg = config(args)
     master = await MasterServer(cfg.master).start()
-    daemon = await PoolDaemon(dataclasses.replace(cfg.daemon, master_url=master.url)).start()
+    # One process, one cluster credential: the daemon takes the master's unless given its own.
+    daemon = await PoolDaemon(dataclasses.replace(
+        cfg.daemon, master_url=master.url,
+        cluster_token=cfg.daemon.cluster_token or cfg.master.cluster_token,
+        tls_ca=cfg.daemon.tls_ca or cfg.master.tls_ca)).start()
     print(f"kvpool is up (single node, no etcd)\n"
           f"  master  {master.url}   (admin API: {master.url}/v1/cluster, {master.url}/openapi.json)\n"
           f"  daemon  {daemon.url}   node {cfg.daemon.node_id}, data in {cfg.daemon.data_dir}\n"
@@ -78,6 +82,8 @@ def _cluster_arguments(c: argparse.ArgumentParser) -> None:
     cu.add_argument("--ttl", type=float, default=3.0, help="leader and membership lease, seconds")
     cu.add_argument("--host-bytes", default="256MiB", help="host arena of each daemon")
     cu.add_argument("--ssd-bytes", default="1GiB", help="SSD tier of each daemon")
+    cu.add_argument("--open", action="store_true",
+                    help="run without credentials (default: generate one per role)")
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
@@ -97,6 +103,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, interrupt)
+    creds = {} if args.open else local.generate_credentials()
     try:
         print(f"starting etcd ({args.etcd_members} member(s)), {args.masters} master(s) and "
               f"{args.nodes} daemon(s) in {root} ...", flush=True)
@@ -111,14 +118,22 @@ def _cluster_up(args: argparse.Namespace) -> int:
         local.wait_nodes(args.nodes)
         rows = [[p.role, p.name, p.url + ("  (leader)" if p is leader else ""), p.popen.pid, p.log]
                 for p in local.procs.values()]
+        client_line = f"etcd=\"{local.etcd_endpoint}\", cluster=\"{local.cluster}\""
+        status_line = f"kvpool status --etcd {local.etcd_endpoint} --cluster {local.cluster}"
+        if creds:
+            client_line += f", token=\"{creds['client']}\""
+            status_line += f" --token {creds['viewer']}"
+        secured = (f"credentials: one file per role (mode 0600) in {root / 'credentials'}"
+                   if creds else "credentials: none (--open): whoever reaches it may use it")
         print(f"\nkvpool cluster {local.cluster!r} is up\n{table(['role', 'name', 'url', 'pid', 'log'], rows)}\n"
-              f"\n  clients:  ClientConfig(etcd=\"{local.etcd_endpoint}\", cluster=\"{local.cluster}\")"
-              f"\n  status:   kvpool status --etcd {local.etcd_endpoint} --cluster {local.cluster}"
+              f"\n  clients:  ClientConfig({client_line})"
+              f"\n  status:   {status_line}"
+              f"\n  {secured}"
               f"\n  failover: kill -9 {leader.popen.pid}   (the leader; a standby takes over)"
               f"\n  shared object tier: {shared}\nPress Ctrl-C to stop.", flush=True)
         announce({"etcd": local.etcd_endpoint, "cluster": local.cluster,
                   "masters": [p.url for p in local.masters()],
-                  "daemons": {p.name: p.url for p in local.daemons()}})
+                  "daemons": {p.name: p.url for p in local.daemons()}, "credentials": creds})
         while not stop:
             time.sleep(0.2)
     except KeyboardInterrupt:

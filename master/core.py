@@ -16,7 +16,6 @@ from typing import Callable
 
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import RpcDaemonLink
 from kvpool.errors import NotLeader, NotReady
 from master.check import check
 from master.leases import Leases
@@ -46,7 +45,7 @@ _ROLE_CHANGES = {Role.STANDBY: {Role.REBUILDING}, Role.REBUILDING: {Role.LEADER,
 class MasterCore:
     def __init__(self, cfg: MasterConfig, coordinator: Coordinator, *, clustered: bool = False,
                  leader_url: Callable[[], str] = lambda: "",
-                 connect: LinkFactory = RpcDaemonLink) -> None:
+                 connect: LinkFactory | None = None) -> None:
         self.cfg = cfg
         self.coord = coordinator
         self.state = PoolState(cfg)

@@ -1,4 +1,8 @@
-"""The master's HTTP surface: msgpack RPC for engines and daemons, JSON admin API under /v1."""
+"""The master's HTTP surface: msgpack RPC for engines and daemons, JSON admin API under /v1.
+
+With credentials configured (kvpool.auth), every call but /healthz and /readyz needs one:
+the RPC checks each call's role (ROLES), the admin API wants a viewer to read and an admin
+to change anything."""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
+from kvpool import auth
+from kvpool.auth import Role as Access
 from kvpool.daemon_link import Registration
-from kvpool.errors import BadRequest, BlockNotFound, KVPoolError, Unauthorized
+from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey, parse_key
 from kvpool.protocol import Call
 from kvpool.tiers.base import TierKind
-from kvpool.wire import MAX_BODY, Handler, error_middleware, need, rpc_endpoint
+from kvpool.wire import MAX_BODY, Handler, auth_middleware, error_middleware, need, rpc_endpoint
 from master import removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry
@@ -36,6 +42,19 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return bool(_optional(body, name, bool))
 
 
+_ENGINE = frozenset({Access.CLIENT})
+# Who may make each RPC call (an admin credential also acts as a client's).
+ROLES: dict[str, frozenset[Access]] = {
+    **{c: _ENGINE for c in (Call.RESERVE, Call.COMMIT, Call.ABORT, Call.GET, Call.RELEASE,
+                            Call.EXISTS, Call.MATCH, Call.REMOVE, Call.PIN, Call.UNPIN,
+                            Call.CORRUPT)},
+    Call.AGENTS: frozenset({Access.CLIENT, Access.CLUSTER}),
+    Call.REGISTER: frozenset({Access.CLUSTER}), Call.HEARTBEAT: frozenset({Access.CLUSTER}),
+    Call.CHECK: frozenset({Access.ADMIN}),
+}
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
 class MasterHttp:
     def __init__(self, core: MasterCore, server: Any = None) -> None:
         self.core = core
@@ -43,7 +62,9 @@ class MasterHttp:
         self.server = server  # the MasterServer, for who leads (None: always this one)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+        creds = self.core.cfg.credentials()
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[
+            auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"})), error_middleware])
         rpc: dict[Call, Handler] = {
             Call.RESERVE: self.reserve, Call.COMMIT: self.commit, Call.ABORT: self.abort,
             Call.GET: self.get, Call.RELEASE: self.release, Call.EXISTS: self.exists,
@@ -51,7 +72,8 @@ class MasterHttp:
             Call.UNPIN: self.unpin, Call.AGENTS: self.agents, Call.CORRUPT: self.corrupt,
             Call.REGISTER: self.register, Call.HEARTBEAT: self.heartbeat, Call.CHECK: self.check,
         }
-        app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()}))
+        app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()},
+                                                    creds, ROLES))
         app.router.add_get("/v1/cluster", self.cluster)
         app.router.add_get("/v1/nodes", self.list_nodes)
         app.router.add_get("/v1/blocks/{key}", self.block)
@@ -111,7 +133,10 @@ class MasterHttp:
         return {"count": self.core.reads.match(_keys(body), prefetch=_flag(body, "prefetch"))}
 
     async def remove(self, body: dict[str, Any]) -> Any:
-        removed = await removal.remove(self.state, _keys(body), bool(body.get("force", False)))
+        force = _flag(body, "force")
+        if force:
+            auth.require(Access.ADMIN, what="a forced remove (it ignores leases and pins)")
+        removed = await removal.remove(self.state, _keys(body), force)
         return {"removed": removed}
 
     async def pin(self, body: dict[str, Any]) -> Any:
@@ -143,12 +168,6 @@ class MasterHttp:
             raise KVPoolError(f"invariant broken: {exc}") from None
 
     # -- admin ----------------------------------------------------------------------------
-
-    def _authorize(self, request: web.Request) -> None:
-        token = self.core.cfg.token
-        if token and request.headers.get("Authorization", "") != f"Bearer {token}":
-            raise Unauthorized("this call changes the pool and needs "
-                               "'Authorization: Bearer <token>' (the master's configured token)")
 
     def _usage(self) -> dict[tuple[str, TierKind], list[int]]:
         """Per (owner, tier): [blocks, payload bytes, stored bytes] of the readable blocks."""
@@ -230,25 +249,24 @@ class MasterHttp:
                           "size": r.size} for r in entry.replicas]})
 
     async def admin_pin(self, request: web.Request) -> web.Response:
-        self._authorize(request)
         self.core.leases.pin([self._entry(request).key])
         return web.json_response({"pinned": True})
 
     async def admin_unpin(self, request: web.Request) -> web.Response:
-        self._authorize(request)
         self.core.leases.unpin([self._entry(request).key])
         return web.json_response({"pinned": False})
 
     async def admin_delete(self, request: web.Request) -> web.Response:
-        self._authorize(request)
         entry = self._entry(request)
-        force = request.query.get("force", "").lower() in ("1", "true", "yes")
+        raw = request.query.get("force", "false").lower()
+        if raw not in ("1", "true", "0", "false"):
+            raise BadRequest(f"force={raw!r}: give force=true or force=false")
+        force = raw in ("1", "true")
         await removal.remove(self.state, [entry.key], force)
         return web.json_response({"removed": True})
 
     async def admin_evict(self, request: web.Request) -> web.Response:
         """Forced eviction: demote the coldest movable blocks of a tier down to a fill level."""
-        self._authorize(request)
         try:
             body = await request.json() if request.can_read_body else {}
             tier = TierKind(body.get("tier", "host"))

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
-from master.policy import BlockInfo, EvictionPolicy, Lru
+from master.policy import LRU, BlockInfo, EvictionPolicy
 
 
 class BlockState(enum.Enum):
@@ -111,7 +111,7 @@ PolicyMaker = Callable[[str, TierKind], EvictionPolicy]
 
 
 class Index:
-    def __init__(self, make_policy: PolicyMaker = lambda owner, kind: Lru()) -> None:
+    def __init__(self, make_policy: PolicyMaker = lambda owner, kind: LRU()) -> None:
         self.entries: dict[BlockKey, BlockEntry] = {}
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
@@ -202,10 +202,12 @@ class Index:
         no cached successor in this or a faster tier; then soft-pinned ones; then those
         whose successors are cached (evicted only when nothing else is left)."""
         soft, later = [], []
+        seen: set[BlockKey] = set()  # a policy may name a key twice; a victim counts once
         for key in self.policy(owner, tier).victims():
             entry = self.entries.get(key)
-            if entry is None:
+            if entry is None or key in seen:
                 continue
+            seen.add(key)
             if self.successor_cached(entry, tier):
                 later.append(entry)
             elif entry.soft_pinned(now):

@@ -19,7 +19,8 @@ from typing import Any, Callable
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
 from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
-from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken
+from kvpool.auth import client_tls, membership_proof_ok, secret
+from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
@@ -31,12 +32,16 @@ LinkFactory = Callable[[str], DaemonLink]
 
 class Membership:
     def __init__(self, state: PoolState, coord: Coordinator, clustered: bool,
-                 connect: LinkFactory = RpcDaemonLink) -> None:
+                 connect: LinkFactory | None = None) -> None:
         self.state = state
         self.coord = coord
         self.keys = Keyspace(state.cfg.cluster)
         self.clustered = clustered  # with etcd: daemons join through it, never by `register`
-        self.connect = connect
+        # The cluster credential: the master presents it to daemons, and a daemon's etcd
+        # key must carry its proof before the master connects (and presents it) there.
+        self._token = secret(state.cfg.cluster_token, "[master] cluster_token")
+        self._tls = client_tls(state.cfg.tls_ca, "[master] tls_ca")
+        self.connect = connect or (lambda url: RpcDaemonLink(url, token=self._token, tls=self._tls))
 
     # -- joining and leaving --------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class Membership:
         if old is not None and old.agent == reg.agent:  # a retried registration
             await self.coord.keepalive(old.lease)
             return {"lease": old.lease, "ttl_s": old.ttl_s}
-        if old is not None and await probe(old.url, old.agent):
+        if old is not None and await probe(old.url, old.agent, token=self._token, tls=self._tls):
             raise NodeIdTaken(f"node id {reg.node_id!r} is already in the pool (at {old.url}); "
                               "give this daemon another node_id")
         node = await self.join(reg)
@@ -162,6 +167,10 @@ class Membership:
         known = self.state.nodes.get(node_id)
         if known is not None and known.agent == info.get("agent"):
             return
+        if self._token and not membership_proof_ok(self._token, node_id, info):
+            raise Unauthorized(f"the etcd key of node {node_id} lacks a valid proof of the "
+                               "cluster credential: not taken in (is a daemon running without "
+                               "the cluster_token, or did someone else write that key?)")
         link = self.connect(str(info["url"]))
         try:
             # The first node of a rebuild lists a shared object store again, so blocks that

@@ -31,9 +31,6 @@ class TierSpace:
     def free(self) -> int:
         return self.capacity - self.used
 
-    def fill(self) -> float:
-        return self.used / self.capacity if self.capacity else 1.0
-
     def take(self, location: int, size: int) -> None:
         """Account for a replica that is already there (an inventory, a finished copy)."""
         if self.allocator is not None:

@@ -6,14 +6,18 @@ from typing import Any
 
 
 def _op(summary: str, mutating: bool = False, params: list[dict[str, Any]] | None = None,
-        body: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] | None = None, public: bool = False) -> dict[str, Any]:
+    """With credentials configured, a read needs the viewer (or admin) credential, a
+    mutation the admin one; ``public`` operations need none."""
     op: dict[str, Any] = {"summary": summary, "responses": {
         "200": {"description": "OK", "content": {"application/json": {}}},
         "400": {"description": "Bad request: {error, message}"},
         "404": {"description": "Unknown block: {error, message}"}}}
-    if mutating:
+    if not public:
         op["security"] = [{"bearer": []}]
-        op["responses"]["401"] = {"description": "Missing or wrong bearer token"}
+        op["responses"]["401"] = {"description": "Missing or unknown credential (when configured)"}
+        op["responses"]["403"] = {"description": "The credential's role may not: "
+                                  + ("admin only" if mutating else "viewer or admin")}
     if params:
         op["parameters"] = params
     if body:
@@ -44,9 +48,9 @@ OPENAPI: dict[str, Any] = {
                                       "fill": {"type": "number", "minimum": 0, "maximum": 1}}})},
         "/v1/events": {"get": _op("Server-sent events: block stored / removed (for KV-aware routers)")},
         "/metrics": {"get": _op("Prometheus text metrics")},
-        "/healthz": {"get": _op("Liveness")},
+        "/healthz": {"get": _op("Liveness", public=True)},
         "/readyz": {"get": _op("Readiness: 503 on a standby master, and on a new leader until it has "
-                              "rebuilt its index from the daemons' inventories")},
+                              "rebuilt its index from the daemons' inventories", public=True)},
         "/openapi.json": {"get": _op("This document")},
     },
 }

@@ -9,6 +9,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
+from kvpool.auth import guard_bind, server_tls
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator, InProcessCoordinator
 from master.core import MasterCore, Role
@@ -44,12 +45,14 @@ class MasterServer:
         self.url = ""
 
     async def start(self) -> "MasterServer":
+        guard_bind(self.cfg.host, self.cfg.credentials(), "the master")
         self._runner = web.AppRunner(MasterHttp(self.core, self).app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        tls = server_tls(self.cfg.tls_cert, self.cfg.tls_key, "[master]")
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.cfg.host}:{port}"
+        self.url = f"{'https' if tls else 'http'}://{self.cfg.host}:{port}"
         if self.clustered:
             self.election = Election(self.coord, self.cfg.cluster, self.url, self.cfg.leader_ttl_s,
                                      self._lead, self._follow)

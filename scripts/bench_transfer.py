@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
+from kvpool.auth import new_secret  # noqa: E402
+from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 from benchlib import machine  # noqa: E402
 from kvpool.transfer import TransferAgent  # noqa: E402
@@ -33,6 +35,7 @@ from kvpool.transfer import TransferAgent  # noqa: E402
 MiB = 1 << 20
 BATCH = 64 * MiB
 SIZES = [256 << 10, 1 * MiB, 4 * MiB, 16 * MiB]
+TOKEN_VAR = "KVPOOL_BENCH_TOKEN"  # the client process's credential (not on its command line)
 
 
 
@@ -46,13 +49,13 @@ def stamp(base: np.ndarray, size: int, batch: int) -> np.ndarray:
     return data
 
 
-async def bench_pool(master: str, total: int) -> dict:
+async def bench_pool(master: str, total: int, token: str = "") -> dict:
     out: dict = {"sizes": {}}
     rng = np.random.default_rng(7)
     base = rng.integers(0, 256, BATCH, dtype=np.uint8)
     src = np.empty(BATCH, np.uint8)
     dst = np.empty(BATCH, np.uint8)
-    async with AsyncPoolClient(master_url=master) as pool:
+    async with AsyncPoolClient(ClientConfig(master_url=master, token=token)) as pool:
         pool.register(src)
         pool.register(dst)
         for size in SIZES:
@@ -165,34 +168,26 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]
     raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="256 MiB per block size instead of 2 GiB")
-    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    parser.add_argument("--role", choices=["client", "raw-target"], help=argparse.SUPPRESS)
-    parser.add_argument("--master", help=argparse.SUPPRESS)
-    parser.add_argument("--meta", help=argparse.SUPPRESS)
-    parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.role == "raw-target":
-        return raw_target(args.meta, args.total)
-    if args.role == "client":
-        result = asyncio.run(bench_pool(args.master, args.total))
-        result["raw"] = asyncio.run(bench_raw(args.total))
-        print(json.dumps(result))
-        return
-    total = (256 if args.quick else 2048) * MiB
+def measure(total: int, secured: bool) -> dict:
+    """One pool (master and daemon processes) and one client process; with ``secured``,
+    credentials are configured and the client presents one (the admin's: it also removes
+    its blocks by force)."""
     data = tempfile.mkdtemp(prefix="kvpool-bench-")
     print(f"starting master and daemon; {total >> 20} MiB per block size ...", file=sys.stderr)
-    master, info = start(["master", "--port", "0"], {})
+    tokens = {"cluster": new_secret(), "admin": new_secret()} if secured else {}
+    master, info = start(["master", "--port", "0"], {
+        "KVPOOL_MASTER_CLUSTER_TOKEN": tokens["cluster"], "KVPOOL_MASTER_ADMIN_TOKEN":
+        tokens["admin"]} if secured else {})
     daemon = None
     try:
         daemon, _ = start(["daemon", "--master", info["master"], "--data-dir", data],
                           {"KVPOOL_DAEMON_HOST_BYTES": str(total + 256 * MiB),
-                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0",
+                           "KVPOOL_DAEMON_CLUSTER_TOKEN": tokens.get("cluster", "")})
         client = subprocess.run([sys.executable, __file__, "--role", "client", "--master",
                                  info["master"], "--total", str(total)],
-                                capture_output=True, text=True, cwd=ROOT)
+                                capture_output=True, text=True, cwd=ROOT,  # it force-removes:
+                                env={**os.environ, TOKEN_VAR: tokens.get("admin", "")})
         sys.stderr.write(client.stderr[-4000:] if client.returncode else "")
         if client.returncode:
             raise SystemExit("the client process failed")
@@ -208,6 +203,10 @@ def main() -> None:
         row["get_ratio"] = row["get_gbps"] / raw[size]
     result["machine"] = machine('master, daemon and client processes on this one machine; NIXL UCX over loopback (CPU DRAM)')
     result["total_bytes_per_size"] = total
+    return result
+
+
+def report(result: dict) -> None:
     rows = [["block", "put GB/s", "get GB/s", "get unverified", "raw NIXL GB/s", "get/raw",
              "unverified/raw", "bytes verified"]]
     for size, row in result["sizes"].items():
@@ -223,6 +222,46 @@ def main() -> None:
           f"get p50 {s['get_p50_ms']:.3f} ms, p99 {s['get_p99_ms']:.3f} ms")
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB per block size instead of 2 GiB")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--role", choices=["client", "raw-target"], help=argparse.SUPPRESS)
+    parser.add_argument("--master", help=argparse.SUPPRESS)
+    parser.add_argument("--meta", help=argparse.SUPPRESS)
+    parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--credentials", choices=["off", "on", "both"], default="off",
+                        help="run the pool with credentials configured, without, or both "
+                             "one after the other (and print their ratios)")
+    args = parser.parse_args()
+    if args.role == "raw-target":
+        return raw_target(args.meta, args.total)
+    if args.role == "client":
+        result = asyncio.run(bench_pool(args.master, args.total, os.environ.get(TOKEN_VAR, "")))
+        result["raw"] = asyncio.run(bench_raw(args.total))
+        print(json.dumps(result))
+        return
+    total = (256 if args.quick else 2048) * MiB
+    runs = {mode: measure(total, mode == "on")
+            for mode in (["off", "on"] if args.credentials == "both" else [args.credentials])}
+    for mode, result in runs.items():
+        print(f"credentials {mode}:")
+        report(result)
+    if len(runs) == 2:
+        off, on = runs["off"], runs["on"]
+        print("credentials on / off:")
+        for size in off["sizes"]:
+            a, b = off["sizes"][size], on["sizes"][size]
+            print(f"  {int(size) >> 10:>6} KiB  put {b['put_gbps'] / a['put_gbps']:.3f}  "
+                  f"get {b['get_gbps'] / a['get_gbps']:.3f}")
+        a1, b1 = off["single_1MiB"], on["single_1MiB"]
+        print(f"  single 1 MiB p50: put {b1['put_p50_ms'] / a1['put_p50_ms']:.3f}  "
+              f"get {b1['get_p50_ms'] / a1['get_p50_ms']:.3f}")
+    result = runs["off"] if len(runs) == 2 else next(iter(runs.values()))
+    if len(runs) == 2:
+        result = {**result, "credentials_on": runs["on"]}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -26,6 +26,9 @@ class ConnectorConfig:
     master_url: str = "http://127.0.0.1:7700"  # the pool's master (or several, comma-separated)
     etcd: str = ""  # or etcd endpoints, to find the leading master there
     cluster: str = "default"  # the cluster's name, with etcd
+    token: str = ""  # the engine's pool credential, or "file:PATH" (kept out of vLLM's logged config)
+    tls_ca: str = ""  # PEM CA to verify masters over TLS
+    host: str = ""  # interface of the NIXL agent (empty: as the client decides)
     model_id: str = ""  # overrides the model identity in the namespace (default: derived)
     salt: str = ""  # a namespace salt: engines with different salts share nothing
     timeout_s: float = 1.0  # deadline of one metadata call (a prefix match, a put's commit)

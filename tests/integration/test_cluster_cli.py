@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from clients.client import AsyncPoolClient
 from kvpool.config import ClientConfig
+from kvpool.errors import Unauthorized
 from tests.integration.conftest import ROOT
 
 
@@ -37,15 +39,17 @@ def test_cluster_up_starts_a_usable_cluster_and_stops_it_all(tmp_path: Path) -> 
                 if row.split()[:1] and row.split()[0] in ("etcd", "master", "daemon")]
         assert len(pids) == 5
 
-        async def roundtrip() -> bool:
-            cfg = ClientConfig(etcd=info["etcd"], cluster=info["cluster"])
+        async def roundtrip(token: str) -> bool:
+            cfg = ClientConfig(etcd=info["etcd"], cluster=info["cluster"], token=token)
             async with AsyncPoolClient(cfg) as client:
                 key, value = os.urandom(16), np.frombuffer(os.urandom(1 << 16), np.uint8)
                 await client.put(key, value)
                 out = np.empty_like(value)
                 return await client.get(key, out) is not None and np.array_equal(out, value)
 
-        assert asyncio.run(roundtrip())
+        assert asyncio.run(roundtrip(info["credentials"]["client"]))  # generated, one per role
+        with pytest.raises(Unauthorized):
+            asyncio.run(roundtrip(""))
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[0].decode()
