@@ -84,6 +84,7 @@ class KVPoolMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    idle: bool = False  # nothing computes this step: the worker may block on its loads
 
 
 @dataclass

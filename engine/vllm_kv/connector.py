@@ -73,7 +73,8 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self.worker is not None
-        return self.worker.get_finished(finished_req_ids)
+        meta = self._connector_metadata
+        return self.worker.get_finished(finished_req_ids, isinstance(meta, KVPoolMetadata) and meta.idle)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None

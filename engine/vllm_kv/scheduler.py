@@ -101,7 +101,8 @@ class KVPoolScheduler:
     # -- saves ----------------------------------------------------------------------------
 
     def build_connector_meta(self, so: Any) -> KVPoolMetadata:
-        meta = KVPoolMetadata(loads=self._loads, preempted=sorted(so.preempted_req_ids or ()))
+        meta = KVPoolMetadata(loads=self._loads, preempted=sorted(so.preempted_req_ids or ()),
+                              idle=so.total_num_scheduled_tokens == 0)
         self._loads = []
         save = self.cfg.save and self.link.available()
         for req in so.scheduled_new_reqs:
