@@ -161,7 +161,10 @@ def table(runs: list[Run], ideal: float) -> str:
 
 
 def plot(runs: list[Run], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
