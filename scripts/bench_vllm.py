@@ -3,7 +3,7 @@
 Processes: `kvpool up`; vLLM without the connector (the baseline); the measured vLLM with
 the connector (kv_both); a writer vLLM (kv_producer) that computes prefixes into the
 pool beforehand, so the measured instance finds them in the pool, never in its own cache.
-A random-weight Llama (~90 M parameters, float32; --quick: ~10 M) on the CPU.
+A random-weight Llama (~90 M parameters, float32; --quick: ~5 M) on the CPU.
 
 - TTFT: a fresh prompt per repetition (nothing cached anywhere), streaming, time to the
   first token; median over --reps. Levels: no connector; connector with 0% of the prompt
@@ -135,7 +135,7 @@ def raw_gbps(layers: int, seg_bytes: int, blocks: int, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a ~10 M parameter model, 2048-token prompts")
+    ap.add_argument("--quick", action="store_true", help="a ~5 M parameter model, 2048-token prompts")
     ap.add_argument("--reps", type=int, default=0, help="fresh prompts per level (default 3, quick 2)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--role", choices=["raw-target"], help=argparse.SUPPRESS)
@@ -194,7 +194,7 @@ def main() -> None:
             print(f"  rep {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()),
                   flush=True)
         loads = [json.loads(l) for l in stats.read_text().splitlines()] if stats.exists() else []
-        loads = [l for l in loads if l["blocks"] > 0]
+        loads = [l for l in loads if l["op"] == "load" and l["blocks"] > 0]  # saves are logged too
         if not loads:
             raise RuntimeError("the measured vLLM loaded nothing from the pool")
         load_gbps = sum(l["bytes"] for l in loads) / sum(l["seconds"] for l in loads) / 1e9
