@@ -22,7 +22,7 @@ from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
-from kvpool.keys import BlockKey, parse_key
+from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
@@ -271,19 +271,24 @@ class AsyncPoolClient:
     async def batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], *,
                         layout: str | None = None, chained: bool = False,
                         parent: BlockKey | None = None, prefer_node: str | None = None,
-                        replicas: int = 1) -> list[PutResult]:
+                        replicas: int = 1, namespace: Namespace | None = None,
+                        token_ids: Sequence[Sequence[int]] | None = None) -> list[PutResult]:
         """Store blocks; ``chained`` says keys[i] is the prefix parent of keys[i+1], and
         ``parent`` is the block keys[0] chains from (the last block of a prefix already in
         the pool), which eviction uses to keep prefixes longer than their leaves; the
         links travel in the blocks' headers, so they survive restarts. ``prefer_node``
         asks for the writer's node; ``replicas`` for that many copies on distinct nodes
-        (best effort: each result says how many it got)."""
+        (best effort: each result says how many it got). ``namespace`` tells the master
+        which namespace and model the blocks belong to (for purges, and tokens per block in
+        the KV events); ``token_ids`` (one list per key) go out in the blocks' BlockStored
+        events only: send them only if routers may see prompt content."""
+        meta = _meta(namespace, token_ids, len(keys))
         return await self._retrying(lambda: self._batch_put(keys, values, layout, chained, parent,
-                                                            prefer_node, replicas))
+                                                            prefer_node, replicas, meta))
 
     async def _batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], layout: str | None,
                          chained: bool, parent: BlockKey | None, prefer_node: str | None,
-                         replicas: int) -> list[PutResult]:
+                         replicas: int, meta: dict[str, Any] | None = None) -> list[PutResult]:
         keys = [parse_key(k) for k in keys]
         if len(keys) != len(values):
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
@@ -301,6 +306,8 @@ class AsyncPoolClient:
             body["prefer"] = prefer_node
         if replicas != 1:
             body["replicas"] = replicas
+        if meta:
+            body["meta"] = meta
         res = await self._call(Call.RESERVE, body)
         put_id = res["put_id"]
         items = [Reservation.unpack(item) for item in res["items"]]
@@ -557,6 +564,19 @@ class AsyncPoolClient:
         """Take back one hard pin and any soft pin of each block (and its prefix)."""
         body = {"keys": [parse_key(k) for k in keys], "prefix": prefix}
         return (await self._retrying(lambda: self._call(Call.UNPIN, dict(body))))["unpinned"]
+
+
+def _meta(ns: Namespace | None, token_ids: Sequence[Sequence[int]] | None, n: int
+          ) -> dict[str, Any] | None:
+    """What a reserve call says about its blocks beyond their bytes (master/catalog.py)."""
+    meta: dict[str, Any] = {}
+    if ns is not None:
+        meta.update(namespace=ns.root(), model=ns.model_id, block_tokens=ns.block_tokens)
+    if token_ids is not None:
+        if len(token_ids) != n:
+            raise BadRequest(f"{n} keys but {len(token_ids)} token id lists")
+        meta["token_ids"] = [[int(t) for t in row] for row in token_ids]
+    return meta or None
 
 
 def _tier(mem_type: str) -> str:

@@ -66,7 +66,7 @@ class KVAdapter:
         try:
             results = await self.pool.batch_put(keys, [self.cache.page(p) for p in pages],
                                                 chained=True, parent=parent,
-                                                layout=self.cache.layout_tag())
+                                                layout=self.cache.layout_tag(), namespace=self.ns)
         except KVPoolError as exc:
             log.warning("storing %d blocks failed; they stay uncached: %s: %s", len(keys),
                         type(exc).__name__, exc)

@@ -6,7 +6,6 @@ to change anything."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -21,11 +20,12 @@ from kvpool.keys import BlockKey, parse_key
 from kvpool.protocol import Call
 from kvpool.tiers.base import TierKind
 from kvpool.wire import MAX_BODY, Handler, auth_middleware, error_middleware, need, rpc_endpoint
-from master import removal
+from master import catalog, removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry
 from master.nodes import Node, TierSpace
 from master.openapi import OPENAPI
+from master.ops_http import OpsRoutes
 
 
 def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
@@ -52,7 +52,7 @@ ROLES: dict[str, frozenset[Access]] = {
     Call.REGISTER: frozenset({Access.CLUSTER}), Call.HEARTBEAT: frozenset({Access.CLUSTER}),
     Call.CHECK: frozenset({Access.ADMIN}),
 }
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/": the status page, no data in it
 
 
 class MasterHttp:
@@ -60,6 +60,7 @@ class MasterHttp:
         self.core = core
         self.state = core.state
         self.server = server  # the MasterServer, for who leads (None: always this one)
+        self.ops = OpsRoutes(core)
 
     def app(self) -> web.Application:
         creds = self.core.cfg.credentials()
@@ -72,8 +73,8 @@ class MasterHttp:
             Call.UNPIN: self.unpin, Call.AGENTS: self.agents, Call.CORRUPT: self.corrupt,
             Call.REGISTER: self.register, Call.HEARTBEAT: self.heartbeat, Call.CHECK: self.check,
         }
-        app.router.add_get("/v1/rpc", rpc_endpoint({n: self._releasing(h) for n, h in rpc.items()},
-                                                    creds, ROLES))
+        app.router.add_get("/v1/rpc", rpc_endpoint(
+            {n: self.ops.timed(n.value, self._releasing(h)) for n, h in rpc.items()}, creds, ROLES))
         app.router.add_get("/v1/cluster", self.cluster)
         app.router.add_get("/v1/nodes", self.list_nodes)
         app.router.add_get("/v1/blocks/{key}", self.block)
@@ -81,8 +82,7 @@ class MasterHttp:
         app.router.add_post("/v1/blocks/{key}/unpin", self.admin_unpin)
         app.router.add_delete("/v1/blocks/{key}", self.admin_delete)
         app.router.add_post("/v1/evict", self.admin_evict)
-        app.router.add_get("/v1/events", self.event_stream)
-        app.router.add_get("/metrics", self.metrics)
+        self.ops.add(app)  # /, /v1/events, /v1/stats, /v1/purge, /metrics
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/openapi.json", self.openapi)
@@ -106,7 +106,8 @@ class MasterHttp:
         keys = _keys(body)
         parents = [parse_key(p) if p else None for p in body.get("parents") or []]
         put_id, items = await self.core.puts.reserve(keys, need(body, "sizes", list), parents,
-                                                     body.get("prefer"), body.get("replicas", 1))
+                                                     body.get("prefer"), body.get("replicas", 1),
+                                                     catalog.parse(body.get("meta"), len(keys)))
         return {"put_id": put_id, "items": [r.pack() for r in items]}
 
     async def commit(self, body: dict[str, Any]) -> Any:
@@ -281,43 +282,6 @@ class MasterHttp:
                 await self.core.tiering.relieve(node, tier, need=space.capacity - int(fill * space.capacity))
                 moved += before - space.used
         return web.json_response({"freed_bytes": moved})
-
-    async def event_stream(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        events = self.state.events.subscribe()
-        try:
-            idle = 0.0
-            while request.transport is not None and not request.transport.is_closing():
-                try:  # wake every second, so a reader that left is noticed promptly
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                    await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-                    idle = 0.0
-                except asyncio.TimeoutError:
-                    idle += 1.0
-                    if idle >= 15.0:
-                        await resp.write(b": keepalive\n\n")
-                        idle = 0.0
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.state.events.unsubscribe(events)
-        return resp
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        lines = ["# TYPE kvpool_nodes gauge", f"kvpool_nodes {len(self.state.nodes)}",
-                 "# TYPE kvpool_blocks gauge", f"kvpool_blocks {len(self.state.index)}",
-                 "# TYPE kvpool_tier_capacity_bytes gauge", "# TYPE kvpool_tier_used_bytes gauge"]
-        for node in self.state.nodes.values():
-            for kind, space in node.tiers.items():
-                labels = f'node="{node.node_id}",tier="{kind.value}"'
-                lines.append(f"kvpool_tier_capacity_bytes{{{labels}}} {space.capacity}")
-                lines.append(f"kvpool_tier_used_bytes{{{labels}}} {space.used}")
-        lines.append("# TYPE kvpool_ops_total counter")
-        for name, value in sorted(self.state.counters.items()):
-            lines.append(f'kvpool_ops_total{{op="{name}"}} {value}')
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
+from master.catalog import BlockMeta
 from master.policy import LRU, BlockInfo, EvictionPolicy
 
 
@@ -69,6 +70,7 @@ class BlockEntry:
     soft_until: float = 0.0  # a soft pin: evicted after every unpinned block, until then
     leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
     used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
+    meta: BlockMeta | None = None  # what the writer said of it (master.catalog)
 
     def advance(self, to: BlockState, expect: BlockState) -> None:
         """Move to ``to`` from ``expect``; anything else is a StateError that says what was found."""

@@ -22,6 +22,7 @@ from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBl
 from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
+from master.events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
 from master.state import PoolState
@@ -89,6 +90,7 @@ class Membership:
             return
         space.take(block.location, block.size)
         st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
+        st.events.stored([block.key], owner, block.tier, Reason.INVENTORY, parent=entry.parent)
 
     async def drop(self, node_id: str, reason: str) -> None:
         st = self.state
@@ -99,9 +101,9 @@ class Membership:
         for entry in st.index.on(node_id):
             for r in [r for r in entry.replicas if r.node == node_id]:
                 st.index.drop_replica(entry, r)
+                st.events.removed([entry.key], node_id, r.tier, Reason.LOST)
             if not entry.replicas:
                 st.index.remove(entry)
-                st.events.emit("removed", entry.key, node_id)
                 lost += 1
         await node.link.close()
         log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)

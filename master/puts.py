@@ -17,6 +17,8 @@ from kvpool.daemon_link import StoredBlock
 from kvpool.errors import BadRequest, KVPoolError, NodeGone, ReservationLost, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
+from master.catalog import BlockMeta
+from master.events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, TierSpace
 from master.placement import arena_candidates, extra_replica_spaces
@@ -37,7 +39,8 @@ class Puts:
 
     async def reserve(self, keys: Sequence[BlockKey], sizes: Sequence[int],
                       parents: Sequence[BlockKey | None], prefer: str | None,
-                      replicas: int = 1) -> tuple[int, list[Reservation]]:
+                      replicas: int = 1, meta: Sequence[BlockMeta] | None = None
+                      ) -> tuple[int, list[Reservation]]:
         """Reserve space for new blocks: one location per copy (``replicas`` copies on
         distinct nodes, as many as there are nodes with room); EXISTS or IN_FLIGHT for
         keys that are stored or being stored."""
@@ -67,7 +70,8 @@ class Puts:
                 entry = BlockEntry(key, size, BlockState.PENDING,
                                    [Replica(node.node_id, space.kind, offset, size)],
                                    put_id=put_id, deadline=deadline,
-                                   parent=parents[i] if parents else None)
+                                   parent=parents[i] if parents else None,
+                                   meta=meta[i] if meta else None)
                 st.index.add(entry)
                 made.append(entry)
                 for other, other_space in extra_replica_spaces(st.nodes.values(), node.node_id,
@@ -166,8 +170,13 @@ class Puts:
                 entry.header, entry.put_id = raw, 0
                 st.index.set_parent(entry, parent)
                 st.index.touch(entry)
+                meta = entry.meta
                 for r in entry.replicas:
-                    st.events.emit("stored", entry.key, r.node, r.tier, entry.size)
+                    st.events.stored([entry.key], r.node, r.tier, Reason.PUT, parent=parent,
+                                     block_size=meta.block_tokens if meta else None,
+                                     token_ids=meta.token_ids if meta else None)
+                if meta is not None:
+                    meta.token_ids = None  # prompt content: announced once, not kept
                 committed += 1
         st.counters["committed"] += committed
         return committed

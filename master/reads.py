@@ -91,6 +91,8 @@ class Reads:
             if prefetch and best is not None and not best.tier.is_arena:
                 cold.append(key)
             n += 1
+        self.state.counters["match_hits"] += n
+        self.state.counters["match_misses"] += len(keys) - n
         if cold:
             self._prefetching.spawn(self._prefetch(cold), name="prefetch")
             self.state.counters["prefetched"] += len(cold)

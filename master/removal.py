@@ -10,6 +10,8 @@ from typing import Sequence
 from kvpool.errors import BlockLeased
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
+from master.catalog import matches
+from master.events import Reason
 from master.index import BlockEntry, BlockState
 from master.state import PoolState
 
@@ -29,7 +31,10 @@ async def remove(state: PoolState, keys: Sequence[BlockKey], force: bool) -> lis
     return [e is not None for e in entries]
 
 
-async def delete(state: PoolState, entries: Sequence[BlockEntry]) -> None:
+async def delete(state: PoolState, entries: Sequence[BlockEntry], reason: Reason = Reason.REMOVED,
+                 announce: bool = True) -> None:
+    """Remove blocks from every tier and node; ``announce``: a BlockRemoved per replica
+    (a purge of the whole pool says AllBlocksCleared once instead)."""
     unique = {entry.key: entry for entry in entries}.values()
     doomed = [(entry, list(entry.replicas)) for entry in unique]
     by_place: dict[tuple[str, TierKind], list[BlockKey]] = defaultdict(list)
@@ -42,5 +47,21 @@ async def delete(state: PoolState, entries: Sequence[BlockEntry]) -> None:
     for entry, replicas in doomed:
         for r in replicas:
             state.free(r.node, r)
-            state.events.emit("removed", entry.key, r.node, r.tier, r.size)
-    state.counters["removed"] += len(doomed)
+            if announce:
+                state.events.removed([entry.key], r.node, r.tier, reason)
+    if reason is Reason.REMOVED:
+        state.counters["removed"] += len(doomed)
+
+
+async def purge(state: PoolState, namespaces: frozenset[BlockKey], models: frozenset[str],
+                everything: bool) -> int:
+    """Remove every block of the named namespaces or models (or every block) from every
+    tier and node, leased and pinned ones too: an operator's purge outranks a reader.
+    Returns how many blocks went. Purging everything says AllBlocksCleared once."""
+    entries = [e for e in state.index.entries.values() if e.state.readable
+               and (everything or matches(e.meta, namespaces, models))]
+    await delete(state, entries, Reason.PURGED, announce=not everything)
+    if everything:
+        state.events.cleared(Reason.PURGED)
+    state.counters["purged"] += len(entries)
+    return len(entries)

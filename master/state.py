@@ -19,7 +19,7 @@ from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
 from kvpool.tiers.base import TierKind
-from master.events import EventHub
+from master.events import EventHub, Reason
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace
 from master.policy import POLICIES, EvictionPolicy, PolicyFactory
@@ -109,9 +109,9 @@ class PoolState:
                     replica.tier.value, why)
         self.forget_replica(entry, replica)
         self.counters[f"dropped_{why.code}"] += 1
+        self.events.removed([entry.key], replica.node, replica.tier, Reason.LOST)
         if not entry.replicas:
             self.index.remove(entry)
-            self.events.emit("removed", entry.key, replica.node, replica.tier)
 
     def discard_pending(self, entry: BlockEntry) -> None:
         """Undo a reservation nobody committed: out of the index, its arena space free."""

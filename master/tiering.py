@@ -20,6 +20,7 @@ from collections import defaultdict
 from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
+from master.events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node
 from master.placement import pressured, relief_target
@@ -151,6 +152,7 @@ class Tiering:
                 if dst_space.allocator is None:
                     dst_space.take(at, res.size)
                 st.index.add_replica(entry, Replica(dst_owner, dst, at, res.size))
+                st.events.stored([entry.key], dst_owner, dst, Reason.DEMOTED, parent=entry.parent)
                 done.append(entry)
             else:
                 if dst_space.allocator is not None:
@@ -185,9 +187,10 @@ class Tiering:
             if replica is None:
                 continue
             st.forget_replica(entry, replica)
-            if not entry.replicas:
+            gone = not entry.replicas
+            st.events.removed([entry.key], owner, kind, Reason.EVICTED if gone else Reason.DEMOTED)
+            if gone:
                 st.index.remove(entry)
-                st.events.emit("removed", entry.key, node.node_id, kind, entry.size)
                 st.counters["evicted"] += 1
 
     async def promote(self, key: BlockKey) -> Replica | None:
@@ -232,6 +235,7 @@ class Tiering:
                 return None
             replica = Replica(node.node_id, TierKind.HOST, offset, entry.size)
             st.index.add_replica(entry, replica)
+            st.events.stored([key], node.node_id, TierKind.HOST, Reason.PROMOTED, parent=entry.parent)
             st.counters["promoted"] += 1
             return replica
         finally:

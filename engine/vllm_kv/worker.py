@@ -198,7 +198,7 @@ class KVPoolWorker:
         try:
             results = await self.link.client.batch_put(
                 keys, [self.segments(b) for b in spec.block_ids], chained=True,
-                parent=spec.parent[self.rank], layout=self.ns.kv_layout)
+                parent=spec.parent[self.rank], layout=self.ns.kv_layout, namespace=self.ns)
         except POOL_FAILURES as exc:
             self.link.failed(f"saving {len(keys)} blocks", exc)
             return 0

@@ -201,7 +201,9 @@ async def test_event_stream_reports_stored_and_removed_blocks(pool: Pool) -> Non
                 await asyncio.sleep(2.5)  # the stream keeps delivering after idle periods
                 await client.put(key, np.ones(4 * KiB, dtype=np.uint8))
                 stored = await asyncio.wait_for(next_event(), 10)
-                assert (stored["type"], stored["key"], stored["tier"]) == ("stored", key.hex(), "host")
+                assert (stored["type"], stored["block_hashes"], stored["medium"]) == \
+                    ("BlockStored", [key.hex()], "host")
                 await client.remove(key)
                 removed = await asyncio.wait_for(next_event(), 10)
-                assert (removed["type"], removed["key"]) == ("removed", key.hex())
+                assert (removed["type"], removed["block_hashes"]) == ("BlockRemoved", [key.hex()])
+                assert removed["id"] > stored["id"]

@@ -1,0 +1,111 @@
+"""The operator's part of the master's HTTP surface: the KV event stream, ``/metrics``,
+activity counters with the latest events (what the status page and ``kvpool top``
+poll), purge, and the status page at ``/``.
+
+The page itself is open (it holds no data); what it shows comes from the viewer
+endpoints, with the viewer credential in the ``kvpool_token`` cookie when credentials are
+configured (a browser's EventSource cannot send an Authorization header).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from kvpool.errors import BadRequest
+from kvpool.keys import parse_key
+from kvpool.wire import Handler
+from master import event_stream, removal
+from master.metrics import CONTENT_TYPE, MasterMetrics
+from master.status_page import PAGE
+
+if TYPE_CHECKING:
+    from master.core import MasterCore
+
+RECENT_MAX = 500
+# The counters /v1/stats reports (the page computes rates and the hit ratio from them).
+STATS = ("committed", "reserved", "reclaimed", "get_hits", "get_misses", "match_hits",
+         "match_misses", "promoted", "evicted", "removed", "purged", "expired")
+
+
+class OpsRoutes:
+    def __init__(self, core: "MasterCore") -> None:
+        self.core = core
+        self.metrics = MasterMetrics(core)
+
+    def add(self, app: web.Application) -> None:
+        app.router.add_get("/", self.page)
+        app.router.add_get("/v1/events", self.events)
+        app.router.add_get("/v1/stats", self.stats)
+        app.router.add_post("/v1/purge", self.purge)
+        app.router.add_get("/metrics", self.prometheus)
+
+    def timed(self, name: str, handler: Handler) -> Handler:
+        """An RPC handler that observes its latency in kvpool_master_call_seconds."""
+        hist = self.metrics.call(name)
+
+        async def call(body: dict[str, Any]) -> Any:
+            start = perf_counter()
+            try:
+                return await handler(body)
+            finally:
+                hist.observe(perf_counter() - start)
+
+        return call
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html",
+                            headers={"Cache-Control": "no-cache",
+                                     "Content-Security-Policy": "default-src 'self'; "
+                                     "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        return await event_stream.stream(request, self.core.state.events)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        raw = request.query.get("recent", "20")
+        if not raw.isdigit() or int(raw) > RECENT_MAX:
+            raise BadRequest(f"recent={raw!r:.20}: give a count of events in 0..{RECENT_MAX}")
+        st = self.core.state
+        counters = st.counters
+        hub = st.events
+        return web.json_response({
+            "ts": time.time(), "role": self.core.role.value,
+            "counters": {name: counters.get(name, 0) for name in STATS},
+            "events": {"first_id": hub.first_id, "last_id": hub.last_id,
+                       "subscribers": hub.subscribers,
+                       "recent": [e.to_json() for e in hub.recent(int(raw))]}})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        """Remove a namespace's, a model's or every block: ``{"namespaces": [root hex],
+        "models": [id]}`` or ``{"all": true}``."""
+        self.core.gate()
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"purge takes a JSON object: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("purge takes a JSON object")
+        unknown = set(body) - {"namespaces", "models", "all"}
+        if unknown:
+            raise BadRequest(f"purge has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        everything = body.get("all", False)
+        if not isinstance(everything, bool):
+            raise BadRequest("all must be true or false")
+        namespaces, models = body.get("namespaces", []), body.get("models", [])
+        if not isinstance(namespaces, list) or not isinstance(models, list) \
+                or not all(isinstance(m, str) and m for m in models):
+            raise BadRequest("namespaces is a list of 32-hex namespace roots, models a list of "
+                             "model ids")
+        if everything == bool(namespaces or models):
+            raise BadRequest("name namespaces or models to purge, or give all=true (not both)")
+        roots = frozenset(parse_key(n) for n in namespaces)
+        purged = await removal.purge(self.core.state, roots, frozenset(models), everything)
+        return web.json_response({"purged": purged})
