@@ -71,6 +71,8 @@ class MasterConfig:
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
+    events_ring: int = doc(65536, "KV events the master keeps for /v1/events subscribers that "
+                           "resume or read slowly; one that falls further behind is told it lost events.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
     cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
     leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")

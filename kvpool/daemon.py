@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -23,7 +24,10 @@ from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
                                 StoredBlock, TierDescription, daemon_endpoint)
-from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
+from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
+from kvpool.daemon_metrics import DaemonMetrics
+from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
+                           NodeGone, TierFull, Unauthorized)
 from kvpool.keys import BlockKey
 from kvpool.membership import Membership
 from kvpool.protocol import Call
@@ -31,7 +35,7 @@ from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
-from kvpool.wire import MAX_BODY, RpcClient, error_middleware, rpc_endpoint
+from kvpool.wire import MAX_BODY, RpcClient, error_middleware, refusal, rpc_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class PoolDaemon:
         self._heartbeat: asyncio.Task[None] | None = None
         self._coord: Coordinator | None = None
         self.membership: Membership | None = None
+        self.metrics = DaemonMetrics(cfg.node_id, self.tier_infos)
         self.url = ""
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -74,6 +79,7 @@ class PoolDaemon:
     async def _start(self) -> "PoolDaemon":
         loop = asyncio.get_running_loop()
         self.tiers = await loop.run_in_executor(self._executor, open_tiers, self.cfg, self._executor)
+        self.metrics.prepare(list(self.tiers))
         self.agent = TransferAgent(self.agent_name, host=self.cfg.host)
         for tier in self.tiers.values():
             if isinstance(tier, ArenaTier):
@@ -190,6 +196,7 @@ class PoolDaemon:
         app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
                                                         DAEMON_ROLES))
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.prometheus)
         return app
 
     def _tier(self, kind: TierKind) -> Tier:
@@ -212,22 +219,31 @@ class PoolDaemon:
             checked.append((tier, block, header))
         for tier, block, header in checked:
             tier.adopt(block.key, header, block.location)
+        self.metrics.adopted.inc(len(checked))
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:
         """Copy blocks between this node's tiers; the source keeps its copy."""
         source, target = self._tier(src), self._tier(dst)
+        m = self.metrics
+        seconds, moved = m.copy_seconds.labels(src.value, dst.value), m.copy_bytes.labels(src.value, dst.value)
         results = []
         for key, location in zip(keys, locations):
+            start = time.perf_counter()
             try:
                 header, payload = await source.read(key)
                 stored = await target.write(key, header, payload, location)
                 results.append(CopyResult(stored.size))
+                seconds.observe(time.perf_counter() - start)
+                moved.inc(header.payload_size)
             except ChecksumMismatch as exc:
                 log.warning("block %s in %s failed its checksum and was dropped: %s",
                             key.hex(), src.value, exc)
+                m.checksum_failures.labels(src.value).inc()
+                m.copy_errors.labels(src.value, dst.value, exc.code).inc()
                 results.append(CopyResult(error=exc))
             except (BlockNotFound, TierFull) as exc:
+                m.copy_errors.labels(src.value, dst.value, exc.code).inc()
                 results.append(CopyResult(error=exc))
         return results
 
@@ -236,6 +252,7 @@ class PoolDaemon:
         dropped = 0
         for key in keys:
             dropped += await target.remove(key)
+        self.metrics.dropped.inc(dropped)
         return dropped
 
     async def inventory(self) -> list[StoredBlock]:
@@ -253,6 +270,17 @@ class PoolDaemon:
     async def health(self) -> Health:
         return Health(self.cfg.node_id, self.agent_name,
                       {i.kind.value: [i.capacity, i.used, i.blocks] for i in self.tier_infos()})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Metrics; with credentials configured, for the cluster credential (Prometheus
+        scrapes daemons with it: configs/prometheus.yml)."""
+        if self._credentials.enabled:
+            try:
+                auth.require(Role.CLUSTER, role=self._credentials.role_of(
+                    request.headers.get(auth.AUTH_HEADER)), what="a daemon's /metrics")
+            except (Unauthorized, Forbidden) as exc:
+                return refusal(exc)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response((await self.health()).pack())

@@ -55,9 +55,6 @@ _PER: dict[str, tuple[str, str, str]] = {
     "dropped_": ("kvpool_replicas_dropped", "Replicas dropped because their bytes were bad or "
                  "gone, by error", "reason"),
 }
-_ALWAYS = ("kvpool_put_blocks", "kvpool_get_blocks", "kvpool_match_blocks", "kvpool_promotions",
-           "kvpool_evictions", "kvpool_demotions", "kvpool_admissions_refused",
-           "kvpool_checksum_failures", "kvpool_purged", "kvpool_removed")
 
 
 class MasterCollector(Collector):
@@ -72,29 +69,24 @@ class MasterCollector(Collector):
 
     def _counters(self) -> Iterator[Metric]:
         counters = dict(self.core.state.counters)
+        tiers = sorted({k.value for n in self.core.state.nodes.values() for k in n.tiers})
         families: dict[str, CounterMetricFamily] = {}
-
-        def family(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-            if name not in families:
-                families[name] = CounterMetricFamily(name, doc, labels=labels)
-            return families[name]
-
-        for name, value in counters.items():
-            if name in _PLAIN:
-                fam, doc, labels = _PLAIN[name]
-                family(fam, doc, list(labels)).add_metric(list(labels.values()), value)
-                continue
-            for prefix, (fam, doc, label) in _PER.items():
-                if name.startswith(prefix):
-                    family(fam, doc, [label]).add_metric([name[len(prefix):]], value)
-                    break
-        checksum = family("kvpool_checksum_failures", "Replicas whose bytes failed their "
-                          "checksum (dropped, never served)", [])
-        checksum.add_metric([], counters.get("dropped_checksum_mismatch", 0))
-        for fam in _ALWAYS:  # present from the start, so dashboards and rate() see zeros
+        for name, (fam, doc, labels) in _PLAIN.items():  # every one, zeros included
             if fam not in families:
-                families[fam] = CounterMetricFamily(fam, fam.removeprefix("kvpool_").replace("_", " "))
+                families[fam] = CounterMetricFamily(fam, doc, labels=list(labels))
+            families[fam].add_metric(list(labels.values()), counters.get(name, 0))
+        for prefix, (fam, doc, label) in _PER.items():
+            family = families[fam] = CounterMetricFamily(fam, doc, labels=[label])
+            values = {name[len(prefix):]: v for name, v in counters.items() if name.startswith(prefix)}
+            if label == "tier":  # known up front: a dashboard's rate() sees zeros, not nothing
+                values = {**dict.fromkeys(tiers, 0), **values}
+            for value, n in sorted(values.items()):
+                family.add_metric([value], n)
+        checksum = CounterMetricFamily("kvpool_checksum_failures", "Replicas whose bytes failed "
+                                       "their checksum (dropped, never served)")
+        checksum.add_metric([], counters.get("dropped_checksum_mismatch", 0))
         yield from families.values()
+        yield checksum
         raw = CounterMetricFamily("kvpool_ops", "Every internal counter by its name", labels=["op"])
         for name, value in sorted(counters.items()):
             raw.add_metric([name], value)

@@ -38,7 +38,7 @@ class PoolState:
         # Shared object stores by owner id ("@" + store): their replicas belong to no node,
         # so a node's death leaves them, and any node naming the store can promote them.
         self.stores: dict[str, TierSpace] = {}
-        self.events = EventHub()
+        self.events = EventHub(max(1, cfg.events_ring))
         self.counters: dict[str, int] = defaultdict(int)
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
