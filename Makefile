@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.kvpool-installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install vllm etcd bench clean
+.PHONY: demo test install vllm etcd chromium bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,10 +35,20 @@ etcd:
 			|| echo "could not install etcd-server; etcd tests will be skipped"; \
 	else echo "etcd is not installed and this is not root: etcd tests will be skipped"; fi
 
+# Debian's chromium for the status page's browser test (playwright drives it; it never
+# downloads a browser). Without it that test skips.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium from Debian ..."; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+			|| echo "could not install chromium; the status page test will be skipped"; \
+	else echo "chromium is not installed and this is not root: the status page test will be skipped"; fi
+
 demo: $(STAMP)
 	@$(PY) scripts/demo.py
 
-test: $(STAMP) $(VLLM_STAMP) etcd
+test: $(STAMP) $(VLLM_STAMP) etcd chromium
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

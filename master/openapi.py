@@ -46,7 +46,24 @@ OPENAPI: dict[str, Any] = {
                                   True, body={"type": "object", "properties": {
                                       "tier": {"type": "string", "enum": ["gpu", "host", "ssd", "object"]},
                                       "fill": {"type": "number", "minimum": 0, "maximum": 1}}})},
-        "/v1/events": {"get": _op("Server-sent events: block stored / removed (for KV-aware routers)")},
+        "/v1/events": {"get": _op(
+            "KV events as server-sent events, in vLLM's schema (BlockStored, BlockRemoved, "
+            "AllBlocksCleared; block_hashes as 32-hex keys, parent_block_hash, block_size, "
+            "medium gpu/host/ssd/object, token_ids when the writer sent them, node, reason). Each "
+            "has an increasing id; resume after one with Last-Event-ID (or last_event_id=, 0 for "
+            "everything kept). A subscriber that fell behind gets EventsLost with the count missed.",
+            params=[{"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "last_event_id", "in": "query", "schema": {"type": "integer", "minimum": 0}}])},
+        "/v1/stats": {"get": _op("Activity counters and the latest events (the status page and "
+                                 "`kvpool top` poll it)", params=[
+            {"name": "recent", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}}])},
+        "/v1/purge": {"post": _op("Remove every block of some namespaces or models, or of the whole pool "
+                                  "(then one AllBlocksCleared event)", True, body={
+            "type": "object", "additionalProperties": False, "properties": {
+                "namespaces": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
+                "models": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "all": {"type": "boolean"}}})},
+        "/": {"get": _op("The status page (HTML; its data comes from the viewer endpoints)", public=True)},
         "/metrics": {"get": _op("Prometheus text metrics")},
         "/healthz": {"get": _op("Liveness", public=True)},
         "/readyz": {"get": _op("Readiness: 503 on a standby master, and on a new leader until it has "
