@@ -176,6 +176,9 @@ async def test_the_events_verb_follows_the_stream_from_an_id(up: Up) -> None:
     table = await asyncio.to_thread(kvpool_cli, "events", "--master", up.master, "--from",
                                     str(start), "--count", "1")
     assert "BlockStored" in table.stdout and keys[0].hex() in table.stdout
+    top = await asyncio.to_thread(kvpool_cli, "top", "--master", up.master, "-n", "2",
+                                  "--interval", "0.2")
+    assert top.returncode == 0 and "prefix hit rate" in top.stdout and "puts/s" in top.stdout, top.stderr
     refused = await asyncio.to_thread(kvpool_cli, "events", "--master", "http://127.0.0.1:9",
                                       "--count", "1", timeout=5)
     assert refused.returncode == 2 and "cannot reach the master" in refused.stderr
