@@ -143,6 +143,9 @@ class ClientConfig:
                             "admin_token works too); empty when the pool runs open." + _SECRET)
     tls_ca: str = doc("", "PEM CA file to verify masters over TLS (https:// URLs); empty: the "
                           "system's CAs.")
+    rpc: str = doc("stream", "Transport of the hot calls: 'stream' (length-prefixed msgpack frames "
+                             "on the master's RPC port) or 'ws' (the WebSocket RPC on its HTTP "
+                             "port, for a path that passes HTTP only).")
     host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
                         "interface when every master or etcd endpoint is on loopback, else all.")
 
