@@ -20,12 +20,13 @@ import numpy as np
 from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
-from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
+from kvpool.errors import (BadRequest, ConfigError, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool.keys import BlockKey, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
+from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, view
 from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
@@ -38,6 +39,9 @@ _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
 # What a call retries on, against the leader it finds again, until its deadline.
 _FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
 T = TypeVar("T")
+# The hot calls' transports ([client] rpc): the stream RPC, or the WebSocket RPC on the HTTP port.
+_TRANSPORTS: dict[str, type[RpcClient] | type[StreamRpcClient]] = {
+    "stream": StreamRpcClient, "ws": RpcClient}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +76,9 @@ class AsyncPoolClient:
         self._etcd: Any = None
         self._token = secret(cfg.token, "[client] token")  # read once; never logged
         self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
-        self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(
-            self.master_url, timeout_s=cfg.timeout_s, token=self._token, tls=self._tls)
+        if cfg.rpc not in _TRANSPORTS:
+            raise ConfigError(f"[client] rpc = {cfg.rpc!r}: give one of {', '.join(_TRANSPORTS)}")
+        self._rpc: RpcClient | StreamRpcClient | None = None if cfg.etcd else self._link(self.master_url)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
@@ -114,6 +119,10 @@ class AsyncPoolClient:
             host = client_host(self.cfg.host, self.cfg.etcd or ",".join(self._masters))
             self._agent = TransferAgent(self.name, progress_thread=False, host=host)
         return self._agent
+
+    def _link(self, url: str) -> RpcClient | StreamRpcClient:
+        return _TRANSPORTS[self.cfg.rpc](url, timeout_s=self.cfg.timeout_s, token=self._token,
+                                         tls=self._tls)
 
     async def _call(self, name: Call, body: dict[str, Any]) -> Any:
         if self._rpc is None:
@@ -165,8 +174,7 @@ class AsyncPoolClient:
         elif len(self._masters) > 1:
             url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
         if url != self.master_url or self._rpc is None:
-            old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s,
-                                                  token=self._token, tls=self._tls)
+            old, self._rpc = self._rpc, self._link(url)
             self.master_url = url
             if old is not None:
                 await old.close()

@@ -37,6 +37,8 @@ _SECRET = " Give the secret itself or file:PATH (its first line); see README 'Se
 class MasterConfig:
     host: str = doc("127.0.0.1", "Address the master's HTTP server binds to.")
     port: int = doc(0, "Port of the master's HTTP server; 0 picks a free one.")
+    rpc_port: int = doc(0, "Port of the master's stream RPC (the engines' hot calls; clients find "
+                           "it through the HTTP port); 0 picks a free one.")
     cluster_token: str = secret_doc("Credential of masters and daemons among themselves: daemons "
                                     "register, renew and answer with it. Any credential "
                                     "configured turns the checks on everywhere." + _SECRET)
@@ -102,6 +104,8 @@ class DaemonConfig:
     node_id: str = doc("node0", "Unique id of this node in the pool.")
     host: str = doc("127.0.0.1", "Address the daemon's HTTP server binds to.")
     port: int = doc(0, "Port of the daemon's HTTP server; 0 picks a free one.")
+    rpc_port: int = doc(0, "Port of the daemon's stream RPC (the master's calls, a put's commit "
+                           "among them); 0 picks a free one.")
     master_url: str = doc("", "URL of the master (http://host:port); set by `kvpool up`.")
     data_dir: str = doc("./data/node0", "Folder for this node's SSD tier and default object tier.")
     host_bytes: int = doc(1 * GiB, "Size of the host (DRAM) arena registered with NIXL.")
