@@ -29,6 +29,7 @@ from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, view
+from clients.grants import HotGrants
 from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
                               view_of)
 
@@ -84,6 +85,7 @@ class AsyncPoolClient:
         self._pinned: set[int] = set()
         self._spare: list[np.ndarray] = []  # registered scratch buffers, free for use
         self._releases: list[int] = []
+        self._hot = HotGrants(cfg.hot_grants)  # grants of hot blocks, kept while leased
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -97,6 +99,7 @@ class AsyncPoolClient:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
+        self._hot.clear(self._releases)
         if self._flushing:
             await asyncio.gather(*self._flushing)
         if self._releases:
@@ -175,6 +178,7 @@ class AsyncPoolClient:
             url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
         if url != self.master_url or self._rpc is None:
             old, self._rpc = self._rpc, self._link(url)
+            self._hot.clear([])  # another master: the old one's leases are gone with it
             self.master_url = url
             if old is not None:
                 await old.close()
@@ -190,6 +194,22 @@ class AsyncPoolClient:
             task = asyncio.get_running_loop().create_task(self._send_releases())
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
+
+    def release_now(self) -> Awaitable[None] | None:
+        """Hand back the leases left to release at once (the blocking client calls this
+        after each call, since nothing runs between its calls): one way on the stream
+        RPC; otherwise the coroutine that sends them, for the caller to run."""
+        if not self._releases:
+            return None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if isinstance(self._rpc, StreamRpcClient):
+            leases, self._releases = self._releases, []
+            if not self._rpc.notify(Call.RELEASE, {"leases": leases}):
+                log.debug("%d leases not released (no connection); they expire", len(leases))
+            return None
+        return self._send_releases()
 
     async def _send_releases(self) -> None:
         leases, self._releases = self._releases, []
@@ -401,7 +421,7 @@ class AsyncPoolClient:
 
     async def _get_bytes(self, key: BlockKey) -> bytes | None:
         key = parse_key(key)
-        lease, [grant] = await self._lease([key])
+        lease, [grant], _ = await self._lease([key])
         if grant is None:
             self._release_later(lease)
             return None
@@ -424,22 +444,45 @@ class AsyncPoolClient:
         if not keys:
             return []
         views = [view_of(o, writable=True) for o in outs]
-        lease, grants = await self._lease(keys)
+        loop = asyncio.get_running_loop()
+        gone: list[int] = []
         try:
-            return await self._read(grants, keys, views)
+            if len(keys) == 1 and len(self._hot):
+                held = self._hot.lookup(keys[0], loop.time(), gone)
+                if held is not None:  # a hot block: its grant is still good, no call
+                    results = await self._read([held], keys, views, report=False)
+                    if results[0].error is None:
+                        return results
+                    self._hot.drop(keys, gone)  # moved or gone after all: ask the master
+            asked = loop.time()
+            lease, grants, ttl_s = await self._lease(keys)
+            kept = False
+            try:
+                results = await self._read(grants, keys, views)
+                kept = (len(keys) == 1 and ttl_s > 0 and grants[0] is not None
+                        and results[0].error is None
+                        and self._hot.offer(keys[0], grants[0], lease, asked + ttl_s / 2, gone))
+                return results
+            finally:
+                if not kept:
+                    gone.append(lease)  # only once the bytes have landed
         finally:
-            self._release_later(lease)  # only once the bytes have landed
+            for old in gone:
+                self._release_later(old)
 
-    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None]]:
-        """Where to read each key, under one read lease (None: a miss)."""
+    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None], float]:
+        """Where to read each key, under one read lease (None: a miss), and how long the
+        lease lasts unless released (0: not said)."""
         res = await self._call(Call.GET, {"keys": keys})
         grants = [ReadGrant.unpack(item) for item in res["items"]]
         if len(grants) != len(keys):
             raise BadRequest(f"the master answered {len(grants)} read grants for {len(keys)} keys")
-        return res["lease"], grants
+        return res["lease"], grants, float(res.get("ttl_s", 0.0))
 
     async def _read(self, grants: list[ReadGrant | None], keys: list[BlockKey],
-                    views: list[BufferView]) -> list[GetResult]:
+                    views: list[BufferView], report: bool = True) -> list[GetResult]:
+        """READ and verify; ``report``: tell the master of replicas that failed their
+        checksum (not for a kept grant, which may be stale rather than corrupt)."""
         results: list[GetResult | None] = [None] * len(keys)
         hits = []
         for i, grant in enumerate(grants):
@@ -465,7 +508,7 @@ class AsyncPoolClient:
             self._trim_regions()
         corrupt = [i for i in hits if results[i].error is not None  # type: ignore[union-attr]
                    and isinstance(results[i].error, ChecksumMismatch)]  # type: ignore[union-attr]
-        if corrupt:
+        if corrupt and report:
             await self._call(Call.CORRUPT, {"keys": [keys[i] for i in corrupt],
                                             "nodes": [grants[i].location.node for i in corrupt]})  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
@@ -548,6 +591,7 @@ class AsyncPoolClient:
 
     async def batch_remove(self, keys: Sequence[BlockKey], *, force: bool = False) -> int:
         body = {"keys": [parse_key(k) for k in keys], "force": force}
+        self._hot.drop(body["keys"], self._releases)  # our own leases ride on the remove
         res = await self._retrying(lambda: self._call(Call.REMOVE, dict(body)))
         return sum(res["removed"])
 

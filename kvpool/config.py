@@ -150,6 +150,9 @@ class ClientConfig:
     rpc: str = doc("stream", "Transport of the hot calls: 'stream' (length-prefixed msgpack frames "
                              "on the master's RPC port) or 'ws' (the WebSocket RPC on its HTTP "
                              "port, for a path that passes HTTP only).")
+    hot_grants: int = doc(64, "Read grants of hot blocks (single-key gets of a key read "
+                              "before) kept while their leases last, so such a get costs a copy, "
+                              "not a call; each holds its lease (at most half of it); 0: none.")
     host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
                         "interface when every master or etcd endpoint is on loopback, else all.")
 

@@ -21,7 +21,7 @@ from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
+from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
                                 StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
@@ -31,6 +31,7 @@ from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
+from kvpool.streamrpc import StreamRpcServer
 from kvpool.wire import MAX_BODY, RpcClient, error_middleware, rpc_endpoint
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class PoolDaemon:
         self.agent: TransferAgent | None = None
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
+        self._stream: StreamRpcServer | None = None
         self._master: RpcClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._coord: Coordinator | None = None
@@ -78,6 +80,9 @@ class PoolDaemon:
         for tier in self.tiers.values():
             if isinstance(tier, ArenaTier):
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
+        self._stream = StreamRpcServer(daemon_endpoint(self), self._credentials, DAEMON_ROLES,
+                                       self._serve_tls, eager=DAEMON_EAGER)
+        await self._stream.start(self.cfg.host, self.cfg.rpc_port)
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
@@ -113,6 +118,8 @@ class PoolDaemon:
                 await self._heartbeat
         if self._master is not None:
             await self._master.close()
+        if self._stream is not None:
+            await self._stream.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.agent is not None:
@@ -189,6 +196,8 @@ class PoolDaemon:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
         app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
                                                         DAEMON_ROLES))
+        if self._stream is not None:
+            app.router.add_get(DAEMON_RPC_PATH + "/stream", self._stream.info())
         app.router.add_get("/healthz", self.healthz)
         return app
 

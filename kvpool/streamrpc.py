@@ -303,6 +303,18 @@ class StreamRpcClient:
         finally:
             timer.cancel()
 
+    def notify(self, method: str, body: dict[str, Any]) -> bool:
+        """Send a call whose answer nobody waits for (request id 0: the answer is dropped),
+        without waiting for anything; False when not connected (nothing was sent)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return False
+        try:
+            conn.send([0, method, body])
+        except Unavailable:
+            return False
+        return True
+
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -131,7 +131,8 @@ class MasterHttp:
 
     async def get(self, body: dict[str, Any]) -> Any:
         lease, grants = await self.core.reads.get(_keys(body))
-        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants]}
+        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
+                "ttl_s": self.core.cfg.read_lease_s}
 
     async def release(self, body: dict[str, Any]) -> Any:
         self.core.leases.release([int(x) for x in need(body, "leases", list)])

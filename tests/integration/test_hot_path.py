@@ -1,0 +1,133 @@
+"""The hot path with real processes: the stream RPC (many calls in flight on one connection,
+its hello refusing foreign or mismatched peers) and kept read grants (a hot block read
+without a call, its lease counted by the master, a stale grant never returning wrong bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import urllib.request
+
+import msgpack
+import numpy as np
+
+from clients.client import AsyncPoolClient
+from kvpool.keys import Namespace, block_keys
+from kvpool.wire import PROTOCOL_VERSION
+from tests.integration.conftest import Pool, admin
+
+KiB = 1 << 10
+
+
+def keys_for(tag: str, n: int) -> list[bytes]:
+    return block_keys(Namespace("hotpath", "uint8", "raw", block_tokens=1, salt=tag), np.arange(n))
+
+
+def counter(url: str, op: str) -> int:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(rf'kvpool_ops_total{{op="{op}"}} (\d+)', text)
+    return int(found.group(1)) if found else 0
+
+
+def stream_port(url: str) -> int:
+    with urllib.request.urlopen(url + "/v1/rpc/stream", timeout=10) as resp:
+        return int(json.loads(resp.read())["port"])
+
+
+def hello_answer(url: str, first: bytes) -> dict:
+    """What the stream port answers to ``first`` as a connection's opening bytes."""
+    with socket.create_connection(("127.0.0.1", stream_port(url)), timeout=10) as sock:
+        sock.sendall(first)
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            data = sock.recv(65536)
+            assert data, "the server hung up without saying why"
+            unpacker.feed(data)
+            for frame in unpacker:
+                assert sock.recv(1) == b"", "the server kept a refused connection open"
+                return frame
+
+
+async def test_many_calls_in_flight_on_one_connection_each_get_their_answer(pool: Pool) -> None:
+    ks = keys_for("inflight", 64)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.batch_put(ks[::2], [np.full(4 * KiB, i, np.uint8) for i in range(32)])
+        answers = await asyncio.gather(*(client.exists(k) for k in ks * 4),
+                                       *(client.match_prefix(ks[:n]) for n in range(1, 9)))
+    assert answers[:256] == [i % 2 == 0 for i in range(64)] * 4
+    assert answers[256:] == [1] * 8  # ks[1] is absent: every prefix stops after ks[0]
+
+
+def test_the_stream_port_refuses_a_foreign_or_mismatched_peer_and_keeps_serving(pool: Pool) -> None:
+    older = hello_answer(pool.master_url, msgpack.packb({"kvpool": PROTOCOL_VERSION - 1}))
+    assert older["error"] == "protocol_mismatch"
+    assert f"protocol {PROTOCOL_VERSION}" in older["message"] and "upgrade" in older["message"]
+    http = hello_answer(pool.master_url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert http["error"] == "bad_request" and "hello" in http["message"]
+
+    async def still_serves() -> bool:
+        async with AsyncPoolClient(pool.client_config()) as client:
+            return await client.exists(keys_for("refused", 1)[0])
+
+    assert asyncio.run(still_serves()) is False
+
+
+async def test_a_hot_block_is_read_again_without_asking_the_master(pool: Pool) -> None:
+    key = keys_for("hot", 1)[0]
+    value = np.random.default_rng(3).integers(0, 256, 64 * KiB, dtype=np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        await client.put(key, value)
+        before = counter(pool.master_url, "get_hits")
+        for _ in range(20):
+            out = np.zeros_like(value)
+            assert await client.get(key, out) is not None
+            assert np.array_equal(out, value)
+        # the first two reads ask (the second keeps its grant), the other 18 do not
+        assert counter(pool.master_url, "get_hits") - before == 2
+        status, block = admin(pool.master_url, f"/v1/blocks/{key.hex()}")
+        assert status == 200 and block["leases"] == 1  # the kept grant's lease, counted
+    status, block = admin(pool.master_url, f"/v1/blocks/{key.hex()}")
+    assert block["leases"] == 0  # closing the client handed it back
+
+
+async def test_kept_grants_and_their_leases_stay_bounded(pool: Pool) -> None:
+    ks = keys_for("bounded", 40)
+    async with AsyncPoolClient(pool.client_config(hot_grants=8)) as client:
+        await client.batch_put(ks, [np.full(4 * KiB, i, np.uint8) for i in range(40)])
+        out = np.zeros(4 * KiB, np.uint8)
+        for _ in range(2):
+            for k in ks:
+                assert await client.get(k, out) is not None
+        await client.exists(ks[0])  # released leases ride on the next call
+        leased = [admin(pool.master_url, f"/v1/blocks/{k.hex()}")[1]["leases"] for k in ks]
+        assert sum(leased) == 8 and leased[-8:] == [1] * 8  # the 8 most recently read
+
+
+async def test_a_stale_kept_grant_never_returns_the_bytes_now_at_its_location(pool: Pool) -> None:
+    """A forced remove ignores leases; the freed space takes another block. The reader's
+    kept grant then points at that block's bytes: their checksum fails, the get asks the
+    master again and reports a miss, and the other block is not blamed."""
+    old, *news = keys_for("stale", 21)
+    value = np.full(64 * KiB, 7, np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as reader, \
+            AsyncPoolClient(pool.client_config()) as writer:
+        await writer.put(old, value)
+        out = np.zeros_like(value)
+        for _ in range(2):
+            assert await reader.get(old, out) is not None  # the second keeps the grant
+        where = admin(pool.master_url, f"/v1/blocks/{old.hex()}")[1]["replicas"][0]["location"]
+        await writer.remove(old, force=True)
+        for i, new in enumerate(news):
+            await writer.put(new, np.full(64 * KiB, 100 + i, np.uint8))
+            if admin(pool.master_url, f"/v1/blocks/{new.hex()}")[1]["replicas"][0]["location"] == where:
+                break
+        else:
+            raise AssertionError("no new block took the freed space")
+        before = counter(pool.master_url, "get_hits") + counter(pool.master_url, "get_misses")
+        assert await reader.get(old, out) is None
+        assert counter(pool.master_url, "get_hits") + counter(pool.master_url, "get_misses") == before + 1
+        assert await reader.get(new, out) is not None and (out == 100 + i).all()
+        await writer.batch_remove([new] + news[:i], force=True)
