@@ -15,10 +15,11 @@ import asyncio
 import functools
 import inspect
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from kvpool.config import ClientConfig
-from kvpool.errors import BadRequest
+from kvpool.tasks import new_event_loop
 from clients.client import AsyncPoolClient
 
 
@@ -26,7 +27,7 @@ class PoolClient:
     """Same calls as AsyncPoolClient, blocking; safe to share between threads."""
 
     def __init__(self, cfg: ClientConfig | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._turn = threading.Lock()
         self._async = self._run(_make(cfg, kwargs))
 
@@ -34,11 +35,13 @@ class PoolClient:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            pass
-        else:
-            coro.close()
-            raise BadRequest("PoolClient blocks its caller; inside a running event loop use "
-                             "AsyncPoolClient (await its calls) instead")
+            return self._drive(coro)
+        # Called from inside a running event loop (which it blocks meanwhile; better to
+        # await AsyncPoolClient there): this thread cannot run a second loop, a helper can.
+        with ThreadPoolExecutor(1, thread_name_prefix="kvpool-client") as helper:
+            return helper.submit(self._drive, coro).result()
+
+    def _drive(self, coro: Any) -> Any:
         with self._turn:
             try:
                 return self._loop.run_until_complete(coro)

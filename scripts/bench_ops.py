@@ -216,19 +216,25 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str) -> dict:
                 raise SystemExit("match_prefix over 1000 stored keys did not match them all")
         match_kps = rounds * 1000 / (time.perf_counter() - t)
         out["batch_keys_per_s"] = {"exists": exists_kps, "match_prefix": match_kps}
-        await pool.batch_remove(list(stored) + list(fresh) + list(batch), force=True)
+        await pool.batch_remove(list(fresh) + list(batch), force=True)
+    return out
 
-    # The blocking client: the same exists from the caller's thread.
-    with PoolClient(cfg) as sync:
+
+def bench_sync(master: str, calls: int, rpc: str, salt: str) -> dict:
+    """The blocking client's exists (from this thread) over the blocks bench_pool left."""
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    stored = block_keys(ns, np.arange(calls))
+    with PoolClient(ClientConfig(master_url=master, rpc=rpc)) as sync:
         for k in stored[:50]:
             sync.exists(k)
         times = []
         for i in range(calls):
             t = time.perf_counter()
-            sync.exists(stored[i % nblocks])
+            if not sync.exists(stored[i]):
+                raise SystemExit("the blocking client's exists said no for a stored block")
             times.append(time.perf_counter() - t)
-        out["exists_sync"] = _stats(times)
-    return out
+        sync.batch_remove(stored, force=True)
+    return _stats(times)
 
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
@@ -253,6 +259,7 @@ def measure(calls: int, rpcs: list[str]) -> dict:
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
             runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, salt=f"{rpc}-{n}"))
+            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, salt=f"{rpc}-{n}")
         ping2 = pingpong(calls)  # before and after: the machine is shared
         runs_ping = _stats(ping + ping2)
     finally:
