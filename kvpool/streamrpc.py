@@ -147,8 +147,8 @@ class _ServerConn(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        self.unpacker.feed(data)
         try:
+            self.unpacker.feed(data)
             for frame in self.unpacker:
                 if self.hello_done:
                     self.dispatch(frame)
@@ -343,8 +343,8 @@ class _ClientConn(asyncio.Protocol):
         self.transport.write(self.packer.pack(obj))
 
     def data_received(self, data: bytes) -> None:
-        self.unpacker.feed(data)
         try:
+            self.unpacker.feed(data)
             for frame in self.unpacker:
                 if not self.hello.done():
                     self.greeted(frame)
