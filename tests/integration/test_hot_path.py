@@ -12,13 +12,17 @@ import urllib.request
 
 import msgpack
 import numpy as np
+import pytest
 
 from clients.client import AsyncPoolClient
+from kvpool.errors import ChecksumMismatch
 from kvpool.keys import Namespace, block_keys
+from kvpool.protocol import Call
 from kvpool.wire import PROTOCOL_VERSION
 from tests.integration.conftest import Pool, admin
 
 KiB = 1 << 10
+MiB = 1 << 20
 
 
 def keys_for(tag: str, n: int) -> list[bytes]:
@@ -131,3 +135,26 @@ async def test_a_stale_kept_grant_never_returns_the_bytes_now_at_its_location(po
         assert counter(pool.master_url, "get_hits") + counter(pool.master_url, "get_misses") == before + 1
         assert await reader.get(new, out) is not None and (out == 100 + i).all()
         await writer.batch_remove([new] + news[:i], force=True)
+
+
+@pytest.mark.parametrize("size", [64 * KiB, 16 * MiB])
+async def test_bytes_damaged_in_the_arena_are_caught_whole_or_hashed_in_pieces(
+        pool: Pool, size: int) -> None:
+    """A 16 MiB block is verified piece by piece as it lands, a 64 KiB one at once: either
+    way one damaged page in the middle of the arena copy is a ChecksumMismatch, never bytes."""
+    key = keys_for(f"damaged-{size}", 1)[0]
+    value = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    async with AsyncPoolClient(pool.client_config(hot_grants=0)) as client:
+        await client.put(key, value)
+        lease, [grant], _ = await client._lease([key])  # where the bytes are, as a get sees it
+        loc = grant.location
+        await client._peers([loc.agent])
+        junk = np.full(4 * KiB, 0x5A, np.uint8)
+        client.register(junk)
+        await client.agent.run("WRITE", loc.agent, [(junk.ctypes.data, junk.nbytes, 0)], "DRAM",
+                               [(loc.address + size // 2, junk.nbytes, loc.device)], "DRAM", 5.0)
+        await client._call(Call.RELEASE, {"leases": [lease]})
+        out = np.zeros(size, np.uint8)
+        with pytest.raises(ChecksumMismatch):
+            await client.get(key, out)
+        assert not await client.exists(key)  # the replica was reported and dropped
