@@ -12,6 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
@@ -23,6 +24,7 @@ from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
 from kvpool.errors import (BadRequest, ConfigError, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
+from kvpool import localcopy
 from kvpool.keys import BlockKey, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
@@ -88,6 +90,9 @@ class AsyncPoolClient:
         self._spare: list[np.ndarray] = []  # registered scratch buffers, free for use
         self._releases: list[int] = []
         self._hot = HotGrants(cfg.hot_grants)  # grants of hot blocks, kept while leased
+        self._copier: ThreadPoolExecutor | None = None  # large same-host copies run here
+        if cfg.data_path not in ("auto", "nixl", "same-host"):
+            raise ConfigError(f"[client] data_path = {cfg.data_path!r}: give auto, nixl or same-host")
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -110,6 +115,9 @@ class AsyncPoolClient:
             await self._rpc.close()
         if self._etcd is not None:
             await self._etcd.close()
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
         if self._agent is not None:
             self._agent.close()
             for region in self._agent.regions:
@@ -221,6 +229,39 @@ class AsyncPoolClient:
             await self._rpc.call(Call.RELEASE, {"leases": leases})
         except KVPoolError as exc:  # the leases expire on their own
             log.debug("releasing %d leases failed: %s", len(leases), exc)
+
+    def _same_host(self, agent: str, lmem: str, rmem: str) -> int | None:
+        """The daemon process to copy with directly (kvpool.localcopy), or None for NIXL."""
+        path = self.cfg.data_path
+        pid = localcopy.local_pid(agent) if path != "nixl" and lmem == rmem == "DRAM" else None
+        if pid is None and path == "same-host":
+            raise TransferFailed(f"[client] data_path = \"same-host\" but the daemon of agent "
+                                 f"{agent} is not reachable that way (another host, another "
+                                 "user, or GPU memory); set data_path = \"auto\"")
+        return pid
+
+    def _move(self, op: str, agent: str, local: list, lmem: str, remote: list, rmem: str,
+              inline: bool) -> Awaitable[None]:
+        """One READ or WRITE of matching rows: the same-host copy where it applies, else
+        NIXL. ``inline``: the caller waits for it alone (small ones then run on this
+        thread); otherwise it queues behind the others on the copy thread."""
+        pid = self._same_host(agent, lmem, rmem)
+        if pid is None:
+            if inline:
+                return self.agent.run(op, agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)
+            return self.agent.submit(op, agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)
+        loop = asyncio.get_running_loop()
+        if inline and sum(r[1] for r in local) <= INLINE_BYTES:
+            done = loop.create_future()
+            try:
+                localcopy.copy(op, pid, local, remote)
+                done.set_result(None)
+            except TransferFailed as exc:
+                done.set_exception(exc)
+            return done
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvpool-copy")
+        return loop.run_in_executor(self._copier, localcopy.copy, op, pid, local, remote)
 
     def register(self, buffer: Any) -> None:
         """Register a buffer with NIXL for good (until close); later calls use it as is."""
@@ -389,11 +430,9 @@ class AsyncPoolClient:
             if len(plans) == 1 and sum(views[i].nbytes for i in idx) <= INLINE_BYTES:
                 while_copying()
                 agent, local, lmem, remote, rmem = plans[0]
-                await self.agent.run("WRITE", agent, local, lmem, remote, rmem,
-                                     self.cfg.transfer_timeout_s)
+                await self._move("WRITE", agent, local, lmem, remote, rmem, inline=True)
                 return
-            copies = [self.agent.submit("WRITE", agent, local, lmem, remote, rmem,
-                                        self.cfg.transfer_timeout_s)
+            copies = [self._move("WRITE", agent, local, lmem, remote, rmem, inline=False)
                       for agent, local, lmem, remote, rmem in plans]
             try:
                 while_copying()
@@ -560,8 +599,8 @@ class AsyncPoolClient:
                         local += lrows
                         remote += rrows
                 single = len(groups) == 1 and len(chunk) == len(pieces)
-                transfers.append(([pieces[c] for c in chunk], (self.agent.run if single else self.agent.submit)(
-                    "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
+                transfers.append(([pieces[c] for c in chunk], self._move(
+                    "READ", agent, local, lmem, remote, rmem, inline=single)))
         try:
             for chunk_pieces, transfer in transfers:
                 try:

@@ -150,6 +150,9 @@ class ClientConfig:
     rpc: str = doc("stream", "Transport of the hot calls: 'stream' (length-prefixed msgpack frames "
                              "on the master's RPC port) or 'ws' (the WebSocket RPC on its HTTP "
                              "port, for a path that passes HTTP only).")
+    data_path: str = doc("auto", "How bytes move: 'auto' (a daemon on this host, reachable by the "
+                                 "kernel's cross-memory copy, takes the same-host path; others "
+                                 "NIXL), 'nixl', or 'same-host' (an error where it cannot be used).")
     hot_grants: int = doc(64, "Read grants of hot blocks (single-key gets of a key read "
                               "before) kept while their leases last, so such a get costs a copy, "
                               "not a call; each holds its lease (at most half of it); 0: none.")

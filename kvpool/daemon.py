@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from aiohttp import web
 
-from kvpool import auth
+from kvpool import auth, localcopy
 from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
@@ -47,7 +47,8 @@ class PoolDaemon:
         self._serve_tls = auth.server_tls(cfg.tls_cert, cfg.tls_key, "[daemon]")
         self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
-        self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}"
+        # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
+        self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
