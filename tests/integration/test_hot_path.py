@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import msgpack
@@ -19,7 +23,7 @@ from kvpool.errors import ChecksumMismatch
 from kvpool.keys import Namespace, block_keys
 from kvpool.protocol import Call
 from kvpool.wire import PROTOCOL_VERSION
-from tests.integration.conftest import Pool, admin
+from tests.integration.conftest import ROOT, Pool, admin
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -158,3 +162,66 @@ async def test_bytes_damaged_in_the_arena_are_caught_whole_or_hashed_in_pieces(
         with pytest.raises(ChecksumMismatch):
             await client.get(key, out)
         assert not await client.exists(key)  # the replica was reported and dropped
+
+
+async def test_what_one_data_path_writes_the_other_reads(pool: Pool) -> None:
+    sizes = [4 * KiB, 64 * KiB, MiB, 16 * MiB]
+    rng = np.random.default_rng(11)
+    for writer_path, reader_path in (("nixl", "same-host"), ("same-host", "nixl")):
+        ks = keys_for(f"paths-{writer_path}", len(sizes))
+        values = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+        async with AsyncPoolClient(pool.client_config(data_path=writer_path)) as writer, \
+                AsyncPoolClient(pool.client_config(data_path=reader_path)) as reader:
+            assert all(r.stored for r in await writer.batch_put(ks, values))
+            outs = [np.zeros_like(v) for v in values]
+            assert all(r.hit for r in await reader.batch_get(ks, outs))
+            assert all(np.array_equal(o, v) for o, v in zip(outs, values))
+            one = np.zeros(MiB, np.uint8)
+            assert await reader.get(ks[2], one) is not None and np.array_equal(one, values[2])
+            await writer.batch_remove(ks, force=True)
+
+
+NAMESPACED_CLIENT = """
+import asyncio, sys, numpy as np
+from clients.client import AsyncPoolClient
+from kvpool import localcopy
+from kvpool.config import ClientConfig
+from kvpool.errors import TransferFailed
+
+async def main():
+    key = bytes.fromhex(sys.argv[2])
+    async with AsyncPoolClient(ClientConfig(master_url=sys.argv[1])) as c:
+        _, [grant], _ = await c._lease([key])
+        out = np.zeros(64 << 10, np.uint8)
+        assert await c.get(key, out) is not None
+        print(localcopy.local_pid(grant.location.agent), int(out.sum()))
+    async with AsyncPoolClient(ClientConfig(master_url=sys.argv[1], data_path="same-host")) as c:
+        try:
+            await c.get(key, out)
+        except TransferFailed as exc:
+            print("refused:", exc)
+asyncio.run(main())
+"""
+
+
+def test_a_client_in_another_process_namespace_takes_nixl(pool: Pool) -> None:
+    """Seen from another PID namespace (a container on the same host), the daemon's
+    process is not there: the client copies through NIXL, and a forced same-host path is
+    refused with a typed error."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to start a process in a new PID namespace")
+    key = keys_for("pidns", 1)[0]
+    value = np.full(64 * KiB, 3, np.uint8)
+
+    async def put() -> None:
+        async with AsyncPoolClient(pool.client_config()) as client:
+            await client.put(key, value)
+
+    asyncio.run(put())
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                          NAMESPACED_CLIENT, pool.master_url, key.hex()],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = res.stdout.strip().splitlines()
+    assert first == f"None {int(value.sum())}"  # no local daemon: NIXL, and the right bytes
+    assert second.startswith("refused:") and "same-host" in second
