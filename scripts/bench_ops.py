@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
 from clients.sync import PoolClient  # noqa: E402
+from kvpool import localcopy  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 from benchlib import machine  # noqa: E402
@@ -125,10 +126,10 @@ def _block(i: int) -> np.ndarray:
     return data
 
 
-async def bench_pool(master: str, calls: int, rpc: str, salt: str) -> dict:
-    """Every figure of one RPC transport (``rpc``) against the running pool."""
+async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+    """Every figure of one RPC transport (``rpc``) and data path against the running pool."""
     out: dict = {}
-    cfg = ClientConfig(master_url=master, rpc=rpc)
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path)
     ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
     nblocks = calls
     keys = block_keys(ns, np.arange(nblocks + calls + 1000))
@@ -220,11 +221,11 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str) -> dict:
     return out
 
 
-def bench_sync(master: str, calls: int, rpc: str, salt: str) -> dict:
+def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
     """The blocking client's exists (from this thread) over the blocks bench_pool left."""
     ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
     stored = block_keys(ns, np.arange(calls))
-    with PoolClient(ClientConfig(master_url=master, rpc=rpc)) as sync:
+    with PoolClient(ClientConfig(master_url=master, rpc=rpc, data_path=path)) as sync:
         for k in stored[:50]:
             sync.exists(k)
         times = []
@@ -247,7 +248,7 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]
     raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
 
 
-def measure(calls: int, rpcs: list[str]) -> dict:
+def measure(calls: int, rpcs: list[str], path: str) -> dict:
     data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
     master, info = start(["master", "--port", "0"], {})
     daemon = None
@@ -258,16 +259,20 @@ def measure(calls: int, rpcs: list[str]) -> dict:
         runs = {}
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
-            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, salt=f"{rpc}-{n}"))
-            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, salt=f"{rpc}-{n}")
+            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path))
+            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path)
         ping2 = pingpong(calls)  # before and after: the machine is shared
+        if path == "auto":  # what the client chose: the same-host copy when it can
+            with urllib.request.urlopen(info["master"] + "/v1/nodes", timeout=10) as resp:
+                agent = json.loads(resp.read())["nodes"][0]["agent"]
+            path = "same-host" if localcopy.local_pid(agent) else "nixl"
         runs_ping = _stats(ping + ping2)
     finally:
         for proc in (daemon, master):
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=30)
-    return {"runs": runs, "pingpong": runs_ping}
+    return {"runs": runs, "pingpong": runs_ping, "path": path}
 
 
 def shape(run: dict, ping: dict, path: str) -> dict:
@@ -302,8 +307,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2000 calls per figure instead of 10000")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    parser.add_argument("--path", choices=["nixl", "same-host"], default="nixl",
-                        help="the data path of gets and puts")
+    parser.add_argument("--path", choices=["auto", "nixl", "same-host"], default="auto",
+                        help="force the data path of gets and puts: NIXL, or the same-host "
+                             "copy (auto: the client's choice; the JSON says which)")
     parser.add_argument("--rpc", choices=["ws", "stream", "both"], default="stream",
                         help="the hot RPC's transport: the WebSocket one, the stream one, or both "
                              "one after the other (the JSON's top level is the last)")
@@ -312,12 +318,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "pingpong-server":
         return pingpong_server(args.port_file)
-    if args.path == "same-host":
-        raise SystemExit("--path same-host: this build has no same-host (shared-memory) path yet")
     rpcs = ["ws", "stream"] if args.rpc == "both" else [args.rpc]
     calls = 2000 if args.quick else 10000
-    measured = measure(calls, rpcs)
-    results = {rpc: shape(run, measured["pingpong"], args.path) for rpc, run in measured["runs"].items()}
+    measured = measure(calls, rpcs, args.path)
+    results = {rpc: shape(run, measured["pingpong"], measured["path"])
+               for rpc, run in measured["runs"].items()}
     for rpc, result in results.items():
         report(rpc, result)
     if len(results) == 2:
