@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
-from master.policy import LRU, BlockInfo, EvictionPolicy
+from master.policy import BlockInfo, EvictionPolicy, LRUFactory
 
 
 class BlockState(enum.Enum):
@@ -111,8 +111,11 @@ PolicyMaker = Callable[[str, TierKind], EvictionPolicy]
 
 
 class Index:
-    def __init__(self, make_policy: PolicyMaker = lambda owner, kind: LRU()) -> None:
+    def __init__(self, make_policy: PolicyMaker | None = None) -> None:
         self.entries: dict[BlockKey, BlockEntry] = {}
+        if make_policy is None:
+            lru = LRUFactory()
+            make_policy = lambda owner, kind: lru.make(kind.value, 0)  # noqa: E731
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
         self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
@@ -181,6 +184,11 @@ class Index:
             del self.entries[entry.key]
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
+
+    def committed(self, entry: BlockEntry) -> None:
+        """A put became readable: its policies heard of it at the reservation, and a write
+        is not a read."""
+        entry.used_at = time.monotonic()
 
     def touch(self, entry: BlockEntry) -> None:
         """A read: every tier holding the block hears of it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
@@ -62,45 +63,6 @@ class PolicyFactory(Protocol):
     def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy: ...
 
 
-@dataclass(slots=True)
-class LRU:
-    """Least recently used first. Admits everything."""
-
-    name: str = "lru"
-    _order: OrderedDict[bytes, None] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self._order = OrderedDict()
-
-    def admit(self, info: BlockInfo, now: float) -> bool:
-        return True
-
-    def inserted(self, info: BlockInfo, now: float) -> None:
-        self._order[info.key] = None
-        self._order.move_to_end(info.key)
-
-    def accessed(self, key: bytes, now: float) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
-
-    def removed(self, key: bytes) -> None:
-        self._order.pop(key, None)
-
-    def victims(self) -> Iterator[bytes]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-
-@dataclass(frozen=True, slots=True)
-class LRUFactory:
-    name: str = "lru"
-
-    def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy:
-        return LRU()
-
-
 RANK = {"gpu": 0, "host": 1, "ssd": 2, "object": 3}  # fastest first
 
 
@@ -112,12 +74,39 @@ class _History:
 
     hits: int = 0  # reads served since the block was written
     tail: bool = False  # the last block of a put run: a request's trailing partial block
-    holders: list[ReuseAware] = field(default_factory=list)  # the tiers that hold it
+    holders: list[ReuseAware | HitDensity] = field(default_factory=list)  # the tiers that hold it
     kids: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # children held, per tier rank
+    depth: int = 1  # blocks in its chain, itself included (1: a first block)
+    cont: bool = False  # written by a request that continued a cached prefix of 2+ blocks
 
     def leaf_in(self, rank: int) -> bool:
         """No child cached in this tier or a faster one: an eviction candidate there."""
         return not any(self.kids[: rank + 1])
+
+
+def _history(history: dict[bytes, _History], key: bytes) -> _History:
+    h = history.get(key)
+    if h is None:
+        h = history[key] = _History()
+    return h
+
+
+def _forget(history: dict[bytes, _History], key: bytes, h: _History) -> None:
+    if not h.holders and not any(h.kids):
+        del history[key]
+
+
+def _kid_changed(tier: ReuseAware | HitDensity, parent: bytes | None, delta: int) -> None:
+    """A child of ``parent`` entered (+1) or left (-1) ``tier``: tell every tier that holds
+    the parent, whose leaf-ness may change (this one and the slower ones)."""
+    if parent is None:
+        return
+    ph = _history(tier.history, parent)
+    ph.kids[tier._rank] += delta
+    for pol in ph.holders:
+        if pol._rank >= tier._rank:
+            pol._relink(parent)
+    _forget(tier.history, parent, ph)
 
 
 @dataclass(slots=True)
@@ -148,6 +137,7 @@ class ReuseAware:
     history: dict[bytes, _History]
     bonus: float = 0.25  # capacities of writes a read block ranks above an unread one
     admit_tails: bool = False
+    tails_first: bool = True
     name: str = "reuse"
     _rank: int = 0
     _bonus: int = 0  # the same, in bytes
@@ -167,14 +157,10 @@ class ReuseAware:
         return self.admit_tails or h is None or not h.tail or h.hits > 0
 
     def _history(self, key: bytes) -> _History:
-        h = self.history.get(key)
-        if h is None:
-            h = self.history[key] = _History()
-        return h
+        return _history(self.history, key)
 
     def _forget(self, key: bytes, h: _History) -> None:
-        if not h.holders and not any(h.kids):
-            del self.history[key]
+        _forget(self.history, key, h)
 
     def _push(self, key: bytes, e: _Entry) -> None:
         """(Re)rank a block; only leaves go on the heap."""
@@ -182,31 +168,29 @@ class ReuseAware:
         if not h.leaf_in(self._rank):
             e.prio = None
             return
-        if h.tail and not h.hits:
-            e.prio = (0, e.stamp)
+        if h.tail and not h.hits and self.tails_first:
+            prio = (0, e.stamp)
         else:
-            e.prio = (1, e.stamp + (self._bonus if h.hits else 0))
-        heapq.heappush(self._heap, (e.prio, next(self._seq), key))
+            prio = (1, e.stamp + (self._bonus if h.hits else 0))
+        if prio == e.prio:
+            return  # ranked so already
+        e.prio = prio
+        heapq.heappush(self._heap, (prio, next(self._seq), key))
         if len(self._heap) > 2 * len(self._entries) + 64:  # drop stale entries
             self._heap = [x for x in self._heap
                           if (y := self._entries.get(x[2])) is not None and y.prio == x[0]]
             heapq.heapify(self._heap)
 
     def _kid_changed(self, parent: bytes | None, delta: int) -> None:
-        """A child of ``parent`` entered (+1) or left (-1) this tier: tell every tier that
-        holds the parent, whose leaf-ness may change (this one and the slower ones)."""
-        if parent is None:
-            return
-        ph = self._history(parent)
-        ph.kids[self._rank] += delta
-        for pol in ph.holders:
-            if pol._rank >= self._rank:
-                pe = pol._entries[parent]
-                if delta > 0:
-                    pe.prio = None
-                elif pe.prio is None:
-                    pol._push(parent, pe)
-        self._forget(parent, ph)
+        _kid_changed(self, parent, delta)
+
+    def _relink(self, key: bytes) -> None:
+        """The block's leaf-ness here may have changed."""
+        e = self._entries[key]
+        if not self.history[key].leaf_in(self._rank):
+            e.prio = None
+        elif e.prio is None:
+            self._push(key, e)
 
     def inserted(self, info: BlockInfo, now: float) -> None:
         key = info.key
@@ -268,6 +252,22 @@ class ReuseAware:
         return len(self._entries)
 
 
+def LRU(tier: str = "host", history: dict[bytes, _History] | None = None) -> ReuseAware:
+    """Plain least recently used among the leaves of a tier: ReuseAware without its two
+    corrections. Admits everything."""
+    return ReuseAware(tier, 0, {} if history is None else history, bonus=0.0, admit_tails=True,
+                      tails_first=False, name="lru")
+
+
+@dataclass(slots=True)
+class LRUFactory:
+    name: str = "lru"
+    history: dict[bytes, _History] = field(default_factory=dict)
+
+    def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy:
+        return LRU(tier, self.history)
+
+
 @dataclass(slots=True)
 class ReuseAwareFactory:
     """One shared history for every tier it makes (reads and tail marks follow a block
@@ -282,8 +282,202 @@ class ReuseAwareFactory:
         return ReuseAware(tier, capacity_bytes, self.history, self.bonus, self.admit_tails)
 
 
+AGE_BUCKETS = 128  # ages a class's statistics tell apart, each 1/32 of the tier's capacity
+N_CLASSES = 16  # (reads so far: 0, 1, 2, 3+) x (a trailing block) x (a continuing request's)
+
+
+def _class(h: _History) -> int:
+    return min(h.hits, 3) * 4 + h.tail * 2 + h.cont
+
+
+@dataclass(slots=True)
+class _DEntry:
+    parent: bytes | None
+    stamp: int  # the tier's clock at the last write or read
+    cls: int  # the block's class since that moment
+    leaf: int = -1  # its place in the tier's leaf list; -1 while a child is cached
+
+
+@dataclass(slots=True)
+class HitDensity:
+    """Evicts the leaf with the least hit density: the hits a block of its class and age
+    is expected to get per byte-time it will still occupy (LHD, Beckmann et al., NSDI
+    2018), learned online from what happens in this tier.
+
+    A block's class is (reads so far, trailing block of its put, written by a request
+    that continued a cached prefix); its age is the bytes written into the tier since its
+    last write or read. Each class counts, per age bucket, the hits and the evictions that
+    happened at that age (decayed as the workload moves); from them the density of every
+    (class, age) follows: hits still to come / expected space-time still to use. On this
+    trace most blocks are never read again, and how long a class has gone unread says
+    more than recency alone. Victims are the least dense of ``samples`` random leaves, so
+    an eviction costs O(samples) whatever the tier holds. Leaves only: a block with a
+    child cached in this tier or a faster one is yielded after every leaf.
+    """
+
+    tier: str
+    capacity: int  # bytes
+    history: dict[bytes, _History]
+    samples: int = 64
+    admit_tails: bool = False
+    seed: int = 0
+    name: str = "density"
+    _rank: int = 0
+    _width: int = 1  # bytes of age per bucket
+    _entries: dict[bytes, _DEntry] = field(default_factory=dict)
+    _leaves: list[bytes] = field(default_factory=list)
+    _hits: list[list[float]] = field(default_factory=list)  # [class][age bucket]
+    _ends: list[list[float]] = field(default_factory=list)
+    _density: list[list[float]] = field(default_factory=list)
+    _clock: int = 0
+    _due: int = 0  # the clock at which the densities are next recomputed
+    _last: bytes | None = None  # written last: a write that does not chain from it starts a run
+    _rng: random.Random = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self._rank = RANK.get(self.tier, len(RANK) - 1)
+        self._width = max(1, self.capacity // 32)
+        self._hits = [[0.0] * AGE_BUCKETS for _ in range(N_CLASSES)]
+        self._ends = [[0.0] * AGE_BUCKETS for _ in range(N_CLASSES)]
+        self._density = [[0.0] * AGE_BUCKETS for _ in range(N_CLASSES)]
+        self._due = self._width * 4
+        self._rng = random.Random(self.seed)
+
+    def admit(self, info: BlockInfo, now: float) -> bool:
+        """Cold-tier admission: a trailing block is not worth the write."""
+        h = self.history.get(info.key)
+        return self.admit_tails or h is None or not h.tail or h.hits > 0
+
+    def _bucket(self, e: _DEntry) -> int:
+        return min((self._clock - e.stamp) // self._width, AGE_BUCKETS - 1)
+
+    def _recompute(self) -> None:
+        """Densities from the decayed event counts: from the oldest age down, hits still
+        to come over the space-time the blocks alive at that age will use."""
+        for c in range(N_CLASSES):
+            hits, ends, dens = self._hits[c], self._ends[c], self._density[c]
+            to_come = alive = spacetime = 0.0
+            for b in range(AGE_BUCKETS - 1, -1, -1):
+                to_come += hits[b]
+                alive += hits[b] + ends[b]
+                spacetime += alive
+                dens[b] = to_come / spacetime if spacetime else 0.0
+                hits[b] *= 0.9
+                ends[b] *= 0.9
+        self._due = self._clock + self._width * 4
+
+    def _set_leaf(self, key: bytes, e: _DEntry, leaf: bool) -> None:
+        leaves = self._leaves
+        if leaf and e.leaf < 0:
+            e.leaf = len(leaves)
+            leaves.append(key)
+        elif not leaf and e.leaf >= 0:
+            moved = leaves.pop()
+            if moved != key:
+                leaves[e.leaf] = moved
+                self._entries[moved].leaf = e.leaf
+            e.leaf = -1
+
+    def _relink(self, key: bytes) -> None:
+        e = self._entries[key]
+        self._set_leaf(key, e, self.history[key].leaf_in(self._rank))
+
+    def inserted(self, info: BlockInfo, now: float) -> None:
+        key = info.key
+        if key in self._entries:
+            return
+        h = self.history.get(key)
+        fresh = h is None
+        if fresh:
+            h = self.history[key] = _History()
+            ph = self.history.get(info.parent) if info.parent is not None else None
+            h.depth = ph.depth + 1 if ph is not None else 1
+        if self._rank <= RANK["host"] and (info.parent is None or info.parent in self._entries):
+            # a write (or promotion) extending a chain held here: runs are told apart only
+            # where writes land, never from demotions, which arrive leaves first
+            last = self._last
+            if info.parent != last:  # a new run: the one before ended with ``last``
+                if last is not None and last in self._entries:
+                    self.history[last].tail = True
+                    self._entries[last].cls = _class(self.history[last])
+                if fresh:
+                    h.cont = h.depth > 2
+            elif fresh and last is not None:
+                h.cont = self.history[last].cont
+            self._last = key
+        self._clock += info.size
+        h.holders.append(self)
+        e = self._entries[key] = _DEntry(info.parent, self._clock, _class(h))
+        _kid_changed(self, info.parent, +1)
+        self._set_leaf(key, e, h.leaf_in(self._rank))
+        if self._clock >= self._due:
+            self._recompute()
+
+    def accessed(self, key: bytes, now: float) -> None:
+        e = self._entries.get(key)
+        if e is None:
+            return
+        self._hits[e.cls][self._bucket(e)] += 1
+        h = self.history[key]
+        h.hits += 1
+        e.cls, e.stamp = _class(h), self._clock
+
+    def removed(self, key: bytes) -> None:
+        e = self._entries.pop(key, None)
+        if e is None:
+            return
+        self._ends[e.cls][self._bucket(e)] += 1
+        self._set_leaf(key, e, False)
+        h = self.history[key]
+        h.holders.remove(self)
+        _forget(self.history, key, h)
+        if key == self._last:
+            self._last = None
+        _kid_changed(self, e.parent, -1)
+
+    def _score(self, key: bytes) -> tuple[float, int]:
+        e = self._entries[key]
+        return self._density[e.cls][self._bucket(e)], e.stamp
+
+    def victims(self) -> Iterator[bytes]:
+        """The least dense of a random sample of leaves, again and again (each named once);
+        the last few leaves in density order; then blocks with a cached child, least
+        recently used first."""
+        leaves, named = self._leaves, set()
+        while len(named) < len(leaves):
+            best, score = None, None
+            for _ in range(min(self.samples, len(leaves))):
+                key = leaves[self._rng.randrange(len(leaves))]
+                if key not in named and (score is None or (s := self._score(key)) < score):
+                    best, score = key, s if score is not None else self._score(key)
+            if best is None or len(named) > len(leaves) // 2:
+                break  # the sample found none left unnamed: order what remains
+            named.add(best)
+            yield best
+        rest = sorted((self._score(k), k) for k in leaves if k not in named)
+        yield from (k for _, k in rest)
+        yield from (k for _, k in sorted((e.stamp, k) for k, e in self._entries.items() if e.leaf < 0))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(slots=True)
+class HitDensityFactory:
+    """One shared history for every tier it makes, as for ReuseAware."""
+
+    samples: int = 64
+    admit_tails: bool = False
+    name: str = "density"
+    history: dict[bytes, _History] = field(default_factory=dict)
+
+    def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy:
+        return HitDensity(tier, capacity_bytes, self.history, self.samples, self.admit_tails)
+
+
 POLICIES: dict[str, Callable[[], PolicyFactory]] = {
     "lru": LRUFactory,
     "reuse": ReuseAwareFactory,
+    "density": HitDensityFactory,
 }
 DEFAULT_POLICY = "reuse"

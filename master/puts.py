@@ -165,7 +165,7 @@ class Puts:
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0
                 st.index.set_parent(entry, parent)
-                st.index.touch(entry)
+                st.index.committed(entry)
                 for r in entry.replicas:
                     st.events.emit("stored", entry.key, r.node, r.tier, entry.size)
                 committed += 1
