@@ -205,10 +205,13 @@ class Index:
                 return True
         return False
 
-    def coldest(self, owner: str, tier: TierKind, now: float) -> Iterator[BlockEntry]:
+    def coldest(self, owner: str, tier: TierKind, now: float,
+                leaves_only: bool = False) -> Iterator[BlockEntry]:
         """Blocks of (owner, tier) in eviction order: the policy's order among blocks with
         no cached successor in this or a faster tier; then soft-pinned ones; then those
-        whose successors are cached (evicted only when nothing else is left)."""
+        whose successors are cached (evicted only when nothing else is left). With
+        ``leaves_only``, the first group alone: a caller evicting in rounds sees a block
+        once the successors it had were evicted, so no prefix is cut short."""
         soft, later = [], []
         seen: set[BlockKey] = set()  # a policy may name a key twice; a victim counts once
         for key in self.policy(owner, tier).victims():
@@ -217,9 +220,12 @@ class Index:
                 continue
             seen.add(key)
             if self.successor_cached(entry, tier):
+                if leaves_only:
+                    return  # the policy names its leaves first
                 later.append(entry)
             elif entry.soft_pinned(now):
-                soft.append(entry)
+                if not leaves_only:
+                    soft.append(entry)
             else:
                 yield entry
         yield from soft

@@ -109,11 +109,37 @@ def _kid_changed(tier: ReuseAware | HitDensity, parent: bytes | None, delta: int
     _forget(tier.history, parent, ph)
 
 
+def _arrive(tier: ReuseAware | HitDensity, info: BlockInfo) -> _History:
+    """The history of a block arriving in ``tier``: its depth, and at a write (or a
+    promotion) extending a chain held there, its run. Runs are told apart only where
+    writes land, never from demotions, which arrive leaves first: a write that does not
+    chain from the block written last starts a run, and the one before ended there."""
+    h = tier.history.get(info.key)
+    fresh = h is None
+    if h is None:
+        h = tier.history[info.key] = _History()
+        ph = tier.history.get(info.parent) if info.parent is not None else None
+        h.depth = ph.depth + 1 if ph is not None else 1
+    if tier._rank <= RANK["host"] and (info.parent is None or info.parent in tier._entries):
+        last = tier._last
+        if last is None or info.parent != last:
+            if last is not None and last in tier._entries:
+                tier.history[last].tail = True
+                tier._retail(last)
+            if fresh:  # continuing a cached prefix of 2+ blocks
+                h.cont = h.depth > 2
+        elif fresh:
+            h.cont = tier.history[last].cont
+        tier._last = info.key
+    return h
+
+
 @dataclass(slots=True)
 class _Entry:
     parent: bytes | None
     stamp: int  # the tier's clock at the last write or read
     prio: tuple[int, int] | None = None  # as pushed on the heap; None while not a leaf
+    seq: int = -1  # the heap item that ranks it (older items for it are stale)
 
 
 @dataclass(slots=True)
@@ -138,9 +164,11 @@ class ReuseAware:
     bonus: float = 0.25  # capacities of writes a read block ranks above an unread one
     admit_tails: bool = False
     tails_first: bool = True
+    penalty: float = 0.0  # capacities an unread block of a continuing request ranks below
     name: str = "reuse"
     _rank: int = 0
     _bonus: int = 0  # the same, in bytes
+    _penalty: int = 0
     _entries: dict[bytes, _Entry] = field(default_factory=dict)
     _heap: list[tuple[tuple[int, int], int, bytes]] = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
@@ -150,11 +178,14 @@ class ReuseAware:
     def __post_init__(self) -> None:
         self._rank = RANK.get(self.tier, len(RANK) - 1)
         self._bonus = int(self.bonus * self.capacity)
+        self._penalty = int(self.penalty * self.capacity)
 
     def admit(self, info: BlockInfo, now: float) -> bool:
-        """Cold-tier admission: a trailing block is not worth the write."""
+        """Cold-tier admission: a trailing block is not worth the write (an arena admits
+        every demotion)."""
         h = self.history.get(info.key)
-        return self.admit_tails or h is None or not h.tail or h.hits > 0
+        return (self.admit_tails or self._rank <= RANK["host"] or h is None or not h.tail
+                or h.hits > 0)
 
     def _history(self, key: bytes) -> _History:
         return _history(self.history, key)
@@ -166,29 +197,34 @@ class ReuseAware:
         """(Re)rank a block; only leaves go on the heap."""
         h = self.history[key]
         if not h.leaf_in(self._rank):
-            e.prio = None
+            e.prio, e.seq = None, -1
             return
         if h.tail and not h.hits and self.tails_first:
             prio = (0, e.stamp)
+        elif h.hits:
+            prio = (1, e.stamp + self._bonus)
         else:
-            prio = (1, e.stamp + (self._bonus if h.hits else 0))
+            prio = (1, e.stamp - (self._penalty if h.cont else 0))
         if prio == e.prio:
             return  # ranked so already
-        e.prio = prio
-        heapq.heappush(self._heap, (prio, next(self._seq), key))
+        e.prio, e.seq = prio, next(self._seq)
+        heapq.heappush(self._heap, (prio, e.seq, key))
         if len(self._heap) > 2 * len(self._entries) + 64:  # drop stale entries
             self._heap = [x for x in self._heap
-                          if (y := self._entries.get(x[2])) is not None and y.prio == x[0]]
+                          if (y := self._entries.get(x[2])) is not None and y.seq == x[1]]
             heapq.heapify(self._heap)
 
     def _kid_changed(self, parent: bytes | None, delta: int) -> None:
         _kid_changed(self, parent, delta)
 
+    def _retail(self, key: bytes) -> None:
+        self._push(key, self._entries[key])
+
     def _relink(self, key: bytes) -> None:
         """The block's leaf-ness here may have changed."""
         e = self._entries[key]
         if not self.history[key].leaf_in(self._rank):
-            e.prio = None
+            e.prio, e.seq = None, -1
         elif e.prio is None:
             self._push(key, e)
 
@@ -196,16 +232,8 @@ class ReuseAware:
         key = info.key
         if key in self._entries:
             return
-        if self._rank <= RANK["host"] and (info.parent is None or info.parent in self._entries):
-            # a write (or promotion) extending a chain held here: runs are told apart only
-            # where writes land, never from demotions, which arrive leaves first
-            last = self._last
-            if last is not None and info.parent != last and last in self._entries:
-                self.history[last].tail = True  # the run that wrote it ended with it
-                self._push(last, self._entries[last])
-            self._last = key
+        h = _arrive(self, info)
         self._clock += info.size
-        h = self._history(key)
         h.holders.append(self)
         e = self._entries[key] = _Entry(info.parent, self._clock)
         self._kid_changed(info.parent, +1)
@@ -234,14 +262,14 @@ class ReuseAware:
         """Leaves in rank order (walking the heap without popping live entries), then the
         blocks that still have a cached child, least recently used first."""
         heap, entries = self._heap, self._entries
-        while heap and ((e := entries.get(heap[0][2])) is None or e.prio != heap[0][0]):
+        while heap and ((e := entries.get(heap[0][2])) is None or e.seq != heap[0][1]):
             heapq.heappop(heap)  # stale: read and re-pushed, gained a child, or left
         frontier = [(heap[0][0], heap[0][1], 0)] if heap else []
         while frontier:
-            prio, _, i = heapq.heappop(frontier)
+            _, seq, i = heapq.heappop(frontier)
             key = heap[i][2]
             e = entries.get(key)
-            if e is not None and e.prio == prio:
+            if e is not None and e.seq == seq:
                 yield key
             for c in (2 * i + 1, 2 * i + 2):
                 if c < len(heap):
@@ -275,11 +303,13 @@ class ReuseAwareFactory:
 
     bonus: float = 0.25
     admit_tails: bool = False
+    penalty: float = 0.0
     name: str = "reuse"
     history: dict[bytes, _History] = field(default_factory=dict)
 
     def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy:
-        return ReuseAware(tier, capacity_bytes, self.history, self.bonus, self.admit_tails)
+        return ReuseAware(tier, capacity_bytes, self.history, self.bonus, self.admit_tails,
+                          penalty=self.penalty)
 
 
 AGE_BUCKETS = 128  # ages a class's statistics tell apart, each 1/32 of the tier's capacity
@@ -344,9 +374,11 @@ class HitDensity:
         self._rng = random.Random(self.seed)
 
     def admit(self, info: BlockInfo, now: float) -> bool:
-        """Cold-tier admission: a trailing block is not worth the write."""
+        """Cold-tier admission: a trailing block is not worth the write (an arena admits
+        every demotion)."""
         h = self.history.get(info.key)
-        return self.admit_tails or h is None or not h.tail or h.hits > 0
+        return (self.admit_tails or self._rank <= RANK["host"] or h is None or not h.tail
+                or h.hits > 0)
 
     def _bucket(self, e: _DEntry) -> int:
         return min((self._clock - e.stamp) // self._width, AGE_BUCKETS - 1)
@@ -378,6 +410,9 @@ class HitDensity:
                 self._entries[moved].leaf = e.leaf
             e.leaf = -1
 
+    def _retail(self, key: bytes) -> None:
+        self._entries[key].cls = _class(self.history[key])
+
     def _relink(self, key: bytes) -> None:
         e = self._entries[key]
         self._set_leaf(key, e, self.history[key].leaf_in(self._rank))
@@ -386,25 +421,7 @@ class HitDensity:
         key = info.key
         if key in self._entries:
             return
-        h = self.history.get(key)
-        fresh = h is None
-        if fresh:
-            h = self.history[key] = _History()
-            ph = self.history.get(info.parent) if info.parent is not None else None
-            h.depth = ph.depth + 1 if ph is not None else 1
-        if self._rank <= RANK["host"] and (info.parent is None or info.parent in self._entries):
-            # a write (or promotion) extending a chain held here: runs are told apart only
-            # where writes land, never from demotions, which arrive leaves first
-            last = self._last
-            if info.parent != last:  # a new run: the one before ended with ``last``
-                if last is not None and last in self._entries:
-                    self.history[last].tail = True
-                    self._entries[last].cls = _class(self.history[last])
-                if fresh:
-                    h.cont = h.depth > 2
-            elif fresh and last is not None:
-                h.cont = self.history[last].cont
-            self._last = key
+        h = _arrive(self, info)
         self._clock += info.size
         h.holders.append(self)
         e = self._entries[key] = _DEntry(info.parent, self._clock, _class(h))

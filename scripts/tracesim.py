@@ -113,15 +113,25 @@ class _Pool:
         """As ``Tiering.relieve``: down to the low watermark (and room for ``need``)."""
         cap = self.cap[kind]
         target = max(0, min(min(int(self.low * cap), cap - need), self.used[kind] - at_least))
-        victims, freed = [], 0
-        for entry in self.index.coldest(NODE, kind, self.now):
-            if self.used[kind] - freed <= target:
-                break
-            if entry.movable(self.now):
-                victims.append(entry)
-                freed += 1
-        if not victims:
-            return False
+        moved, leaves_only = False, True
+        while self.used[kind] > target:
+            victims, freed = [], 0
+            for entry in self.index.coldest(NODE, kind, self.now, leaves_only):
+                if self.used[kind] - freed <= target:
+                    break
+                if entry.movable(self.now):
+                    victims.append(entry)
+                    freed += 1
+            if not victims:
+                if not leaves_only:
+                    break
+                leaves_only = False
+                continue
+            self._demote(kind, victims)
+            moved = True
+        return moved
+
+    def _demote(self, kind: TierKind, victims: list[BlockEntry]) -> None:
         below = TierKind.SSD if kind is TierKind.HOST and self.cap[TierKind.SSD] else None
         if below is not None:
             self._copy_down(below, victims)
@@ -133,7 +143,6 @@ class _Pool:
             self.used[kind] -= 1
             if not entry.replicas:
                 self.index.remove(entry)
-        return True
 
     def _copy_down(self, dst: TierKind, entries: list[BlockEntry]) -> None:
         admits = self.index.policy(NODE, dst)
