@@ -48,7 +48,13 @@ class EvictionPolicy(Protocol):
         ...
 
     def victims(self) -> Iterator[bytes]:
-        """Keys this tier holds, best victim first."""
+        """Keys this tier holds, best victim first: leaves (no child cached in this tier or
+        a faster one) before the others."""
+        ...
+
+    def rank(self, key: bytes) -> tuple:
+        """Where a block this tier holds would stand in ``victims()`` order were it a leaf
+        (lower goes first): a block whose children are evicted takes its place there."""
         ...
 
     def __len__(self) -> int: ...
@@ -138,7 +144,8 @@ def _arrive(tier: ReuseAware | HitDensity, info: BlockInfo) -> _History:
 class _Entry:
     parent: bytes | None
     stamp: int  # the tier's clock at the last write or read
-    prio: tuple[int, int] | None = None  # as pushed on the heap; None while not a leaf
+    tick: int  # orders writes and reads that the clock (bytes written) does not tell apart
+    prio: tuple[int, int, int] | None = None  # as pushed on the heap; None while not a leaf
     seq: int = -1  # the heap item that ranks it (older items for it are stale)
 
 
@@ -170,7 +177,7 @@ class ReuseAware:
     _bonus: int = 0  # the same, in bytes
     _penalty: int = 0
     _entries: dict[bytes, _Entry] = field(default_factory=dict)
-    _heap: list[tuple[tuple[int, int], int, bytes]] = field(default_factory=list)
+    _heap: list[tuple[tuple[int, int, int], int, bytes]] = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
     _clock: int = 0
     _last: bytes | None = None  # written last: a write that does not chain from it starts a run
@@ -193,18 +200,23 @@ class ReuseAware:
     def _forget(self, key: bytes, h: _History) -> None:
         _forget(self.history, key, h)
 
+    def _prio(self, h: _History, e: _Entry) -> tuple[int, int, int]:
+        if h.tail and not h.hits and self.tails_first:
+            return (0, e.stamp, e.tick)
+        if h.hits:
+            return (1, e.stamp + self._bonus, e.tick)
+        return (1, e.stamp - (self._penalty if h.cont else 0), e.tick)
+
+    def rank(self, key: bytes) -> tuple[int, int, int]:
+        return self._prio(self.history[key], self._entries[key])
+
     def _push(self, key: bytes, e: _Entry) -> None:
         """(Re)rank a block; only leaves go on the heap."""
         h = self.history[key]
         if not h.leaf_in(self._rank):
             e.prio, e.seq = None, -1
             return
-        if h.tail and not h.hits and self.tails_first:
-            prio = (0, e.stamp)
-        elif h.hits:
-            prio = (1, e.stamp + self._bonus)
-        else:
-            prio = (1, e.stamp - (self._penalty if h.cont else 0))
+        prio = self._prio(h, e)
         if prio == e.prio:
             return  # ranked so already
         e.prio, e.seq = prio, next(self._seq)
@@ -235,7 +247,7 @@ class ReuseAware:
         h = _arrive(self, info)
         self._clock += info.size
         h.holders.append(self)
-        e = self._entries[key] = _Entry(info.parent, self._clock)
+        e = self._entries[key] = _Entry(info.parent, self._clock, next(self._seq))
         self._kid_changed(info.parent, +1)
         self._push(key, e)
 
@@ -244,7 +256,7 @@ class ReuseAware:
         if e is None:
             return
         self.history[key].hits += 1
-        e.stamp = self._clock
+        e.stamp, e.tick = self._clock, next(self._seq)
         self._push(key, e)
 
     def removed(self, key: bytes) -> None:
@@ -451,6 +463,9 @@ class HitDensity:
         if key == self._last:
             self._last = None
         _kid_changed(self, e.parent, -1)
+
+    def rank(self, key: bytes) -> tuple[float, int]:
+        return self._score(key)
 
     def _score(self, key: bytes) -> tuple[float, int]:
         e = self._entries[key]
