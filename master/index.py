@@ -219,7 +219,7 @@ class Index:
         seen: set[BlockKey] = set()  # a policy may name a key twice; a victim counts once
         waiting: dict[BlockKey, int] = {}  # parent -> its cached successors not given yet
         ready: list[tuple[object, int, BlockEntry]] = []  # parents all of whose were given
-        stream = iter(policy.victims())
+        stream = iter(policy.victims(leaves_only))
         head = next(stream, None)
         n = 0
         while True:

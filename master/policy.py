@@ -47,9 +47,9 @@ class EvictionPolicy(Protocol):
         """The replica left this tier (evicted, demoted, deleted)."""
         ...
 
-    def victims(self) -> Iterator[bytes]:
+    def victims(self, leaves_only: bool = False) -> Iterator[bytes]:
         """Keys this tier holds, best victim first: leaves (no child cached in this tier or
-        a faster one) before the others."""
+        a faster one) before the others, which ``leaves_only`` leaves out."""
         ...
 
     def rank(self, key: bytes) -> tuple:
@@ -270,7 +270,7 @@ class ReuseAware:
             self._last = None
         self._kid_changed(e.parent, -1)
 
-    def victims(self) -> Iterator[bytes]:
+    def victims(self, leaves_only: bool = False) -> Iterator[bytes]:
         """Leaves in rank order (walking the heap without popping live entries), then the
         blocks that still have a cached child, least recently used first."""
         heap, entries = self._heap, self._entries
@@ -286,7 +286,8 @@ class ReuseAware:
             for c in (2 * i + 1, 2 * i + 2):
                 if c < len(heap):
                     heapq.heappush(frontier, (heap[c][0], heap[c][1], c))
-        yield from (k for _, k in sorted((e.stamp, k) for k, e in entries.items() if e.prio is None))
+        if not leaves_only:
+            yield from (k for _, k in sorted((e.stamp, k) for k, e in entries.items() if e.prio is None))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -471,12 +472,12 @@ class HitDensity:
         e = self._entries[key]
         return self._density[e.cls][self._bucket(e)], e.stamp
 
-    def victims(self) -> Iterator[bytes]:
+    def victims(self, leaves_only: bool = False) -> Iterator[bytes]:
         """The least dense of a random sample of leaves, again and again (each named once);
         the last few leaves in density order; then blocks with a cached child, least
         recently used first."""
         leaves, named = self._leaves, set()
-        while len(named) < len(leaves):
+        while len(named) < len(leaves) and len(leaves) > self.samples:
             best, score = None, None
             for _ in range(min(self.samples, len(leaves))):
                 key = leaves[self._rng.randrange(len(leaves))]
@@ -488,7 +489,9 @@ class HitDensity:
             yield best
         rest = sorted((self._score(k), k) for k in leaves if k not in named)
         yield from (k for _, k in rest)
-        yield from (k for _, k in sorted((e.stamp, k) for k, e in self._entries.items() if e.leaf < 0))
+        if not leaves_only:
+            yield from (k for _, k in sorted((e.stamp, k) for k, e in self._entries.items()
+                                             if e.leaf < 0))
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,9 @@ TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
 TARGETS = [(0.02, 0.0), (0.05, 0.0), (0.10, 0.0), (0.20, 0.0), (0.50, 0.0), (0.05, 0.15)]
 TIERS = ("gpu", "host", "ssd", "object")
 # The tiers kept full: what a tier holds between sweeps is what it can serve.
-WATERMARKS = {"KVPOOL_MASTER_HOST_HIGH": "0.99", "KVPOOL_MASTER_HOST_LOW": "0.97",
-              "KVPOOL_MASTER_SSD_HIGH": "0.99", "KVPOOL_MASTER_SSD_LOW": "0.97"}
+WATERMARK_PAIR = tracesim.WATERMARKS
+WATERMARKS = {f"KVPOOL_MASTER_{tier}_{side}": str(level) for tier in ("HOST", "SSD")
+              for side, level in zip(("HIGH", "LOW"), WATERMARK_PAIR)}
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class Run:
     ssd_frac: float
     hit_rate: float = 0.0
     of_ideal: float = 0.0
+    sim_of_ideal: float = 0.0  # this policy in scripts/tracesim.py, which drives the master's index
     lru_sim_of_ideal: float = 0.0
     belady_of_ideal: float = 0.0
     per_tier: dict[str, float] = field(default_factory=dict)  # blocks served by tier / requested
@@ -141,20 +144,27 @@ async def measure(run: Run, requests: list[tracesim.Request], distinct: int, ide
     return run
 
 
-def bounds(run: Run, requests: list[tracesim.Request], distinct: int, ideal: float) -> None:
-    lru = tracesim.simulate(requests, POLICIES["lru"](), run.host_frac, run.ssd_frac, distinct)
-    belady = tracesim.belady(requests, run.host_frac, run.ssd_frac, distinct)
-    run.lru_sim_of_ideal = lru.hit_rate / ideal if ideal else 0.0
-    run.belady_of_ideal = belady.hit_rate / ideal if ideal else 0.0
+def simulated(trace: str, limit: int | None, name: str, host_frac: float, ssd_frac: float) -> float:
+    """One simulated figure (of ideal) at one capacity: a policy, or "belady". Runs in a
+    worker process, beside the live replays."""
+    requests = tracesim.load_trace(trace, limit)
+    distinct, ideal = tracesim.distinct_blocks(requests), tracesim.ideal_hit_rate(requests)
+    if name == "belady":
+        res = tracesim.belady(requests, host_frac, ssd_frac, distinct)
+    else:
+        res = tracesim.simulate(requests, POLICIES[name](), host_frac, ssd_frac, distinct,
+                                WATERMARK_PAIR)
+    return res.hit_rate / ideal if ideal else 0.0
 
 
 def table(runs: list[Run], ideal: float) -> str:
-    head = (f"{'policy':<12} {'host':>5} {'ssd':>5} {'hit rate':>8} {'of ideal':>8} "
+    head = (f"{'policy':<12} {'host':>5} {'ssd':>5} {'hit rate':>8} {'of ideal':>8} {'sim':>6} "
             f"{'LRU sim':>7} {'Belady':>7} {'host hits':>9} {'ssd hits':>8} {'seconds':>7}")
     lines = [f"ideal hit rate (unlimited capacity): {ideal:.4f}", head, "-" * len(head)]
     for r in runs:
         lines.append(f"{r.policy:<12} {r.host_frac:>5.0%} {r.ssd_frac:>5.0%} {r.hit_rate:>8.4f} "
-                     f"{r.of_ideal:>8.3f} {r.lru_sim_of_ideal:>7.3f} {r.belady_of_ideal:>7.3f} "
+                     f"{r.of_ideal:>8.3f} {r.sim_of_ideal:>6.3f} {r.lru_sim_of_ideal:>7.3f} "
+                     f"{r.belady_of_ideal:>7.3f} "
                      f"{r.per_tier.get('host', 0):>9.4f} {r.per_tier.get('ssd', 0):>8.4f} "
                      f"{r.seconds:>7.1f}")
     return "\n".join(lines)
@@ -213,14 +223,23 @@ async def main() -> int:
         configs = TARGETS
     print(f"{len(requests)} requests, {distinct} distinct blocks of {args.block_kib} KiB, "
           f"ideal hit rate {ideal:.4f}; time compressed {args.speed:g}x", flush=True)
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
+    runs: list[Run] = []
+    limit = 3000 if args.quick else args.requests or None
+    with ProcessPoolExecutor(max_workers=1) as pool, \
+            tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
+        sims = {(name, h, s): pool.submit(simulated, args.trace, limit, name, h, s)
+                for h, s in configs for name in dict.fromkeys([*policies, "lru", "belady"])}
         for host_frac, ssd_frac in configs:
             for policy in policies:
                 run = Run(policy, host_frac, ssd_frac)
-                bounds(run, requests, distinct, ideal)
                 runs.append(await measure(run, requests, distinct, ideal, args.block_kib << 10,
                                           args.speed, Path(tmp)))
+        print("waiting for the simulations", flush=True)
+        for run in runs:
+            at = (run.host_frac, run.ssd_frac)
+            run.sim_of_ideal = sims[(run.policy, *at)].result()
+            run.lru_sim_of_ideal = sims[("lru", *at)].result()
+            run.belady_of_ideal = sims[("belady", *at)].result()
     print(table(runs, ideal))
     report = {"ideal": ideal, "default_policy": DEFAULT_POLICY, "requests": len(requests),
               "distinct_blocks": distinct, "block_bytes": args.block_kib << 10,
