@@ -198,6 +198,12 @@ class Index:
         for r in entry.replicas:
             self.policy(r.node, r.tier).accessed(entry.key, now)
 
+    @staticmethod
+    def cached_above(entry: BlockEntry, tier: TierKind) -> bool:
+        """Does a faster tier hold the block too? Its copy here may go whatever chains
+        from it: the prefix stays cached."""
+        return any(r.tier.rank < tier.rank for r in entry.replicas)
+
     def successor_cached(self, entry: BlockEntry, tier: TierKind) -> bool:
         """Is a block that chains from this one cached in ``tier`` or a faster one?"""
         for key in self._children.get(entry.key, ()):
@@ -230,7 +236,8 @@ class Index:
                 entry = self.entries.get(key)
                 if entry is None or key in seen:
                     continue
-                if self.successor_cached(entry, tier) and waiting.get(key) != 0:
+                if self.successor_cached(entry, tier) and waiting.get(key) != 0 \
+                        and not self.cached_above(entry, tier):
                     if leaves_only:
                         head = None  # the policy names its leaves first: what is left waits
                         continue

@@ -102,6 +102,18 @@ def _forget(history: dict[bytes, _History], key: bytes, h: _History) -> None:
         del history[key]
 
 
+def _copied_above(h: _History, rank: int) -> bool:
+    """Does a faster tier hold the block too? (Promotion keeps the cold copy.)"""
+    return rank > RANK["host"] and any(t._rank < rank for t in h.holders)
+
+
+def _tell_slower(tier: ReuseAware | HitDensity, key: bytes, h: _History) -> None:
+    """``tier`` took or dropped a copy: the slower tiers holding the block re-rank it."""
+    for pol in h.holders:
+        if pol._rank > tier._rank and isinstance(pol, ReuseAware):
+            pol._relink(key)
+
+
 def _kid_changed(tier: ReuseAware | HitDensity, parent: bytes | None, delta: int) -> None:
     """A child of ``parent`` entered (+1) or left (-1) ``tier``: tell every tier that holds
     the parent, whose leaf-ness may change (this one and the slower ones)."""
@@ -201,6 +213,8 @@ class ReuseAware:
         _forget(self.history, key, h)
 
     def _prio(self, h: _History, e: _Entry) -> tuple[int, int, int]:
+        if _copied_above(h, self._rank):  # evicting this copy loses nothing cached
+            return (-1, e.stamp, e.tick)
         if h.tail and not h.hits and self.tails_first:
             return (0, e.stamp, e.tick)
         if h.hits:
@@ -211,9 +225,10 @@ class ReuseAware:
         return self._prio(self.history[key], self._entries[key])
 
     def _push(self, key: bytes, e: _Entry) -> None:
-        """(Re)rank a block; only leaves go on the heap."""
+        """(Re)rank a block; only candidates go on the heap: leaves, and in a cold tier the
+        blocks a faster tier holds too."""
         h = self.history[key]
-        if not h.leaf_in(self._rank):
+        if not h.leaf_in(self._rank) and not _copied_above(h, self._rank):
             e.prio, e.seq = None, -1
             return
         prio = self._prio(h, e)
@@ -233,12 +248,8 @@ class ReuseAware:
         self._push(key, self._entries[key])
 
     def _relink(self, key: bytes) -> None:
-        """The block's leaf-ness here may have changed."""
-        e = self._entries[key]
-        if not self.history[key].leaf_in(self._rank):
-            e.prio, e.seq = None, -1
-        elif e.prio is None:
-            self._push(key, e)
+        """The block's leaf-ness here, or its copy in a faster tier, may have changed."""
+        self._push(key, self._entries[key])
 
     def inserted(self, info: BlockInfo, now: float) -> None:
         key = info.key
@@ -247,6 +258,7 @@ class ReuseAware:
         h = _arrive(self, info)
         self._clock += info.size
         h.holders.append(self)
+        _tell_slower(self, key, h)
         e = self._entries[key] = _Entry(info.parent, self._clock, next(self._seq))
         self._kid_changed(info.parent, +1)
         self._push(key, e)
@@ -265,6 +277,7 @@ class ReuseAware:
             return
         h = self.history[key]
         h.holders.remove(self)
+        _tell_slower(self, key, h)
         self._forget(key, h)
         if key == self._last:
             self._last = None

@@ -37,7 +37,7 @@ DEFAULT_TRACE = Path("/work/shared/traces/conversation_trace.jsonl")
 BLOCK = 1  # every block has the same size: capacities are block counts
 HOST_FRACS = (0.02, 0.05, 0.10, 0.20, 0.50)
 TWO_TIER = ((0.05, 0.15),)
-WATERMARKS = (0.99, 0.97)  # (high, low) of every tier, as scripts/replay_trace.py sets them
+WATERMARKS = (0.995, 0.99)  # (high, low) of every tier, as scripts/replay_trace.py sets them
 NODE = "sim"
 
 
