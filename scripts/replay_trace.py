@@ -40,7 +40,8 @@ from kvpool.launcher import spawn, stop  # noqa: E402
 from master.policy import DEFAULT_POLICY, POLICIES  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
-TARGETS = [(0.02, 0.0), (0.05, 0.0), (0.10, 0.0), (0.20, 0.0), (0.50, 0.0), (0.05, 0.15)]
+# The targets' capacities, the ones the targets name first (a run cut short keeps them).
+TARGETS = [(0.05, 0.0), (0.10, 0.0), (0.05, 0.15), (0.02, 0.0), (0.20, 0.0), (0.50, 0.0)]
 TIERS = ("gpu", "host", "ssd", "object")
 # The tiers kept full: what a tier holds between sweeps is what it can serve.
 WATERMARK_PAIR = tracesim.WATERMARKS
@@ -229,25 +230,36 @@ async def main() -> int:
             tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
         sims = {(name, h, s): pool.submit(simulated, args.trace, limit, name, h, s)
                 for h, s in configs for name in dict.fromkeys([*policies, "lru", "belady"])}
+        def fill(wait: bool) -> None:
+            for run in runs:
+                at = (run.host_frac, run.ssd_frac)
+                for attr, name in (("sim_of_ideal", run.policy), ("lru_sim_of_ideal", "lru"),
+                                   ("belady_of_ideal", "belady")):
+                    if wait or sims[(name, *at)].done():
+                        setattr(run, attr, sims[(name, *at)].result())
+
+        def report(complete: bool) -> dict:
+            out = {"ideal": ideal, "default_policy": DEFAULT_POLICY, "requests": len(requests),
+                   "distinct_blocks": distinct, "block_bytes": args.block_kib << 10,
+                   "time_compression": args.speed, "watermarks": list(WATERMARK_PAIR),
+                   "complete": complete, "runs": [asdict(r) for r in runs],
+                   "machine": machine("kvpool up (master + daemon) and one replaying client "
+                                      "process on this machine; NIXL UCX over loopback")}
+            if args.json:  # after every run, so a replay cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(out, indent=2))
+            return out
+
         for host_frac, ssd_frac in configs:
             for policy in policies:
                 run = Run(policy, host_frac, ssd_frac)
                 runs.append(await measure(run, requests, distinct, ideal, args.block_kib << 10,
                                           args.speed, Path(tmp)))
+                fill(wait=False)
+                report(complete=False)
         print("waiting for the simulations", flush=True)
-        for run in runs:
-            at = (run.host_frac, run.ssd_frac)
-            run.sim_of_ideal = sims[(run.policy, *at)].result()
-            run.lru_sim_of_ideal = sims[("lru", *at)].result()
-            run.belady_of_ideal = sims[("belady", *at)].result()
+        fill(wait=True)
+        report(complete=True)
     print(table(runs, ideal))
-    report = {"ideal": ideal, "default_policy": DEFAULT_POLICY, "requests": len(requests),
-              "distinct_blocks": distinct, "block_bytes": args.block_kib << 10,
-              "time_compression": args.speed, "runs": [asdict(r) for r in runs],
-              "machine": machine("kvpool up (master + daemon) and one replaying client process on "
-                                 "this machine; NIXL UCX over loopback")}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(runs, args.plot)
     return 0
