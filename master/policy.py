@@ -141,7 +141,9 @@ def _arrive(tier: ReuseAware | HitDensity, info: BlockInfo) -> _History:
     if tier._rank <= RANK["host"] and (info.parent is None or info.parent in tier._entries):
         last = tier._last
         if last is None or info.parent != last:
-            if last is not None and last in tier._entries:
+            # the run before ended with ``last``: its trailing block, if it chained from
+            # something (a put without chain links has no runs to tell apart)
+            if last is not None and last in tier._entries and tier._entries[last].parent is not None:
                 tier.history[last].tail = True
                 tier._retail(last)
             if fresh:  # continuing a cached prefix of 2+ blocks

@@ -188,3 +188,26 @@ def test_density_learns_which_class_is_read_again():
         put_run(lru, [m])
     assert order.index(k(1001)) < order.index(k(1000)) and next(iter(lru.victims())) == k(1000)
     assert sorted(order) == sorted(p._entries)  # every held key, once
+
+
+def test_unchained_puts_have_no_trailing_blocks_to_refuse():
+    f = ReuseAwareFactory()
+    host, ssd = f.make("host", 100), f.make("ssd", 100)
+    for n in (1, 2, 3):  # one-block puts without chain links
+        host.inserted(BlockInfo(k(n), 1, None), 0.0)
+    assert all(ssd.admit(BlockInfo(k(n), 1, None), 0.0) for n in (1, 2))
+
+
+def test_a_cold_copy_that_a_faster_tier_holds_goes_first_whatever_chains_from_it():
+    index = Index(lambda owner, kind, f=ReuseAwareFactory(): f.make(kind.value, 100))
+    for n, parent in [(1, None), (2, 1), (3, None)]:
+        index.add(BlockEntry(k(n), 1, BlockState.COMPLETE, [Replica("n1", TierKind.SSD, 0, 1)],
+                             header=b"h", parent=None if parent is None else k(parent)))
+    now = time.monotonic()
+    first = [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)]
+    assert first.index(2) < first.index(1)  # 1 waits for what chains from it
+    index.add_replica(index.get(k(1)), Replica("n1", TierKind.HOST, 0, 1))  # promoted: 1 is in host too
+    assert [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)][0] == 1
+    index.drop_replica(index.get(k(1)), index.get(k(1)).replica("n1", TierKind.HOST))
+    assert [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)][0] != 1
+    index.check()
