@@ -176,7 +176,12 @@ class ReuseAware:
 
     Age is counted in bytes written into the tier (its turnover), never in seconds, so the
     policy behaves the same under any time compression. Leaves first: a block with a
-    child cached in this tier or a faster one is yielded only after every leaf.
+    child cached in this tier or a faster one is yielded only after every leaf. In a cold
+    tier a block that a faster tier holds too is yielded before everything: dropping that
+    copy leaves the block cached. ``penalty`` (0 by default: measured no better) ranks an
+    unread block written by a request that continued a cached prefix (reused 13-15% of
+    the time against 26% for a fresh request's) below the others. With no corrections
+    (``LRU()``) it is plain least recently used among leaves.
     """
 
     tier: str
