@@ -1,13 +1,17 @@
 """Trace simulator for the eviction policies of master/policy.py.
 
 Replays a Mooncake-format trace (one JSON request per line: ``timestamp`` in ms,
-``hash_ids`` of prefix-chained 512-token blocks) the way a prefill engine drives the pool:
-match the longest cached prefix (a block in any tier counts), read those blocks (a hit in
-SSD promotes the block into host, its SSD copy stays, as ``master/tiering.py`` does),
-write the misses into host. A full tier evicts what its policy names first, skipping a
-block that has a cached child in this or a faster tier (prefix-aware, as the master does)
-and the blocks the current request is reading; a block leaving host is demoted into SSD
-when the SSD policy admits it and SSD holds no copy yet; a block leaving SSD is gone.
+``hash_ids`` of prefix-chained 512-token blocks) the way a prefill engine drives the pool,
+and the way the master answers: it drives the master's own ``Index`` and policy objects
+with the calls a live pool makes. Per request: match the longest cached prefix (a block in
+any tier counts); get those blocks under a lease (a hit in SSD is promoted into host, its
+SSD copy stays); then, the lease released, reserve the misses (a key already stored
+answers EXISTS and is left as it is), each PENDING until the commit. A full host arena
+relieves itself to its low watermark, as ``Tiering.relieve`` does, in the index's
+eviction order (prefix-aware, one chain block at a time); a block leaving host is
+demoted into SSD when the SSD policy admits it and SSD holds no copy yet; a block
+leaving SSD is gone. After each request every tier above its high watermark is relieved
+(the master's sweep).
 
 Capacity is a fraction of the trace's distinct blocks, in blocks (all blocks the same
 size). Hit rate = blocks served from the pool / blocks requested; "ideal" is the hit rate
