@@ -213,7 +213,16 @@ async def main() -> int:
                     help="time compression: trace seconds per replay second (0: as fast as it goes)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--plot", help="draw hit rate against capacity into this PNG")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only draw --plot from the runs of a JSON written earlier (one cut short too)")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        print(table(runs, saved["ideal"]))
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
 
     requests = tracesim.load_trace(args.trace, 3000 if args.quick else args.requests or None)
     distinct, ideal = tracesim.distinct_blocks(requests), tracesim.ideal_hit_rate(requests)
