@@ -11,7 +11,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
