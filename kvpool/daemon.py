@@ -21,8 +21,8 @@ from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
-                                StoredBlock, TierDescription, daemon_endpoint)
+from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, DaemonCall, Health,
+                                Registration, StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
 from kvpool.membership import Membership
@@ -31,7 +31,7 @@ from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
-from kvpool.wire import MAX_BODY, RpcClient, error_middleware, rpc_endpoint
+from kvpool.wire import MAX_BODY, RpcClient, close_all, error_middleware, rpc_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class PoolDaemon:
         self.agent: TransferAgent | None = None
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
+        self._connections: set[web.WebSocketResponse] = set()  # the masters' open RPC links
         self._master: RpcClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._coord: Coordinator | None = None
@@ -78,7 +79,7 @@ class PoolDaemon:
         for tier in self.tiers.values():
             if isinstance(tier, ArenaTier):
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
         await site.start()
@@ -187,8 +188,10 @@ class PoolDaemon:
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
-                                                        DAEMON_ROLES))
+        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(
+            daemon_endpoint(self), self._credentials, DAEMON_ROLES, bulk=frozenset(DaemonCall),
+            connections=self._connections))
+        app.on_shutdown.append(lambda _app: close_all(self._connections))
         app.router.add_get("/healthz", self.healthz)
         return app
 

@@ -17,6 +17,7 @@ from master.election import Election
 from master.http import MasterHttp
 
 log = logging.getLogger(__name__)
+SHUTDOWN_S = 2.0  # how long a stop waits for open connections to finish
 
 
 class MasterServer:
@@ -46,7 +47,10 @@ class MasterServer:
 
     async def start(self) -> "MasterServer":
         guard_bind(self.cfg.host, self.cfg.credentials(), "the master")
-        self._runner = web.AppRunner(MasterHttp(self.core, self).app(), access_log=None)
+        # A connection still open at a stop (an RPC WebSocket, an event stream whose
+        # reader stays) is cut after SHUTDOWN_S rather than aiohttp's 60 s.
+        self._runner = web.AppRunner(MasterHttp(self.core, self).app(), access_log=None,
+                                     shutdown_timeout=SHUTDOWN_S)
         await self._runner.setup()
         tls = server_tls(self.cfg.tls_cert, self.cfg.tls_key, "[master]")
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=tls)

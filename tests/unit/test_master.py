@@ -76,13 +76,13 @@ async def test_a_put_is_invisible_until_the_daemon_recorded_it() -> None:
     core = await master(d)
     put_id, [item] = await core.puts.reserve([key(1)], [BLOCK], [], None)
     assert item.status is ReserveStatus.NEW and item.locations[0].node == "n1"
-    assert core.reads.exists([key(1)]) == [False] and d.held[TierKind.HOST] == {}
+    assert await core.reads.exists([key(1)]) == [False] and d.held[TierKind.HOST] == {}
     assert (await core.reads.get([key(1)]))[1] == [None]
     assert await put(core, [key(1)]) == [ReserveStatus.IN_FLIGHT]  # a second writer waits
     header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
     assert await core.puts.commit(put_id, [key(1)], [header]) == 1
     assert key(1) in d.held[TierKind.HOST]
-    assert core.reads.exists([key(1)]) == [True]
+    assert await core.reads.exists([key(1)]) == [True]
     assert await put(core, [key(1)]) == [ReserveStatus.EXISTS]
     await core.check()
 
@@ -96,7 +96,7 @@ async def test_a_commit_whose_daemon_fails_leaves_nothing_visible_and_frees_the_
     with pytest.raises(NodeGone, match="could not record"):
         await core.puts.commit(put_id, [key(1), key(2)], [header, header])
     d.down = False
-    assert core.reads.exists([key(1), key(2)]) == [False, False]
+    assert await core.reads.exists([key(1), key(2)]) == [False, False]
     assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
     await core.check()
 
@@ -181,7 +181,7 @@ async def test_removal_respects_pins_and_leases_unless_forced() -> None:
     core.leases.pin([key(1)])
     with pytest.raises(BlockLeased, match="pinned"):
         await removal.remove(core.state, [key(1), key(2)], force=False)
-    assert core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
+    assert await core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
     assert await removal.remove(core.state, [key(1), key(2), key(3)], force=True) == [True, True, False]
     assert d.held[TierKind.HOST] == {}
     assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
