@@ -288,6 +288,44 @@ async def test_a_reservation_flood_is_refused_and_other_clients_keep_putting(up:
     assert http(up.url, "/v1/cluster")[1]["pending"] == 0
 
 
+async def test_check_passes_at_any_moment_of_a_demotion_storm(up: Up) -> None:
+    """Writers fill the 64 MiB host arena twice over, so demotion to SSD runs the whole
+    time; `check` called meanwhile must never report a block in flight as a fault."""
+    stop_checking = asyncio.Event()
+    results: list[str] = []
+
+    async def checker() -> None:
+        rpc = RpcClient(up.url, timeout_s=30)
+        try:
+            while not stop_checking.is_set():
+                try:
+                    await rpc.call("check")
+                    results.append("ok")
+                except KVPoolError as exc:
+                    results.append(str(exc))
+                await asyncio.sleep(0.01)
+        finally:
+            await rpc.close()
+
+    async def writer(tag: str, n: int) -> None:
+        async with AsyncPoolClient(ClientConfig(master_url=up.url)) as c:
+            ks = keys(tag, n)
+            for start in range(0, n, 8):
+                await c.batch_put(ks[start:start + 8],
+                                  [np.full(BLOCK, i % 251, np.uint8) for i in range(start, min(n, start + 8))])
+
+    checking = asyncio.create_task(checker())
+    try:
+        await asyncio.gather(writer("storm-a", 256), writer("storm-b", 256))
+    finally:
+        stop_checking.set()
+        await checking
+    demoted = http(up.url, "/metrics")
+    assert len(results) >= 5 and all(r == "ok" for r in results), [r for r in results if r != "ok"][:3]
+    nodes = http(up.url, "/v1/nodes")[1]["nodes"]
+    assert any(t["kind"] == "ssd" and t["blocks"] > 0 for t in nodes[0]["tiers"]), demoted
+
+
 def _event_stream(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
