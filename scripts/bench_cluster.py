@@ -161,10 +161,23 @@ def aggregate_get(root: Path, daemons: int, total: int, seconds: float) -> float
     finally:
         cl.stop()
     wrong = sum(r["wrong"] for r in results)
-    if wrong or any(r["misses"] for r in results):
-        raise SystemExit(f"{daemons} daemons: {wrong} wrong blocks, misses {[r['misses'] for r in results]}")
+    errors = merged_errors(results)
+    if wrong or errors or any(r["misses"] for r in results):  # nothing fails here on purpose
+        raise SystemExit(f"{daemons} daemon(s): {wrong} wrong blocks, misses "
+                         f"{[r['misses'] for r in results]}, errors {errors or 'none'}")
     window = max(r["last"] for r in results) - min(r["first"] for r in results)
-    return sum(r["bytes"] for r in results) / window / 1e9
+    got = sum(r["bytes"] for r in results)
+    if got == 0 or window <= 0:
+        raise SystemExit(f"{daemons} daemon(s): the clients read nothing in {window:.2f} s")
+    return got / window / 1e9
+
+
+def merged_errors(results: list[dict]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return errors
 
 
 def failover(root: Path, total: int, ttl: float) -> dict:
@@ -198,10 +211,7 @@ def failover(root: Path, total: int, ttl: float) -> dict:
         cl.stop()
     times = sorted(t for r in results for t in r["ok_times"])
     gaps = [b - a for a, b in zip(times, times[1:])]
-    errors: dict[str, int] = {}
-    for r in results:
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
+    errors = merged_errors(results)
     return {"failover_gap_s": round(max(gaps, default=0.0), 3), "leader_after_s": round(took, 3),
             "new_leader": new.name, "lost_blocks": after["lost"],
             "wrong_bytes": after["wrong"] + sum(r["wrong"] for r in results),
@@ -277,6 +287,11 @@ def main() -> None:
             "lost_blocks": fo["lost_blocks"], "wrong_bytes": fo["wrong_bytes"], "ttl_s": args.ttl,
             "failover": fo, "quick": args.quick, "machine": info}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    # Across a leader kill only retryable errors are expected (the clients retry them).
+    unexpected = {k: v for k, v in fo["errors_during"].items() if "NOT retryable" in k}
+    if fo["wrong_bytes"] or fo["lost_blocks"] or unexpected or not fo["gets_ok"]:
+        raise SystemExit(f"failover: {fo['wrong_bytes']} wrong, {fo['lost_blocks']} lost, "
+                         f"unexpected errors {unexpected or 'none'}, {fo['gets_ok']} gets served")
 
 
 if __name__ == "__main__":
