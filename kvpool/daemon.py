@@ -205,7 +205,9 @@ class PoolDaemon:
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         """Record blocks a client wrote into an arena through NIXL (the master's commit).
-        Every block is checked before any is recorded, so a bad batch changes nothing."""
+        Every block is checked before any is recorded, and a span refused midway (out of
+        bounds, overlapping) rolls back the ones recorded before it: a bad batch changes
+        nothing."""
         checked = []
         for block in blocks:
             tier = self._tier(block.tier)
@@ -213,8 +215,16 @@ class PoolDaemon:
                 raise BadRequest(f"tier {block.tier.value} is not an arena")
             header, _ = BlockHeader.decode(block.header)
             checked.append((tier, block, header))
-        for tier, block, header in checked:
-            tier.adopt(block.key, header, block.location)
+        recorded: list[tuple[ArenaTier, BlockKey]] = []
+        try:
+            for tier, block, header in checked:
+                if not tier.contains(block.key):
+                    tier.adopt(block.key, header, block.location)
+                    recorded.append((tier, block.key))
+        except KVPoolError:
+            for tier, key in recorded:
+                await tier.remove(key)
+            raise
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:

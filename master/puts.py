@@ -182,10 +182,9 @@ class Puts:
                     return node, space, offset
             if not candidates or idle >= 2:
                 break
-            # A relief that moves nothing may have waited on another one that freed space
-            # meanwhile, so only two idle rounds in a row mean there is no room.
-            moved = await self.tiering.relieve(candidates[0][0], candidates[0][1].kind,
-                                               need=size, at_least=size)
+            # Demote just enough for this block (never wait on a whole relief of others);
+            # only two idle rounds in a row mean there is no room.
+            moved = await self.tiering.make_room(candidates[0][0], candidates[0][1].kind, size)
             idle = 0 if moved else idle + 1
         raise TierFull(f"no arena has room for a {size}-byte block and nothing more can be "
                        "demoted (blocks are leased, pinned or in flight); release leases, "

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
+from kvpool.codec import make_header
 from kvpool.config import ClientConfig
 from kvpool.errors import KVPoolError
 from kvpool.keys import Namespace, block_keys
@@ -101,7 +102,7 @@ def snapshot(up: Up, stored: list[bytes]) -> dict[str, Any]:
     cluster = http(up.url, "/v1/cluster")[1]
     nodes = http(up.url, "/v1/nodes")[1]
     return {"cluster": cluster, "used": [[t["used"] for t in n["tiers"]] for n in nodes["nodes"]],
-            "bytes": in_thread(read())}
+            "daemon": http(up.daemon, "/healthz")[1], "bytes": in_thread(read())}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,7 @@ def stored(up: Up) -> list[bytes]:
 
 
 K = keys("probe", 2)
+GOOD_HEADER = make_header(np.zeros(4096, np.uint8), "uint8").encode()
 NaN_BODY = b'{"fill": NaN}'
 RPC_PROBES: list[tuple[str, Any, str]] = [
     ("reserve", {"keys": [K[0]], "sizes": [BLOCK], "parents": 5}, "bad_request"),
@@ -172,6 +174,9 @@ DAEMON_PROBES: list[tuple[str, Any, str]] = [
     ("adopt", {"blocks": [[K[0], "host", "x", 1, b""]]}, "bad_request"),
     ("adopt", {"blocks": [[K[0], "host", 0, 1, "hdr"]]}, "bad_request"),
     ("registration", {"rescan": "yes"}, "bad_request"),
+    # the first block fits, the second lies outside the arena: neither is recorded
+    ("adopt", {"blocks": [[K[0], "host", 64 * MiB - 8192, 4096, GOOD_HEADER],
+                          [K[1], "host", 1 << 40, 4096, GOOD_HEADER]]}, "bad_request"),
 ]
 DEEP = b"[" * 100_000 + b"]" * 100_000
 EVICT_BODIES = [b"[1,2,3]", b'"host"', b"42", b"null", b'{"fill": {}}', b'{"fill": [1]}',
@@ -247,6 +252,14 @@ def test_a_huge_frame_is_refused_and_the_loop_keeps_serving(up: Up) -> None:
         poller.join()
     assert (rid, status, body["error"]) == (7, 1, "too_large") and "limit" in body["message"]
     assert slowest[0] < 1.0, f"/healthz took {slowest[0]:.2f}s while the frame was handled"
+
+
+async def test_the_client_splits_batches_longer_than_a_call_may_carry(up: Up, stored: list[bytes]) -> None:
+    many = keys("many", 40_000)
+    async with AsyncPoolClient(ClientConfig(master_url=up.url)) as c:
+        assert await c.batch_exists(stored + many) == [True] * len(stored) + [False] * len(many)
+        assert await c.match_prefix(stored + many) == len(stored)
+        assert await c.match_prefix(many) == 0
 
 
 async def test_a_reservation_flood_is_refused_and_other_clients_keep_putting(up: Up) -> None:

@@ -12,7 +12,8 @@ from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
 from kvpool.daemon_link import TierDescription
-from kvpool.errors import BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull
+from kvpool.errors import (BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull,
+                           TooManyPending)
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReserveStatus
 from kvpool.tiers.base import TierKind
@@ -256,3 +257,25 @@ async def test_prefix_links_come_back_from_the_inventory_after_a_restart() -> No
     now = time.monotonic()
     assert [e.key for e in again.state.index.coldest("n1", TierKind.HOST, now)] == [key(3), key(2), key(1)]
     await again.check()
+
+
+async def test_a_client_s_uncommitted_puts_are_bounded_and_partial_aborts_do_not_hide_them() -> None:
+    d = fake("n1", host=64 * BLOCK)
+    core = await master(d, client_max_puts=3, client_max_reserved=0.25)
+    held = []
+    for i in range(3):
+        held.append((await core.puts.reserve([key(i)], [BLOCK], [], None, owner=1))[0])
+    with pytest.raises(TooManyPending, match="client_max_puts"):
+        await core.puts.reserve([key(9)], [BLOCK], [], None, owner=1)
+    await core.puts.reserve([key(10)], [BLOCK], [], None, owner=2)  # another client is served
+    core.puts.abort(held[0], [])  # naming no key releases nothing
+    with pytest.raises(TooManyPending):
+        await core.puts.reserve([key(9)], [BLOCK], [], None, owner=1)
+    core.puts.abort(held[0], [key(0)])
+    put_id, _ = await core.puts.reserve([key(11), key(12)], [8 * BLOCK] * 2, [], None, owner=3)
+    with pytest.raises(TooManyPending, match="client_max_reserved"):  # 16 blocks held of 64
+        await core.puts.reserve([key(13)], [BLOCK], [], None, owner=3)
+    header = make_header(np.zeros(8 * BLOCK, np.uint8), "uint8").encode()
+    assert await core.puts.commit(put_id, [key(11), key(12)], [header] * 2) == 2
+    await core.puts.reserve([key(13)], [BLOCK], [], None, owner=3)  # committed: allowance back
+    await core.check()
