@@ -231,8 +231,12 @@ async def error_middleware(request: web.Request,
             raise
         typed = _HTTP_ERRORS.get(exc.status, BadRequest if exc.status < 500 else KVPoolError)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return web.json_response({"error": typed.code, "message": f"{request.method} "
-                                  f"{request.path}: {exc.reason}: {exc.text or ''}".strip(": ")},
+        text = exc.text or ""
+        detail = exc.reason if not text or text.startswith(f"{exc.status}:") else text
+        if headers:
+            detail += f" (allowed: {headers.get('Allow') or next(iter(headers.values()))})"
+        return web.json_response({"error": typed.code,
+                                  "message": f"{request.method} {request.path}: {detail}"},
                                  status=exc.status, headers=headers or None)
     except asyncio.CancelledError:
         raise
