@@ -84,16 +84,6 @@ def split_frame(data: bytes, bulk: frozenset[str]) -> tuple[Any, str, dict[str, 
     return rid, name, body
 
 
-def need(body: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
-    """A required field of a given type, or a BadRequest that names it."""
-    if name not in body:
-        raise BadRequest(f"missing field '{name}'")
-    value = body[name]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise BadRequest(f"field '{name}' has the wrong type ({type(value).__name__})")
-    return value
-
-
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
