@@ -107,10 +107,12 @@ class Tiering:
                 victims.append(entry)
                 freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
         if victims:
+            st.counters[f"room_made_{kind.value}"] += 1
             await self.demote(node, kind, victims)
             return True
         if not self._leaving[(owner, kind)]:
             return False
+        st.counters[f"room_awaited_{kind.value}"] += 1
         async with self._landed:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._landed.wait(), timeout=1.0)

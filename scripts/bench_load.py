@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,10 @@ def run(clients: int, seconds: float) -> dict:
                 raise SystemExit(f"a client process failed with exit code {p.returncode}")
             results.append(json.loads(stdout.decode().strip().splitlines()[-1]))
         check_ok, check_msg = asyncio.run(check(master))
+        with urllib.request.urlopen(master + "/metrics", timeout=30) as resp:
+            ops = {line.split('"')[1]: int(line.rsplit(" ", 1)[1])
+                   for line in resp.read().decode().splitlines()
+                   if line.startswith("kvpool_ops_total")}
     finally:
         t = time.monotonic()
         stop(up, signal.SIGTERM)
@@ -156,7 +161,7 @@ def run(clients: int, seconds: float) -> dict:
             "errors": errors, "wrong_bytes": sum(r["wrong"] for r in results),
             "misses": sum(r["misses"] for r in results),
             "blocks_put": sum(r["stored"] for r in results), "check_ok": check_ok,
-            "check": check_msg, "sigterm_exit_s": round(stop_s, 2), "up_exit_code": up.returncode}
+            "check": check_msg, "master_ops": ops, "sigterm_exit_s": round(stop_s, 2), "up_exit_code": up.returncode}
 
 
 def main() -> None:
@@ -192,6 +197,8 @@ def main() -> None:
     print(f"\nerrors {res['errors'] or 'none'}; wrong bytes {res['wrong_bytes']}; misses "
           f"{res['misses']}; blocks put {res['blocks_put']}; check {res['check']}; "
           f"`kvpool up` exited {res['up_exit_code']} {res['sigterm_exit_s']:.2f} s after SIGTERM")
+    moves = {k: v for k, v in res["master_ops"].items() if k.startswith(("demoted", "room", "promoted"))}
+    print(f"master: {moves}")
     if args.json:
         Path(args.json).write_text(json.dumps({"load": res, "quick": args.quick, "machine": info},
                                               indent=2) + "\n")
