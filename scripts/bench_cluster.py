@@ -78,8 +78,8 @@ async def load(etcd: str, cluster: str, n: int, salt: str) -> None:
 # -- the client processes ------------------------------------------------------------------
 
 async def worker(args: argparse.Namespace) -> dict:
-    """Read batches until ``until`` (wall clock), verifying each block; report bytes read,
-    the times of successful gets, failures by kind, and wrong bytes."""
+    """Read batches for ``seconds`` from the start the parent sends, verifying each block;
+    report bytes read, the times of successful gets, failures by kind, and wrong bytes."""
     base = base_bytes()
     keys = keys_for(args.blocks, args.salt)
     rng = np.random.default_rng(args.seed)
@@ -87,11 +87,13 @@ async def worker(args: argparse.Namespace) -> dict:
     got_bytes, ok_times, errors, wrong, misses = 0, [], {}, 0, 0
     async with AsyncPoolClient(client_cfg(args.etcd, args.cluster)) as pool:
         pool.register(outs)
-        while time.time() < args.start:
-            await asyncio.sleep(0.005)
-        first = time.time()
+        print("ready", flush=True)  # connected: the window starts once every client is
+        start = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
+        while time.time() < start:
+            await asyncio.sleep(0.001)
+        first, until = time.time(), start + args.seconds
         pos = args.seed * BATCH
-        while time.time() < args.until:
+        while time.time() < until:
             if args.random:
                 idx = rng.integers(0, args.blocks, BATCH).tolist()
             else:
@@ -116,17 +118,28 @@ async def worker(args: argparse.Namespace) -> dict:
             "errors": errors, "wrong": wrong, "misses": misses}
 
 
-def spawn_workers(cl: LocalCluster, blocks: int, salt: str, start: float, until: float,
-                  random: bool, verify: bool, n: int = 2) -> list[subprocess.Popen]:
+def spawn_workers(cl: LocalCluster, blocks: int, salt: str, seconds: float,
+                  random: bool, verify: bool, n: int = 2) -> tuple[list[subprocess.Popen], float]:
+    """Start the clients, wait until every one is connected, and start their window
+    together (a fixed head start was not enough on a loaded machine: clients that were
+    still importing began after the window had closed and read nothing). Returns them and
+    the window's start."""
     procs = []
     for seed in range(n):
         cmd = [sys.executable, __file__, "worker", "--etcd", cl.etcd_endpoint, "--cluster",
                cl.cluster, "--blocks", str(blocks), "--salt", salt, "--seed", str(seed),
-               "--start", str(start), "--until", str(until)]
+               "--seconds", str(seconds)]
         cmd += ["--random"] if random else []
         cmd += ["--verify"] if verify else []
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT))
-    return procs
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT))
+    for p in procs:
+        if p.stdout.readline().strip() != b"ready":  # type: ignore[union-attr]
+            raise SystemExit(f"a client process failed to start (exit code {p.wait()})")
+    start = time.time() + 0.2
+    for p in procs:
+        p.stdin.write(f"{start}\n".encode())  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+    return procs, start
 
 
 def collect(procs: list[subprocess.Popen]) -> list[dict]:
@@ -155,8 +168,7 @@ def aggregate_get(root: Path, daemons: int, total: int, seconds: float) -> float
             cl.start_daemon(f"node{i}")
         cl.wait_nodes(daemons)
         asyncio.run(load(cl.etcd_endpoint, cl.cluster, n, f"agg{daemons}"))
-        start = time.time() + 3.0  # both clients connected and registered by then
-        procs = spawn_workers(cl, n, f"agg{daemons}", start, start + seconds, random=False, verify=False)
+        procs, _ = spawn_workers(cl, n, f"agg{daemons}", seconds, random=False, verify=False)
         results = collect(procs)
     finally:
         cl.stop()
@@ -194,10 +206,8 @@ def failover(root: Path, total: int, ttl: float) -> dict:
             cl.start_daemon(f"node{i}")
         cl.wait_nodes(2)
         asyncio.run(load(cl.etcd_endpoint, cl.cluster, n, "failover"))
-        start = time.time() + 3.0
+        procs, start = spawn_workers(cl, n, "failover", 2.0 + ttl + 6.0, random=True, verify=True)
         kill_at = start + 2.0
-        until = kill_at + ttl + 6.0
-        procs = spawn_workers(cl, n, "failover", start, until, random=True, verify=True)
         time.sleep(max(0.0, kill_at - time.time()))
         killed = time.time()
         cl.kill(leader.name, signal.SIGKILL)
@@ -244,8 +254,7 @@ def main() -> None:
         w.add_argument(name, required=True)
     for name in ("--blocks", "--seed"):
         w.add_argument(name, type=int, required=True)
-    for name in ("--start", "--until"):
-        w.add_argument(name, type=float, required=True)
+    w.add_argument("--seconds", type=float, required=True)
     w.add_argument("--random", action="store_true")
     w.add_argument("--verify", action="store_true")
     parser.add_argument("--quick", action="store_true", help="less data and shorter windows")
