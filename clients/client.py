@@ -22,9 +22,11 @@ import xxhash
 from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
-from kvpool.errors import (BadRequest, ConfigError, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
-                           NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
 from kvpool import localcopy
+from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigError, KVPoolError,
+                           NodeGone, NotLeader, NotReady, ReservationLost, TooManyPending,
+                           TransferFailed, Unavailable)
+from kvpool.fields import MAX_KEYS
 from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
@@ -146,19 +148,25 @@ class AsyncPoolClient:
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op``; in a cluster, retry it on the leader (found again) with exponential
-        backoff while the error is one a failover cures, until the call's deadline. Then
+        backoff while the error is one a failover cures, until the call's deadline; on any
+        master, retry TooManyPending (this client's own puts in flight) the same way. Then
         the last error, typed and retryable, reaches the caller."""
-        if not self._failover:
-            return await op()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.timeout_s
         delay = 0.05
         while True:
             try:
-                if self._rpc is None:
+                if self._rpc is None and self._failover:
                     await self._find_leader()
                 return await op()
+            except TooManyPending:  # this client's own puts in flight: wait for some to land
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
             except _FAILOVER as exc:
+                if not self._failover:
+                    raise
                 if loop.time() + delay > deadline:
                     raise
                 log.debug("retrying after %s: %s", type(exc).__name__, exc)
@@ -648,8 +656,13 @@ class AsyncPoolClient:
         return (await self.batch_exists([key]))[0]
 
     async def batch_exists(self, keys: Sequence[BlockKey]) -> list[bool]:
-        body = {"keys": [parse_key(k) for k in keys]}
-        return (await self._retrying(lambda: self._call(Call.EXISTS, dict(body))))["present"]
+        """Which keys are stored; a batch longer than a call may carry goes in several."""
+        parsed = [parse_key(k) for k in keys]
+        present: list[bool] = []
+        for start in range(0, max(len(parsed), 1), MAX_KEYS):
+            body = {"keys": parsed[start:start + MAX_KEYS]}
+            present += (await self._retrying(lambda: self._call(Call.EXISTS, dict(body))))["present"]
+        return present
 
     async def match_prefix(self, keys: Sequence[BlockKey], *, prefetch: bool = False) -> int:
         """How many leading keys are stored: the reusable prefix of a prompt. With
@@ -657,10 +670,18 @@ class AsyncPoolClient:
         so the get that follows finds them hot."""
         if not keys:
             return 0
-        body: dict[str, Any] = {"keys": [parse_key(k) for k in keys]}
-        if prefetch:
-            body["prefetch"] = True
-        return (await self._retrying(lambda: self._call(Call.MATCH, dict(body))))["count"]
+        parsed = [parse_key(k) for k in keys]
+        count = 0
+        for start in range(0, len(parsed), MAX_KEYS):  # a call carries at most MAX_KEYS
+            chunk = parsed[start:start + MAX_KEYS]
+            body: dict[str, Any] = {"keys": chunk}
+            if prefetch:
+                body["prefetch"] = True
+            n = (await self._retrying(lambda: self._call(Call.MATCH, dict(body))))["count"]
+            count += n
+            if n < len(chunk):
+                break
+        return count
 
     async def remove(self, key: BlockKey, *, force: bool = False) -> None:
         """Remove one block; BlockNotFound if absent, BlockLeased while read unless forced."""

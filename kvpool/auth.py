@@ -51,6 +51,9 @@ _ACTS_AS: dict[Role, frozenset[Role]] = {
 # The role of the connection a handler serves; None: credentials are off, or an
 # in-process caller (a test, the single-process `kvpool up`) that never crossed a wire.
 _CURRENT: contextvars.ContextVar[Role | None] = contextvars.ContextVar("kvpool_role", default=None)
+# The connection a call came on (an id the RPC server gives each one): what per-client
+# limits count against.
+_PEER: contextvars.ContextVar[int | None] = contextvars.ContextVar("kvpool_peer", default=None)
 
 
 def secret(value: str, where: str) -> str:
@@ -151,8 +154,14 @@ def current() -> Role | None:
     return _CURRENT.get()
 
 
-def enter(role: Role | None) -> contextvars.Token[Role | None]:
-    """Make ``role`` the current connection's; tasks created after inherit it."""
+def peer() -> int | None:
+    """The connection the current call came on (None outside an RPC call)."""
+    return _PEER.get()
+
+
+def enter(role: Role | None, connection: int | None = None) -> contextvars.Token[Role | None]:
+    """Make ``role`` (and ``connection``) the current call's; tasks created after inherit them."""
+    _PEER.set(connection)
     return _CURRENT.set(role)
 
 

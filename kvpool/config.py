@@ -72,6 +72,14 @@ class MasterConfig:
                                "longer; chosen on the production trace), 'lru', or 'density' "
                                "(least hit density learned per class of block) (master/policy.py).")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
+    client_max_puts: int = doc(256, "Puts one client connection may have reserved and not yet "
+                                    "committed; beyond, reserve answers TooManyPending (retryable).")
+    client_max_reserved: float = doc(0.5, "Fraction of all arenas' capacity one client "
+                                           "connection may hold reserved at once (a lone put "
+                                           "may be larger); beyond, "
+                                           "TooManyPending, so a writer that never commits "
+                                           "cannot fill the arenas for everyone.")
+    max_puts: int = doc(4096, "Puts all clients together may have reserved and not yet committed.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")
     events_ring: int = doc(65536, "KV events the master keeps for /v1/events subscribers that "
@@ -95,6 +103,11 @@ class MasterConfig:
         return getattr(self, f"{tier}_high"), getattr(self, f"{tier}_low")
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.client_max_reserved <= 1.0:
+            raise ConfigError(f"[master] client_max_reserved = {self.client_max_reserved} is "
+                              "outside (0, 1]")
+        if self.client_max_puts < 1 or self.max_puts < 1:
+            raise ConfigError("[master] client_max_puts and max_puts are at least 1")
         for tier in ("gpu", "host", "ssd", "object"):
             high, low = self.watermarks(tier)
             if not 0.0 < low <= high <= 1.0:

@@ -22,8 +22,8 @@ from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
-                                StoredBlock, TierDescription, daemon_endpoint)
+from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, DaemonCall,
+                                Health, Registration, StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
@@ -36,7 +36,7 @@ from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
 from kvpool.streamrpc import StreamRpcServer
-from kvpool.wire import MAX_BODY, RpcClient, error_middleware, refusal, rpc_endpoint
+from kvpool.wire import MAX_BODY, RpcClient, close_all, error_middleware, refusal, rpc_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class PoolDaemon:
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
         self._stream: StreamRpcServer | None = None
+        self._connections: set[web.WebSocketResponse] = set()  # the masters' open RPC links
         self._master: RpcClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._coord: Coordinator | None = None
@@ -88,9 +89,10 @@ class PoolDaemon:
             if isinstance(tier, ArenaTier):
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
         self._stream = StreamRpcServer(daemon_endpoint(self), self._credentials, DAEMON_ROLES,
-                                       self._serve_tls, eager=DAEMON_EAGER)
+                                       self._serve_tls, eager=DAEMON_EAGER,
+                                       max_frame=MAX_BODY)  # every daemon call is bulk
         await self._stream.start(self.cfg.host, self.cfg.rpc_port)
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
         await site.start()
@@ -201,10 +203,12 @@ class PoolDaemon:
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
-                                                        DAEMON_ROLES))
+        app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(
+            daemon_endpoint(self), self._credentials, DAEMON_ROLES, bulk=frozenset(DaemonCall),
+            connections=self._connections))
         if self._stream is not None:
             app.router.add_get(DAEMON_RPC_PATH + "/stream", self._stream.info())
+        app.on_shutdown.append(lambda _app: close_all(self._connections))
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.prometheus)
         return app
@@ -219,7 +223,9 @@ class PoolDaemon:
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         """Record blocks a client wrote into an arena through NIXL (the master's commit).
-        Every block is checked before any is recorded, so a bad batch changes nothing."""
+        Every block is checked before any is recorded, and a span refused midway (out of
+        bounds, overlapping) rolls back the ones recorded before it: a bad batch changes
+        nothing."""
         checked = []
         for block in blocks:
             tier = self._tier(block.tier)
@@ -227,9 +233,17 @@ class PoolDaemon:
                 raise BadRequest(f"tier {block.tier.value} is not an arena")
             header, _ = BlockHeader.decode(block.header)
             checked.append((tier, block, header))
-        for tier, block, header in checked:
-            tier.adopt(block.key, header, block.location)
-        self.metrics.adopted.inc(len(checked))
+        recorded: list[tuple[ArenaTier, BlockKey]] = []
+        try:
+            for tier, block, header in checked:
+                if not tier.contains(block.key):
+                    tier.adopt(block.key, header, block.location)
+                    recorded.append((tier, block.key))
+        except KVPoolError:
+            for tier, key in recorded:
+                await tier.remove(key)
+            raise
+        self.metrics.adopted.inc(len(recorded))
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:

@@ -13,12 +13,14 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from kvpool import fields as f
 from kvpool.auth import Role
 from kvpool.errors import BadRequest, KVPoolError, error_from_code
-from kvpool.keys import BlockKey, parse_key
+from kvpool.fields import need
+from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from kvpool.streamrpc import StreamRpcClient
-from kvpool.wire import Handler, need
+from kvpool.wire import Handler
 
 DAEMON_RPC_PATH = "/v1/d/rpc"
 
@@ -32,11 +34,12 @@ class DaemonCall(enum.StrEnum):
     HEALTH = "health"
 
 
-def _tier(raw: Any) -> TierKind:
+def _tier(raw: Any, what: str = "tier") -> TierKind:
     try:
         return TierKind(raw)
     except ValueError:
-        raise BadRequest(f"unknown tier {raw!r}") from None
+        raise BadRequest(f"'{what}': unknown tier {raw!r:.40}; one of "
+                         f"{', '.join(k.value for k in TierKind)}") from None
 
 
 def _fields(raw: Any, n: int, what: str) -> list[Any]:
@@ -62,9 +65,10 @@ class StoredBlock:
     @classmethod
     def unpack(cls, raw: Any) -> "StoredBlock":
         key, tier, location, size, header = _fields(raw, 5, "stored block")
-        if not isinstance(location, int) or not isinstance(size, int) or location < 0 or size < 0:
-            raise BadRequest("a stored block's location and size are non-negative integers")
-        return cls(parse_key(key), _tier(tier), location, size, bytes(header))
+        return cls(f.key(key, "stored block key"), _tier(tier),
+                   f.integer()(location, "stored block location"),
+                   f.integer()(size, "stored block size"),
+                   f.blob(f.MAX_HEADER_BYTES)(header, "stored block header"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,9 @@ class CopyResult:
     @classmethod
     def unpack(cls, raw: Any) -> "CopyResult":
         size, code, message = _fields(raw, 3, "copy result")
-        return cls(int(size)) if not code else cls(0, error_from_code(str(code), str(message)))
+        if not code:
+            return cls(f.integer()(size, "copy result size"))
+        return cls(0, error_from_code(str(code), str(message)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +171,62 @@ class Health:
         return cls(need(body, "node_id", str), need(body, "agent", str), dict(body.get("tiers", {})))
 
 
+@dataclass(frozen=True, slots=True)
+class CopyRequest:
+    """copy: blocks from one tier of a node to another, arena destinations at the offsets
+    the master allocated (0 for cold tiers)."""
+
+    keys: list[BlockKey]
+    src: TierKind
+    dst: TierKind
+    locations: list[int]
+
+    def pack(self) -> dict[str, Any]:
+        return {"keys": list(self.keys), "src": self.src.value, "dst": self.dst.value,
+                "locations": list(self.locations)}
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "CopyRequest":
+        body = f.body_map(raw, "the body of copy")
+        f.only(body, frozenset({"keys", "src", "dst", "locations"}), "copy")
+        keys = f.field(body, "keys", f.keys)
+        locations = f.field(body, "locations", f.items(f.integer(), f.MAX_KEYS))
+        f.same_length("copy", ("keys", keys), ("locations", locations))
+        src, dst = _tier(body.get("src"), "src"), _tier(body.get("dst"), "dst")
+        if src is dst:
+            raise BadRequest(f"copy from {src.value} to itself")
+        return cls(keys, src, dst, locations)
+
+
+@dataclass(frozen=True, slots=True)
+class DropRequest:
+    tier: TierKind
+    keys: list[BlockKey]
+
+    def pack(self) -> dict[str, Any]:
+        return {"tier": self.tier.value, "keys": list(self.keys)}
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "DropRequest":
+        body = f.body_map(raw, "the body of drop")
+        f.only(body, frozenset({"tier", "keys"}), "drop")
+        return cls(_tier(body.get("tier")), f.field(body, "keys", f.keys))
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptRequest:
+    blocks: list[StoredBlock]
+
+    def pack(self) -> dict[str, Any]:
+        return {"blocks": [b.pack() for b in self.blocks]}
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "AdoptRequest":
+        body = f.body_map(raw, "the body of adopt")
+        f.only(body, frozenset({"blocks"}), "adopt")
+        return cls(f.field(body, "blocks", f.items(lambda b, _: StoredBlock.unpack(b), f.MAX_KEYS)))
+
+
 class DaemonService(Protocol):
     """What the master asks of one daemon (the pool daemon implements it)."""
 
@@ -204,12 +266,12 @@ class RpcDaemonLink:
                                     tls=tls)
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
-        await self._rpc.call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
+        await self._rpc.call(DaemonCall.ADOPT, AdoptRequest(list(blocks)).pack())
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:
-        res = await self._rpc.call(DaemonCall.COPY, {"keys": list(keys), "src": src.value,
-                                                     "dst": dst.value, "locations": list(locations)})
+        res = await self._rpc.call(DaemonCall.COPY,
+                                   CopyRequest(list(keys), src, dst, list(locations)).pack())
         results = [CopyResult.unpack(r) for r in need(res, "results", list)]
         if len(results) != len(keys):
             raise BadRequest(f"the daemon at {self.url} answered {len(results)} copy results "
@@ -217,7 +279,7 @@ class RpcDaemonLink:
         return results
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
-        res = await self._rpc.call(DaemonCall.DROP, {"tier": tier.value, "keys": list(keys)})
+        res = await self._rpc.call(DaemonCall.DROP, DropRequest(tier, list(keys)).pack())
         return int(need(res, "dropped", int))
 
     async def inventory(self) -> list[StoredBlock]:
@@ -257,32 +319,25 @@ DAEMON_EAGER = frozenset({DaemonCall.ADOPT, DaemonCall.HEALTH, DaemonCall.INVENT
 def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
     """The RPC handlers that serve ``daemon`` (the pool daemon itself) to the master."""
 
-    def keys(body: dict[str, Any]) -> list[BlockKey]:
-        return [parse_key(k) for k in need(body, "keys", list)]
-
     async def adopt(body: dict[str, Any]) -> Any:
-        blocks = [StoredBlock.unpack(b) for b in need(body, "blocks", list)]
+        blocks = AdoptRequest.unpack(body).blocks
         await daemon.adopt(blocks)
         return {"adopted": len(blocks)}
 
     async def copy(body: dict[str, Any]) -> Any:
-        ks, locations = keys(body), need(body, "locations", list)
-        if len(locations) != len(ks) or not all(isinstance(x, int) and x >= 0 for x in locations):
-            raise BadRequest("copy needs one non-negative integer location per key")
-        results = await daemon.copy(ks, _tier(body.get("src")), _tier(body.get("dst")), locations)
+        req = CopyRequest.unpack(body)
+        results = await daemon.copy(req.keys, req.src, req.dst, req.locations)
         return {"results": [r.pack() for r in results]}
 
     async def drop(body: dict[str, Any]) -> Any:
-        return {"dropped": await daemon.drop(_tier(body.get("tier")), keys(body))}
+        req = DropRequest.unpack(body)
+        return {"dropped": await daemon.drop(req.tier, req.keys)}
 
     async def inventory(body: dict[str, Any]) -> Any:
         return {"inventory": [b.pack() for b in await daemon.inventory()]}
 
     async def registration(body: dict[str, Any]) -> Any:
-        rescan = body.get("rescan", False)
-        if not isinstance(rescan, bool):
-            raise BadRequest(f"field 'rescan' must be a boolean, not {type(rescan).__name__}")
-        return (await daemon.registration(rescan)).pack()
+        return (await daemon.registration(f.field(body, "rescan", f.boolean, False))).pack()
 
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()

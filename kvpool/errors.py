@@ -41,6 +41,38 @@ class BadRequest(KVPoolError):
     http_status = 400
 
 
+class TooLarge(BadRequest):
+    """A call names more keys or bytes than one call may carry; the message gives the
+    limit. Split the batch."""
+
+    code = "too_large"
+    http_status = 413
+
+
+class TooManyPending(KVPoolError):
+    """This client has as many puts (or reserved bytes) in flight as it may; retry once
+    some are committed or aborted. Keeps one writer from filling the arenas with
+    reservations it never commits."""
+
+    code = "too_many_pending"
+    http_status = 429
+    retryable = True
+
+
+class NoRoute(KVPoolError):
+    """No endpoint at this path."""
+
+    code = "no_route"
+    http_status = 404
+
+
+class MethodNotAllowed(KVPoolError):
+    """The endpoint exists but not for this HTTP method."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
 class BlockNotFound(KVPoolError):
     """The key names no complete block."""
 

@@ -36,9 +36,10 @@ from aiohttp import web
 
 from kvpool import auth
 from kvpool.auth import Credentials, Role
-from kvpool.errors import (BadRequest, KVPoolError, ProtocolMismatch, Unauthorized, Unavailable,
-                           error_from_code)
-from kvpool.wire import MAX_BODY, PROTOCOL_VERSION, Handler, connection_guard, respond
+from kvpool.errors import (BadRequest, KVPoolError, ProtocolMismatch, TooLarge, Unauthorized,
+                           Unavailable, error_from_code)
+from kvpool.wire import (CONNECTIONS, MAX_BODY, MAX_CALL_FRAME, PROTOCOL_VERSION, Handler,
+                         connection_guard, respond)
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0  # a peer that says nothing this long after connecting is dropped
@@ -48,8 +49,8 @@ def _packer() -> msgpack.Packer:
     return msgpack.Packer(use_bin_type=True)
 
 
-def _unpacker() -> msgpack.Unpacker:
-    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=MAX_BODY)
+def _unpacker(limit: int = MAX_BODY) -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=limit)
 
 
 @types.coroutine
@@ -79,12 +80,15 @@ class StreamRpcServer:
 
     def __init__(self, handlers: dict[str, Handler], credentials: Credentials = Credentials(),
                  roles: Mapping[str, frozenset[Role]] | None = None,
-                 tls: ssl.SSLContext | None = None, eager: frozenset[str] = frozenset()) -> None:
+                 tls: ssl.SSLContext | None = None, eager: frozenset[str] = frozenset(),
+                 max_frame: int = MAX_CALL_FRAME) -> None:
         """``eager``: the calls whose handlers may start outside a task (before their first
         wait they enter no ``asyncio.timeout`` and ask for no current task): a call that
-        never waits then costs no task at all."""
+        never waits then costs no task at all. ``max_frame``: a larger frame is refused
+        (and the connection closed) before it is decoded, so one call cannot hold the loop."""
         self.handlers = handlers
         self.eager = eager
+        self.max_frame = max_frame
         self.credentials = credentials
         self.roles = dict(roles or {})
         self.tls = tls
@@ -121,7 +125,7 @@ class _ServerConn(asyncio.Protocol):
     def __init__(self, server: StreamRpcServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.unpacker = _unpacker()
+        self.unpacker = _unpacker(server.max_frame)
         self.packer = _packer()
         self.hello_done = False
         self.role: Role | None = None
@@ -154,7 +158,10 @@ class _ServerConn(asyncio.Protocol):
                     self.dispatch(frame)
                 else:
                     self.hello(frame)
-        except (msgpack.FormatError, msgpack.StackError, msgpack.BufferFull, ValueError) as exc:
+        except msgpack.BufferFull:
+            self.refuse(TooLarge(f"a frame over {self.server.max_frame} bytes on the kvpool RPC "
+                                 "stream; split the batch"))
+        except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
             self.refuse(BadRequest(f"malformed or oversized frame on the kvpool RPC stream: {exc}"))
 
     def refuse(self, exc: KVPoolError) -> None:
@@ -185,7 +192,7 @@ class _ServerConn(asyncio.Protocol):
         except Unauthorized as exc:
             return self.refuse(exc)
         self.guard = connection_guard(self.role, self.server.roles)
-        self.context.run(auth.enter, self.role)
+        self.context.run(auth.enter, self.role, next(CONNECTIONS))
         self.hello_done = True
         self.transport.write(self.packer.pack({"kvpool": PROTOCOL_VERSION}))
 

@@ -28,6 +28,13 @@ from kvpool.errors import BadRequest, ConfigError, NodeGone, TransferFailed
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+# The UCX bundled with the nixl wheel carries its own libibverbs and libnl, but its EFA
+# module links the system's libefa, which pulls in the system's libibverbs and a second
+# libnl: on any host with Debian's libibverbs1 (and ibverbs-providers) installed, that
+# module loads and the process segfaults at exit inside libnl-route-3 (exit code 139).
+# Skip that one module (InfiniBand and mlx5 stay); on an AWS EFA host, set UCX_MODULES
+# yourself to use it.
+os.environ.setdefault("UCX_MODULES", "^*efa*")
 
 Row = tuple[int, int, int]  # address, length, device id
 INLINE_BYTES = 2 << 20  # transfers up to this size post on the caller's thread

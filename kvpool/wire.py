@@ -22,10 +22,15 @@ from aiohttp import web
 
 from kvpool import auth
 from kvpool.auth import Credentials, Role
-from kvpool.errors import (BadRequest, Forbidden, KVPoolError, ProtocolMismatch, Unauthorized,
-                           Unavailable, error_from_code)
+from kvpool.errors import (BadRequest, Forbidden, KVPoolError, MethodNotAllowed, NoRoute,
+                           ProtocolMismatch, TooLarge, Unauthorized, Unavailable, error_from_code)
 
 MAX_BODY = 64 << 20
+# A call's frame above this is refused unhandled (TooLarge), before its body is decoded:
+# decoding 64 MiB of keys holds the loop for most of a second. Only the methods a server
+# names as bulk (a daemon's registration carries its whole inventory) may be larger.
+MAX_CALL_FRAME = 4 << 20
+CONNECTIONS = itertools.count(1)  # ids of RPC connections, both transports: a peer's limits
 log = logging.getLogger(__name__)
 
 # The RPC's version: raised whenever a record or call changes shape. Version 2 carries
@@ -53,14 +58,30 @@ def unpack(data: bytes) -> Any:
         raise BadRequest(f"malformed or truncated msgpack body: {exc}") from None
 
 
-def need(body: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
-    """A required field of a given type, or a BadRequest that names it."""
-    if name not in body:
-        raise BadRequest(f"missing field '{name}'")
-    value = body[name]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise BadRequest(f"field '{name}' has the wrong type ({type(value).__name__})")
-    return value
+def split_frame(data: bytes, bulk: frozenset[str]) -> tuple[Any, str, dict[str, Any] | KVPoolError]:
+    """``[request id, method, body]`` out of a frame; the body is decoded only once the
+    method is known to allow a frame of this size (else, in its place, the TooLarge to
+    answer that request id with)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1))
+    try:
+        unpacker.feed(data)
+        if unpacker.read_array_header() != 3:
+            raise ValueError("not an array of 3")
+        rid, name = unpacker.unpack(), unpacker.unpack()
+        if not isinstance(name, str):
+            raise ValueError("the method is not a string")
+        if len(data) > MAX_CALL_FRAME and name not in bulk:
+            return rid, name, TooLarge(f"a {name!r} frame of {len(data)} bytes is over the "
+                                       f"limit of {MAX_CALL_FRAME} bytes per call; split the batch")
+        body = unpacker.unpack()
+        if unpacker.tell() != len(data):
+            raise ValueError(f"{len(data) - unpacker.tell()} bytes after the frame")
+    except (msgpack.OutOfData, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            ValueError, TypeError) as exc:
+        raise BadRequest(f"an RPC frame is [request id, method, body map]: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("an RPC frame is [request id, method, body map]")
+    return rid, name, body
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -73,6 +94,8 @@ def refusal(exc: KVPoolError, **headers: str) -> web.Response:
 
 def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Credentials(),
                  roles: Mapping[str, frozenset[Role]] | None = None,
+                 bulk: frozenset[str] = frozenset(),
+                 connections: set[web.WebSocketResponse] | None = None,
                  ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp handler serving RPC over one WebSocket per peer.
 
@@ -84,7 +107,10 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
     With ``credentials``, the handshake is refused (401, before the upgrade) unless it
     presents a known one; a method then runs only for the roles ``roles`` gives it (403
     otherwise; a method ``roles`` omits is refused to everyone), and its handler finds the
-    connection's role in ``auth.current()`` for checks that depend on the body.
+    connection's role in ``auth.current()`` for checks that depend on the body, and the
+    connection's id in ``auth.peer()``. Only ``bulk`` methods may send frames over
+    MAX_CALL_FRAME. Open connections are kept in ``connections``, for ``close_all`` at a
+    stop (an idle peer would otherwise hold the server's shutdown).
     """
     allowed = dict(roles or {})
 
@@ -102,16 +128,16 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
         await ws.prepare(request)
         guard = connection_guard(role, allowed)
         tasks: set[asyncio.Task[None]] = set()
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                task = asyncio.get_running_loop().create_task(_answer(ws, msg.data, handlers, guard, role))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif msg.type == aiohttp.WSMsgType.TEXT:
-                await ws.send_bytes(pack([None, 1, {"error": BadRequest.code,
-                                                    "message": "RPC frames are binary msgpack"}]))
-        for task in tasks:
-            task.cancel()
+        conn = next(CONNECTIONS)
+        if connections is not None:
+            connections.add(ws)
+        try:
+            await _serve_frames(ws, handlers, guard, role, conn, bulk, tasks)
+        finally:
+            if connections is not None:
+                connections.discard(ws)
+            for task in tasks:
+                task.cancel()
         return ws
 
     return serve
@@ -128,17 +154,52 @@ def connection_guard(role: Role | None, allowed: Mapping[str, frozenset[Role]]) 
     return frozenset(name for name, needed in allowed.items() if auth.allows(role, needed)), allowed
 
 
+async def close_all(connections: set[web.WebSocketResponse]) -> None:
+    """Close every open RPC connection (a server stopping); peers see the close at once."""
+    async def close(ws: web.WebSocketResponse) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server stopping")
+
+    with contextlib.suppress(TimeoutError):  # a peer that does not answer the close is cut
+        async with asyncio.timeout(2.0):
+            await asyncio.gather(*(close(ws) for ws in list(connections)))
+
+
+async def _serve_frames(ws: web.WebSocketResponse, handlers: dict[str, Handler],
+                        guard: Guard | None, role: Role | None, conn: int, bulk: frozenset[str],
+                        tasks: set[asyncio.Task[None]]) -> None:
+    async for msg in ws:
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            task = asyncio.get_running_loop().create_task(
+                _answer(ws, msg.data, handlers, guard, role, conn, bulk))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_bytes(pack([None, 1, {"error": BadRequest.code,
+                                                "message": "RPC frames are binary msgpack"}]))
+
+
+def _frame(frame: Any) -> tuple[Any, str, dict[str, Any]]:
+    """``[request id, method, body map]`` out of a frame the stream transport decoded
+    (its size was bounded as it arrived)."""
+    if not (isinstance(frame, list) and len(frame) == 3 and isinstance(frame[1], str)
+            and isinstance(frame[2], dict)):
+        raise BadRequest("an RPC frame is [request id, method, body map]")
+    return frame[0], frame[1], frame[2]
+
+
 async def respond(data: Any, handlers: dict[str, Handler], guard: Guard | None,
-                  role: Role | None) -> bytes:
+                  role: Role | None, bulk: frozenset[str] = frozenset()) -> bytes:
     """The packed answer to one request frame (raw bytes, or a frame already unpacked):
     the handler's result, or its typed error. Both transports serve calls through this."""
     rid = None
     try:
-        frame = unpack(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-        if not (isinstance(frame, list) and len(frame) == 3 and isinstance(frame[1], str)
-                and isinstance(frame[2], dict)):
-            raise BadRequest("an RPC frame is [request id, method, body map]")
-        rid, name, body = frame
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            rid, name, body = split_frame(bytes(data), bulk)
+            if isinstance(body, KVPoolError):
+                raise body
+        else:
+            rid, name, body = _frame(data)
         handler = handlers.get(name)
         if handler is None:
             raise BadRequest(f"unknown RPC method {name!r}")
@@ -159,25 +220,40 @@ async def respond(data: Any, handlers: dict[str, Handler], guard: Guard | None,
 
 
 async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Handler],
-                  guard: Guard | None, role: Role | None) -> None:
-    auth.enter(role)  # in this task's own context: the handler finds the caller's role
-    out = await respond(data, handlers, guard, role)
+                  guard: Guard | None, role: Role | None, conn: int, bulk: frozenset[str]) -> None:
+    auth.enter(role, conn)  # in this task's own context: the handler finds the caller's role
+    out = await respond(data, handlers, guard, role, bulk)
     if not ws.closed:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_bytes(out)
+
+
+_HTTP_ERRORS: dict[int, type[KVPoolError]] = {
+    404: NoRoute, 405: MethodNotAllowed, 413: TooLarge, 401: Unauthorized, 403: Forbidden}
 
 
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-    """Every failure of a JSON endpoint becomes a typed error reply; the server keeps serving."""
+    """Every failure of a JSON endpoint becomes a typed error reply, aiohttp's own (no
+    route, wrong method, body too large, not a WebSocket) included; the server keeps serving."""
     try:
         return await handler(request)
     except KVPoolError as exc:
         return web.json_response({"error": exc.code, "message": str(exc)}, status=exc.http_status)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        typed = _HTTP_ERRORS.get(exc.status, BadRequest if exc.status < 500 else KVPoolError)
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        text = exc.text or ""
+        detail = exc.reason if not text or text.startswith(f"{exc.status}:") else text
+        if headers:
+            detail += f" (allowed: {headers.get('Allow') or next(iter(headers.values()))})"
+        return web.json_response({"error": typed.code,
+                                  "message": f"{request.method} {request.path}: {detail}"},
+                                 status=exc.status, headers=headers or None)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -92,6 +92,7 @@ class MasterCore:
         self.state.clear()
         self.leases.clear()
         self.tiering.clear()
+        self.puts.clear()
         for node in nodes:
             await node.link.close()
 

@@ -13,14 +13,18 @@ from typing import Any
 from aiohttp import web
 
 from kvpool import auth
+from kvpool import fields as f
 from kvpool.auth import Role as Access
 from kvpool.daemon_link import Registration
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey, parse_key
-from kvpool.protocol import Call
+from kvpool.protocol import (AbortRequest, AgentsRequest, Call, CommitRequest, CorruptRequest,
+                             HeartbeatRequest, KeysRequest, ReleaseRequest, ReserveRequest,
+                             released)
 from kvpool.streamrpc import StreamRpcServer
 from kvpool.tiers.base import TierKind
-from kvpool.wire import MAX_BODY, Handler, auth_middleware, error_middleware, need, rpc_endpoint
+from kvpool.wire import (MAX_BODY, Handler, auth_middleware, close_all, error_middleware,
+                         rpc_endpoint)
 from master import catalog, removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry
@@ -29,18 +33,29 @@ from master.openapi import OPENAPI
 from master.ops_http import OpsRoutes
 
 
-def _keys(body: dict[str, Any], name: str = "keys") -> list[BlockKey]:
-    raw = need(body, name, list)
-    return [parse_key(k) for k in raw]
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a JSON number")
 
 
-def _optional(body: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
-    return need(body, name, typ) if body.get(name) is not None else None
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """An admin call's JSON body: a map (an empty body is an empty map). NaN, Infinity,
+    nesting deeper than the parser can follow and anything but an object are BadRequest."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise BadRequest(f"the body is not valid JSON: {str(exc)[:200]}") from None
+    return f.body_map(body, f"the body of {request.method} {request.path}")
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    """An optional boolean that must be a boolean (``"no"`` is not false, it is an error)."""
-    return bool(_optional(body, name, bool))
+def _tier_kind(value: Any, what: str) -> TierKind:
+    try:
+        return TierKind(value)
+    except ValueError:
+        raise BadRequest(f"'{what}': unknown tier {value!r:.40}; one of "
+                         f"{', '.join(k.value for k in TierKind)}") from None
 
 
 _ENGINE = frozenset({Access.CLIENT})
@@ -68,6 +83,7 @@ class MasterHttp:
         self.state = core.state
         self.server = server  # the MasterServer, for who leads (None: always this one)
         self.ops = OpsRoutes(core)
+        self.connections: set[web.WebSocketResponse] = set()  # open RPC connections
 
     def rpc_handlers(self) -> dict[str, Handler]:
         """The RPC's calls, served alike on the WebSocket and on the stream transport."""
@@ -84,7 +100,10 @@ class MasterHttp:
         creds = self.core.cfg.credentials()
         app = web.Application(client_max_size=MAX_BODY, middlewares=[
             auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"})), error_middleware])
-        app.router.add_get("/v1/rpc", rpc_endpoint(self.rpc_handlers(), creds, ROLES))
+        app.on_shutdown.append(self._shutdown)
+        app.router.add_get("/v1/rpc", rpc_endpoint(self.rpc_handlers(), creds, ROLES,
+                                                   bulk=frozenset({Call.REGISTER}),
+                                                   connections=self.connections))
         if stream is not None:
             app.router.add_get(STREAM_INFO, stream.info())
         app.router.add_get("/v1/cluster", self.cluster)
@@ -100,79 +119,85 @@ class MasterHttp:
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
+    async def _shutdown(self, app: web.Application) -> None:
+        """A stop: close RPC connections, so none holds it up."""
+        await close_all(self.connections)
+
     # -- RPC ------------------------------------------------------------------------------
 
     def _releasing(self, handler: Handler) -> Handler:
-        """Only a ready leader serves; read leases the client is done with ride along on any call."""
+        """Only a ready leader serves; read leases the client is done with ride along on
+        any call (checked before the call acts, released once its body decoded too)."""
 
         async def call(body: dict[str, Any]) -> Any:
             self.core.gate()
-            released = body.get("release")
-            if released:
-                self.core.leases.release([int(x) for x in released])
+            leases = released(body)
+            if leases:
+                self.core.leases.release(leases)
             return await handler(body)
 
         return call
 
     async def reserve(self, body: dict[str, Any]) -> Any:
-        keys = _keys(body)
-        parents = [parse_key(p) if p else None for p in body.get("parents") or []]
-        put_id, items = await self.core.puts.reserve(keys, need(body, "sizes", list), parents,
-                                                     body.get("prefer"), body.get("replicas", 1),
-                                                     catalog.parse(body.get("meta"), len(keys)))
+        req = ReserveRequest.unpack(body)
+        put_id, items = await self.core.puts.reserve(req.keys, req.sizes, req.parents, req.prefer,
+                                                     req.replicas, catalog.parse(req.meta, len(req.keys)),
+                                                     ttl_s=req.ttl_s, owner=auth.peer())
         return {"put_id": put_id, "items": [r.pack() for r in items]}
 
     async def commit(self, body: dict[str, Any]) -> Any:
-        n = await self.core.puts.commit(need(body, "put_id", int), _keys(body),
-                                        [bytes(h) for h in need(body, "headers", list)])
-        return {"committed": n}
+        req = CommitRequest.unpack(body)
+        return {"committed": await self.core.puts.commit(req.put_id, req.keys, req.headers)}
 
     async def abort(self, body: dict[str, Any]) -> Any:
-        self.core.puts.abort(need(body, "put_id", int), _keys(body))
+        req = AbortRequest.unpack(body)
+        self.core.puts.abort(req.put_id, req.keys)
         return {}
 
     async def get(self, body: dict[str, Any]) -> Any:
-        lease, grants = await self.core.reads.get(_keys(body))
+        lease, grants = await self.core.reads.get(KeysRequest.unpack(body, Call.GET).keys)
         return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
                 "ttl_s": self.core.cfg.read_lease_s}
 
     async def release(self, body: dict[str, Any]) -> Any:
-        self.core.leases.release([int(x) for x in need(body, "leases", list)])
+        self.core.leases.release(ReleaseRequest.unpack(body).leases)
         return {}
 
     async def exists(self, body: dict[str, Any]) -> Any:
-        return {"present": self.core.reads.exists(_keys(body))}
+        return {"present": await self.core.reads.exists(KeysRequest.unpack(body, Call.EXISTS).keys)}
 
     async def match(self, body: dict[str, Any]) -> Any:
-        return {"count": self.core.reads.match(_keys(body), prefetch=_flag(body, "prefetch"))}
+        req = KeysRequest.unpack(body, Call.MATCH)
+        return {"count": await self.core.reads.match(req.keys, prefetch=req.prefetch)}
 
     async def remove(self, body: dict[str, Any]) -> Any:
-        force = _flag(body, "force")
-        if force:
+        req = KeysRequest.unpack(body, Call.REMOVE)
+        if req.force:
             auth.require(Access.ADMIN, what="a forced remove (it ignores leases and pins)")
-        removed = await removal.remove(self.state, _keys(body), force)
-        return {"removed": removed}
+        return {"removed": await removal.remove(self.state, req.keys, req.force)}
 
     async def pin(self, body: dict[str, Any]) -> Any:
-        ttl = _optional(body, "ttl_s", (int, float))
-        return {"pinned": self.core.leases.pin(_keys(body), ttl, _flag(body, "prefix"))}
+        req = KeysRequest.unpack(body, Call.PIN)
+        return {"pinned": self.core.leases.pin(req.keys, req.ttl_s, req.prefix)}
 
     async def unpin(self, body: dict[str, Any]) -> Any:
-        return {"unpinned": self.core.leases.unpin(_keys(body), _flag(body, "prefix"))}
+        req = KeysRequest.unpack(body, Call.UNPIN)
+        return {"unpinned": self.core.leases.unpin(req.keys, req.prefix)}
 
     async def agents(self, body: dict[str, Any]) -> Any:
-        agents = [str(a) for a in need(body, "agents", list)]
-        return {"metadata": await self.core.members.agent_metadata(agents)}
+        return {"metadata": await self.core.members.agent_metadata(AgentsRequest.unpack(body).agents)}
 
     async def corrupt(self, body: dict[str, Any]) -> Any:
-        await self.core.reads.report_corrupt(_keys(body), [str(n) for n in need(body, "nodes", list)])
+        req = CorruptRequest.unpack(body)
+        await self.core.reads.report_corrupt(req.keys, req.nodes)
         return {}
 
     async def register(self, body: dict[str, Any]) -> Any:
         return await self.core.members.register(Registration.unpack(body))
 
     async def heartbeat(self, body: dict[str, Any]) -> Any:
-        await self.core.members.heartbeat(need(body, "node_id", str), need(body, "agent", str))
+        req = HeartbeatRequest.unpack(body)
+        await self.core.members.heartbeat(req.node_id, req.agent)
         return {}
 
     async def check(self, body: dict[str, Any]) -> Any:
@@ -281,12 +306,10 @@ class MasterHttp:
 
     async def admin_evict(self, request: web.Request) -> web.Response:
         """Forced eviction: demote the coldest movable blocks of a tier down to a fill level."""
-        try:
-            body = await request.json() if request.can_read_body else {}
-            tier = TierKind(body.get("tier", "host"))
-            fill = float(body.get("fill", 0.0))
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"evict takes {{'tier': 'host'|'ssd'|..., 'fill': 0..1}}: {exc}") from None
+        body = await json_body(request)
+        f.only(body, frozenset({"tier", "fill"}), "evict")
+        tier = f.field(body, "tier", _tier_kind, TierKind.HOST)
+        fill = f.field(body, "fill", f.number(0.0, 1.0), 0.0)
         moved = 0
         for node in list(self.state.nodes.values()):
             space = node.tiers.get(tier)

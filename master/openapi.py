@@ -43,7 +43,8 @@ OPENAPI: dict[str, Any] = {
         "/v1/blocks/{key}/pin": {"post": _op("Pin a block: never demoted or evicted", True, [_KEY])},
         "/v1/blocks/{key}/unpin": {"post": _op("Release one pin", True, [_KEY])},
         "/v1/evict": {"post": _op("Demote the coldest movable blocks of a tier down to a fill level",
-                                  True, body={"type": "object", "properties": {
+                                  True, body={"type": "object", "additionalProperties": False,
+                                              "properties": {
                                       "tier": {"type": "string", "enum": ["gpu", "host", "ssd", "object"]},
                                       "fill": {"type": "number", "minimum": 0, "maximum": 1}}})},
         "/v1/events": {"get": _op(

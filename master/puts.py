@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 from kvpool.codec import BlockHeader
 from kvpool.daemon_link import StoredBlock
-from kvpool.errors import BadRequest, KVPoolError, NodeGone, ReservationLost, TierFull, Unavailable
+from kvpool.errors import (BadRequest, KVPoolError, NodeGone, ReservationLost, TierFull,
+                           TooManyPending, Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
 from master.catalog import BlockMeta
@@ -29,21 +31,96 @@ log = logging.getLogger(__name__)
 MAX_REPLICAS = 16
 
 
+@dataclass(slots=True)
+class OpenPut:
+    """A reservation not yet committed or aborted, counted against its client's limits."""
+
+    owner: int | None  # the client connection (kvpool.auth.peer)
+    keys: list[BlockKey]  # the keys it reserved
+    nbytes: int  # arena bytes it holds, every replica counted
+    deadline: float
+
+
 class Puts:
     def __init__(self, state: PoolState, tiering: Tiering) -> None:
         self.state = state
         self.tiering = tiering
+        self._open: dict[int, OpenPut] = {}
+        self._by_owner: dict[int | None, list[int]] = {}  # owner -> [puts, bytes]
+
+    def clear(self) -> None:
+        """A term ended: its reservations are gone with the index."""
+        self._open.clear()
+        self._by_owner.clear()
+
+    def _admit(self, owner: int | None, nbytes: int) -> None:
+        """Refuse a reserve beyond its client's (or everyone's) limits on puts in flight
+        and reserved bytes: typed and retryable, so a client that commits keeps working
+        while one that never commits cannot fill the arenas."""
+        cfg = self.state.cfg
+        arenas = sum(s.capacity for _, s in arena_candidates(self.state.nodes.values()))
+        cap = int(cfg.client_max_reserved * arenas)
+        puts, held = self._by_owner.get(owner, (0, 0))
+        if puts >= cfg.client_max_puts:
+            raise TooManyPending(f"this client has {puts} puts reserved and not committed "
+                                 f"(client_max_puts = {cfg.client_max_puts}); commit or abort "
+                                 "some, then retry")
+        if held and held + nbytes > cap:  # a lone put may be larger (the arenas decide)
+            raise TooManyPending(f"this client holds {held} bytes reserved and not committed; "
+                                 f"{nbytes} more would pass its limit of {cap} bytes "
+                                 f"(client_max_reserved); commit or abort some, then retry")
+        if len(self._open) >= cfg.max_puts:
+            raise TooManyPending(f"{len(self._open)} puts are reserved and not committed across "
+                                 f"all clients (max_puts = {cfg.max_puts}); retry shortly")
+
+    def _opened(self, put_id: int, owner: int | None, made: list[BlockEntry], deadline: float) -> None:
+        nbytes = sum(r.size for e in made for r in e.replicas)
+        self._open[put_id] = OpenPut(owner, [e.key for e in made], nbytes, deadline)
+        tally = self._by_owner.setdefault(owner, [0, 0])
+        tally[0] += 1
+        tally[1] += nbytes
+
+    def _closed(self, put_id: int) -> None:
+        put = self._open.pop(put_id, None)
+        if put is None:
+            return
+        tally = self._by_owner[put.owner]
+        tally[0] -= 1
+        tally[1] -= put.nbytes
+        if tally[0] <= 0:
+            del self._by_owner[put.owner]
+
+    def _recount(self, put_id: int) -> None:
+        """After a commit or an abort: a put counts for the reservations it still holds
+        (a commit or abort naming only some keys must not hide the others)."""
+        put = self._open.get(put_id)
+        if put is None:
+            return
+        index = self.state.index
+        held = sum(r.size for k in put.keys if (e := index.get(k)) is not None
+                   and e.state is BlockState.PENDING and e.put_id == put_id for r in e.replicas)
+        if not held:
+            self._closed(put_id)
+        else:
+            self._by_owner[put.owner][1] -= put.nbytes - held
+            put.nbytes = held
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
 
     def _new_put_id(self) -> int:
         return (self.state.term << 32) | self.state.rng.getrandbits(32)
 
     async def reserve(self, keys: Sequence[BlockKey], sizes: Sequence[int],
                       parents: Sequence[BlockKey | None], prefer: str | None,
-                      replicas: int = 1, meta: Sequence[BlockMeta] | None = None
+                      replicas: int = 1, meta: Sequence[BlockMeta] | None = None, *,
+                      ttl_s: float | None = None, owner: int | None = None
                       ) -> tuple[int, list[Reservation]]:
         """Reserve space for new blocks: one location per copy (``replicas`` copies on
         distinct nodes, as many as there are nodes with room); EXISTS or IN_FLIGHT for
-        keys that are stored or being stored."""
+        keys that are stored or being stored. ``owner`` (the client's connection) is held
+        to its limits; ``ttl_s`` shortens the time to commit below the put timeout."""
         st = self.state
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
             raise BadRequest(f"replicas={replicas!r} is outside 1..{MAX_REPLICAS}")
@@ -56,7 +133,9 @@ class Puts:
                 raise BadRequest(f"block size {size!r} is outside 1..{st.cfg.max_block_bytes} bytes")
         if not st.nodes:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
-        put_id, deadline = self._new_put_id(), time.monotonic() + st.cfg.put_timeout_s
+        self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))))
+        ttl = st.cfg.put_timeout_s if ttl_s is None else min(ttl_s, st.cfg.put_timeout_s)
+        put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
         try:
@@ -88,6 +167,8 @@ class Puts:
                 st.discard_pending(entry)
             raise
         st.counters["reserved"] += len(made)
+        if made:
+            self._opened(put_id, owner, made, deadline)
         return put_id, out
 
     async def _allocate(self, size: int, prefer: str | None) -> tuple[Node, TierSpace, int]:
@@ -105,17 +186,23 @@ class Puts:
                     return node, space, offset
             if not candidates or idle >= 2:
                 break
-            # A relief that moves nothing may have waited on another one that freed space
-            # meanwhile, so only two idle rounds in a row mean there is no room.
-            moved = await self.tiering.relieve(candidates[0][0], candidates[0][1].kind,
-                                               need=size, at_least=size)
+            # Demote just enough for this block (never wait on a whole relief of others);
+            # only two idle rounds in a row mean there is no room.
+            moved = await self.tiering.make_room(candidates[0][0], candidates[0][1].kind, size)
             idle = 0 if moved else idle + 1
         raise TierFull(f"no arena has room for a {size}-byte block and nothing more can be "
                        "demoted (blocks are leased, pinned or in flight); release leases, "
                        "unpin blocks or give the daemon a bigger host arena")
 
     async def commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes]) -> int:
-        """Make reserved blocks visible once their daemons have recorded them."""
+        """Make reserved blocks visible once their daemons have recorded them. The put
+        stops counting against its client's limits whatever the outcome."""
+        try:
+            return await self._commit(put_id, keys, headers)
+        finally:
+            self._recount(put_id)
+
+    async def _commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes]) -> int:
         st = self.state
         if len(keys) != len(headers):
             raise BadRequest("commit needs one header per key")
@@ -186,6 +273,7 @@ class Puts:
             entry = self.state.index.get(key)
             if entry is not None and entry.state is BlockState.PENDING and entry.put_id == put_id:
                 self.state.discard_pending(entry)
+        self._recount(put_id)
 
     def reclaim(self, now: float) -> int:
         """Free reservations whose writer never committed (it died mid-put)."""
@@ -194,6 +282,8 @@ class Puts:
                  if e.state is BlockState.PENDING and e.deadline <= now]
         for entry in stale:
             st.discard_pending(entry)
+        for put_id in [p for p, put in self._open.items() if put.deadline <= now]:
+            self._closed(put_id)
         if stale:
             log.info("reclaimed %d abandoned reservations", len(stale))
             st.counters["reclaimed"] += len(stale)

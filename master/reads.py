@@ -19,6 +19,7 @@ from master.tiering import Tiering
 
 log = logging.getLogger(__name__)
 PREFETCH_AT_ONCE = 64  # promotions a prefetch runs concurrently
+LOOKUPS_AT_ONCE = 4096  # index lookups between yields to the loop in exists and match
 
 
 class Reads:
@@ -74,16 +75,26 @@ class Reads:
                 raise res
             entry.leases.pop(lease, None)
 
-    def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
-        return [self.state.index.readable(k) is not None for k in keys]
+    async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Which keys are stored; a long batch yields the loop between chunks."""
+        index = self.state.index
+        out: list[bool] = []
+        for start in range(0, len(keys), LOOKUPS_AT_ONCE):
+            if start:
+                await asyncio.sleep(0)
+            out.extend(index.readable(k) is not None for k in keys[start:start + LOOKUPS_AT_ONCE])
+        return out
 
-    def match(self, keys: Sequence[BlockKey], prefetch: bool = False) -> int:
+    async def match(self, keys: Sequence[BlockKey], prefetch: bool = False) -> int:
         """How many leading keys are stored: the reusable prefix of a prompt. With
-        ``prefetch``, the matched blocks that are only in cold tiers start their promotion."""
+        ``prefetch``, the matched blocks that are only in cold tiers start their promotion.
+        A long batch yields the loop between chunks."""
         index = self.state.index
         n = 0
         cold = []
-        for key in keys:
+        for i, key in enumerate(keys):
+            if i and i % LOOKUPS_AT_ONCE == 0:
+                await asyncio.sleep(0)
             entry = index.readable(key)
             if entry is None:
                 break

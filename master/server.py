@@ -18,6 +18,7 @@ from master.election import Election
 from master.http import EAGER, ROLES, MasterHttp
 
 log = logging.getLogger(__name__)
+SHUTDOWN_S = 2.0  # how long a stop waits for open connections to finish
 
 
 class MasterServer:
@@ -53,7 +54,10 @@ class MasterServer:
         self._stream = StreamRpcServer(http.rpc_handlers(), self.cfg.credentials(), ROLES, tls,
                                        eager=EAGER)
         await self._stream.start(self.cfg.host, self.cfg.rpc_port)
-        self._runner = web.AppRunner(http.app(self._stream), access_log=None)
+        # A connection still open at a stop (an RPC WebSocket, an event stream whose
+        # reader stays) is cut after SHUTDOWN_S rather than aiohttp's 60 s.
+        self._runner = web.AppRunner(http.app(self._stream), access_log=None,
+                                     shutdown_timeout=SHUTDOWN_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=tls)
         await site.start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Sequence
 
 from kvpool.config import MasterConfig
@@ -40,6 +40,9 @@ class PoolState:
         self.stores: dict[str, TierSpace] = {}
         self.events = EventHub(max(1, cfg.events_ring))
         self.counters: dict[str, int] = defaultdict(int)
+        # Keys whose drop a daemon is carrying out right now (the index may already have
+        # forgotten them): check() does not count them as strays.
+        self.dropping: Counter[BlockKey] = Counter()
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
 
@@ -129,7 +132,13 @@ class PoolState:
             if owner.startswith("@"):
                 log.warning("no live node names store %s; %d blocks stay in it", owner[1:], len(keys))
             return
+        self.dropping.update(keys)
         try:
             await node.link.drop(tier, keys)
         except KVPoolError as exc:
             log.warning("node %s did not confirm dropping %d blocks: %s", owner, len(keys), exc)
+        finally:
+            self.dropping.subtract(keys)
+            for key in keys:
+                if self.dropping[key] <= 0:
+                    del self.dropping[key]

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from contextlib import suppress
 
 from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
 from kvpool.keys import BlockKey
@@ -34,9 +35,12 @@ class Tiering:
     def __init__(self, state: PoolState) -> None:
         self.state = state
         self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._leaving: dict[tuple[str, TierKind], int] = defaultdict(int)  # blocks being demoted
+        self._landed = asyncio.Condition()  # notified whenever a demotion batch is done
 
     def clear(self) -> None:
         self._relieving.clear()
+        self._leaving.clear()
 
     def high(self, kind: TierKind) -> float:
         return self.state.cfg.watermarks(kind.value)[0]
@@ -61,11 +65,9 @@ class Tiering:
                 await self.demote(node, last, stale)
                 st.counters["expired"] += len(stale)
 
-    async def relieve(self, node: Node, kind: TierKind, need: int = 0, at_least: int = 0) -> bool:
+    async def relieve(self, node: Node, kind: TierKind, need: int = 0) -> bool:
         """Demote (or, at the last tier, evict) the coldest movable blocks of one tier until
-        it is below its low watermark (and ``need`` bytes fit), freeing at least
-        ``at_least`` bytes (a fragmented arena may need more than its fill suggests).
-        True when anything moved."""
+        it is below its low watermark (and ``need`` bytes fit). True when anything moved."""
         st = self.state
         owner = st.owner(node, kind)
         async with self._relieving[(owner, kind)]:
@@ -98,20 +100,56 @@ class Tiering:
                     break  # nothing left the tier (copies failed): try again at the next sweep
             return moved
 
+    async def make_room(self, node: Node, kind: TierKind, size: int) -> bool:
+        """Free about ``size`` bytes of one tier for a caller waiting on them (a put, a
+        promotion): demote just enough of the coldest movable blocks itself, rather than
+        wait on a relief of a whole watermark's worth of other blocks that is in flight
+        (that wait was the multi-second stall of puts under load; the sweep brings the
+        tier down to its low watermark meanwhile). When every candidate is already moving,
+        wait for the next batch to land instead. True when room was made or is coming."""
+        st = self.state
+        owner = st.owner(node, kind)
+        if node.tiers.get(kind) is None or st.nodes.get(node.node_id) is not node:
+            return False
+        now = time.monotonic()
+        victims, freed = [], 0
+        for entry in st.index.coldest(owner, kind, now):
+            if freed >= size:
+                break
+            if entry.movable(now):
+                victims.append(entry)
+                freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
+        if victims:
+            st.counters[f"room_made_{kind.value}"] += 1
+            await self.demote(node, kind, victims)
+            return True
+        if not self._leaving[(owner, kind)]:
+            return False
+        st.counters[f"room_awaited_{kind.value}"] += 1
+        async with self._landed:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._landed.wait(), timeout=1.0)
+        return True
+
     async def demote(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
         """Move blocks one tier down on their node; at the last tier, evict them."""
         dst = node.below(kind)
+        leaving = (self.state.owner(node, kind), kind)
         for start in range(0, len(entries), DEMOTE_BATCH):
             chunk = [e for e in entries[start:start + DEMOTE_BATCH] if e.state is BlockState.COMPLETE]
             for e in chunk:
                 e.advance(BlockState.MOVING, BlockState.COMPLETE)
+            self._leaving[leaving] += len(chunk)
             try:
                 moved = chunk if dst is None else await self._copy_down(node, kind, dst, chunk)
                 await self._drop_replicas(node, kind, moved)
             finally:
+                self._leaving[leaving] -= len(chunk)
                 for e in chunk:
                     if e.state is BlockState.MOVING:
                         e.advance(BlockState.COMPLETE, BlockState.MOVING)
+                async with self._landed:
+                    self._landed.notify_all()
 
     async def _copy_down(self, node: Node, src: TierKind, dst: TierKind,
                          entries: list[BlockEntry]) -> list[BlockEntry]:
@@ -227,11 +265,12 @@ class Tiering:
         entry.advance(BlockState.MOVING, BlockState.COMPLETE)
         try:
             offset = space.allocator.allocate(entry.size)
-            if offset is None:
-                await self.relieve(node, TierKind.HOST, need=entry.size)
+            for _attempt in range(8):
+                if offset is not None or not await self.make_room(node, TierKind.HOST, entry.size):
+                    break
                 offset = space.allocator.allocate(entry.size)
-                if offset is None:
-                    raise TierFull("the host arena is full of leased or pinned blocks")
+            if offset is None:
+                raise TierFull("the host arena is full of leased or pinned blocks")
             try:
                 [res] = await node.link.copy([key], best.tier, TierKind.HOST, [offset])
             except BaseException:

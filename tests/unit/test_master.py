@@ -12,7 +12,8 @@ from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
 from kvpool.daemon_link import TierDescription
-from kvpool.errors import BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull
+from kvpool.errors import (BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull,
+                           TooManyPending)
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReserveStatus
 from kvpool.tiers.base import TierKind
@@ -78,13 +79,13 @@ async def test_a_put_is_invisible_until_the_daemon_recorded_it() -> None:
     core = await master(d)
     put_id, [item] = await core.puts.reserve([key(1)], [BLOCK], [], None)
     assert item.status is ReserveStatus.NEW and item.locations[0].node == "n1"
-    assert core.reads.exists([key(1)]) == [False] and d.held[TierKind.HOST] == {}
+    assert await core.reads.exists([key(1)]) == [False] and d.held[TierKind.HOST] == {}
     assert (await core.reads.get([key(1)]))[1] == [None]
     assert await put(core, [key(1)]) == [ReserveStatus.IN_FLIGHT]  # a second writer waits
     header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
     assert await core.puts.commit(put_id, [key(1)], [header]) == 1
     assert key(1) in d.held[TierKind.HOST]
-    assert core.reads.exists([key(1)]) == [True]
+    assert await core.reads.exists([key(1)]) == [True]
     assert await put(core, [key(1)]) == [ReserveStatus.EXISTS]
     await core.check()
 
@@ -98,7 +99,7 @@ async def test_a_commit_whose_daemon_fails_leaves_nothing_visible_and_frees_the_
     with pytest.raises(NodeGone, match="could not record"):
         await core.puts.commit(put_id, [key(1), key(2)], [header, header])
     d.down = False
-    assert core.reads.exists([key(1), key(2)]) == [False, False]
+    assert await core.reads.exists([key(1), key(2)]) == [False, False]
     assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
     await core.check()
 
@@ -200,7 +201,7 @@ async def test_removal_respects_pins_and_leases_unless_forced() -> None:
     core.leases.pin([key(1)])
     with pytest.raises(BlockLeased, match="pinned"):
         await removal.remove(core.state, [key(1), key(2)], force=False)
-    assert core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
+    assert await core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
     assert await removal.remove(core.state, [key(1), key(2), key(3)], force=True) == [True, True, False]
     assert d.held[TierKind.HOST] == {}
     assert core.state.nodes["n1"].tiers[TierKind.HOST].used == 0
@@ -275,3 +276,25 @@ async def test_prefix_links_come_back_from_the_inventory_after_a_restart() -> No
     now = time.monotonic()
     assert [e.key for e in again.state.index.coldest("n1", TierKind.HOST, now)] == [key(3), key(2), key(1)]
     await again.check()
+
+
+async def test_a_client_s_uncommitted_puts_are_bounded_and_partial_aborts_do_not_hide_them() -> None:
+    d = fake("n1", host=64 * BLOCK)
+    core = await master(d, client_max_puts=3, client_max_reserved=0.25)
+    held = []
+    for i in range(3):
+        held.append((await core.puts.reserve([key(i)], [BLOCK], [], None, owner=1))[0])
+    with pytest.raises(TooManyPending, match="client_max_puts"):
+        await core.puts.reserve([key(9)], [BLOCK], [], None, owner=1)
+    await core.puts.reserve([key(10)], [BLOCK], [], None, owner=2)  # another client is served
+    core.puts.abort(held[0], [])  # naming no key releases nothing
+    with pytest.raises(TooManyPending):
+        await core.puts.reserve([key(9)], [BLOCK], [], None, owner=1)
+    core.puts.abort(held[0], [key(0)])
+    put_id, _ = await core.puts.reserve([key(11), key(12)], [8 * BLOCK] * 2, [], None, owner=3)
+    with pytest.raises(TooManyPending, match="client_max_reserved"):  # 16 blocks held of 64
+        await core.puts.reserve([key(13)], [BLOCK], [], None, owner=3)
+    header = make_header(np.zeros(8 * BLOCK, np.uint8), "uint8").encode()
+    assert await core.puts.commit(put_id, [key(11), key(12)], [header] * 2) == 2
+    await core.puts.reserve([key(13)], [BLOCK], [], None, owner=3)  # committed: allowance back
+    await core.check()
