@@ -53,6 +53,7 @@ class GetResult:
     key: BlockKey
     header: BlockHeader | None  # None on a miss
     error: KVPoolError | None = None  # why a block that was listed could not be read
+    tier: str = ""  # the tier the bytes were read from ("gpu" or "host"), hit or corrupt
 
     @property
     def hit(self) -> bool:
@@ -498,20 +499,21 @@ class AsyncPoolClient:
                         results[i] = GetResult(keys[i], None, exc)
                     continue
                 for i in chunk:
-                    results[i] = self._verified(keys[i], grants[i].header, land[i])  # type: ignore[union-attr]
+                    results[i] = self._verified(keys[i], grants[i], land[i])  # type: ignore[arg-type]
         finally:  # no transfer may still be writing once the caller takes its buffers back
             await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 
-    def _verified(self, key: BlockKey, raw_header: bytes, v: BufferView) -> GetResult:
-        header = BlockHeader.decode(raw_header)[0]
+    def _verified(self, key: BlockKey, grant: ReadGrant, v: BufferView) -> GetResult:
+        header = BlockHeader.decode(grant.header)[0]
+        tier = _tier(grant.location.mem_type)
         if not self.cfg.verify_checksum:
-            return GetResult(key, header)
+            return GetResult(key, header, tier=tier)
         got = payload_checksum(v, header.payload_size)
         if got != header.checksum:
             return GetResult(key, None, ChecksumMismatch(
                 f"block {key.hex()} arrived with checksum {got:016x}, expected "
-                f"{header.checksum:016x}; it was dropped and is treated as a miss"))
-        return GetResult(key, header)
+                f"{header.checksum:016x}; it was dropped and is treated as a miss"), tier)
+        return GetResult(key, header, tier=tier)
 
     # -- metadata-only calls --------------------------------------------------------------
 

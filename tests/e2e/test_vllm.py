@@ -43,6 +43,7 @@ class VStack:
     router: str = ""
     router_proc: Any = None
     events: list[Any] = field(default_factory=list)  # the prefill instance's KV events
+    decode_events: list[Any] = field(default_factory=list)  # the decode instance's
 
     def audit(self, name: str) -> list[dict[str, str]]:
         path = self.tmp / f"audit-{name}.jsonl"
@@ -57,10 +58,11 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
     s.pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                          POOL_ENV, tmp / "pool.log")
     s.master = info["master"]
-    events_port = free_port()
-    listening = threading.Event()
-    threading.Thread(target=subscribe, args=(events_port, s.events, listening), daemon=True).start()
-    listening.wait(10)
+    events_port, decode_events_port = free_port(), free_port()
+    for port, out in ((events_port, s.events), (decode_events_port, s.decode_events)):
+        listening = threading.Event()
+        threading.Thread(target=subscribe, args=(port, out, listening), daemon=True).start()
+        listening.wait(10)
     try:
         def audit(name: str) -> dict[str, object]:
             return {"audit_path": str(tmp / f"audit-{name}.jsonl"), "timeout_s": 1.0, "retry_s": 2.0}
@@ -71,7 +73,8 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
                                     master=s.master, extra={**audit("prefill"), "event_token_ids": True},
                                     events_port=events_port),
             "decode": launch.start("decode", model, tmp / "decode.log", role="kv_consumer",
-                                   master=s.master, extra=audit("decode")),
+                                   master=s.master, extra=audit("decode"),
+                                   events_port=decode_events_port),
             "bf16": launch.start("bf16", model, tmp / "bf16.log", role="kv_both", master=s.master,
                                  dtype="bfloat16", extra=audit("bf16")),
         }
@@ -208,6 +211,14 @@ def test_a_corrupt_block_is_recomputed_with_the_same_tokens(vs: VStack) -> None:
     assert pool_keys(vs, "decode", "load")[loads:] == keys[:1]  # only the block before it landed
     with pytest.raises(urllib.error.HTTPError):  # the pool dropped the corrupt block
         urllib.request.urlopen(f"{vs.master}/v1/blocks/{keys[1]}", timeout=10)
+    # ... and the instance that found it says so, naming the tier it was read from
+    deadline = time.monotonic() + 10
+    removed: list[Any] = []
+    while not removed and time.monotonic() < deadline:
+        removed = [e for e in list(vs.decode_events) if type(e).__name__ == "BlockRemoved"
+                   and bytes.fromhex(keys[1]) in e.block_hashes]
+        time.sleep(0.2)
+    assert [e.medium for e in removed] == ["host"]  # the pool's host arena held it
 
 
 def test_another_dtype_reuses_nothing(vs: VStack) -> None:
