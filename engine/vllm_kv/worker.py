@@ -151,7 +151,8 @@ class KVPoolWorker:
         with open(self.cfg.audit_path, "a") as f:
             for key, b in zip(keys, block_ids):
                 digest = segmented_view(self.segments(b), writable=False).checksum()
-                f.write(json.dumps({"op": op, "req": req_id, "key": key.hex(), "xxh3": f"{digest:016x}"}) + "\n")
+                f.write(json.dumps({"op": op, "req": req_id, "rank": self.rank, "key": key.hex(),
+                                    "xxh3": f"{digest:016x}"}) + "\n")
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()
@@ -237,6 +238,14 @@ class KVPoolWorker:
         for rid in finished_req_ids:
             if rid in self._saves:
                 self._saves[rid].finished = True
+        if finished_req_ids and self._loads:
+            for load in self._loads:
+                if load.spec.req_id in finished_req_ids and not load.future.done():
+                    # vLLM keeps the blocks until the load is reported below: the bytes still
+                    # landing cannot reach a block another request holds (it is not cancelled:
+                    # a cancelled future would read as done before its transfer stopped).
+                    log.info("kvpool: request %s finished while its load was in flight; its "
+                             "blocks are freed once the load ends", load.spec.req_id)
         sending = {rid for rid, s in self._saves.items()
                    if s.finished and all(f.done() for f in s.futures)}
         for rid in sending:

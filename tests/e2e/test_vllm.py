@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -227,6 +229,57 @@ def test_another_dtype_reuses_nothing(vs: VStack) -> None:
     assert cached == 0
     saved = set(pool_keys(vs, "bf16", "save"))
     assert len(saved) == 6 and not saved & set(pool_keys(vs, "prefill", "save"))
+
+
+def send_and_hang_up(url: str, body: dict[str, Any], after_s: float) -> None:
+    """A streaming request whose client goes away ``after_s`` after sending it: vLLM
+    aborts the request when it notices the closed connection."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps({**body, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        time.sleep(after_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+
+
+def test_requests_aborted_while_their_load_is_in_flight_change_nothing(vs: VStack) -> None:
+    """Clients that hang up while the decode instance loads their prefix: vLLM holds the
+    blocks until the load ends, nothing hangs, the pool keeps whole blocks only, and the
+    same prompts later get their prefix from the pool bit-exact with the same tokens."""
+    decode_log = vs.tmp / "decode.log"
+    in_flight = "finished while its load was in flight"
+    before = decode_log.read_text(errors="replace").count(in_flight)
+    n_blocks, seen, prompts = 60, 0, []
+    for attempt in range(12):  # until some hang-up lands during a load (a race, won within a few)
+        batch = [prompt(100 + 4 * attempt + i, n_blocks * BT + 5) for i in range(4)]
+        for p in batch:  # into the pool
+            complete(vs.vllm["prefill"].url, p, 1)
+        body = {"model": "tiny", "max_tokens": 12, "temperature": 0}
+        hangs = [threading.Thread(target=send_and_hang_up, args=(
+            vs.vllm["decode"].url, {**body, "prompt": p}, 0.002 * (attempt % 4) + 0.001 * i))
+            for i, p in enumerate(batch)]
+        for t in hangs:
+            t.start()
+        for t in hangs:
+            t.join(30)
+        prompts += batch
+        time.sleep(1.0)
+        seen = decode_log.read_text(errors="replace").count(in_flight) - before
+        if seen:
+            break
+    assert seen > 0, "no hang-up landed while a load was in flight"
+    with urllib.request.urlopen(f"{vs.vllm['decode'].url}/health", timeout=10) as r:
+        assert r.status == 200
+    saved = {a["key"]: a["xxh3"] for a in vs.audit("prefill") if a["op"] == "save"}
+    for p in prompts[-4:]:  # the batch whose loads were cut short: whole and the same again
+        ref, _ = complete(vs.vllm["base"].url, p)
+        loads = len(pool_keys(vs, "decode", "load"))
+        got, cached = complete(vs.vllm["decode"].url, p)
+        assert got == ref
+        landed = [a for a in vs.audit("decode") if a["op"] == "load"][loads:]
+        assert all(saved[a["key"]] == a["xxh3"] for a in landed)
+        assert cached == n_blocks * BT  # from the pool now, or kept by vLLM from a finished run
 
 
 def test_a_dead_pool_changes_nothing_but_speed(vs: VStack) -> None:
