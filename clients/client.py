@@ -9,6 +9,7 @@ next call to the master (or within a few milliseconds when there is none).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -449,6 +450,8 @@ class AsyncPoolClient:
         try:
             land = {i: view(staged[i], writable=True) if i in staged else views[i] for i in hits}
             await self._fetch(keys, grants, hits, land, results)
+            for i in hits:  # where each was read from: what an event about it names
+                results[i] = dataclasses.replace(results[i], tier=_tier(grants[i].location.mem_type))  # type: ignore[arg-type, union-attr]
             for i, buf in staged.items():
                 if results[i] is not None and results[i].hit:  # type: ignore[union-attr]
                     views[i].host_bytes()[:buf.nbytes] = buf
@@ -499,21 +502,20 @@ class AsyncPoolClient:
                         results[i] = GetResult(keys[i], None, exc)
                     continue
                 for i in chunk:
-                    results[i] = self._verified(keys[i], grants[i], land[i])  # type: ignore[arg-type]
+                    results[i] = self._verified(keys[i], grants[i].header, land[i])  # type: ignore[union-attr]
         finally:  # no transfer may still be writing once the caller takes its buffers back
             await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 
-    def _verified(self, key: BlockKey, grant: ReadGrant, v: BufferView) -> GetResult:
-        header = BlockHeader.decode(grant.header)[0]
-        tier = _tier(grant.location.mem_type)
+    def _verified(self, key: BlockKey, raw_header: bytes, v: BufferView) -> GetResult:
+        header = BlockHeader.decode(raw_header)[0]
         if not self.cfg.verify_checksum:
-            return GetResult(key, header, tier=tier)
+            return GetResult(key, header)
         got = payload_checksum(v, header.payload_size)
         if got != header.checksum:
             return GetResult(key, None, ChecksumMismatch(
                 f"block {key.hex()} arrived with checksum {got:016x}, expected "
-                f"{header.checksum:016x}; it was dropped and is treated as a miss"), tier)
-        return GetResult(key, header, tier=tier)
+                f"{header.checksum:016x}; it was dropped and is treated as a miss"))
+        return GetResult(key, header)
 
     # -- metadata-only calls --------------------------------------------------------------
 
