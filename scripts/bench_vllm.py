@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvpool.launcher import spawn, stop  # noqa: E402
+from kvpool.launcher import stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from scripts.benchlib import machine  # noqa: E402
@@ -94,6 +94,26 @@ def raw_target(meta_path: str, total: int) -> None:
     Path(meta_path + ".tmp").write_bytes(agent.metadata() + b"|" + str(buf.ctypes.data).encode())
     os.replace(meta_path + ".tmp", meta_path)
     sys.stdin.read()
+
+
+def start_pool(tmp: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """`kvpool up` with a 4 GiB host arena, waited for up to 5 minutes (the launcher waits
+    one): on this shared VM the daemon's start alone took 65-80 s under load."""
+    log = tmp / "pool.log"
+    popen = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", "up", "--port", "0",
+                              "--data-dir", str(tmp / "pool")],
+                             env={**os.environ, "KVPOOL_DAEMON_HOST_BYTES": "4GiB"},
+                             stdout=subprocess.PIPE, stderr=log.open("ab"))
+    assert popen.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            break
+        if line.startswith(b"{"):
+            return popen, json.loads(line)
+    stop(popen)
+    raise RuntimeError(f"kvpool up did not start; the end of {log}:\n{log.read_text()[-2000:]}")
 
 
 class RawNixl:
@@ -170,8 +190,7 @@ def main() -> None:
     model = build(tmp / "model", max_positions=prompt_len + 512, **shape)
     params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
                  .load_file(str(tmp / "model" / "model.safetensors")).values())
-    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
-                       {"KVPOOL_DAEMON_HOST_BYTES": "4GiB"}, tmp / "pool.log")
+    pool, info = start_pool(tmp)
     master = info["master"]
     stats = tmp / "stats.jsonl"
     common = dict(max_model_len=prompt_len + 256, kv_cache_gib=2)
