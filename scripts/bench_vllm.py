@@ -96,26 +96,6 @@ def raw_target(meta_path: str, total: int) -> None:
     sys.stdin.read()
 
 
-def start_pool(tmp: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
-    """`kvpool up` with a 4 GiB host arena, waited for up to 5 minutes (the launcher waits
-    one): on this shared VM the daemon's start alone took 65-80 s under load."""
-    log = tmp / "pool.log"
-    popen = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", "up", "--port", "0",
-                              "--data-dir", str(tmp / "pool")],
-                             env={**os.environ, "KVPOOL_DAEMON_HOST_BYTES": "4GiB"},
-                             stdout=subprocess.PIPE, stderr=log.open("ab"))
-    assert popen.stdout is not None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if not line:
-            break
-        if line.startswith(b"{"):
-            return popen, json.loads(line)
-    stop(popen)
-    raise RuntimeError(f"kvpool up did not start; the end of {log}:\n{log.read_text()[-2000:]}")
-
-
 class RawNixl:
     """Raw NIXL READs of ``blocks`` blocks into a paged layout like vLLM's (one tensor per
     layer), one descriptor row per layer per block, as the connector's loads do, from one
@@ -191,7 +171,7 @@ def main() -> None:
     model = build(tmp / "model", max_positions=prompt_len + 512, **shape)
     params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
                  .load_file(str(tmp / "model" / "model.safetensors")).values())
-    pool, info = start_pool(tmp)
+    pool, info = launch.start_pool(tmp, "4GiB")
     master = info["master"]
     stats = tmp / "stats.jsonl"
     common = dict(max_model_len=prompt_len + 256, kv_cache_gib=2)

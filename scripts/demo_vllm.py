@@ -90,8 +90,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvpool-demo-vllm-"))
     print(f"model, logs and pool data in {tmp}")
     model = build(tmp / "model")
-    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
-                       {"KVPOOL_DAEMON_HOST_BYTES": "1GiB"}, tmp / "pool.log")
+    pool, info = launch.start_pool(tmp, "1GiB")
     master = info["master"]
     print(f"pool up: master {master}")
     servers = [launch.start("prefill", model, tmp / "prefill.log", role="kv_producer", master=master),
