@@ -73,7 +73,7 @@ def chat(router: str, messages: list[dict[str, str]]) -> tuple[str, float, int, 
             msg: dict[str, Any] = json.loads(line[6:])
             for c in msg.get("choices") or []:
                 piece = (c.get("delta") or {}).get("content")
-                if piece:
+                if piece is not None:  # the first token, even one that prints as nothing
                     if not ttft:
                         ttft = (time.perf_counter() - t0) * 1e3
                     text.append(piece)
