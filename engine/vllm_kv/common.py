@@ -92,7 +92,8 @@ class KVPoolWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker → scheduler: blocks whose save landed in the pool, for events."""
 
     stored: list[tuple[BlockKey, BlockKey | None, str]] = field(default_factory=list)  # key, parent, tier
-    dropped: list[BlockKey] = field(default_factory=list)  # arrived corrupt: the pool dropped them
+    dropped: list[tuple[BlockKey, str]] = field(default_factory=list)  # key, tier: arrived
+    #                                                   corrupt, so the pool dropped that copy
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVPoolWorkerMetadata":
         assert isinstance(other, KVPoolWorkerMetadata)

@@ -34,5 +34,10 @@ def _stored(run: list[tuple[BlockKey, BlockKey | None, str]], block_tokens: int,
                        medium=run[0][2], lora_name=None)
 
 
-def removed_event(keys: list[BlockKey], tier: str) -> BlockRemoved:
-    return BlockRemoved(block_hashes=list(keys), medium=tier)
+def removed_events(dropped: list[tuple[BlockKey, str]]) -> list[BlockRemoved]:
+    """One BlockRemoved per tier, in first-seen order, for blocks the pool dropped (key,
+    tier the copy was in)."""
+    by_tier: dict[str, list[BlockKey]] = {}
+    for key, tier in dropped:
+        by_tier.setdefault(tier, []).append(key)
+    return [BlockRemoved(block_hashes=keys, medium=tier) for tier, keys in by_tier.items()]

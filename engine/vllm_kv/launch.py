@@ -68,6 +68,29 @@ def start(name: str, model: Path, log: Path, *, role: str | None = None, master:
     return VLLM(name, f"http://127.0.0.1:{port}", popen, log)
 
 
+def start_pool(folder: Path, host_bytes: str, timeout_s: float = 300.0
+               ) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`kvpool up` (master and daemon) with its data and log in ``folder``, waited for up
+    to ``timeout_s``: on a loaded 2-core VM its daemon alone took 60-80 s to start, past
+    the launcher's one minute."""
+    log = folder / "pool.log"
+    popen = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", "up", "--port", "0",
+                              "--data-dir", str(folder / "pool")],
+                             env={**os.environ, "KVPOOL_DAEMON_HOST_BYTES": host_bytes},
+                             stdout=subprocess.PIPE, stderr=log.open("ab"))
+    assert popen.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            break
+        if line.startswith(b"{"):
+            return popen, json.loads(line)
+    stop(popen)
+    raise Unavailable(f"kvpool up did not start; the end of {log}:\n"
+                      f"{log.read_text(errors='replace')[-2000:]}")
+
+
 def wait_ready(servers: list[VLLM], timeout_s: float = 600.0) -> None:
     """Until every server answers /health; a server that exits fails with its log's end."""
     deadline = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from engine.vllm_kv.common import (ConnectorConfig, KVPoolMetadata, KVPoolWorkerMetadata,
                                    LoadSpec, SaveSpec, namespaces)
-from engine.vllm_kv.events import removed_event, stored_events
+from engine.vllm_kv.events import removed_events, stored_events
 from engine.vllm_kv.link import POOL_FAILURES, PoolLink
 from kvpool.keys import BlockKey, block_keys
 
@@ -156,7 +156,7 @@ class KVPoolScheduler:
         if meta.stored:
             self._events.extend(stored_events(meta.stored, self.block_tokens, self._token_ids))
         if meta.dropped:
-            self._events.append(removed_event(meta.dropped, "host"))
+            self._events.extend(removed_events(meta.dropped))
 
     def take_events(self) -> Iterable[Any]:
         events, self._events = self._events, []

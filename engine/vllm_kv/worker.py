@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from clients.segments import Segments, segmented_view
@@ -54,13 +55,14 @@ class KVPoolWorker:
         self.sync_save = role == "kv_producer"  # a handoff: the answer waits for its blocks
         self.link = PoolLink(cfg, f"worker{self.rank}")
         self._views: list[torch.Tensor] = []  # per layer: [segments, blocks, bytes]
-        self._rows: list[tuple[int, int, int, int, int]] | None = None  # host: base, strides, sizes
+        self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # host: per segment
+        #                                              the base address, block stride, length
         self.block_bytes = 0
         self._loads: list[_Load] = []
         self._saves: dict[str, _Saves] = {}
         self._load_errors: set[int] = set()
         self._stored: list[Any] = []  # appended on the link's thread
-        self._dropped: list[bytes] = []
+        self._dropped: list[tuple[bytes, str]] = []  # key, tier it was read from
         self._stored_lock = threading.Lock()
         self.stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
 
@@ -91,20 +93,21 @@ class KVPoolWorker:
                 self.link.register(whole)
         self.block_bytes = sum(v.shape[0] * v.shape[2] for v in self._views)
         if all(not v.is_cuda for v in self._views):
-            self._rows = [(v.data_ptr(), v.stride(1), v.stride(0), v.shape[0], v.shape[2])
-                          for v in self._views]
+            segs = [(v.data_ptr() + s * v.stride(0), v.stride(1), v.shape[2])
+                    for v in self._views for s in range(v.shape[0])]
+            self._table = tuple(np.array(col, dtype=np.int64) for col in zip(*segs))  # type: ignore[assignment]
         log.info("kvpool connector (worker %d): %d layers, %d blocks of %d bytes (%d segments each), "
                  "namespace %s", self.rank, len(self._views), self.num_blocks, self.block_bytes,
                  sum(v.shape[0] for v in self._views), self.ns)
 
     def segments(self, block_id: int) -> Segments:
         """One vLLM block as the pool stores it: every layer's segments, in layer order.
-        Host caches go as raw (address, length) rows: a block is 2 x layers segments and
-        a load moves hundreds of blocks, so no tensor object per segment."""
-        if self._rows is not None:
-            return Segments([(base + block_id * stride + s * seg_stride, n)
-                             for base, stride, seg_stride, segs, n in self._rows
-                             for s in range(segs)], owner=self._views)
+        Host caches go as a table of (address, length) rows of registered memory: a block
+        is one or two segments per layer and a load moves hundreds of blocks, so no Python
+        object per segment."""
+        if self._table is not None:
+            base, stride, length = self._table
+            return Segments(np.stack([base + block_id * stride, length], axis=1), owner=self._views)
         return Segments([v[s, block_id] for v in self._views for s in range(v.shape[0])])
 
     # -- loads ----------------------------------------------------------------------------
@@ -130,9 +133,9 @@ class KVPoolWorker:
                 if res.error is not None:
                     log.warning("kvpool: block %s unusable, vLLM recomputes from it: %s",
                                 res.key.hex(), res.error)
-                    if isinstance(res.error, ChecksumMismatch):
+                    if isinstance(res.error, ChecksumMismatch):  # the pool dropped that copy
                         with self._stored_lock:
-                            self._dropped.append(res.key)
+                            self._dropped.append((res.key, res.tier or "host"))
                 break
             got += 1
         if self.cfg.stats_path:
@@ -148,7 +151,8 @@ class KVPoolWorker:
         with open(self.cfg.audit_path, "a") as f:
             for key, b in zip(keys, block_ids):
                 digest = segmented_view(self.segments(b), writable=False).checksum()
-                f.write(json.dumps({"op": op, "req": req_id, "key": key.hex(), "xxh3": f"{digest:016x}"}) + "\n")
+                f.write(json.dumps({"op": op, "req": req_id, "rank": self.rank, "key": key.hex(),
+                                    "xxh3": f"{digest:016x}"}) + "\n")
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()
@@ -234,6 +238,14 @@ class KVPoolWorker:
         for rid in finished_req_ids:
             if rid in self._saves:
                 self._saves[rid].finished = True
+        if finished_req_ids and self._loads:
+            for load in self._loads:
+                if load.spec.req_id in finished_req_ids and not load.future.done():
+                    # vLLM keeps the blocks until the load is reported below: the bytes still
+                    # landing cannot reach a block another request holds (it is not cancelled:
+                    # a cancelled future would read as done before its transfer stopped).
+                    log.info("kvpool: request %s finished while its load was in flight; its "
+                             "blocks are freed once the load ends", load.spec.req_id)
         sending = {rid for rid, s in self._saves.items()
                    if s.finished and all(f.done() for f in s.futures)}
         for rid in sending:

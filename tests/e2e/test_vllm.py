@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -43,6 +45,7 @@ class VStack:
     router: str = ""
     router_proc: Any = None
     events: list[Any] = field(default_factory=list)  # the prefill instance's KV events
+    decode_events: list[Any] = field(default_factory=list)  # the decode instance's
 
     def audit(self, name: str) -> list[dict[str, str]]:
         path = self.tmp / f"audit-{name}.jsonl"
@@ -57,10 +60,11 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
     s.pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                          POOL_ENV, tmp / "pool.log")
     s.master = info["master"]
-    events_port = free_port()
-    listening = threading.Event()
-    threading.Thread(target=subscribe, args=(events_port, s.events, listening), daemon=True).start()
-    listening.wait(10)
+    events_port, decode_events_port = free_port(), free_port()
+    for port, out in ((events_port, s.events), (decode_events_port, s.decode_events)):
+        listening = threading.Event()
+        threading.Thread(target=subscribe, args=(port, out, listening), daemon=True).start()
+        listening.wait(10)
     try:
         def audit(name: str) -> dict[str, object]:
             return {"audit_path": str(tmp / f"audit-{name}.jsonl"), "timeout_s": 1.0, "retry_s": 2.0}
@@ -71,7 +75,8 @@ def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
                                     master=s.master, extra={**audit("prefill"), "event_token_ids": True},
                                     events_port=events_port),
             "decode": launch.start("decode", model, tmp / "decode.log", role="kv_consumer",
-                                   master=s.master, extra=audit("decode")),
+                                   master=s.master, extra=audit("decode"),
+                                   events_port=decode_events_port),
             "bf16": launch.start("bf16", model, tmp / "bf16.log", role="kv_both", master=s.master,
                                  dtype="bfloat16", extra=audit("bf16")),
         }
@@ -208,6 +213,14 @@ def test_a_corrupt_block_is_recomputed_with_the_same_tokens(vs: VStack) -> None:
     assert pool_keys(vs, "decode", "load")[loads:] == keys[:1]  # only the block before it landed
     with pytest.raises(urllib.error.HTTPError):  # the pool dropped the corrupt block
         urllib.request.urlopen(f"{vs.master}/v1/blocks/{keys[1]}", timeout=10)
+    # ... and the instance that found it says so, naming the tier it was read from
+    deadline = time.monotonic() + 10
+    removed: list[Any] = []
+    while not removed and time.monotonic() < deadline:
+        removed = [e for e in list(vs.decode_events) if type(e).__name__ == "BlockRemoved"
+                   and bytes.fromhex(keys[1]) in e.block_hashes]
+        time.sleep(0.2)
+    assert [e.medium for e in removed] == ["host"]  # the pool's host arena held it
 
 
 def test_another_dtype_reuses_nothing(vs: VStack) -> None:
@@ -216,6 +229,61 @@ def test_another_dtype_reuses_nothing(vs: VStack) -> None:
     assert cached == 0
     saved = set(pool_keys(vs, "bf16", "save"))
     assert len(saved) == 6 and not saved & set(pool_keys(vs, "prefill", "save"))
+
+
+def send_and_hang_up(url: str, body: dict[str, Any], after_s: float) -> None:
+    """A streaming request whose client goes away ``after_s`` after sending it: vLLM
+    aborts the request when it notices the closed connection."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps({**body, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        time.sleep(after_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+
+
+def test_requests_aborted_while_their_load_is_in_flight_change_nothing(vs: VStack) -> None:
+    """Clients that hang up while the decode instance loads their prefix: vLLM holds the
+    blocks until the load ends, nothing hangs, the pool keeps whole blocks only, and the
+    same prompts later get the same tokens, any prefix they load bit-exact. The prefixes
+    are demoted to the SSD tier first, so a load (which promotes them) takes long enough
+    for a hang-up to land during it."""
+    decode_log = vs.tmp / "decode.log"
+    in_flight = "finished while its load was in flight"
+    before = decode_log.read_text(errors="replace").count(in_flight)
+    n_blocks, seen, batch = 60, 0, []
+    for attempt in range(6):  # until some hang-up lands during a load (a race, won at once so far)
+        batch = [prompt(100 + 4 * attempt + i, n_blocks * BT + 5) for i in range(4)]
+        for p in batch:  # into the pool, then down to its SSD tier
+            complete(vs.vllm["prefill"].url, p, 1)
+        post(f"{vs.master}/v1/evict", {"tier": "host", "fill": 0.0})
+        body = {"model": "tiny", "max_tokens": 12, "temperature": 0}
+        hangs = [threading.Thread(target=send_and_hang_up, args=(
+            vs.vllm["decode"].url, {**body, "prompt": p}, 0.01 * (i + attempt % 3)))
+            for i, p in enumerate(batch)]
+        for t in hangs:
+            t.start()
+        for t in hangs:
+            t.join(30)
+        time.sleep(2.5)  # past retry_s, should a slow promotion have timed a load out
+        seen = decode_log.read_text(errors="replace").count(in_flight) - before
+        if seen:
+            break
+    assert seen > 0, "no hang-up landed while a load was in flight"
+    with urllib.request.urlopen(f"{vs.vllm['decode'].url}/health", timeout=10) as r:
+        assert r.status == 200
+    saved = {a["key"]: a["xxh3"] for a in vs.audit("prefill") if a["op"] == "save"}
+    from_pool = 0
+    for p in batch:  # the prompts whose loads were cut short: the same tokens, whole blocks
+        ref, _ = complete(vs.vllm["base"].url, p)
+        loads = len(pool_keys(vs, "decode", "load"))
+        got, cached = complete(vs.vllm["decode"].url, p)
+        assert got == ref
+        landed = [a for a in vs.audit("decode") if a["op"] == "load"][loads:]
+        assert all(saved[a["key"]] == a["xxh3"] for a in landed)
+        from_pool += cached == n_blocks * BT
+    assert from_pool > 0  # the prefixes are still served from the pool (or vLLM kept them)
 
 
 def test_a_dead_pool_changes_nothing_but_speed(vs: VStack) -> None:

@@ -103,3 +103,38 @@ async def test_raw_host_rows_are_the_same_block(pool: Pool) -> None:
         flat = np.empty(3 * seg, dtype=np.uint8)  # and as one contiguous buffer: same checksum
         assert await client.get(key, flat) is not None
         assert np.array_equal(flat, torch.cat([s[2] for s in src]).numpy())
+
+
+async def test_a_segment_table_is_the_same_block(pool: Pool) -> None:
+    """A block as a numpy table of (address, length) rows of registered memory (how the
+    vLLM connector hands over its blocks): same bytes, same checksum as the other forms."""
+    src = paged_cache(layers=3, blocks=4, seg_bytes=6 * KiB, seed=7)
+    dst = [torch.zeros_like(layer) for layer in src]
+    k_table, k_flat = keys_for("table", 2)
+    seg = 6 * KiB
+
+    def table_of(cache: list[torch.Tensor], b: int) -> Segments:
+        return Segments(np.array([[layer.data_ptr() + b * seg, seg] for layer in cache], np.int64),
+                        owner=cache)
+
+    async with AsyncPoolClient(pool.client_config()) as client:
+        for layer in src + dst:
+            client.register(layer)
+        assert (await client.put(k_table, table_of(src, 3))).stored
+        header = await client.get(k_table, table_of(dst, 0))
+        assert header is not None and header.payload_size == 3 * seg
+        assert all(torch.equal(d[0], s[3]) for s, d in zip(src, dst))
+        flat = np.empty(3 * seg, dtype=np.uint8)
+        assert await client.get(k_table, flat) is not None
+        assert np.array_equal(flat, torch.cat([s[3] for s in src]).numpy())
+        # a contiguous block read into a table that is bigger than it: only its bytes land
+        assert (await client.put(k_flat, flat[: 2 * seg + 100])).stored
+        res = await client.batch_get([k_flat], [table_of(dst, 2)])
+        assert res[0].hit and res[0].tier == "host"
+        got = torch.cat([d[2] for d in dst]).numpy()
+        assert np.array_equal(got[: 2 * seg + 100], flat[: 2 * seg + 100])
+        assert not got[2 * seg + 100:].any()
+    with pytest.raises(BadRequest):
+        Segments(np.zeros((0, 2), np.int64))
+    with pytest.raises(BadRequest):
+        Segments(np.zeros((3,), np.int64))

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from engine.vllm_kv.common import ConnectorConfig  # noqa: E402
-from engine.vllm_kv.events import removed_event, stored_events  # noqa: E402
+from engine.vllm_kv.events import removed_events, stored_events  # noqa: E402
 from kvpool.errors import ConfigError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 
@@ -41,7 +41,13 @@ def test_saved_blocks_become_one_event_per_chained_run() -> None:
     assert [e.parent_block_hash for e in events] == [None, b[0]]
     assert events[0].token_ids == list(range(12)) and events[1].token_ids == []
     assert all(e.medium == "host" and e.block_size == 4 for e in events)
-    assert removed_event([a[2]], "host").block_hashes == [a[2]]
+
+
+def test_dropped_blocks_are_removed_from_the_tier_they_were_read_from() -> None:
+    ns = Namespace("m", "float32", "vllm/cpu", block_tokens=4)
+    a = block_keys(ns, list(range(12)))
+    events = removed_events([(a[0], "host"), (a[1], "gpu"), (a[2], "host")])
+    assert [(e.medium, e.block_hashes) for e in events] == [("host", [a[0], a[2]]), ("gpu", [a[1]])]
 
 
 def test_a_model_with_several_kv_cache_groups_is_refused_at_start() -> None:
