@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool.launcher import free_port, stop
+from kvpool.launcher import free_port, spawn, stop
 from kvpool.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,24 +71,9 @@ def start(name: str, model: Path, log: Path, *, role: str | None = None, master:
 def start_pool(folder: Path, host_bytes: str, timeout_s: float = 300.0
                ) -> tuple[subprocess.Popen, dict[str, str]]:
     """`kvpool up` (master and daemon) with its data and log in ``folder``, waited for up
-    to ``timeout_s``: on a loaded 2-core VM its daemon alone took 60-80 s to start, past
-    the launcher's one minute."""
-    log = folder / "pool.log"
-    popen = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", "up", "--port", "0",
-                              "--data-dir", str(folder / "pool")],
-                             env={**os.environ, "KVPOOL_DAEMON_HOST_BYTES": host_bytes},
-                             stdout=subprocess.PIPE, stderr=log.open("ab"))
-    assert popen.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if not line:
-            break
-        if line.startswith(b"{"):
-            return popen, json.loads(line)
-    stop(popen)
-    raise Unavailable(f"kvpool up did not start; the end of {log}:\n"
-                      f"{log.read_text(errors='replace')[-2000:]}")
+    to ``timeout_s``: on a loaded 2-core VM its daemon alone took 60-80 s to start."""
+    return spawn("kvpool", ["up", "--port", "0", "--data-dir", str(folder / "pool")],
+                 {"KVPOOL_DAEMON_HOST_BYTES": host_bytes}, folder / "pool.log", start_s=timeout_s)
 
 
 def wait_ready(servers: list[VLLM], timeout_s: float = 600.0) -> None:
