@@ -74,8 +74,7 @@ class Tiering:
             space = node.tiers.get(kind)
             if space is None or st.nodes.get(node.node_id) is not node:
                 return False
-            target = max(0, min(relief_target(space, st.cfg.watermarks(kind.value)[1], need),
-                                space.used - at_least))
+            target = relief_target(space, st.cfg.watermarks(kind.value)[1], need)
             moved, leaves_only = False, True
             while space.used > target:
                 # In rounds: evicting a chain's last block makes the one before it a leaf,
