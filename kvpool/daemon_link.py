@@ -25,6 +25,7 @@ DAEMON_RPC_PATH = "/v1/d/rpc"
 class DaemonCall(enum.StrEnum):
     ADOPT = "adopt"
     COPY = "copy"
+    SEND = "send"
     DROP = "drop"
     INVENTORY = "inventory"
     REGISTRATION = "registration"
@@ -86,6 +87,53 @@ class CopyResult:
     def unpack(cls, raw: Any) -> "CopyResult":
         size, code, message = _fields(raw, 3, "copy result")
         return cls(int(size)) if not code else cls(0, error_from_code(str(code), str(message)))
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    """One block a daemon writes into another node's arena (a drain): the key, the tier
+    it is read from here, and the absolute address in the peer's registered arena (space
+    the master allocated there)."""
+
+    key: BlockKey
+    tier: TierKind
+    address: int
+
+    def pack(self) -> list[Any]:
+        return [self.key, self.tier.value, self.address]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "SendItem":
+        key, tier, address = _fields(raw, 3, "send item")
+        if not isinstance(address, int) or address < 0:
+            raise BadRequest("a send item's address is a non-negative integer")
+        return cls(parse_key(key), _tier(tier), address)
+
+
+@dataclass(frozen=True, slots=True)
+class SendTarget:
+    """The peer arena a send writes into: its NIXL agent metadata and memory kind."""
+
+    metadata: bytes
+    mem_type: str = "DRAM"
+    device: int = 0
+    deadline_s: float = 30.0  # the transfer's deadline
+
+    def pack(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "mem_type": self.mem_type, "device": self.device,
+                "deadline_s": self.deadline_s}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "SendTarget":
+        if not isinstance(body, dict):
+            raise BadRequest("a send target is a map")
+        deadline = need(body, "deadline_s", (int, float))
+        if not 0 < deadline <= 600:
+            raise BadRequest(f"send deadline_s={deadline!r} is outside (0, 600]")
+        mem_type = need(body, "mem_type", str)
+        if mem_type not in ("DRAM", "VRAM"):
+            raise BadRequest(f"send mem_type {mem_type!r} is not DRAM or VRAM")
+        return cls(need(body, "metadata", bytes), mem_type, need(body, "device", int), float(deadline))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +223,10 @@ class DaemonService(Protocol):
         """Copy blocks between this node's tiers (arena destinations at the given offsets,
         already allocated by the master); the source keeps its copy."""
 
+    async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
+        """Write blocks of this node into another node's arena through NIXL (the peer
+        records them when the master adopts them there); this node keeps its copy."""
+
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         """Forget blocks of one tier; returns how many were there."""
 
@@ -211,6 +263,15 @@ class RpcDaemonLink:
         if len(results) != len(keys):
             raise BadRequest(f"the daemon at {self.url} answered {len(results)} copy results "
                              f"for {len(keys)} keys")
+        return results
+
+    async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
+        res = await self._rpc.call(DaemonCall.SEND, {"target": target.pack(),
+                                                     "items": [i.pack() for i in items]})
+        results = [CopyResult.unpack(r) for r in need(res, "results", list)]
+        if len(results) != len(items):
+            raise BadRequest(f"the daemon at {self.url} answered {len(results)} send results "
+                             f"for {len(items)} blocks")
         return results
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
@@ -267,6 +328,11 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
         results = await daemon.copy(ks, _tier(body.get("src")), _tier(body.get("dst")), locations)
         return {"results": [r.pack() for r in results]}
 
+    async def send(body: dict[str, Any]) -> Any:
+        target = SendTarget.unpack(need(body, "target", dict))
+        items = [SendItem.unpack(i) for i in need(body, "items", list)]
+        return {"results": [r.pack() for r in await daemon.send(target, items)]}
+
     async def drop(body: dict[str, Any]) -> Any:
         return {"dropped": await daemon.drop(_tier(body.get("tier")), keys(body))}
 
@@ -282,6 +348,7 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()
 
-    return {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.DROP: drop,
+    return {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
+            DaemonCall.DROP: drop,
             DaemonCall.INVENTORY: inventory, DaemonCall.REGISTRATION: registration,
             DaemonCall.HEALTH: health}

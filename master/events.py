@@ -47,6 +47,7 @@ class Reason(enum.StrEnum):
     EVICTED = "evicted"
     REMOVED = "removed"
     PURGED = "purged"
+    DRAINED = "drained"  # moved off a node that is being drained
     LOST = "lost"  # its node left, or its bytes failed their checksum
 
 
