@@ -9,7 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -37,10 +37,14 @@ class TwoNodes:
         self.procs: dict[str, subprocess.Popen] = {}
         proc, info = spawn("kvpool", ["master", "--port", "0"], MASTER_ENV, tmp / "master.log")
         self.procs["master"], self.master = proc, info["master"]
-        for node in ("node0", "node1"):
-            self.procs[node], _ = spawn("kvpool", [
-                "daemon", "--master", self.master, "--node-id", node,
-                "--data-dir", str(tmp / node)], DAEMON_ENV, tmp / f"{node}.log")
+        def daemon(node: str) -> subprocess.Popen:
+            return spawn("kvpool", ["daemon", "--master", self.master, "--node-id", node,
+                                    "--data-dir", str(tmp / node)], DAEMON_ENV,
+                         tmp / f"{node}.log")[0]
+
+        with ThreadPoolExecutor(2) as starting:  # the two start side by side
+            for node, started in zip(("node0", "node1"), starting.map(daemon, ("node0", "node1"))):
+                self.procs[node] = started
         wait_for(lambda: len(self.nodes()) == 2, 30, "both daemons to join")
 
     def nodes(self) -> dict[str, dict]:
@@ -58,9 +62,10 @@ class TwoNodes:
             stop(self.procs.pop(name))
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[TwoNodes]:
-    p = TwoNodes(tmp_path)
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
+    """One pool for the module: the undrain test runs first, the drain that stops node0 last."""
+    p = TwoNodes(tmp_path_factory.mktemp("drain"))
     try:
         yield p
     finally:
@@ -85,6 +90,24 @@ def replicas(pool: TwoNodes, key: bytes) -> list[tuple[str, str]]:
     status, block = admin(pool.master, f"/v1/blocks/{key.hex()}")
     assert status == 200, block
     return [(r["node"], r["tier"]) for r in block["replicas"]]
+
+
+def test_drain_refuses_unknown_node_and_undrain_takes_blocks_again(pool: TwoNodes) -> None:
+    status, err = admin(pool.master, "/v1/nodes/nope/drain", "POST", {})
+    assert status == 410 and "node0" in err["message"], err
+    status, err = admin(pool.master, "/v1/nodes/node0/drain", "POST", {"timeout_s": "soon"})
+    assert status == 400, err
+    assert admin(pool.master, "/v1/nodes/node0/drain", "POST", {})[0] == 202
+    wait_for(lambda: pool.nodes()["node0"]["state"] == "drained", 20, "an empty node to drain")
+    cli = pool.kvpool("drain", "node0", "--cancel")
+    assert cli.returncode == 0 and "active" in cli.stdout, cli.stdout + cli.stderr
+    keys, values = chain(2, 9), payloads(2, 9)
+    asyncio.run(put(pool, keys, values, "node0"))
+    assert all(r[0] == "node0" for k in keys for r in replicas(pool, k))
+    out = pool.kvpool("block", keys[0].hex())
+    assert out.returncode == 0 and "node0" in out.stdout and "active" in out.stdout, out.stdout
+    bad = pool.kvpool("block", "xyz")
+    assert bad.returncode == 2 and "32 hex" in bad.stderr
 
 
 def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
@@ -132,7 +155,8 @@ def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
     status_out = pool.kvpool("status", "--json")
     nodes = {n["node_id"]: n for n in json.loads(status_out.stdout)["nodes"]}
     assert nodes["node0"]["state"] == "drained" and nodes["node0"]["can_stop"]
-    assert nodes["node0"]["moved"] == 48 and nodes["node0"]["left"] == 0, nodes["node0"]
+    # 24 + 24 blocks of this test, and the 2 the undrain test wrote there
+    assert nodes["node0"]["moved"] == 50 and nodes["node0"]["left"] == 0, nodes["node0"]
     assert sum(t["blocks"] for t in nodes["node0"]["tiers"]) == 0
     table = pool.kvpool("status").stdout
     assert "node0 is drained" in table, table
@@ -143,7 +167,8 @@ def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
 
     async def read_all() -> None:
         async with pool.client() as c:
-            for keys, values in ((cold_keys, cold), (hot_keys, hot), (new_keys, new)):
+            for keys, values in ((cold_keys, cold), (hot_keys, hot), (new_keys, new),
+                                 (chain(2, 9), payloads(2, 9))):  # the undrain test's
                 assert await c.match_prefix(keys) == len(keys)
                 for key, value in zip(keys, values):
                     out = np.empty(BLOCK, np.uint8)
@@ -152,21 +177,3 @@ def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
 
     asyncio.run(read_all())
     master_check(pool.master)
-
-
-def test_drain_refuses_unknown_node_and_undrain_takes_blocks_again(pool: TwoNodes) -> None:
-    status, err = admin(pool.master, "/v1/nodes/nope/drain", "POST", {})
-    assert status == 410 and "node0" in err["message"], err
-    status, err = admin(pool.master, "/v1/nodes/node0/drain", "POST", {"timeout_s": "soon"})
-    assert status == 400, err
-    assert admin(pool.master, "/v1/nodes/node0/drain", "POST", {})[0] == 202
-    wait_for(lambda: pool.nodes()["node0"]["state"] == "drained", 20, "an empty node to drain")
-    cli = pool.kvpool("drain", "node0", "--cancel")
-    assert cli.returncode == 0 and "active" in cli.stdout, cli.stdout + cli.stderr
-    keys, values = chain(2, 9), payloads(2, 9)
-    asyncio.run(put(pool, keys, values, "node0"))
-    assert all(r[0] == "node0" for k in keys for r in replicas(pool, k))
-    out = pool.kvpool("block", keys[0].hex())
-    assert out.returncode == 0 and "node0" in out.stdout and "active" in out.stdout, out.stdout
-    bad = pool.kvpool("block", "xyz")
-    assert bad.returncode == 2 and "32 hex" in bad.stderr
