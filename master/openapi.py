@@ -29,6 +29,9 @@ _KEY = {"name": "key", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
         "description": "Block key, 32 hex characters"}
 
+_NODE = {"name": "node", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "Node id"}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "kvpool master admin API", "version": "1"},
@@ -46,6 +49,16 @@ OPENAPI: dict[str, Any] = {
                                   True, body={"type": "object", "properties": {
                                       "tier": {"type": "string", "enum": ["gpu", "host", "ssd", "object"]},
                                       "fill": {"type": "number", "minimum": 0, "maximum": 1}}})},
+        "/v1/nodes/{node}/drain": {
+            "post": _op("Drain a node (202): it takes no new blocks, its blocks in every tier move "
+                        "to other nodes or the shared object tier, readers' leases on it are waited "
+                        "for; then its state is drained and can_stop true (410: no such node)", True,
+                        [_NODE], {"type": "object", "additionalProperties": False, "properties": {
+                            "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                                          "maximum": 86400}}}),
+            "get": _op("Where a node's drain stands: state (active, draining, drained, stuck), "
+                       "moved, dropped, left, waiting_leases, note, can_stop", params=[_NODE]),
+            "delete": _op("Stop draining: the node takes new blocks again", True, [_NODE])},
         "/v1/events": {"get": _op(
             "KV events as server-sent events, in vLLM's schema (BlockStored, BlockRemoved, "
             "AllBlocksCleared; block_hashes as 32-hex keys, parent_block_hash, block_size, "
