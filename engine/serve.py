@@ -21,6 +21,7 @@ from engine.config import PRESETS, EngineConfig
 from engine.http import NDJSON, error_response, line, read_json, serve
 from engine.model import Transformer
 from engine.worker import Handoff, Request, Role, Sequence, Worker
+from kvpool import event_stream
 from kvpool.errors import BadRequest, KVPoolError
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ class EngineServer:
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/v1/info", self.info),
+            web.get("/v1/events", self.events),
             web.post("/v1/prefill", self.prefill),
             web.post("/v1/decode", self.decode),
             web.post("/v1/generate", self.generate),
         ])
+        event_stream.end_on_shutdown(self.app, worker.cache.events)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -56,6 +59,11 @@ class EngineServer:
             "role": w.role.value, "model_id": w.model.model_id, "vocab": w.model.cfg.vocab,
             "namespace": dataclasses.asdict(w.ns),
             "num_pages": w.cache.num_pages, "load": w.load(), "totals": w.totals})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """This engine's own KV pages as KV events, in the pool's schema (what a router
+        weighs above the pool's blocks)."""
+        return await event_stream.stream(request, self.worker.cache.events)
 
     async def prefill(self, request: web.Request) -> web.StreamResponse:
         """The handoff as JSON; with ``"stream": true``, NDJSON: the first token as soon as
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--prefill", action="append", default=[], help="prefill engine URL (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode engine URL (repeatable)")
     r.add_argument("--mono", action="append", default=[], help="mono engine URL (repeatable)")
+    r.add_argument("--pool", default="", help="the pool's master URL: follow its KV events to "
+                   "weigh what engines would load from the pool (optional)")
+    r.add_argument("--pool-token", default="", help="a viewer credential for --pool, or file:PATH")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)

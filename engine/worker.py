@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -33,6 +34,7 @@ from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
 from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
+from kvpool.kv_events import Reason
 from kvpool.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ class Worker:
                  pool: AsyncPoolClient | None = None) -> None:
         torch.set_num_threads(cfg.torch_threads)
         self.role, self.model, self.cfg = role, model, cfg
-        self.cache = PagedKVCache(model.cfg, cfg.num_pages, cfg.block_tokens)
+        self.cache = PagedKVCache(model.cfg, cfg.num_pages, cfg.block_tokens,
+                                  node=f"engine-{role.value}-{os.getpid()}")
         self.ns = namespace(model.model_id, model.cfg.dtype, self.cache, cfg.salt)
         self.adapter = KVAdapter(pool, self.cache, self.ns) if pool is not None else None
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="engine-compute")
@@ -280,7 +283,14 @@ class Worker:
         hit = min(await self.adapter.match(reusable), len(reusable))
         if hit > n:
             seq.fetched = await self.adapter.fetch(reusable[n:hit], seq.pages[n:hit])
+            self._publish(reusable, seq.pages, n, n + seq.fetched, Reason.LOADED)
             seq.cached = n + seq.fetched
+
+    def _publish(self, keys: list[BlockKey], pages: list[int], start: int, end: int,
+                 reason: Reason) -> None:
+        """Pages ``start:end`` of a request hold its blocks: reusable, and told as events."""
+        for i in range(start, end):
+            self.cache.publish(pages[i], keys[i], keys[i - 1] if i else None, reason)
 
     async def _prefill_step(self) -> None:
         bt = self.cfg.block_tokens
@@ -329,8 +339,7 @@ class Worker:
         bt = self.cfg.block_tokens
         full = len(seq.req.prompt) // bt
         new_keys, new_pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
-        for key, page in zip(new_keys, new_pages):
-            self.cache.publish(page, key)
+        self._publish(seq.keys, seq.pages, seq.cached, full, Reason.COMPUTED)
         seq.tokens.append(token)
         seq.first_token = token
         self._count(seq)
@@ -425,8 +434,7 @@ class Worker:
         for seq in batch:
             full = len(seq.req.prompt) // bt
             keys, pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
-            for key, page in zip(keys, pages):
-                self.cache.publish(page, key)
+            self._publish(seq.keys, seq.pages, seq.cached, full, Reason.COMPUTED)
             self._store(keys, pages, seq.parent)  # blocks recomputed here go back to the pool
             self._count(seq)
             assert seq.first_token is not None

@@ -19,7 +19,8 @@ from aiohttp import web
 from kvpool.errors import BadRequest
 from kvpool.keys import parse_key
 from kvpool.wire import Handler
-from master import event_stream, removal
+from kvpool import event_stream
+from master import removal
 from master.metrics import CONTENT_TYPE, MasterMetrics
 from master.status_page import PAGE
 
@@ -43,6 +44,7 @@ class OpsRoutes:
         app.router.add_get("/v1/stats", self.stats)
         app.router.add_post("/v1/purge", self.purge)
         app.router.add_get("/metrics", self.prometheus)
+        event_stream.end_on_shutdown(app, self.core.state.events)
 
     def timed(self, name: str, handler: Handler) -> Handler:
         """An RPC handler that observes its latency in kvpool_master_call_seconds."""
