@@ -333,6 +333,38 @@ def _block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
+# -- trace ---------------------------------------------------------------------------------
+
+def _trace(args: argparse.Namespace) -> int:
+    rid = urllib.parse.quote(args.request_id, safe="")
+    spans = list(_call(_master(args), f"/v1/traces/{rid}", _headers(args))["spans"])
+    for router in args.router or []:
+        spans += _call(router.rstrip("/"), f"/v1/traces/{rid}", {})["spans"]
+    spans.sort(key=lambda s: (s["start"], -s["duration_ms"]))
+    if args.json:
+        print(json.dumps(spans, indent=2))
+        return 0
+    if not spans:
+        print(f"no spans of request {args.request_id}: the master keeps the most recent "
+              "requests only; give the router too with --router URL", file=sys.stderr)
+        return 1
+    t0 = spans[0]["start"]
+    rows = [[f"+{1e3 * (s['start'] - t0):.1f}", s["where"], s["by"] or "-", s["name"],
+             f"{s['duration_ms']:.2f}", s["detail"] or "-", s["error"] or ""] for s in spans]
+    when = datetime.fromtimestamp(t0).strftime("%H:%M:%S.%f")[:-3]
+    print(f"request {args.request_id}: {len(spans)} spans from {when}")
+    print(table(["at ms", "where", "by", "step", "took ms", "detail", "error"], rows))
+    return 0
+
+
+def _trace_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("request_id", help="the request id (or a traceparent's 32-hex trace id)")
+    p.add_argument("--router", action="append",
+                   help="a router's URL: its spans of the request join the master's (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the spans as JSON")
+
+
 EVENTS = Verb("events", "follow the pool's KV events", _events_arguments, _guarded(_events))
 PURGE = Verb("purge", "remove a namespace's, a model's or every block", _purge_arguments,
              _guarded(_purge))
@@ -340,5 +372,7 @@ DRAIN = Verb("drain", "move a node's blocks to other nodes, then say it can be s
              _drain_arguments, _guarded(_drain))
 BLOCK = Verb("block", "one block's replicas, state, pins and leases", _block_arguments,
              _guarded(_block))
+TRACE = Verb("trace", "one request's steps: router, prefill, pool puts, decode gets",
+             _trace_arguments, _guarded(_trace))
 TOP = Verb("top", "a live view: tiers, hit rate, ops/s, latest events", _top_arguments,
            _guarded(_top))

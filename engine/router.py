@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from engine import tokenizer
 from engine.http import NDJSON, error_response, line, read_json, serve
-from kvpool import event_stream
+from kvpool import event_stream, tracing
 from kvpool.auth import bearer, secret
 from kvpool.errors import BadRequest, KVPoolError, Unavailable, error_from_code
 from kvpool.keys import BlockKey, Namespace, block_keys
@@ -138,8 +139,10 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self._tasks = TaskOwner("router")  # the health probe, the event followers
         self.app = web.Application()
+        self.spans = tracing.SpanRing("router")
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/v1/engines", self.list),
-                             web.post("/v1/generate", self.generate)])
+                             web.post("/v1/generate", self.generate),
+                             web.get("/v1/traces/{request_id}", self.trace)])
 
     async def start(self) -> "Router":
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5,
@@ -194,6 +197,12 @@ class Router:
     def _pick(self, role: str, prompt: list[int]) -> tuple[EngineRef, list[BlockKey], int]:
         return choose(self.engines, role, prompt, self.pool)
 
+    async def trace(self, request: web.Request) -> web.Response:
+        """The spans this router kept of one request (``kvpool trace --router``)."""
+        request_id = tracing.checked(request.match_info["request_id"])
+        return web.json_response({"request_id": request_id, "where": "router",
+                                  "spans": [s.to_json() for s in self.spans.get(request_id)]})
+
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "mode": self.mode})
 
@@ -209,9 +218,13 @@ class Router:
                 if not isinstance(body.get("prompt"), str):
                     raise BadRequest("send 'prompt' (text) or 'token_ids' (a list of ints)")
                 body["token_ids"] = tokenizer.encode(body.pop("prompt"))
+            # The request's id: the caller's, else its traceparent's trace id, else a new one;
+            # every engine and pool call made for it carries it.
+            rid = body.get("request_id") or tracing.from_traceparent(request.headers.get("traceparent"))
+            body["request_id"] = tracing.checked(rid) if rid else uuid.uuid4().hex
         except KVPoolError as exc:
             return error_response(exc)
-        resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+        resp = web.StreamResponse(headers={"Content-Type": NDJSON, "X-Request-Id": body["request_id"]})
         await resp.prepare(request)
         stats: dict[str, Any] = {"prompt_tokens": len(body["token_ids"])}
         start = time.perf_counter()
@@ -221,11 +234,13 @@ class Router:
             times.append(time.perf_counter() - start)
             await resp.write(line({"token": token, "text": tokenizer.decode([token])}))
 
+        stats["request_id"] = body["request_id"]
         try:
-            if self.mode == "mono":
-                await self._mono(body, stats, emit)
-            else:
-                await self._disagg(body, stats, emit)
+            with tracing.use(body["request_id"]), self.spans.timed("route", detail=self.mode):
+                if self.mode == "mono":
+                    await self._mono(body, stats, emit)
+                else:
+                    await self._disagg(body, stats, emit)
         except KVPoolError as exc:
             await resp.write(line({"error": exc.code, "message": str(exc)}))
         else:
@@ -244,24 +259,26 @@ class Router:
         p.running += 1
         p.running_tokens += len(prompt)
         handoff: dict[str, Any] | None = None
-        try:  # the first token streams to the client while the prompt's blocks are written
-            async with self.session.post(f"{p.url}/v1/prefill", json={**body, "stream": True}) as r:
-                if r.status != 200:
-                    raise _engine_error(p, await r.json())
-                async for raw in r.content:
-                    msg = json.loads(raw)
-                    if "first_token" in msg:
-                        await emit(msg["first_token"])
-                    elif "handoff" in msg:
-                        handoff = msg["handoff"]
-                    elif "error" in msg:
-                        raise _engine_error(p, msg)
-        except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
-            p.healthy = False
-            raise Unavailable(f"prefill engine {p.url} failed ({exc}); retry the request") from None
-        finally:
-            p.running -= 1
-            p.running_tokens -= len(prompt)
+        with self.spans.timed("prefill", detail=p.url):
+            try:  # the first token streams to the client while the prompt's blocks are written
+                async with self.session.post(f"{p.url}/v1/prefill", json={**body, "stream": True},
+                                             headers=_trace_headers(body)) as r:
+                    if r.status != 200:
+                        raise _engine_error(p, await r.json())
+                    async for raw in r.content:
+                        msg = json.loads(raw)
+                        if "first_token" in msg:
+                            await emit(msg["first_token"])
+                        elif "handoff" in msg:
+                            handoff = msg["handoff"]
+                        elif "error" in msg:
+                            raise _engine_error(p, msg)
+            except (aiohttp.ClientError, OSError, json.JSONDecodeError) as exc:
+                p.healthy = False
+                raise Unavailable(f"prefill engine {p.url} failed ({exc}); retry the request") from None
+            finally:
+                p.running -= 1
+                p.running_tokens -= len(prompt)
         if handoff is None:
             p.healthy = False
             raise Unavailable(f"prefill engine {p.url} closed the stream without a handoff; retry")
@@ -270,7 +287,8 @@ class Router:
             return
         d, _, _ = self._pick("decode", prompt)
         stats["decode"] = d.url
-        await self._relay(d, "/v1/decode", handoff, stats, emit)
+        with self.spans.timed("decode", detail=d.url):
+            await self._relay(d, "/v1/decode", handoff, stats, emit)
 
     async def _mono(self, body: dict[str, Any], stats: dict[str, Any], emit: Any) -> None:
         m, keys, _ = self._pick("mono", body["token_ids"])
@@ -281,7 +299,8 @@ class Router:
         def prefilled() -> None:  # the prompt no longer weighs on the engine's queue
             m.running_tokens -= n
 
-        await self._relay(m, "/v1/generate", body, stats, emit, first=prefilled)
+        with self.spans.timed("generate", detail=m.url):
+            await self._relay(m, "/v1/generate", body, stats, emit, first=prefilled)
 
     async def _relay(self, e: EngineRef, path: str, body: dict[str, Any], stats: dict[str, Any],
                      emit: Any, first: Any = None) -> None:
@@ -291,7 +310,7 @@ class Router:
         e.running += 1
         got, done = 0, False
         try:
-            async with self.session.post(f"{e.url}{path}", json=body) as r:
+            async with self.session.post(f"{e.url}{path}", json=body, headers=_trace_headers(body)) as r:
                 if r.status != 200:
                     raise _engine_error(e, await r.json())
                 async for raw in r.content:
@@ -366,6 +385,12 @@ def choose(engines: list[EngineRef], role: str, prompt: list[int], pool: BlockVi
     if best is None:
         raise Unavailable(f"no healthy {role} engine; start one or wait for it to recover")
     return best[2], best[3], best[4]
+
+
+def _trace_headers(body: dict[str, Any]) -> dict[str, str]:
+    """W3C trace context for an engine call, so engines that read only headers follow too."""
+    rid = body.get("request_id")
+    return {"traceparent": tracing.traceparent(rid)} if isinstance(rid, str) else {}
 
 
 def _engine_error(e: EngineRef, body: dict[str, Any]) -> KVPoolError:

@@ -34,6 +34,7 @@ from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
 from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
+from kvpool import tracing
 from kvpool.kv_events import Reason
 from kvpool.tasks import TaskOwner
 
@@ -280,9 +281,11 @@ class Worker:
         n = seq.cached
         if self.adapter is None or n >= len(reusable):
             return
-        hit = min(await self.adapter.match(reusable), len(reusable))
+        with tracing.use(seq.req.request_id):  # the pool calls carry the request's id
+            hit = min(await self.adapter.match(reusable), len(reusable))
+            if hit > n:
+                seq.fetched = await self.adapter.fetch(reusable[n:hit], seq.pages[n:hit])
         if hit > n:
-            seq.fetched = await self.adapter.fetch(reusable[n:hit], seq.pages[n:hit])
             self._publish(reusable, seq.pages, n, n + seq.fetched, Reason.LOADED)
             seq.cached = n + seq.fetched
 
@@ -345,7 +348,7 @@ class Worker:
         self._count(seq)
         prefill_ms = (time.perf_counter() - seq.started) * 1e3
         if self.role is Role.MONO:
-            self._store(new_keys, new_pages, seq.parent)
+            self._store(new_keys, new_pages, seq.parent, seq.req.request_id)
             seq.out.put_nowait(token)
             self._active.append(seq)
             self._finish_if_done(seq)
@@ -360,7 +363,7 @@ class Worker:
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
                           seq.cached * bt, seq.fetched * bt, prefill_ms,
                           partial_key.hex() if partial_key else None)
-        task = self._store(new_keys, new_pages, seq.parent)
+        task = self._store(new_keys, new_pages, seq.parent, seq.req.request_id)
         pages, seq.pages = seq.pages, []
         assert seq.first is not None
         seq.first.set_result(token)
@@ -375,14 +378,16 @@ class Worker:
         task.add_done_callback(hand_off)
 
     def _store(self, keys: list[BlockKey], pages: list[int],
-               parent: BlockKey | None) -> asyncio.Task[None]:
+               parent: BlockKey | None, request_id: str | None = None) -> asyncio.Task[None]:
         """Write pages as a chain of blocks under ``parent`` (the last reused block)."""
         self.cache.retain(pages)
 
         async def write() -> None:
             try:
                 if self.adapter is not None and keys:
-                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages, parent)
+                    with tracing.use(request_id):
+                        stored = await self.adapter.store(keys, pages, parent)
+                    self.totals["blocks_stored"] += stored
             finally:
                 self.cache.release(pages)
 
@@ -435,7 +440,8 @@ class Worker:
             full = len(seq.req.prompt) // bt
             keys, pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
             self._publish(seq.keys, seq.pages, seq.cached, full, Reason.COMPUTED)
-            self._store(keys, pages, seq.parent)  # blocks recomputed here go back to the pool
+            # blocks recomputed here go back to the pool
+            self._store(keys, pages, seq.parent, seq.req.request_id)
             self._count(seq)
             assert seq.first_token is not None
             seq.tokens.append(seq.first_token)
@@ -449,7 +455,8 @@ class Worker:
         if (self.adapter is None or not handoff.partial_key or seq.cached < full
                 or self.cfg.partial_block != "fetch"):
             return
-        got = await self.adapter.fetch([bytes.fromhex(handoff.partial_key)], [seq.pages[full]])
+        with tracing.use(seq.req.request_id):
+            got = await self.adapter.fetch([bytes.fromhex(handoff.partial_key)], [seq.pages[full]])
         seq.partial_fetched = got == 1
 
     async def _decode_step(self) -> None:

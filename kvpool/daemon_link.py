@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from kvpool import tracing
 from kvpool.auth import Role
 from kvpool.errors import BadRequest, KVPoolError, error_from_code
 from kvpool.keys import BlockKey, parse_key
@@ -252,12 +254,19 @@ class RpcDaemonLink:
         self.url = url
         self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token, tls=tls)
 
+    async def _call(self, name: DaemonCall, body: dict[str, Any] | None = None) -> Any:
+        """A call on the daemon; made for a request, it carries the request's id."""
+        request_id = tracing.current()
+        if request_id is not None:
+            body = {**(body or {}), "trace": [request_id, "master"]}
+        return await self._rpc.call(name, body)
+
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
-        await self._rpc.call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
+        await self._call(DaemonCall.ADOPT, {"blocks": [b.pack() for b in blocks]})
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:
-        res = await self._rpc.call(DaemonCall.COPY, {"keys": list(keys), "src": src.value,
+        res = await self._call(DaemonCall.COPY, {"keys": list(keys), "src": src.value,
                                                      "dst": dst.value, "locations": list(locations)})
         results = [CopyResult.unpack(r) for r in need(res, "results", list)]
         if len(results) != len(keys):
@@ -266,7 +275,7 @@ class RpcDaemonLink:
         return results
 
     async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
-        res = await self._rpc.call(DaemonCall.SEND, {"target": target.pack(),
+        res = await self._call(DaemonCall.SEND, {"target": target.pack(),
                                                      "items": [i.pack() for i in items]})
         results = [CopyResult.unpack(r) for r in need(res, "results", list)]
         if len(results) != len(items):
@@ -275,18 +284,18 @@ class RpcDaemonLink:
         return results
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
-        res = await self._rpc.call(DaemonCall.DROP, {"tier": tier.value, "keys": list(keys)})
+        res = await self._call(DaemonCall.DROP, {"tier": tier.value, "keys": list(keys)})
         return int(need(res, "dropped", int))
 
     async def inventory(self) -> list[StoredBlock]:
-        res = await self._rpc.call(DaemonCall.INVENTORY)
+        res = await self._call(DaemonCall.INVENTORY)
         return [StoredBlock.unpack(b) for b in need(res, "inventory", list)]
 
     async def registration(self, rescan: bool = False) -> Registration:
-        return Registration.unpack(await self._rpc.call(DaemonCall.REGISTRATION, {"rescan": rescan}))
+        return Registration.unpack(await self._call(DaemonCall.REGISTRATION, {"rescan": rescan}))
 
     async def health(self) -> Health:
-        return Health.unpack(await self._rpc.call(DaemonCall.HEALTH))
+        return Health.unpack(await self._call(DaemonCall.HEALTH))
 
     async def close(self) -> None:
         await self._rpc.close()
@@ -348,7 +357,24 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()
 
-    return {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
-            DaemonCall.DROP: drop,
-            DaemonCall.INVENTORY: inventory, DaemonCall.REGISTRATION: registration,
-            DaemonCall.HEALTH: health}
+    handlers = {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
+                DaemonCall.DROP: drop, DaemonCall.INVENTORY: inventory,
+                DaemonCall.REGISTRATION: registration, DaemonCall.HEALTH: health}
+    return {name: _traced(name, h) for name, h in handlers.items()}
+
+
+def _traced(name: str, handler: Handler) -> Handler:
+    """Run a call made for a request as that request's (its id in this daemon's log lines)."""
+
+    async def call(body: dict[str, Any]) -> Any:
+        request_id, _ = tracing.from_wire(body) if isinstance(body, dict) else (None, "")
+        if request_id is None:
+            return await handler(body)
+        with tracing.use(request_id):
+            start = time.perf_counter()
+            try:
+                return await handler(body)
+            finally:
+                tracing.note("daemon %s took %.2f ms", name, (time.perf_counter() - start) * 1e3)
+
+    return call

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kvpool import tracing
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 
@@ -67,6 +68,7 @@ class KVEvent:
     block_size: int | None = None  # tokens per block, when the writer said
     token_ids: list[int] | None = None  # only when the writer chose to send them
     namespace: str | None = None  # a purge's namespace root (hex) or model
+    request_id: str | None = None  # the request whose pool call caused it (kvpool.tracing)
     _sse: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +87,8 @@ class KVEvent:
             out["reason"] = self.reason.value
         if self.namespace is not None:
             out["namespace"] = self.namespace
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
         return out
 
     def sse(self) -> bytes:
@@ -142,7 +146,7 @@ class EventHub:
         return self._ring[0].id if self._ring else self._next
 
     def _add(self, event_type: EventType, **fields: Any) -> KVEvent:
-        event = KVEvent(self._next, time.time(), event_type, **fields)
+        event = KVEvent(self._next, time.time(), event_type, request_id=tracing.current(), **fields)
         self._next += 1
         self._ring.append(event)
         waiter, self._waiter = self._waiter, None
