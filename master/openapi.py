@@ -59,6 +59,11 @@ OPENAPI: dict[str, Any] = {
             "get": _op("Where a node's drain stands: state (active, draining, drained, stuck), "
                        "moved, dropped, left, waiting_leases, note, can_stop", params=[_NODE]),
             "delete": _op("Stop draining: the node takes new blocks again", True, [_NODE])},
+        "/v1/traces/{request_id}": {"get": _op(
+            "The spans this master kept of one request's pool calls (a bounded ring of recent "
+            "requests): where, step, who called, start, duration, detail, error", params=[
+                {"name": "request_id", "in": "path", "required": True,
+                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:@/+=-]{1,128}$"}}])},
         "/v1/events": {"get": _op(
             "KV events as server-sent events, in vLLM's schema (BlockStored, BlockRemoved, "
             "AllBlocksCleared; block_hashes as 32-hex keys, parent_block_hash, block_size, "
