@@ -12,23 +12,28 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
+import xxhash
 
 from kvpool import tracing
 from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
-from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
+from kvpool.errors import (BadRequest, ConfigError, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone,
                            NotLeader, NotReady, ReservationLost, TransferFailed, Unavailable)
+from kvpool import localcopy
 from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
+from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, view
+from clients.grants import HotGrants
 from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
                               view_of)
 
@@ -36,9 +41,13 @@ log = logging.getLogger(__name__)
 _REGION_CACHE = 64  # large caller buffers kept registered
 _STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
+_TAIL_BYTES = 1 << 20  # ... the last ones halving down to this size
 # What a call retries on, against the leader it finds again, until its deadline.
 _FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
 T = TypeVar("T")
+# The hot calls' transports ([client] rpc): the stream RPC, or the WebSocket RPC on the HTTP port.
+_TRANSPORTS: dict[str, type[RpcClient] | type[StreamRpcClient]] = {
+    "stream": StreamRpcClient, "ws": RpcClient}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +82,18 @@ class AsyncPoolClient:
         self._etcd: Any = None
         self._token = secret(cfg.token, "[client] token")  # read once; never logged
         self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
-        self._rpc: RpcClient | None = None if cfg.etcd else RpcClient(
-            self.master_url, timeout_s=cfg.timeout_s, token=self._token, tls=self._tls)
+        if cfg.rpc not in _TRANSPORTS:
+            raise ConfigError(f"[client] rpc = {cfg.rpc!r}: give one of {', '.join(_TRANSPORTS)}")
+        self._rpc: RpcClient | StreamRpcClient | None = None if cfg.etcd else self._link(self.master_url)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
         self._pinned: set[int] = set()
         self._spare: list[np.ndarray] = []  # registered scratch buffers, free for use
         self._releases: list[int] = []
+        self._hot = HotGrants(cfg.hot_grants)  # grants of hot blocks, kept while leased
+        self._copier: ThreadPoolExecutor | None = None  # large same-host copies run here
+        if cfg.data_path not in ("auto", "nixl", "same-host"):
+            raise ConfigError(f"[client] data_path = {cfg.data_path!r}: give auto, nixl or same-host")
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -93,6 +107,7 @@ class AsyncPoolClient:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
+        self._hot.clear(self._releases)
         if self._flushing:
             await asyncio.gather(*self._flushing)
         if self._releases:
@@ -101,6 +116,9 @@ class AsyncPoolClient:
             await self._rpc.close()
         if self._etcd is not None:
             await self._etcd.close()
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
         if self._agent is not None:
             self._agent.close()
             for region in self._agent.regions:
@@ -115,6 +133,10 @@ class AsyncPoolClient:
             host = client_host(self.cfg.host, self.cfg.etcd or ",".join(self._masters))
             self._agent = TransferAgent(self.name, progress_thread=False, host=host)
         return self._agent
+
+    def _link(self, url: str) -> RpcClient | StreamRpcClient:
+        return _TRANSPORTS[self.cfg.rpc](url, timeout_s=self.cfg.timeout_s, token=self._token,
+                                         tls=self._tls)
 
     async def _call(self, name: Call, body: dict[str, Any]) -> Any:
         if self._rpc is None:
@@ -169,8 +191,8 @@ class AsyncPoolClient:
         elif len(self._masters) > 1:
             url = self._masters[(self._masters.index(self.master_url) + 1) % len(self._masters)]
         if url != self.master_url or self._rpc is None:
-            old, self._rpc = self._rpc, RpcClient(url, timeout_s=self.cfg.timeout_s,
-                                                  token=self._token, tls=self._tls)
+            old, self._rpc = self._rpc, self._link(url)
+            self._hot.clear([])  # another master: the old one's leases are gone with it
             self.master_url = url
             if old is not None:
                 await old.close()
@@ -187,6 +209,22 @@ class AsyncPoolClient:
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
 
+    def release_now(self) -> Awaitable[None] | None:
+        """Hand back the leases left to release at once (the blocking client calls this
+        after each call, since nothing runs between its calls): one way on the stream
+        RPC; otherwise the coroutine that sends them, for the caller to run."""
+        if not self._releases:
+            return None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if isinstance(self._rpc, StreamRpcClient):
+            leases, self._releases = self._releases, []
+            if not self._rpc.notify(Call.RELEASE, {"leases": leases}):
+                log.debug("%d leases not released (no connection); they expire", len(leases))
+            return None
+        return self._send_releases()
+
     async def _send_releases(self) -> None:
         leases, self._releases = self._releases, []
         if self._rpc is None:
@@ -195,6 +233,39 @@ class AsyncPoolClient:
             await self._rpc.call(Call.RELEASE, {"leases": leases})
         except KVPoolError as exc:  # the leases expire on their own
             log.debug("releasing %d leases failed: %s", len(leases), exc)
+
+    def _same_host(self, agent: str, lmem: str, rmem: str) -> int | None:
+        """The daemon process to copy with directly (kvpool.localcopy), or None for NIXL."""
+        path = self.cfg.data_path
+        pid = localcopy.local_pid(agent) if path != "nixl" and lmem == rmem == "DRAM" else None
+        if pid is None and path == "same-host":
+            raise TransferFailed(f"[client] data_path = \"same-host\" but the daemon of agent "
+                                 f"{agent} is not reachable that way (another host, another "
+                                 "user, or GPU memory); set data_path = \"auto\"")
+        return pid
+
+    def _move(self, op: str, agent: str, local: list, lmem: str, remote: list, rmem: str,
+              inline: bool) -> Awaitable[None]:
+        """One READ or WRITE of matching rows: the same-host copy where it applies, else
+        NIXL. ``inline``: the caller waits for it alone (small ones then run on this
+        thread); otherwise it queues behind the others on the copy thread."""
+        pid = self._same_host(agent, lmem, rmem)
+        if pid is None:
+            if inline:
+                return self.agent.run(op, agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)
+            return self.agent.submit(op, agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)
+        loop = asyncio.get_running_loop()
+        if inline and sum(r[1] for r in local) <= INLINE_BYTES:
+            done = loop.create_future()
+            try:
+                localcopy.copy(op, pid, local, remote)
+                done.set_result(None)
+            except TransferFailed as exc:
+                done.set_exception(exc)
+            return done
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvpool-copy")
+        return loop.run_in_executor(self._copier, localcopy.copy, op, pid, local, remote)
 
     def register(self, buffer: Any) -> None:
         """Register a buffer with NIXL for good (until close); later calls use it as is."""
@@ -370,11 +441,9 @@ class AsyncPoolClient:
             if len(plans) == 1 and sum(views[i].nbytes for i in idx) <= INLINE_BYTES:
                 while_copying()
                 agent, local, lmem, remote, rmem = plans[0]
-                await self.agent.run("WRITE", agent, local, lmem, remote, rmem,
-                                     self.cfg.transfer_timeout_s)
+                await self._move("WRITE", agent, local, lmem, remote, rmem, inline=True)
                 return
-            copies = [self.agent.submit("WRITE", agent, local, lmem, remote, rmem,
-                                        self.cfg.transfer_timeout_s)
+            copies = [self._move("WRITE", agent, local, lmem, remote, rmem, inline=False)
                       for agent, local, lmem, remote, rmem in plans]
             try:
                 while_copying()
@@ -404,7 +473,7 @@ class AsyncPoolClient:
 
     async def _get_bytes(self, key: BlockKey) -> bytes | None:
         key = parse_key(key)
-        lease, [grant] = await self._lease([key])
+        lease, [grant], _ = await self._lease([key])
         if grant is None:
             self._release_later(lease)
             return None
@@ -427,22 +496,45 @@ class AsyncPoolClient:
         if not keys:
             return []
         views = [view_of(o, writable=True) for o in outs]
-        lease, grants = await self._lease(keys)
+        loop = asyncio.get_running_loop()
+        gone: list[int] = []
         try:
-            return await self._read(grants, keys, views)
+            if len(keys) == 1 and len(self._hot):
+                held = self._hot.lookup(keys[0], loop.time(), gone)
+                if held is not None:  # a hot block: its grant is still good, no call
+                    results = await self._read([held], keys, views, report=False)
+                    if results[0].error is None:
+                        return results
+                    self._hot.drop(keys, gone)  # moved or gone after all: ask the master
+            asked = loop.time()
+            lease, grants, ttl_s = await self._lease(keys)
+            kept = False
+            try:
+                results = await self._read(grants, keys, views)
+                kept = (len(keys) == 1 and ttl_s > 0 and grants[0] is not None
+                        and results[0].error is None
+                        and self._hot.offer(keys[0], grants[0], lease, asked + ttl_s / 2, gone))
+                return results
+            finally:
+                if not kept:
+                    gone.append(lease)  # only once the bytes have landed
         finally:
-            self._release_later(lease)  # only once the bytes have landed
+            for old in gone:
+                self._release_later(old)
 
-    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None]]:
-        """Where to read each key, under one read lease (None: a miss)."""
+    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None], float]:
+        """Where to read each key, under one read lease (None: a miss), and how long the
+        lease lasts unless released (0: not said)."""
         res = await self._call(Call.GET, {"keys": keys})
         grants = [ReadGrant.unpack(item) for item in res["items"]]
         if len(grants) != len(keys):
             raise BadRequest(f"the master answered {len(grants)} read grants for {len(keys)} keys")
-        return res["lease"], grants
+        return res["lease"], grants, float(res.get("ttl_s", 0.0))
 
     async def _read(self, grants: list[ReadGrant | None], keys: list[BlockKey],
-                    views: list[BufferView]) -> list[GetResult]:
+                    views: list[BufferView], report: bool = True) -> list[GetResult]:
+        """READ and verify; ``report``: tell the master of replicas that failed their
+        checksum (not for a kept grant, which may be stale rather than corrupt)."""
         results: list[GetResult | None] = [None] * len(keys)
         hits = []
         for i, grant in enumerate(grants):
@@ -468,7 +560,7 @@ class AsyncPoolClient:
             self._trim_regions()
         corrupt = [i for i in hits if results[i].error is not None  # type: ignore[union-attr]
                    and isinstance(results[i].error, ChecksumMismatch)]  # type: ignore[union-attr]
-        if corrupt:
+        if corrupt and report:
             await self._call(Call.CORRUPT, {"keys": [keys[i] for i in corrupt],
                                             "nodes": [grants[i].location.node for i in corrupt]})  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
@@ -478,46 +570,76 @@ class AsyncPoolClient:
         """READ every hit into its landing buffer and verify it. A batch copies chunk after
         chunk on the poster thread (NIXL releases the GIL while it copies) while this
         thread verifies the chunk that just landed; measured against doing both on worker
-        threads, this keeps verified batches at 0.70-0.80 of raw NIXL instead of 0.57-0.71."""
+        threads, this keeps verified batches at 0.70-0.80 of raw NIXL instead of 0.57-0.71.
+        The chunks shrink towards the end, and a large block in host memory is cut in
+        pieces hashed as they land (xxh3 streams), so the checksums left once the last
+        copy is done are of one small chunk only."""
         locs: dict[int, Location] = {i: grants[i].location for i in hits}  # type: ignore[union-attr]
         groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
         for i in hits:
             groups[(locs[i].agent, land[i].mem_type, locs[i].mem_type)].append(i)
         gone = await self._peers(a for a, _, _ in groups)
         transfers = []
+        streams: dict[int, Any] = {}  # block -> its running hash, for blocks cut in pieces
         for (agent, lmem, rmem), idx in groups.items():
             if agent in gone:
                 for i in idx:
                     results[i] = GetResult(keys[i], None, NodeGone(f"the node of {keys[i].hex()} left"))
                 continue
-            for chunk in _chunks(idx, [locs[i].size for i in idx]):
+            pieces: list[tuple[int, int, int]] = []  # block, offset, length (0: the whole block)
+            for i in idx:
+                size, v = locs[i].size, land[i]
+                if (self.cfg.verify_checksum and size > _PIPELINE_BYTES // 2
+                        and isinstance(v, BufferView) and v.mem_type == "DRAM"
+                        and BlockHeader.decode(grants[i].header)[0].payload_size == size):  # type: ignore[union-attr]
+                    streams[i] = xxhash.xxh3_64()
+                    pieces += [(i, off, min(_TAIL_BYTES, size - off))
+                               for off in range(0, size, _TAIL_BYTES)]
+                else:
+                    pieces.append((i, 0, 0))
+            sizes = [n or locs[i].size for i, _, n in pieces]
+            for chunk in _chunks(list(range(len(pieces))), sizes):
                 local, remote = [], []
-                for i in chunk:  # one row per segment of the landing buffer
-                    lrows, rrows = rows(land[i], (locs[i].address, locs[i].size, locs[i].device),
-                                        locs[i].size)
-                    local += lrows
-                    remote += rrows
-                single = len(groups) == 1 and len(chunk) == len(idx)
-                transfers.append((chunk, (self.agent.run if single else self.agent.submit)(
-                    "READ", agent, local, lmem, remote, rmem, self.cfg.transfer_timeout_s)))
+                for i, off, n in (pieces[c] for c in chunk):
+                    loc, v = locs[i], land[i]
+                    if n:  # a piece of a block
+                        local.append((v.address + off, n, v.device))
+                        remote.append((loc.address + off, n, loc.device))
+                    else:  # a whole block: one row per segment of the landing buffer
+                        lrows, rrows = rows(v, (loc.address, loc.size, loc.device), loc.size)
+                        local += lrows
+                        remote += rrows
+                single = len(groups) == 1 and len(chunk) == len(pieces)
+                transfers.append(([pieces[c] for c in chunk], self._move(
+                    "READ", agent, local, lmem, remote, rmem, inline=single)))
         try:
-            for chunk, transfer in transfers:
+            for chunk_pieces, transfer in transfers:
                 try:
                     await transfer
                 except TransferFailed as exc:
-                    for i in chunk:
+                    for i, _, _ in chunk_pieces:
                         results[i] = GetResult(keys[i], None, exc)
+                        streams.pop(i, None)
                     continue
-                for i in chunk:
-                    results[i] = self._verified(keys[i], grants[i].header, land[i])  # type: ignore[union-attr]
+                for i, off, n in chunk_pieces:
+                    if not n:
+                        results[i] = self._verified(keys[i], grants[i].header, land[i])  # type: ignore[union-attr]
+                    elif i in streams:  # not failed in an earlier chunk
+                        streams[i].update(land[i].host_bytes()[off:off + n])
+                        if off + n == locs[i].size:
+                            results[i] = self._verified(keys[i], grants[i].header, land[i],  # type: ignore[union-attr]
+                                                        streams.pop(i).intdigest())
         finally:  # no transfer may still be writing once the caller takes its buffers back
             await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 
-    def _verified(self, key: BlockKey, raw_header: bytes, v: BufferView) -> GetResult:
+    def _verified(self, key: BlockKey, raw_header: bytes, v: BufferView,
+                  got: int | None = None) -> GetResult:
+        """The result of a landed block: verified (``got``: its checksum, already streamed)."""
         header = BlockHeader.decode(raw_header)[0]
         if not self.cfg.verify_checksum:
             return GetResult(key, header)
-        got = payload_checksum(v, header.payload_size)
+        if got is None:
+            got = payload_checksum(v, header.payload_size)
         if got != header.checksum:
             return GetResult(key, None, ChecksumMismatch(
                 f"block {key.hex()} arrived with checksum {got:016x}, expected "
@@ -551,6 +673,7 @@ class AsyncPoolClient:
 
     async def batch_remove(self, keys: Sequence[BlockKey], *, force: bool = False) -> int:
         body = {"keys": [parse_key(k) for k in keys], "force": force}
+        self._hot.drop(body["keys"], self._releases)  # our own leases ride on the remove
         res = await self._retrying(lambda: self._call(Call.REMOVE, dict(body)))
         return sum(res["removed"])
 
@@ -588,13 +711,18 @@ def _tier(mem_type: str) -> str:
 
 
 def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:
+    """Blocks grouped into transfers of about _PIPELINE_BYTES, the last ones halving (a
+    chunk closes once it holds as much as what is left after it, down to _TAIL_BYTES):
+    the checksums of the last chunk are the only ones no copy overlaps, so it is small."""
     out: list[list[int]] = []
     cur: list[int] = []
     acc = 0
+    left = sum(sizes)
     for i, size in zip(idx, sizes):
         cur.append(i)
         acc += size
-        if acc >= _PIPELINE_BYTES:
+        left -= size
+        if acc >= min(_PIPELINE_BYTES, max(_TAIL_BYTES, left)):
             out.append(cur)
             cur, acc = [], 0
     if cur:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Coroutine
 from kvpool import logs
 from kvpool.config import PoolConfig, load
 from kvpool.errors import ConfigError, KVPoolError
+from kvpool.tasks import new_event_loop
 
 GROUP = "kvpool.commands"
 
@@ -40,7 +41,8 @@ def serving(main: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
             ) -> Callable[[argparse.Namespace], int]:
     """A verb's ``run`` from a coroutine that serves until a signal."""
     def run(args: argparse.Namespace) -> int:
-        asyncio.run(main(args))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(main(args))
         return 0
     return run
 

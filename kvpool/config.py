@@ -37,6 +37,8 @@ _SECRET = " Give the secret itself or file:PATH (its first line); see README 'Se
 class MasterConfig:
     host: str = doc("127.0.0.1", "Address the master's HTTP server binds to.")
     port: int = doc(0, "Port of the master's HTTP server; 0 picks a free one.")
+    rpc_port: int = doc(0, "Port of the master's stream RPC (the engines' hot calls; clients find "
+                           "it through the HTTP port); 0 picks a free one.")
     cluster_token: str = secret_doc("Credential of masters and daemons among themselves: daemons "
                                     "register, renew and answer with it. Any credential "
                                     "configured turns the checks on everywhere." + _SECRET)
@@ -104,6 +106,8 @@ class DaemonConfig:
     node_id: str = doc("node0", "Unique id of this node in the pool.")
     host: str = doc("127.0.0.1", "Address the daemon's HTTP server binds to.")
     port: int = doc(0, "Port of the daemon's HTTP server; 0 picks a free one.")
+    rpc_port: int = doc(0, "Port of the daemon's stream RPC (the master's calls, a put's commit "
+                           "among them); 0 picks a free one.")
     master_url: str = doc("", "URL of the master (http://host:port); set by `kvpool up`.")
     data_dir: str = doc("./data/node0", "Folder for this node's SSD tier and default object tier.")
     host_bytes: int = doc(1 * GiB, "Size of the host (DRAM) arena registered with NIXL.")
@@ -145,6 +149,15 @@ class ClientConfig:
                             "admin_token works too); empty when the pool runs open." + _SECRET)
     tls_ca: str = doc("", "PEM CA file to verify masters over TLS (https:// URLs); empty: the "
                           "system's CAs.")
+    rpc: str = doc("stream", "Transport of the hot calls: 'stream' (length-prefixed msgpack frames "
+                             "on the master's RPC port) or 'ws' (the WebSocket RPC on its HTTP "
+                             "port, for a path that passes HTTP only).")
+    data_path: str = doc("auto", "How bytes move: 'auto' (a daemon on this host, reachable by the "
+                                 "kernel's cross-memory copy, takes the same-host path; others "
+                                 "NIXL), 'nixl', or 'same-host' (an error where it cannot be used).")
+    hot_grants: int = doc(64, "Read grants of hot blocks (single-key gets of a key read "
+                              "before) kept while their leases last, so such a get costs a copy, "
+                              "not a call; each holds its lease (at most half of it); 0: none.")
     host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
                         "interface when every master or etcd endpoint is on loopback, else all.")
 

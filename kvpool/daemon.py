@@ -18,13 +18,13 @@ from typing import Any, Sequence
 import numpy as np
 from aiohttp import web
 
-from kvpool import auth
+from kvpool import auth, localcopy
 from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health, Registration,
-                                SendItem, SendTarget, StoredBlock, TierDescription,
+from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, Health,
+                                Registration, SendItem, SendTarget, StoredBlock, TierDescription,
                                 daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
@@ -37,6 +37,7 @@ from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import TransferAgent
+from kvpool.streamrpc import StreamRpcServer
 from kvpool.wire import MAX_BODY, RpcClient, error_middleware, refusal, rpc_endpoint
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ class PoolDaemon:
         self._serve_tls = auth.server_tls(cfg.tls_cert, cfg.tls_key, "[daemon]")
         self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
-        self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}"
+        # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
+        self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
+        self._stream: StreamRpcServer | None = None
         self._master: RpcClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._coord: Coordinator | None = None
@@ -86,6 +89,9 @@ class PoolDaemon:
         for tier in self.tiers.values():
             if isinstance(tier, ArenaTier):
                 self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
+        self._stream = StreamRpcServer(daemon_endpoint(self), self._credentials, DAEMON_ROLES,
+                                       self._serve_tls, eager=DAEMON_EAGER)
+        await self._stream.start(self.cfg.host, self.cfg.rpc_port)
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self._serve_tls)
@@ -121,6 +127,8 @@ class PoolDaemon:
                 await self._heartbeat
         if self._master is not None:
             await self._master.close()
+        if self._stream is not None:
+            await self._stream.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.agent is not None:
@@ -197,6 +205,8 @@ class PoolDaemon:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
         app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(daemon_endpoint(self), self._credentials,
                                                         DAEMON_ROLES))
+        if self._stream is not None:
+            app.router.add_get(DAEMON_RPC_PATH + "/stream", self._stream.info())
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.prometheus)
         return app

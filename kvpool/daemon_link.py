@@ -19,7 +19,8 @@ from kvpool.auth import Role
 from kvpool.errors import BadRequest, KVPoolError, error_from_code
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
-from kvpool.wire import Handler, RpcClient, need
+from kvpool.streamrpc import StreamRpcClient
+from kvpool.wire import Handler, need
 
 DAEMON_RPC_PATH = "/v1/d/rpc"
 
@@ -247,12 +248,14 @@ class DaemonLink(DaemonService, Protocol):
 
 
 class RpcDaemonLink:
-    """DaemonLink over the daemon's RPC endpoint (one persistent WebSocket)."""
+    """DaemonLink over the daemon's stream RPC (one persistent connection; kvpool.streamrpc):
+    a put's commit waits on this link's adopt, so it takes the faster transport."""
 
     def __init__(self, url: str, timeout_s: float = 30.0, token: str = "",
                  tls: ssl.SSLContext | None = None) -> None:
         self.url = url
-        self._rpc = RpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token, tls=tls)
+        self._rpc = StreamRpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token,
+                                    tls=tls)
 
     async def _call(self, name: DaemonCall, body: dict[str, Any] | None = None) -> Any:
         """A call on the daemon; made for a request, it carries the request's id."""
@@ -317,6 +320,8 @@ async def probe(url: str, agent: str, timeout_s: float = 1.0, token: str = "",
 
 # Every call on a daemon is the cluster's: only masters (holding its credential) call them.
 DAEMON_ROLES: dict[str, frozenset[Role]] = {c: frozenset({Role.CLUSTER}) for c in DaemonCall}
+# Calls whose handlers wait on nothing that needs a task: the stream RPC answers them inline.
+DAEMON_EAGER = frozenset({DaemonCall.ADOPT, DaemonCall.HEALTH, DaemonCall.INVENTORY})
 
 
 def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:

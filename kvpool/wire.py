@@ -100,10 +100,7 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
             return refusal(exc, **{PROTOCOL_HEADER: str(PROTOCOL_VERSION)})
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, protocols=(SUBPROTOCOL,))
         await ws.prepare(request)
-        # What this connection may call, worked out once: a call then costs a set lookup.
-        permitted = None if role is None else frozenset(
-            name for name, needed in allowed.items() if auth.allows(role, needed))
-        guard = None if role is None else (permitted, allowed)
+        guard = connection_guard(role, allowed)
         tasks: set[asyncio.Task[None]] = set()
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
@@ -120,13 +117,24 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
     return serve
 
 
-async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Handler],
-                  guard: tuple[frozenset[str], Mapping[str, frozenset[Role]]] | None,
-                  role: Role | None) -> None:
+Guard = tuple[frozenset[str], Mapping[str, frozenset[Role]]]
+
+
+def connection_guard(role: Role | None, allowed: Mapping[str, frozenset[Role]]) -> Guard | None:
+    """What a connection of ``role`` may call, worked out once: a call then costs a set
+    lookup (None: credentials are off, everything is open)."""
+    if role is None:
+        return None
+    return frozenset(name for name, needed in allowed.items() if auth.allows(role, needed)), allowed
+
+
+async def respond(data: Any, handlers: dict[str, Handler], guard: Guard | None,
+                  role: Role | None) -> bytes:
+    """The packed answer to one request frame (raw bytes, or a frame already unpacked):
+    the handler's result, or its typed error. Both transports serve calls through this."""
     rid = None
-    auth.enter(role)  # in this task's own context: the handler finds the caller's role
     try:
-        frame = unpack(data)
+        frame = unpack(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         if not (isinstance(frame, list) and len(frame) == 3 and isinstance(frame[1], str)
                 and isinstance(frame[2], dict)):
             raise BadRequest("an RPC frame is [request id, method, body map]")
@@ -147,9 +155,16 @@ async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Ha
     except Exception as exc:  # a bug: report it as such and keep serving
         log.exception("RPC handler failed")
         out = [rid, 1, {"error": KVPoolError.code, "message": f"internal error: {type(exc).__name__}: {exc}"}]
+    return pack(out)
+
+
+async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Handler],
+                  guard: Guard | None, role: Role | None) -> None:
+    auth.enter(role)  # in this task's own context: the handler finds the caller's role
+    out = await respond(data, handlers, guard, role)
     if not ws.closed:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_bytes(pack(out))
+            await ws.send_bytes(out)
 
 
 @web.middleware

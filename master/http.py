@@ -18,6 +18,7 @@ from kvpool.daemon_link import Registration
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey, parse_key
 from kvpool.protocol import Call
+from kvpool.streamrpc import StreamRpcServer
 from kvpool.tiers.base import TierKind
 from kvpool.wire import MAX_BODY, Handler, auth_middleware, error_middleware, need, rpc_endpoint
 from master import catalog, removal
@@ -53,7 +54,13 @@ ROLES: dict[str, frozenset[Access]] = {
     Call.REGISTER: frozenset({Access.CLUSTER}), Call.HEARTBEAT: frozenset({Access.CLUSTER}),
     Call.CHECK: frozenset({Access.ADMIN}),
 }
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/": the status page, no data in it
+STREAM_INFO = "/v1/rpc/stream"  # where the stream RPC listens (kvpool.streamrpc)
+# Calls whose handlers wait on nothing before their answer is known, or only on tasks of
+# their own (a get's promotions): the stream RPC answers them without a task.
+EAGER = frozenset({Call.GET, Call.RELEASE, Call.EXISTS, Call.MATCH, Call.ABORT, Call.PIN,
+                   Call.UNPIN})
+# "/": the status page, no data in it
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", STREAM_INFO})
 
 
 class MasterHttp:
@@ -63,10 +70,8 @@ class MasterHttp:
         self.server = server  # the MasterServer, for who leads (None: always this one)
         self.ops = OpsRoutes(core)
 
-    def app(self) -> web.Application:
-        creds = self.core.cfg.credentials()
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[
-            auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"})), error_middleware])
+    def rpc_handlers(self) -> dict[str, Handler]:
+        """The RPC's calls, served alike on the WebSocket and on the stream transport."""
         rpc: dict[Call, Handler] = {
             Call.RESERVE: self.reserve, Call.COMMIT: self.commit, Call.ABORT: self.abort,
             Call.GET: self.get, Call.RELEASE: self.release, Call.EXISTS: self.exists,
@@ -74,8 +79,15 @@ class MasterHttp:
             Call.UNPIN: self.unpin, Call.AGENTS: self.agents, Call.CORRUPT: self.corrupt,
             Call.REGISTER: self.register, Call.HEARTBEAT: self.heartbeat, Call.CHECK: self.check,
         }
-        app.router.add_get("/v1/rpc", rpc_endpoint(
-            {n: self.ops.timed(n.value, self._releasing(h)) for n, h in rpc.items()}, creds, ROLES))
+        return {n: self.ops.timed(n.value, self._releasing(h)) for n, h in rpc.items()}
+
+    def app(self, stream: StreamRpcServer | None = None) -> web.Application:
+        creds = self.core.cfg.credentials()
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[
+            auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"})), error_middleware])
+        app.router.add_get("/v1/rpc", rpc_endpoint(self.rpc_handlers(), creds, ROLES))
+        if stream is not None:
+            app.router.add_get(STREAM_INFO, stream.info())
         app.router.add_get("/v1/cluster", self.cluster)
         app.router.add_get("/v1/nodes", self.list_nodes)
         app.router.add_get("/v1/blocks/{key}", self.block)
@@ -123,7 +135,8 @@ class MasterHttp:
 
     async def get(self, body: dict[str, Any]) -> Any:
         lease, grants = await self.core.reads.get(_keys(body))
-        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants]}
+        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
+                "ttl_s": self.core.cfg.read_lease_s}
 
     async def release(self, body: dict[str, Any]) -> Any:
         self.core.leases.release([int(x) for x in need(body, "leases", list)])

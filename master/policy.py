@@ -182,10 +182,10 @@ class ReuseAware:
         if not h.leaf_in(self._rank):
             e.prio = None
             return
-        if h.tail and not h.hits:
-            e.prio = (0, e.stamp)
-        else:
-            e.prio = (1, e.stamp + (self._bonus if h.hits else 0))
+        prio = (0, e.stamp) if h.tail and not h.hits else (1, e.stamp + (self._bonus if h.hits else 0))
+        if prio == e.prio:  # on the heap already (a read between writes): a duplicate would
+            return          # survive every compaction, making each later push O(blocks)
+        e.prio = prio
         heapq.heappush(self._heap, (e.prio, next(self._seq), key))
         if len(self._heap) > 2 * len(self._entries) + 64:  # drop stale entries
             self._heap = [x for x in self._heap

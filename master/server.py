@@ -12,9 +12,10 @@ from aiohttp import web
 from kvpool.auth import guard_bind, server_tls
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator, InProcessCoordinator
+from kvpool.streamrpc import StreamRpcServer
 from master.core import MasterCore, Role
 from master.election import Election
-from master.http import MasterHttp
+from master.http import EAGER, ROLES, MasterHttp
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class MasterServer:
                                leader_url=lambda: self.leader_url)
         self.election: Election | None = None
         self._runner: web.AppRunner | None = None
+        self._stream: StreamRpcServer | None = None
         self._main: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._term: asyncio.Task[None] | None = None
@@ -46,9 +48,13 @@ class MasterServer:
 
     async def start(self) -> "MasterServer":
         guard_bind(self.cfg.host, self.cfg.credentials(), "the master")
-        self._runner = web.AppRunner(MasterHttp(self.core, self).app(), access_log=None)
-        await self._runner.setup()
         tls = server_tls(self.cfg.tls_cert, self.cfg.tls_key, "[master]")
+        http = MasterHttp(self.core, self)
+        self._stream = StreamRpcServer(http.rpc_handlers(), self.cfg.credentials(), ROLES, tls,
+                                       eager=EAGER)
+        await self._stream.start(self.cfg.host, self.cfg.rpc_port)
+        self._runner = web.AppRunner(http.app(self._stream), access_log=None)
+        await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -118,6 +124,8 @@ class MasterServer:
             self._main = None
         self._term = None
         await self.core.close()
+        if self._stream is not None:
+            await self._stream.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.coord.close()

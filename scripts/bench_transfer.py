@@ -4,7 +4,9 @@ Starts a master and a daemon (`kvpool master`, `kvpool daemon`) and a client pro
 The client puts and then gets TOTAL bytes in blocks of 256 KiB .. 16 MiB (batches of
 64 MiB), verifies every byte that came back (and the client verifies checksums, as it
 does by default), then moves the same descriptors with raw NIXL READs between two plain
-processes. Prints a table; ``--json PATH`` writes the figures.
+processes. Then the same puts and gets on the same-host path (the client copies with the
+daemon's arena directly, kvpool.localcopy) against memcpy of the same blocks in one
+process (``local_*`` keys). Prints tables; ``--json PATH`` writes the figures.
 """
 
 from __future__ import annotations
@@ -49,19 +51,19 @@ def stamp(base: np.ndarray, size: int, batch: int) -> np.ndarray:
     return data
 
 
-async def bench_pool(master: str, total: int, token: str = "") -> dict:
+async def bench_pool(master: str, total: int, token: str = "", path: str = "nixl") -> dict:
     out: dict = {"sizes": {}}
     rng = np.random.default_rng(7)
     base = rng.integers(0, 256, BATCH, dtype=np.uint8)
     src = np.empty(BATCH, np.uint8)
-    dst = np.empty(BATCH, np.uint8)
-    async with AsyncPoolClient(ClientConfig(master_url=master, token=token)) as pool:
+    dst = np.ones(BATCH, np.uint8)  # touched now: the first get must not pay its page faults
+    async with AsyncPoolClient(ClientConfig(master_url=master, token=token, data_path=path)) as pool:
         pool.register(src)
         pool.register(dst)
         for size in SIZES:
             per = BATCH // size
             nbatch = max(1, total // BATCH)
-            ns = Namespace("bench", "uint8", "raw", block_tokens=1, salt=f"{size}")
+            ns = Namespace("bench", "uint8", "raw", block_tokens=1, salt=f"{size}-{path}")
             keys = block_keys(ns, np.arange(per * nbatch))
             put_s = get_s = 0.0
             verified = True
@@ -93,7 +95,7 @@ async def bench_pool(master: str, total: int, token: str = "") -> dict:
                                        "verified": bool(verified)}
             print(f"  kvpool {size >> 10:>6} KiB blocks: put and get done", file=sys.stderr, flush=True)
         one = src[:MiB]
-        ns = Namespace("bench-single", "uint8", "raw", block_tokens=1)
+        ns = Namespace("bench-single", "uint8", "raw", block_tokens=1, salt=path)
         keys = block_keys(ns, np.arange(300))
         puts, gets = [], []
         for i, key in enumerate(keys):
@@ -158,6 +160,22 @@ async def bench_raw(total: int) -> dict:
         os.unlink(meta)
 
 
+def bench_memcpy(total: int) -> dict:
+    """The baseline of the same-host path: copying the same blocks within one process
+    (numpy, from as many distinct bytes as the pool holds), per block size."""
+    src = np.random.default_rng(5).integers(0, 256, total, dtype=np.uint8)
+    dst = np.ones(BATCH, np.uint8)
+    out = {}
+    for size in SIZES:
+        per = BATCH // size
+        t = time.perf_counter()
+        for off in range(0, total, BATCH):
+            for i in range(per):
+                dst[i * size:(i + 1) * size] = src[off + i * size:off + (i + 1) * size]
+        out[str(size)] = total / (time.perf_counter() - t) / 1e9
+    return out
+
+
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", *args], cwd=ROOT,
                             env={**os.environ, **env}, stdout=subprocess.PIPE,
@@ -168,7 +186,7 @@ def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]
     raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
 
 
-def measure(total: int, secured: bool) -> dict:
+def measure(total: int, secured: bool, same_host: bool = True) -> dict:
     """One pool (master and daemon processes) and one client process; with ``secured``,
     credentials are configured and the client presents one (the admin's: it also removes
     its blocks by force)."""
@@ -185,7 +203,8 @@ def measure(total: int, secured: bool) -> dict:
                            "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0",
                            "KVPOOL_DAEMON_CLUSTER_TOKEN": tokens.get("cluster", "")})
         client = subprocess.run([sys.executable, __file__, "--role", "client", "--master",
-                                 info["master"], "--total", str(total)],
+                                 info["master"], "--total", str(total)]
+                                + (["--same-host"] if same_host else []),
                                 capture_output=True, text=True, cwd=ROOT,  # it force-removes:
                                 env={**os.environ, TOKEN_VAR: tokens.get("admin", "")})
         sys.stderr.write(client.stderr[-4000:] if client.returncode else "")
@@ -218,8 +237,21 @@ def report(result: dict) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     s = result["single_1MiB"]
-    print(f"single 1 MiB: put p50 {s['put_p50_ms']:.3f} ms, p99 {s['put_p99_ms']:.3f} ms; "
+    print(f"single 1 MiB (NIXL): put p50 {s['put_p50_ms']:.3f} ms, p99 {s['put_p99_ms']:.3f} ms; "
           f"get p50 {s['get_p50_ms']:.3f} ms, p99 {s['get_p99_ms']:.3f} ms")
+    if "local_get_p50_ms" in s:
+        rows = [["block", "same-host put GB/s", "get GB/s (verified)", "get unverified",
+                 "memcpy GB/s", "get/memcpy"]]
+        for size, row in result["sizes"].items():
+            rows.append([f"{int(size) >> 10} KiB", f"{row['local_put_gbps']:.2f}",
+                         f"{row['local_get_gbps']:.2f}", f"{row['local_get_noverify_gbps']:.2f}",
+                         f"{row['memcpy_gbps']:.2f}", f"{row['local_ratio']:.2f}"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print(f"single 1 MiB (same-host): put p50 {s['local_put_p50_ms']:.3f} ms, p99 "
+              f"{s['local_put_p99_ms']:.3f} ms; get p50 {s['local_get_p50_ms']:.3f} ms, p99 "
+              f"{s['local_get_p99_ms']:.3f} ms")
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
 
@@ -232,6 +264,7 @@ def main() -> None:
     parser.add_argument("--master", help=argparse.SUPPRESS)
     parser.add_argument("--meta", help=argparse.SUPPRESS)
     parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--same-host", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--credentials", choices=["off", "on", "both"], default="off",
                         help="run the pool with credentials configured, without, or both "
                              "one after the other (and print their ratios)")
@@ -239,8 +272,22 @@ def main() -> None:
     if args.role == "raw-target":
         return raw_target(args.meta, args.total)
     if args.role == "client":
-        result = asyncio.run(bench_pool(args.master, args.total, os.environ.get(TOKEN_VAR, "")))
+        token = os.environ.get(TOKEN_VAR, "")
+        result = asyncio.run(bench_pool(args.master, args.total, token, "nixl"))
         result["raw"] = asyncio.run(bench_raw(args.total))
+        if args.same_host:
+            local = asyncio.run(bench_pool(args.master, args.total, token, "same-host"))
+            memcpy = bench_memcpy(args.total)
+            for size, row in result["sizes"].items():
+                lrow = local["sizes"][size]
+                row.update(local_get_gbps=lrow["get_gbps"], local_put_gbps=lrow["put_gbps"],
+                           local_get_noverify_gbps=lrow["get_noverify_gbps"],
+                           memcpy_gbps=memcpy[size], local_ratio=lrow["get_gbps"] / memcpy[size])
+                row["verified"] = row["verified"] and lrow["verified"]
+            result["single_1MiB"].update(local_get_p50_ms=local["single_1MiB"]["get_p50_ms"],
+                                         local_get_p99_ms=local["single_1MiB"]["get_p99_ms"],
+                                         local_put_p50_ms=local["single_1MiB"]["put_p50_ms"],
+                                         local_put_p99_ms=local["single_1MiB"]["put_p99_ms"])
         print(json.dumps(result))
         return
     total = (256 if args.quick else 2048) * MiB

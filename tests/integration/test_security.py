@@ -26,6 +26,7 @@ from kvpool.errors import BadRequest, Forbidden, KVPoolError, Unauthorized
 from kvpool.keys import Namespace, block_keys
 from kvpool.launcher import spawn, stop
 from kvpool.protocol import Call
+from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from tests.integration.conftest import DAEMON_ENV, MASTER_ENV, ROOT, Pool
 
@@ -53,11 +54,14 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         pool.stop()
 
 
+TRANSPORTS = {"ws": RpcClient, "stream": StreamRpcClient}
+
+
 def rpc(url: str, method: str, body: dict[str, Any] | None = None, token: str = "",
-        path: str = "/v1/rpc") -> Any:
-    """One RPC call on a connection of its own, presenting ``token``."""
+        path: str = "/v1/rpc", transport: str = "ws") -> Any:
+    """One RPC call on a connection of its own (WebSocket or stream), presenting ``token``."""
     async def run() -> Any:
-        client = RpcClient(url, timeout_s=10, path=path, token=token)
+        client = TRANSPORTS[transport](url, timeout_s=10, path=path, token=token)
         try:
             return await client.call(method, body or {})
         finally:
@@ -68,11 +72,11 @@ def rpc(url: str, method: str, body: dict[str, Any] | None = None, token: str = 
 
 
 def outcome(url: str, method: str, body: dict[str, Any] | None = None, token: str = "",
-            path: str = "/v1/rpc") -> str:
+            path: str = "/v1/rpc", transport: str = "ws") -> str:
     """'unauthorized', 'forbidden', or 'served' (the call got past the credential check: an
     answer, or an error about its body)."""
     try:
-        rpc(url, method, body, token, path)
+        rpc(url, method, body, token, path, transport)
     except Unauthorized:
         return "unauthorized"
     except Forbidden:
@@ -114,21 +118,26 @@ SERVED = {**{c: {"client", "admin"} for c in ENGINE_CALLS},
           Call.REGISTER: {"cluster"}, Call.HEARTBEAT: {"cluster"}, Call.CHECK: {"admin"}}
 
 
-def test_the_master_rpc_serves_each_call_to_its_roles_only(secure: Pool) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_master_rpc_serves_each_call_to_its_roles_only(secure: Pool, transport: str) -> None:
     assert set(SERVED) == set(Call)
+    url = secure.master_url
     for call, roles in SERVED.items():
-        assert outcome(secure.master_url, call) == "unauthorized", call
-        assert outcome(secure.master_url, call, token=WRONG) == "unauthorized", call
+        assert outcome(url, call, transport=transport) == "unauthorized", call
+        assert outcome(url, call, token=WRONG, transport=transport) == "unauthorized", call
         for role, token in TOKENS.items():
             expected = "served" if role in roles else "forbidden"
-            assert outcome(secure.master_url, call, token=token) == expected, (call, role)
+            assert outcome(url, call, token=token, transport=transport) == expected, (call, role)
 
 
 def test_a_refusal_says_what_to_do(secure: Pool) -> None:
     with pytest.raises(Unauthorized, match="none was presented.*\\[client\\] token"):
         rpc(secure.master_url, Call.EXISTS, {"keys": []})
-    with pytest.raises(Forbidden, match="'check' needs the admin credential.*client credential"):
-        rpc(secure.master_url, Call.CHECK, token=TOKENS["client"])
+    with pytest.raises(Unauthorized, match="requires a credential.*\\[client\\] token"):
+        rpc(secure.master_url, Call.EXISTS, {"keys": []}, transport="stream")
+    for transport in TRANSPORTS:
+        with pytest.raises(Forbidden, match="'check' needs the admin credential.*client credential"):
+            rpc(secure.master_url, Call.CHECK, token=TOKENS["client"], transport=transport)
 
 
 async def test_an_engine_with_its_credential_puts_and_gets(secure: Pool) -> None:
@@ -224,14 +233,16 @@ async def _put(pool: Pool, key: bytes) -> None:
         await c.put(key, np.ones(4096, np.uint8))
 
 
-def test_the_daemon_answers_the_cluster_credential_only(secure: Pool) -> None:
-    url = secure.daemon_url
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_daemon_answers_the_cluster_credential_only(secure: Pool, transport: str) -> None:
+    url, path = secure.daemon_url, DAEMON_RPC_PATH
     for call in DaemonCall:
-        assert outcome(url, call, path=DAEMON_RPC_PATH) == "unauthorized", call
-        assert outcome(url, call, token=WRONG, path=DAEMON_RPC_PATH) == "unauthorized", call
+        assert outcome(url, call, path=path, transport=transport) == "unauthorized", call
+        assert outcome(url, call, token=WRONG, path=path, transport=transport) == "unauthorized", call
         for role in ("client", "admin", "viewer"):  # the daemon knows the cluster's only
-            assert outcome(url, call, token=TOKENS[role], path=DAEMON_RPC_PATH) == "unauthorized"
-    health = rpc(url, DaemonCall.HEALTH, token=TOKENS["cluster"], path=DAEMON_RPC_PATH)
+            assert outcome(url, call, token=TOKENS[role], path=path,
+                           transport=transport) == "unauthorized"
+    health = rpc(url, DaemonCall.HEALTH, token=TOKENS["cluster"], path=path, transport=transport)
     assert health["node_id"] == "node0"
     assert http(url, "/healthz")[0] == 200
 
@@ -248,8 +259,9 @@ def test_the_daemon_probes_of_issue_12_are_refused(secure: Pool) -> None:
               (DaemonCall.REGISTRATION, {})]
     for call, body in probes:
         for token in ("", TOKENS["client"], TOKENS["admin"]):
-            with pytest.raises((Unauthorized, Forbidden)):
-                rpc(url, call, body, token, DAEMON_RPC_PATH)
+            for transport in TRANSPORTS:
+                with pytest.raises((Unauthorized, Forbidden)):
+                    rpc(url, call, body, token, DAEMON_RPC_PATH, transport)
     with pytest.raises(BadRequest, match="rescan"):
         rpc(url, DaemonCall.REGISTRATION, {"rescan": "no"}, TOKENS["cluster"], DAEMON_RPC_PATH)
 

@@ -1,0 +1,343 @@
+"""Per-call cost of kvpool's hot calls, against a bare blocking-socket ping-pong in the same run.
+
+Starts a master and a daemon (`kvpool master`, `kvpool daemon`, processes of their own);
+this process is the one client. With one call in flight it measures calls per second and
+p50/p99 per call of: exists (one key), match_prefix (one key), get of distinct 64 KiB
+blocks, get of one hot 64 KiB block, put of a 64 KiB block; then exists with 16 calls in
+flight, and keys per second of exists and match_prefix over 1000-key batches. The
+baseline is a request/response ping-pong of small messages in plain Python over blocking
+loopback sockets between this process and a child (no framework, one call in flight).
+Every get is checked byte for byte. ``--rpc both`` measures the WebSocket RPC and the
+stream RPC one after the other against the same pool, for a ratio within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.client import AsyncPoolClient  # noqa: E402
+from clients.sync import PoolClient  # noqa: E402
+from kvpool import localcopy  # noqa: E402
+from kvpool.config import ClientConfig  # noqa: E402
+from kvpool.keys import Namespace, block_keys  # noqa: E402
+from benchlib import machine  # noqa: E402
+
+BLOCK = 64 << 10
+OPS = ["exists", "match_one", "get_64k", "hot_get_64k", "put_64k", "exists_16_in_flight", "pingpong"]
+_LEN = struct.Struct("<I")
+
+
+# -- the baseline: a bare ping-pong over blocking sockets ------------------------------------
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def pingpong_server(port_file: str) -> None:
+    """Echo length-prefixed messages to one peer until it hangs up."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    Path(port_file + ".tmp").write_text(str(srv.getsockname()[1]))
+    os.replace(port_file + ".tmp", port_file)
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            (n,) = _LEN.unpack(_recv_exact(conn, 4))
+            body = _recv_exact(conn, n)
+            conn.sendall(_LEN.pack(len(body)) + body)
+    except ConnectionError:
+        pass
+
+
+def pingpong(calls: int) -> list[float]:
+    port_file = tempfile.mktemp(prefix="kvpool-pingpong-")
+    proc = subprocess.Popen([sys.executable, __file__, "--role", "pingpong-server",
+                             "--port-file", port_file])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(port_file):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the ping-pong server did not start")
+            time.sleep(0.02)
+        sock = socket.create_connection(("127.0.0.1", int(Path(port_file).read_text())))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg = b"x" * 48
+        frame = _LEN.pack(len(msg)) + msg
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            sock.sendall(frame)
+            (n,) = _LEN.unpack(_recv_exact(sock, 4))
+            if _recv_exact(sock, n) != msg:
+                raise SystemExit("the ping-pong echo came back wrong")
+            times.append(time.perf_counter() - t)
+        sock.close()
+        return times
+    finally:
+        proc.wait(timeout=30)
+        os.unlink(port_file)
+
+
+# -- the pool's calls ---------------------------------------------------------------------------
+
+def _stats(times: list[float], calls: int | None = None, wall: float | None = None) -> dict:
+    arr = np.array(times) * 1e3
+    per_s = (calls / wall) if calls is not None and wall else len(times) / sum(times)
+    return {"per_s": per_s, "p50_ms": float(np.percentile(arr, 50)),
+            "p99_ms": float(np.percentile(arr, 99))}
+
+
+async def _timed(n: int, op) -> list[float]:  # type: ignore[no-untyped-def]
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        await op(i)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _block(i: int) -> np.ndarray:
+    data = np.full(BLOCK, i & 0xFF, dtype=np.uint8)
+    data[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
+    return data
+
+
+async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+    """Every figure of one RPC transport (``rpc``) and data path against the running pool."""
+    out: dict = {}
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path)
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    nblocks = calls
+    keys = block_keys(ns, np.arange(nblocks + calls + 1000))
+    stored, fresh, batch = keys[:nblocks], keys[nblocks:nblocks + calls], keys[nblocks + calls:]
+    async with AsyncPoolClient(cfg) as pool:
+        src = np.empty(nblocks * BLOCK, np.uint8)
+        for i in range(nblocks):
+            src[i * BLOCK:(i + 1) * BLOCK] = _block(i)
+        pool.register(src)
+        views = [src[i * BLOCK:(i + 1) * BLOCK] for i in range(nblocks)]
+        for s in range(0, nblocks, 256):
+            res = await pool.batch_put(stored[s:s + 256], views[s:s + 256])
+            if not all(r.stored for r in res):
+                raise SystemExit("setup: a block that should be new already existed")
+        dst = np.empty(BLOCK, np.uint8)
+        pool.register(dst)
+        for k in stored[:50]:  # warm up: connection, NIXL peer, registrations
+            await pool.exists(k)
+            await pool.get(k, dst)
+
+        async def exists(i: int) -> None:
+            if not await pool.exists(stored[i % nblocks]):
+                raise SystemExit("exists said no for a stored block")
+
+        async def match_one(i: int) -> None:
+            if await pool.match_prefix([stored[i % nblocks]]) != 1:
+                raise SystemExit("match_prefix missed a stored block")
+
+        async def get(i: int) -> None:
+            if await pool.get(stored[i % nblocks], dst) is None:
+                raise SystemExit("a get missed a stored block")
+
+        hot = stored[0]
+
+        async def hot_get(i: int) -> None:
+            if await pool.get(hot, dst) is None:
+                raise SystemExit("a get missed the hot block")
+
+        put_src = np.empty(BLOCK, np.uint8)
+        pool.register(put_src)
+
+        async def put(i: int) -> None:
+            put_src[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
+            if not (await pool.put(fresh[i], put_src)).stored:
+                raise SystemExit("a put of a new key stored nothing")
+
+        out["exists"] = _stats(await _timed(calls, exists))
+        out["match_one"] = _stats(await _timed(calls, match_one))
+        times = []
+        for i in range(calls):  # distinct blocks, each checked byte for byte
+            t = time.perf_counter()
+            await get(i)
+            times.append(time.perf_counter() - t)
+            if not np.array_equal(dst, views[i % nblocks]):
+                raise SystemExit(f"get {i} returned wrong bytes")
+        out["get_64k"] = _stats(times)
+        out["hot_get_64k"] = _stats(await _timed(calls, hot_get))
+        if not np.array_equal(dst, views[0]):
+            raise SystemExit("the hot get returned wrong bytes")
+        out["put_64k"] = _stats(await _timed(calls, put))
+
+        per_task = max(1, calls // 16)
+        lat: list[float] = []
+
+        async def worker(w: int) -> None:
+            for i in range(per_task):
+                t = time.perf_counter()
+                await exists(w * per_task + i)
+                lat.append(time.perf_counter() - t)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(16)))
+        out["exists_16_in_flight"] = _stats(lat, 16 * per_task, time.perf_counter() - t)
+
+        res = await pool.batch_put(batch, [views[i % nblocks] for i in range(1000)])
+        rounds = max(5, calls // 200)
+        t = time.perf_counter()
+        for _ in range(rounds):
+            if not all(await pool.batch_exists(batch)):
+                raise SystemExit("batch exists missed stored blocks")
+        exists_kps = rounds * 1000 / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(rounds):
+            if await pool.match_prefix(batch) != 1000:
+                raise SystemExit("match_prefix over 1000 stored keys did not match them all")
+        match_kps = rounds * 1000 / (time.perf_counter() - t)
+        out["batch_keys_per_s"] = {"exists": exists_kps, "match_prefix": match_kps}
+        await pool.batch_remove(list(fresh) + list(batch), force=True)
+    return out
+
+
+def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+    """The blocking client's exists (from this thread) over the blocks bench_pool left."""
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    stored = block_keys(ns, np.arange(calls))
+    with PoolClient(ClientConfig(master_url=master, rpc=rpc, data_path=path)) as sync:
+        for k in stored[:50]:
+            sync.exists(k)
+        times = []
+        for i in range(calls):
+            t = time.perf_counter()
+            if not sync.exists(stored[i]):
+                raise SystemExit("the blocking client's exists said no for a stored block")
+            times.append(time.perf_counter() - t)
+        sync.batch_remove(stored, force=True)
+    return _stats(times)
+
+
+def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", *args], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith(b"{"):
+            return proc, json.loads(line)
+    raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
+
+
+def measure(calls: int, rpcs: list[str], path: str) -> dict:
+    data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
+    master, info = start(["master", "--port", "0"], {})
+    daemon = None
+    try:
+        daemon, _ = start(["daemon", "--master", info["master"], "--data-dir", data],
+                          {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+        runs = {}
+        ping = pingpong(calls)
+        for n, rpc in enumerate(rpcs):
+            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path))
+            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path)
+        ping2 = pingpong(calls)  # before and after: the machine is shared
+        if path == "auto":  # what the client chose: the same-host copy when it can
+            with urllib.request.urlopen(info["master"] + "/v1/nodes", timeout=10) as resp:
+                agent = json.loads(resp.read())["nodes"][0]["agent"]
+            path = "same-host" if localcopy.local_pid(agent) else "nixl"
+        runs_ping = _stats(ping + ping2)
+    finally:
+        for proc in (daemon, master):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return {"runs": runs, "pingpong": runs_ping, "path": path}
+
+
+def shape(run: dict, ping: dict, path: str) -> dict:
+    """The JSON the issue asks for, from one transport's run."""
+    figures = {**{k: v for k, v in run.items() if k in OPS}, "pingpong": ping}
+    return {"per_s": {k: figures[k]["per_s"] for k in OPS},
+            "p50_ms": {k: figures[k]["p50_ms"] for k in OPS},
+            "p99_ms": {k: figures[k]["p99_ms"] for k in OPS},
+            "ratio_to_pingpong": {k: figures[k]["per_s"] / ping["per_s"] for k in OPS},
+            "batch_keys_per_s": run["batch_keys_per_s"],
+            "sync_client": run["exists_sync"],
+            "path": path}
+
+
+def report(name: str, result: dict) -> None:
+    print(f"rpc {name} (path {result['path']}):")
+    rows = [["call", "calls/s", "p50 ms", "p99 ms", "/pingpong"]]
+    for k in OPS:
+        rows.append([k, f"{result['per_s'][k]:.0f}", f"{result['p50_ms'][k]:.3f}",
+                     f"{result['p99_ms'][k]:.3f}", f"{result['ratio_to_pingpong'][k]:.2f}"])
+    s = result["sync_client"]
+    rows.append(["exists (sync client)", f"{s['per_s']:.0f}", f"{s['p50_ms']:.3f}",
+                 f"{s['p99_ms']:.3f}", f"{s['per_s'] / result['per_s']['pingpong']:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    b = result["batch_keys_per_s"]
+    print(f"  1000-key batches: exists {b['exists']:.0f} keys/s, match_prefix {b['match_prefix']:.0f} keys/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2000 calls per figure instead of 10000")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--path", choices=["auto", "nixl", "same-host"], default="auto",
+                        help="force the data path of gets and puts: NIXL, or the same-host "
+                             "copy (auto: the client's choice; the JSON says which)")
+    parser.add_argument("--rpc", choices=["ws", "stream", "both"], default="stream",
+                        help="the hot RPC's transport: the WebSocket one, the stream one, or both "
+                             "one after the other (the JSON's top level is the last)")
+    parser.add_argument("--role", choices=["pingpong-server"], help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "pingpong-server":
+        return pingpong_server(args.port_file)
+    rpcs = ["ws", "stream"] if args.rpc == "both" else [args.rpc]
+    calls = 2000 if args.quick else 10000
+    measured = measure(calls, rpcs, args.path)
+    results = {rpc: shape(run, measured["pingpong"], measured["path"])
+               for rpc, run in measured["runs"].items()}
+    for rpc, result in results.items():
+        report(rpc, result)
+    if len(results) == 2:
+        ws, st = results["ws"], results["stream"]
+        print("stream / ws, calls per second:  " + "  ".join(
+            f"{k} {st['per_s'][k] / ws['per_s'][k]:.2f}" for k in OPS if k != "pingpong"))
+    m = machine("master, daemon and this client as separate processes on one machine; "
+                "NIXL UCX over loopback; one call in flight unless named")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
+    final = {**results[rpcs[-1]], "rpc": rpcs[-1], "machine": m, "calls_per_figure": calls}
+    if len(results) == 2:
+        final["rpc_ws"] = results["ws"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(final, indent=2))
+
+
+if __name__ == "__main__":
+    main()
