@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 from kvpool import tracing
 from kvpool.errors import ConfigError
@@ -38,12 +39,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"))
 
 
-def setup(level: int, fmt: str | None = None) -> None:
-    """Configure the root logger once per process (the CLI and the engines call it)."""
+def handler(fmt: str | None = None, stream: Any = None) -> logging.Handler:
+    """A handler writing ``fmt`` lines (default: KVPOOL_LOG_FORMAT, else text) that name
+    the request whose work runs."""
     fmt = (fmt or os.environ.get("KVPOOL_LOG_FORMAT") or "text").lower()
     if fmt not in FORMATS:
         raise ConfigError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler()
-    handler.addFilter(_RequestFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    out = logging.StreamHandler(stream)
+    out.addFilter(_RequestFilter())
+    out.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT))
+    return out
+
+
+def setup(level: int, fmt: str | None = None) -> None:
+    """Configure the root logger once per process (the CLI and the engines call it)."""
+    logging.basicConfig(level=level, handlers=[handler(fmt)], force=True)

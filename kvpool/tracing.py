@@ -120,7 +120,7 @@ class SpanRing:
         self.where = where
         self.requests, self.per_request = requests, per_request
         self._spans: OrderedDict[str, list[Span]] = OrderedDict()
-        self._export = _otel_exporter()
+        self._export = _otel_exporter(where)
 
     def add(self, name: str, start: float, duration_s: float, *, request_id: str | None = None,
             by: str = "", detail: str = "", error: str = "") -> None:
@@ -156,16 +156,27 @@ class SpanRing:
                      detail=detail, error=error)
 
 
-def _otel_exporter() -> Any:
-    """Export spans through OpenTelemetry when configured and installed; else None."""
+def _otel_exporter(where: str) -> Any:
+    """Export spans through OpenTelemetry (OTLP over HTTP) when the endpoint is configured
+    and the SDK and exporter are installed; else None. Untested here: not a dependency."""
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return None
     try:
         from opentelemetry import trace  # type: ignore[import-not-found]
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter)
+        from opentelemetry.sdk.resources import Resource  # type: ignore[import-not-found]
+        from opentelemetry.sdk.trace import TracerProvider  # type: ignore[import-not-found]
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor  # type: ignore[import-not-found]
     except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry is not installed; "
-                    "spans stay in kvpool's own ring (kvpool trace)")
+        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-sdk and "
+                    "opentelemetry-exporter-otlp-proto-http are not installed; spans stay in "
+                    "kvpool's own ring (kvpool trace)")
         return None
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # none configured yet
+        provider = TracerProvider(resource=Resource.create({"service.name": f"kvpool-{where}"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(provider)
     tracer = trace.get_tracer("kvpool")
 
     def export(span: Span) -> None:
