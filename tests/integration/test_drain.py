@@ -177,3 +177,47 @@ def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
 
     asyncio.run(read_all())
     master_check(pool.master)
+
+
+def test_the_last_node_drains_into_the_shared_object_tier(tmp_path: Path) -> None:
+    """With no other node to take them, blocks go to the object store the node names; a
+    daemon started after it (naming the same store) serves every one of them."""
+    env = {**DAEMON_ENV, "KVPOOL_DAEMON_OBJECT_BYTES": "64MiB",
+           "KVPOOL_DAEMON_OBJECT_URL": f"file://{tmp_path / 'objects'}"}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["master"], info = spawn("kvpool", ["master", "--port", "0"], MASTER_ENV,
+                                      tmp_path / "master.log")
+        master = info["master"]
+        procs["node0"], _ = spawn("kvpool", ["daemon", "--master", master, "--node-id", "node0",
+                                             "--data-dir", str(tmp_path / "node0")], env,
+                                  tmp_path / "node0.log")
+        keys, values = chain(8, 5), payloads(8, 5)
+
+        async def write_then_read(check: bool) -> None:
+            async with AsyncPoolClient(ClientConfig(master_url=master, timeout_s=20.0)) as c:
+                if not check:
+                    await c.batch_put(keys, values, chained=True, namespace=NS)
+                    return
+                for key, value in zip(keys, values):
+                    out = np.empty(BLOCK, np.uint8)
+                    assert await c.get(key, out) is not None and np.array_equal(out, value)
+
+        asyncio.run(write_then_read(False))
+        assert admin(master, "/v1/nodes/node0/drain", "POST", {"timeout_s": 30})[0] == 202
+        nodes = lambda: {n["node_id"]: n for n in admin(master, "/v1/nodes")[1]["nodes"]}  # noqa: E731
+        wait_for(lambda: nodes()["node0"]["state"] == "drained", 30, "node0 to drain")
+        for key in keys:
+            block = admin(master, f"/v1/blocks/{key.hex()}")[1]
+            assert [(r["tier"], r["node_state"]) for r in block["replicas"]] == [("object", "shared")]
+        stop(procs.pop("node0"))
+        wait_for(lambda: not nodes(), 20, "node0 to leave")
+        procs["node1"], _ = spawn("kvpool", ["daemon", "--master", master, "--node-id", "node1",
+                                             "--data-dir", str(tmp_path / "node1")], env,
+                                  tmp_path / "node1.log")
+        wait_for(lambda: "node1" in nodes(), 30, "node1 to join")
+        asyncio.run(write_then_read(True))
+        master_check(master)
+    finally:
+        for proc in list(procs.values())[::-1]:
+            stop(proc)
