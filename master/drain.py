@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 
 from kvpool.daemon_link import SendItem, SendTarget, StoredBlock
-from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone
+from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeNotFound
 from kvpool.keys import BlockKey
 from kvpool.tasks import TaskOwner
 from kvpool.tiers.base import TierKind
@@ -55,7 +55,7 @@ class Drains:
         node = self.state.nodes.get(node_id)
         if node is None:
             known = ", ".join(sorted(self.state.nodes)) or "none"
-            raise NodeGone(f"no node {node_id!r} is in the pool (nodes: {known})")
+            raise NodeNotFound(f"no node {node_id!r} is in the pool (nodes: {known})")
         return node
 
     def start(self, node_id: str, timeout_s: float) -> Node:

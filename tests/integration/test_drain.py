@@ -94,7 +94,7 @@ def replicas(pool: TwoNodes, key: bytes) -> list[tuple[str, str]]:
 
 def test_drain_refuses_unknown_node_and_undrain_takes_blocks_again(pool: TwoNodes) -> None:
     status, err = admin(pool.master, "/v1/nodes/nope/drain", "POST", {})
-    assert status == 410 and "node0" in err["message"], err
+    assert status == 404 and err["error"] == "node_not_found" and "node0" in err["message"], err
     status, err = admin(pool.master, "/v1/nodes/node0/drain", "POST", {"timeout_s": "soon"})
     assert status == 400, err
     assert admin(pool.master, "/v1/nodes/node0/drain", "POST", {})[0] == 202
