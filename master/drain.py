@@ -36,7 +36,8 @@ from master.tiering import Tiering
 
 log = logging.getLogger(__name__)
 BATCH = 64  # blocks per send or copy call
-PAUSE_S = 0.1  # between passes that are waiting for leases or puts
+PAUSE_S = 0.1  # between passes that are waiting for leases or puts, doubling ...
+MAX_PAUSE_S = 2.0  # ... up to this
 SEND_DEADLINE_S = 30.0
 
 
@@ -102,6 +103,7 @@ class Drains:
 
     async def _run(self, node: Node, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
+        pause = PAUSE_S
         try:
             while self.state.nodes.get(node.node_id) is node:
                 progressed = await self._pass(node)
@@ -117,8 +119,10 @@ class Drains:
                     node.drain.note = f"deadline passed: {node.drain.note}"
                     log.warning("drain of %s stuck: %s", node.node_id, node.drain.note)
                     return
+                # waiting (for leases, puts, room): back off, up to MAX_PAUSE_S between passes
+                pause = PAUSE_S if progressed else min(MAX_PAUSE_S, pause * 2)
                 if not progressed:
-                    await asyncio.sleep(PAUSE_S)
+                    await asyncio.sleep(pause)
         finally:
             if self._running.get(node.node_id) is asyncio.current_task():
                 del self._running[node.node_id]
