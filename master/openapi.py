@@ -96,8 +96,8 @@ def _error_responses(errors: Sequence[ErrorClass]) -> dict[str, Schema]:
 
 def _op(summary: str, ok: Schema | str | None, *, mutating: bool = False,
         errors: Sequence[ErrorClass] = (), params: list[Schema] | None = None,
-        body: Schema | None = None, public: bool = False, status: int = 200,
-        media: str = "application/json") -> Schema:
+        body: Schema | None = None, body_required: bool = False, public: bool = False,
+        status: int = 200, media: str = "application/json") -> Schema:
     """An operation. With credentials configured a read needs the viewer (or admin)
     credential and a change the admin one (401, 403); ``public`` ones need none. A change
     is served by the leader only (421 on a standby, 503 while a new leader rebuilds)."""
@@ -116,7 +116,8 @@ def _op(summary: str, ok: Schema | str | None, *, mutating: bool = False,
     if params:
         op["parameters"] = params
     if body:
-        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {"required": body_required,
+                             "content": {"application/json": {"schema": body}}}
     return op
 
 
@@ -193,7 +194,7 @@ OPENAPI: Schema = {
             {"name": "recent", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}}])},
         "/v1/purge": {"post": _op("Remove every block of some namespaces or models, or of the whole "
                                   "pool (then one AllBlocksCleared event)", _obj(purged=_INT),
-                                  mutating=True, body=_PURGE)},
+                                  mutating=True, body=_PURGE, body_required=True)},
         "/": {"get": _op("The status page (HTML; its data comes from the viewer endpoints)", _TEXT,
                          public=True, media="text/html")},
         "/metrics": {"get": _op("Prometheus text metrics", _TEXT, media="text/plain")},
