@@ -24,7 +24,7 @@ from tests.integration.conftest import ROOT, admin, master_check, wait_for
 
 BLOCK = 64 * 1024
 NS = Namespace("drain-model", "float16", "test-layout", block_tokens=4)
-MASTER_ENV = {"KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2", "KVPOOL_MASTER_READ_LEASE_S": "3",
+MASTER_ENV = {"KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.2", "KVPOOL_MASTER_READ_LEASE_S": "6",
               "KVPOOL_MASTER_PUT_TIMEOUT_S": "3"}
 DAEMON_ENV = {"KVPOOL_DAEMON_HOST_BYTES": "8MiB", "KVPOOL_DAEMON_SSD_BYTES": "64MiB",
               "KVPOOL_DAEMON_OBJECT_BYTES": "0", "KVPOOL_DAEMON_HEARTBEAT_S": "0.5",
@@ -98,7 +98,7 @@ def test_drain_refuses_unknown_node_and_undrain_takes_blocks_again(pool: TwoNode
     status, err = admin(pool.master, "/v1/nodes/node0/drain", "POST", {"timeout_s": "soon"})
     assert status == 400, err
     assert admin(pool.master, "/v1/nodes/node0/drain", "POST", {})[0] == 202
-    wait_for(lambda: pool.nodes()["node0"]["state"] == "drained", 20, "an empty node to drain")
+    wait_for(lambda: pool.nodes()["node0"]["state"] == "drained", 60, "an empty node to drain")
     cli = pool.kvpool("drain", "node0", "--cancel")
     assert cli.returncode == 0 and "active" in cli.stdout, cli.stdout + cli.stderr
     keys, values = chain(2, 9), payloads(2, 9)
@@ -138,7 +138,7 @@ def test_drained_node_is_stopped_and_no_block_is_lost(pool: TwoNodes) -> None:
         new_keys, new = chain(2, 3), payloads(2, 3)
         asyncio.run(put(pool, new_keys, new, "node0"))
         assert all(r[0] == "node1" for k in new_keys for r in replicas(pool, k))
-        # The leased block keeps its node0 replica while the lease is held (read lease 3 s).
+        # The leased block keeps its node0 replica while the lease is held (read lease 6 s).
         wait_for(lambda: admin(pool.master, "/v1/nodes/node0/drain")[1]["waiting_leases"] >= 1
                  or admin(pool.master, "/v1/nodes/node0/drain")[1]["state"] != "draining",
                  20, "the drain to wait for the reader's lease")
@@ -206,7 +206,7 @@ def test_the_last_node_drains_into_the_shared_object_tier(tmp_path: Path) -> Non
         asyncio.run(write_then_read(False))
         assert admin(master, "/v1/nodes/node0/drain", "POST", {"timeout_s": 30})[0] == 202
         nodes = lambda: {n["node_id"]: n for n in admin(master, "/v1/nodes")[1]["nodes"]}  # noqa: E731
-        wait_for(lambda: nodes()["node0"]["state"] == "drained", 30, "node0 to drain")
+        wait_for(lambda: nodes()["node0"]["state"] == "drained", 60, "node0 to drain")
         for key in keys:
             block = admin(master, f"/v1/blocks/{key.hex()}")[1]
             assert [(r["tier"], r["node_state"]) for r in block["replicas"]] == [("object", "shared")]
