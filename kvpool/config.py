@@ -69,7 +69,8 @@ class MasterConfig:
                                       "tier; 0 keeps them until space is needed.")
     policy: str = doc("reuse", "Eviction and cold-tier admission policy: 'reuse' (least recently "
                                "used among leaves, a put's trailing block first, read blocks kept "
-                               "longer; chosen on the production trace) or 'lru' (master/policy.py).")
+                               "longer; chosen on the production trace), 'lru', or 'density' "
+                               "(least hit density learned per class of block) (master/policy.py).")
     max_block_bytes: int = doc(256 * MiB, "Largest block a put may reserve.")
     alignment: int = doc(4096, "Arena offsets are multiples of this many bytes.")
     sweep_interval_s: float = doc(0.5, "Period of the reclaim, lease expiry and watermark sweep.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -41,24 +42,36 @@ class Proc:
         stop(self.popen, sig, wait_s)
 
 
-def spawn(module: str, args: list[str], env: dict[str, str], log: Path
-          ) -> tuple[subprocess.Popen, dict]:
-    """Start ``python -m module args`` with its stderr in ``log``; wait for the one JSON
-    line on stdout by which kvpool's and the engines' servers announce their endpoints."""
+START_S = 180.0  # a loaded 2-core machine has taken over 60 s to start a daemon
+
+
+def spawn(module: str, args: list[str], env: dict[str, str], log: Path,
+          start_s: float = START_S) -> tuple[subprocess.Popen, dict]:
+    """Start ``python -m module args`` with its stderr in ``log``; wait (at most
+    ``start_s``) for the one JSON line on stdout by which kvpool's and the engines' servers
+    announce their endpoints."""
     popen = subprocess.Popen([sys.executable, "-u", "-m", module, *args],
                              env={**os.environ, **env}, stdout=subprocess.PIPE,
                              stderr=log.open("ab"))
     assert popen.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if not line:
-            break
-        if line.startswith(b"{"):
-            return popen, json.loads(line)
+    deadline = time.monotonic() + start_s
+    fd, pending = popen.stdout.fileno(), b""
+    with selectors.DefaultSelector() as sel:  # a blocking readline would wait past the deadline
+        sel.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(timeout=left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.startswith(b"{"):
+                    return popen, json.loads(line)
     popen.kill()
     popen.wait()
-    raise Unavailable(f"`python -m {module} {' '.join(args)}` did not start; the end of {log}:\n"
+    raise Unavailable(f"`python -m {module} {' '.join(args)}` did not start within "
+                      f"{start_s:.0f} s; the end of {log}:\n"
                       f"{log.read_text(errors='replace')[-2000:]}")
 
 

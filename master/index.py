@@ -10,6 +10,7 @@ or a faster one goes after that successor.
 from __future__ import annotations
 
 import enum
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,7 +19,7 @@ from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from master.catalog import BlockMeta
-from master.policy import LRU, BlockInfo, EvictionPolicy
+from master.policy import BlockInfo, EvictionPolicy, LRUFactory
 
 
 class BlockState(enum.Enum):
@@ -113,8 +114,11 @@ PolicyMaker = Callable[[str, TierKind], EvictionPolicy]
 
 
 class Index:
-    def __init__(self, make_policy: PolicyMaker = lambda owner, kind: LRU()) -> None:
+    def __init__(self, make_policy: PolicyMaker | None = None) -> None:
         self.entries: dict[BlockKey, BlockEntry] = {}
+        if make_policy is None:
+            lru = LRUFactory()
+            make_policy = lambda owner, kind: lru.make(kind.value, 0)  # noqa: E731
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
         self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
@@ -184,12 +188,23 @@ class Index:
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
 
+    def committed(self, entry: BlockEntry) -> None:
+        """A put became readable: its policies heard of it at the reservation, and a write
+        is not a read."""
+        entry.used_at = time.monotonic()
+
     def touch(self, entry: BlockEntry) -> None:
         """A read: every tier holding the block hears of it."""
         now = time.monotonic()
         entry.used_at = now
         for r in entry.replicas:
             self.policy(r.node, r.tier).accessed(entry.key, now)
+
+    @staticmethod
+    def cached_above(entry: BlockEntry, tier: TierKind) -> bool:
+        """Does a faster tier hold the block too? Its copy here may go whatever chains
+        from it: the prefix stays cached."""
+        return any(r.tier.rank < tier.rank for r in entry.replicas)
 
     def successor_cached(self, entry: BlockEntry, tier: TierKind) -> bool:
         """Is a block that chains from this one cached in ``tier`` or a faster one?"""
@@ -199,25 +214,68 @@ class Index:
                 return True
         return False
 
-    def coldest(self, owner: str, tier: TierKind, now: float) -> Iterator[BlockEntry]:
-        """Blocks of (owner, tier) in eviction order: the policy's order among blocks with
-        no cached successor in this or a faster tier; then soft-pinned ones; then those
-        whose successors are cached (evicted only when nothing else is left)."""
+    def coldest(self, owner: str, tier: TierKind, now: float,
+                leaves_only: bool = False) -> Iterator[BlockEntry]:
+        """Blocks of (owner, tier) in the order one-at-a-time eviction would take them,
+        assuming the caller takes every movable block it is given: the policy's order
+        among blocks with no cached successor in this or a faster tier, where a block
+        whose cached successors were all given joins at its policy rank; then soft-pinned
+        ones; then those whose successors stay cached (evicted only when nothing else is
+        left). ``leaves_only`` stops before those two groups."""
+        policy = self.policy(owner, tier)
         soft, later = [], []
         seen: set[BlockKey] = set()  # a policy may name a key twice; a victim counts once
-        for key in self.policy(owner, tier).victims():
-            entry = self.entries.get(key)
-            if entry is None or key in seen:
-                continue
-            seen.add(key)
-            if self.successor_cached(entry, tier):
-                later.append(entry)
-            elif entry.soft_pinned(now):
-                soft.append(entry)
+        waiting: dict[BlockKey, int] = {}  # parent -> its cached successors not given yet
+        ready: list[tuple[object, int, BlockEntry]] = []  # parents all of whose were given
+        stream = iter(policy.victims(leaves_only))
+        head = next(stream, None)
+        n = 0
+        while True:
+            if ready and (head is None or ready[0][0] <= policy.rank(head)):
+                entry = heapq.heappop(ready)[2]
+            elif head is not None:
+                key, head = head, next(stream, None)
+                entry = self.entries.get(key)
+                if entry is None or key in seen:
+                    continue
+                if self.successor_cached(entry, tier) and waiting.get(key) != 0 \
+                        and not self.cached_above(entry, tier):
+                    if leaves_only:
+                        head = None  # the policy names its leaves first: what is left waits
+                        continue
+                    later.append(entry)  # unless its successors are all given meanwhile
+                    continue
+                if entry.soft_pinned(now):
+                    if not leaves_only:
+                        soft.append(entry)
+                    seen.add(key)
+                    continue
             else:
-                yield entry
+                break
+            if entry.key in seen:
+                continue
+            seen.add(entry.key)
+            yield entry
+            parent = self.entries.get(entry.parent) if entry.parent is not None else None
+            if parent is None or parent.key in seen or not entry.movable(now) \
+                    or parent.replica(owner, tier) is None:
+                continue
+            left = waiting.get(parent.key)
+            if left is None:
+                left = sum(1 for k in self._children.get(parent.key, ())
+                           if (c := self.entries.get(k)) is not None
+                           and any(r.tier.rank <= tier.rank for r in c.replicas))
+            waiting[parent.key] = left = left - 1
+            if left == 0 and not parent.soft_pinned(now):
+                n += 1
+                heapq.heappush(ready, (policy.rank(parent.key), n, parent))
+        if leaves_only:
+            return
         yield from soft
-        yield from later
+        for entry in later:
+            if entry.key not in seen:
+                seen.add(entry.key)
+                yield entry
 
     def chain(self, entry: BlockEntry) -> Iterator[BlockEntry]:
         """The block and every indexed block of its prefix, by parent links."""

@@ -169,7 +169,7 @@ class Puts:
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0
                 st.index.set_parent(entry, parent)
-                st.index.touch(entry)
+                st.index.committed(entry)
                 meta = entry.meta
                 for r in entry.replicas:
                     st.events.stored([entry.key], r.node, r.tier, Reason.PUT, parent=parent,

@@ -74,18 +74,29 @@ class Tiering:
                 return False
             target = max(0, min(relief_target(space, st.cfg.watermarks(kind.value)[1], need),
                                 space.used - at_least))
-            now = time.monotonic()
-            victims, freed = [], 0
-            for entry in st.index.coldest(owner, kind, now):
-                if space.used - freed <= target:
-                    break
-                if entry.movable(now):
-                    victims.append(entry)
-                    freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
-            if not victims:
-                return False
-            await self.demote(node, kind, victims)
-            return True
+            moved, leaves_only = False, True
+            while space.used > target:
+                # In rounds: evicting a chain's last block makes the one before it a leaf,
+                # which the next round may take. Blocks whose successors stay cached (or
+                # soft-pinned ones) go only when no leaf can.
+                now, before = time.monotonic(), space.used
+                victims, freed = [], 0
+                for entry in st.index.coldest(owner, kind, now, leaves_only):
+                    if space.used - freed <= target:
+                        break
+                    if entry.movable(now):
+                        victims.append(entry)
+                        freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
+                if not victims:
+                    if not leaves_only:
+                        break
+                    leaves_only = False
+                    continue
+                await self.demote(node, kind, victims)
+                moved = True
+                if space.used >= before:
+                    break  # nothing left the tier (copies failed): try again at the next sweep
+            return moved
 
     async def demote(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
         """Move blocks one tier down on their node; at the last tier, evict them."""

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,11 +40,13 @@ from kvpool.launcher import spawn, stop  # noqa: E402
 from master.policy import DEFAULT_POLICY, POLICIES  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
-TARGETS = [(0.02, 0.0), (0.05, 0.0), (0.10, 0.0), (0.20, 0.0), (0.50, 0.0), (0.05, 0.15)]
+# The targets' capacities, the ones the targets name first (a run cut short keeps them).
+TARGETS = [(0.05, 0.0), (0.10, 0.0), (0.05, 0.15), (0.02, 0.0), (0.20, 0.0), (0.50, 0.0)]
 TIERS = ("gpu", "host", "ssd", "object")
 # The tiers kept full: what a tier holds between sweeps is what it can serve.
-WATERMARKS = {"KVPOOL_MASTER_HOST_HIGH": "0.99", "KVPOOL_MASTER_HOST_LOW": "0.97",
-              "KVPOOL_MASTER_SSD_HIGH": "0.99", "KVPOOL_MASTER_SSD_LOW": "0.97"}
+WATERMARK_PAIR = tracesim.WATERMARKS
+WATERMARKS = {f"KVPOOL_MASTER_{tier}_{side}": str(level) for tier in ("HOST", "SSD")
+              for side, level in zip(("HIGH", "LOW"), WATERMARK_PAIR)}
 
 
 @dataclass(slots=True)
@@ -53,6 +56,7 @@ class Run:
     ssd_frac: float
     hit_rate: float = 0.0
     of_ideal: float = 0.0
+    sim_of_ideal: float = 0.0  # this policy in scripts/tracesim.py, which drives the master's index
     lru_sim_of_ideal: float = 0.0
     belady_of_ideal: float = 0.0
     per_tier: dict[str, float] = field(default_factory=dict)  # blocks served by tier / requested
@@ -141,20 +145,27 @@ async def measure(run: Run, requests: list[tracesim.Request], distinct: int, ide
     return run
 
 
-def bounds(run: Run, requests: list[tracesim.Request], distinct: int, ideal: float) -> None:
-    lru = tracesim.simulate(requests, POLICIES["lru"](), run.host_frac, run.ssd_frac, distinct)
-    belady = tracesim.belady(requests, run.host_frac, run.ssd_frac, distinct)
-    run.lru_sim_of_ideal = lru.hit_rate / ideal if ideal else 0.0
-    run.belady_of_ideal = belady.hit_rate / ideal if ideal else 0.0
+def simulated(trace: str, limit: int | None, name: str, host_frac: float, ssd_frac: float) -> float:
+    """One simulated figure (of ideal) at one capacity: a policy, or "belady". Runs in a
+    worker process, beside the live replays."""
+    requests = tracesim.load_trace(trace, limit)
+    distinct, ideal = tracesim.distinct_blocks(requests), tracesim.ideal_hit_rate(requests)
+    if name == "belady":
+        res = tracesim.belady(requests, host_frac, ssd_frac, distinct)
+    else:
+        res = tracesim.simulate(requests, POLICIES[name](), host_frac, ssd_frac, distinct,
+                                WATERMARK_PAIR)
+    return res.hit_rate / ideal if ideal else 0.0
 
 
 def table(runs: list[Run], ideal: float) -> str:
-    head = (f"{'policy':<12} {'host':>5} {'ssd':>5} {'hit rate':>8} {'of ideal':>8} "
+    head = (f"{'policy':<12} {'host':>5} {'ssd':>5} {'hit rate':>8} {'of ideal':>8} {'sim':>6} "
             f"{'LRU sim':>7} {'Belady':>7} {'host hits':>9} {'ssd hits':>8} {'seconds':>7}")
     lines = [f"ideal hit rate (unlimited capacity): {ideal:.4f}", head, "-" * len(head)]
     for r in runs:
         lines.append(f"{r.policy:<12} {r.host_frac:>5.0%} {r.ssd_frac:>5.0%} {r.hit_rate:>8.4f} "
-                     f"{r.of_ideal:>8.3f} {r.lru_sim_of_ideal:>7.3f} {r.belady_of_ideal:>7.3f} "
+                     f"{r.of_ideal:>8.3f} {r.sim_of_ideal:>6.3f} {r.lru_sim_of_ideal:>7.3f} "
+                     f"{r.belady_of_ideal:>7.3f} "
                      f"{r.per_tier.get('host', 0):>9.4f} {r.per_tier.get('ssd', 0):>8.4f} "
                      f"{r.seconds:>7.1f}")
     return "\n".join(lines)
@@ -202,7 +213,16 @@ async def main() -> int:
                     help="time compression: trace seconds per replay second (0: as fast as it goes)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--plot", help="draw hit rate against capacity into this PNG")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only draw --plot from the runs of a JSON written earlier (one cut short too)")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        print(table(runs, saved["ideal"]))
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
 
     requests = tracesim.load_trace(args.trace, 3000 if args.quick else args.requests or None)
     distinct, ideal = tracesim.distinct_blocks(requests), tracesim.ideal_hit_rate(requests)
@@ -213,22 +233,42 @@ async def main() -> int:
         configs = TARGETS
     print(f"{len(requests)} requests, {distinct} distinct blocks of {args.block_kib} KiB, "
           f"ideal hit rate {ideal:.4f}; time compressed {args.speed:g}x", flush=True)
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
+    runs: list[Run] = []
+    limit = 3000 if args.quick else args.requests or None
+    with ProcessPoolExecutor(max_workers=1) as pool, \
+            tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
+        sims = {(name, h, s): pool.submit(simulated, args.trace, limit, name, h, s)
+                for h, s in configs for name in dict.fromkeys([*policies, "lru", "belady"])}
+        def fill(wait: bool) -> None:
+            for run in runs:
+                at = (run.host_frac, run.ssd_frac)
+                for attr, name in (("sim_of_ideal", run.policy), ("lru_sim_of_ideal", "lru"),
+                                   ("belady_of_ideal", "belady")):
+                    if wait or sims[(name, *at)].done():
+                        setattr(run, attr, sims[(name, *at)].result())
+
+        def report(complete: bool) -> dict:
+            out = {"ideal": ideal, "default_policy": DEFAULT_POLICY, "requests": len(requests),
+                   "distinct_blocks": distinct, "block_bytes": args.block_kib << 10,
+                   "time_compression": args.speed, "watermarks": list(WATERMARK_PAIR),
+                   "complete": complete, "runs": [asdict(r) for r in runs],
+                   "machine": machine("kvpool up (master + daemon) and one replaying client "
+                                      "process on this machine; NIXL UCX over loopback")}
+            if args.json:  # after every run, so a replay cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(out, indent=2))
+            return out
+
         for host_frac, ssd_frac in configs:
             for policy in policies:
                 run = Run(policy, host_frac, ssd_frac)
-                bounds(run, requests, distinct, ideal)
                 runs.append(await measure(run, requests, distinct, ideal, args.block_kib << 10,
                                           args.speed, Path(tmp)))
+                fill(wait=False)
+                report(complete=False)
+        print("waiting for the simulations", flush=True)
+        fill(wait=True)
+        report(complete=True)
     print(table(runs, ideal))
-    report = {"ideal": ideal, "default_policy": DEFAULT_POLICY, "requests": len(requests),
-              "distinct_blocks": distinct, "block_bytes": args.block_kib << 10,
-              "time_compression": args.speed, "runs": [asdict(r) for r in runs],
-              "machine": machine("kvpool up (master + daemon) and one replaying client process on "
-                                 "this machine; NIXL UCX over loopback")}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(runs, args.plot)
     return 0

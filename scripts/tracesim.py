@@ -1,13 +1,17 @@
 """Trace simulator for the eviction policies of master/policy.py.
 
 Replays a Mooncake-format trace (one JSON request per line: ``timestamp`` in ms,
-``hash_ids`` of prefix-chained 512-token blocks) the way a prefill engine drives the pool:
-match the longest cached prefix (a block in any tier counts), read those blocks (a hit in
-SSD promotes the block into host, its SSD copy stays, as ``master/tiering.py`` does),
-write the misses into host. A full tier evicts what its policy names first, skipping a
-block that has a cached child in this or a faster tier (prefix-aware, as the master does)
-and the blocks the current request is reading; a block leaving host is demoted into SSD
-when the SSD policy admits it and SSD holds no copy yet; a block leaving SSD is gone.
+``hash_ids`` of prefix-chained 512-token blocks) the way a prefill engine drives the pool,
+and the way the master answers: it drives the master's own ``Index`` and policy objects
+with the calls a live pool makes. Per request: match the longest cached prefix (a block in
+any tier counts); get those blocks under a lease (a hit in SSD is promoted into host, its
+SSD copy stays); then, the lease released, reserve the misses (a key already stored
+answers EXISTS and is left as it is), each PENDING until the commit. A full host arena
+relieves itself to its low watermark, as ``Tiering.relieve`` does, in the index's
+eviction order (prefix-aware, one chain block at a time); a block leaving host is
+demoted into SSD when the SSD policy admits it and SSD holds no copy yet; a block
+leaving SSD is gone. After each request every tier above its high watermark is relieved
+(the master's sweep).
 
 Capacity is a fraction of the trace's distinct blocks, in blocks (all blocks the same
 size). Hit rate = blocks served from the pool / blocks requested; "ideal" is the hit rate
@@ -29,12 +33,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from master.policy import DEFAULT_POLICY, POLICIES, BlockInfo, EvictionPolicy, PolicyFactory
+from kvpool.tiers.base import TierKind
+from master.index import BlockEntry, BlockState, Index, Replica
+from master.policy import DEFAULT_POLICY, POLICIES, PolicyFactory
 
 DEFAULT_TRACE = Path("/work/shared/traces/conversation_trace.jsonl")
 BLOCK = 1  # every block has the same size: capacities are block counts
 HOST_FRACS = (0.02, 0.05, 0.10, 0.20, 0.50)
 TWO_TIER = ((0.05, 0.15),)
+WATERMARKS = (0.995, 0.99)  # (high, low) of every tier, as scripts/replay_trace.py sets them
+NODE = "sim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,109 +99,130 @@ class SimResult:
         return self.hits / self.requested if self.requested else 0.0
 
 
-class _Tier:
-    """One simulated tier: the keys it holds, its capacity, its policy."""
+class _Pool:
+    """The master's index and tiering, synchronously: one node, a host arena (and SSD),
+    capacities in blocks. It drives ``master.index.Index`` (and through it the policy)
+    with the calls the master makes for each step of a request, so a simulated policy is
+    the policy the live pool runs."""
 
-    __slots__ = ("name", "cap", "held", "policy")
+    def __init__(self, factory: PolicyFactory, host_cap: int, ssd_cap: int,
+                 watermarks: tuple[float, float] = WATERMARKS) -> None:
+        self.index = Index(lambda owner, kind: factory.make(kind.value, self.cap[kind] * BLOCK))
+        self.cap = {TierKind.HOST: host_cap, TierKind.SSD: ssd_cap}
+        self.used = {TierKind.HOST: 0, TierKind.SSD: 0}
+        self.high, self.low = watermarks
+        self.now = 0.0
 
-    def __init__(self, name: str, cap: int, policy: EvictionPolicy) -> None:
-        self.name, self.cap, self.policy = name, cap, policy
-        self.held: set[bytes] = set()
+    def _relieve(self, kind: TierKind, need: int = 0, at_least: int = 0) -> bool:
+        """As ``Tiering.relieve``: down to the low watermark (and room for ``need``)."""
+        cap = self.cap[kind]
+        target = max(0, min(min(int(self.low * cap), cap - need), self.used[kind] - at_least))
+        moved, leaves_only = False, True
+        while self.used[kind] > target:
+            victims, freed = [], 0
+            for entry in self.index.coldest(NODE, kind, self.now, leaves_only):
+                if self.used[kind] - freed <= target:
+                    break
+                if entry.movable(self.now):
+                    victims.append(entry)
+                    freed += 1
+            if not victims:
+                if not leaves_only:
+                    break
+                leaves_only = False
+                continue
+            self._demote(kind, victims)
+            moved = True
+        return moved
 
+    def _demote(self, kind: TierKind, victims: list[BlockEntry]) -> None:
+        below = TierKind.SSD if kind is TierKind.HOST and self.cap[TierKind.SSD] else None
+        if below is not None:
+            self._copy_down(below, victims)
+        for entry in victims:  # as Tiering._drop_replicas
+            replica = entry.replica(NODE, kind)
+            if replica is None or entry.state is BlockState.REMOVED:
+                continue
+            self.index.drop_replica(entry, replica)
+            self.used[kind] -= 1
+            if not entry.replicas:
+                self.index.remove(entry)
 
-class _Sim:
-    """Host (and optionally SSD) driven by one policy factory; see the module docstring."""
+    def _copy_down(self, dst: TierKind, entries: list[BlockEntry]) -> None:
+        admits = self.index.policy(NODE, dst)
+        need = [e for e in entries if e.replica(NODE, dst) is None and admits.admit(e.info, self.now)]
+        if need and self.used[dst] + len(need) > self.high * self.cap[dst]:
+            self._relieve(dst, need=len(need))
+        for e in need:
+            if self.used[dst] < self.cap[dst] and e.state is not BlockState.REMOVED:
+                self.index.add_replica(e, Replica(NODE, dst, 0, BLOCK))
+                self.used[dst] += 1
 
-    def __init__(self, factory: PolicyFactory, host_cap: int, ssd_cap: int) -> None:
-        self.host = _Tier("host", host_cap, factory.make("host", host_cap * BLOCK))
-        self.ssd = _Tier("ssd", ssd_cap, factory.make("ssd", ssd_cap * BLOCK)) if ssd_cap else None
-        self.info: dict[bytes, BlockInfo] = {}
-        self.hchild: dict[bytes, int] = {}  # cached children in host
-        self.achild: dict[bytes, int] = {}  # cached children in host or SSD
-        self.busy: set[bytes] = set()  # the blocks the current request reads (leased)
-        self.skipped = 0
-
-    def _cached(self, key: bytes) -> bool:
-        return key in self.host.held or (self.ssd is not None and key in self.ssd.held)
-
-    def _enter(self, tier: _Tier, key: bytes, now: float) -> None:
-        info = self.info[key]
-        p = info.parent
-        if p is not None:
-            if not self._cached(key):
-                self.achild[p] = self.achild.get(p, 0) + 1
-            if tier is self.host:
-                self.hchild[p] = self.hchild.get(p, 0) + 1
-        tier.held.add(key)
-        tier.policy.inserted(info, now)
-
-    def _leave(self, tier: _Tier, key: bytes) -> None:
-        tier.held.discard(key)
-        tier.policy.removed(key)
-        p = self.info[key].parent
-        if p is not None:
-            if tier is self.host:
-                self.hchild[p] -= 1
-            if not self._cached(key):
-                self.achild[p] -= 1
-
-    def _victim(self, tier: _Tier) -> bytes | None:
-        counts = self.hchild if tier is self.host else self.achild
-        for key in tier.policy.victims():
-            if counts.get(key, 0) == 0 and key not in self.busy:
-                return key
-            self.skipped += 1
-        return None
-
-    def _make_room(self, tier: _Tier, now: float) -> bool:
-        """Free one slot in ``tier``; False when nothing can move."""
-        while len(tier.held) >= tier.cap:
-            v = self._victim(tier)
-            if v is None:
+    def _allocate(self) -> bool:
+        """Room for one block in the host arena, as ``Puts._allocate``."""
+        idle = 0
+        while self.used[TierKind.HOST] >= self.cap[TierKind.HOST]:
+            if idle >= 2:
                 return False
-            if tier is self.host and self.ssd is not None and v not in self.ssd.held \
-                    and self.ssd.policy.admit(self.info[v], now):
-                if self._make_room(self.ssd, now):
-                    self._enter(self.ssd, v, now)
-            self._leave(tier, v)
+            idle = 0 if self._relieve(TierKind.HOST, need=BLOCK, at_least=BLOCK) else idle + 1
+        self.used[TierKind.HOST] += 1
         return True
 
     def request(self, r: Request, res: SimResult) -> None:
-        keys, now = r.keys, r.now
+        """match_prefix, batch_get of the match (cold hits promoted), batch_put of the rest."""
+        index, keys = self.index, r.keys
+        self.now = r.now
         m = 0
-        while m < len(keys) and self._cached(keys[m]):
+        while m < len(keys) and index.readable(keys[m]) is not None:
             m += 1
         res.requested += len(keys)
-        res.hits += m
-        self.busy = set(keys[:m])
-        for key in keys[:m]:
-            if key in self.host.held:
-                res.per_tier["host"] += 1
-                self.host.policy.accessed(key, now)
-            else:
-                assert self.ssd is not None
-                res.per_tier["ssd"] += 1
-                self.ssd.policy.accessed(key, now)
-                if self._make_room(self.host, now):  # promotion: copy up, SSD keeps its copy
-                    self._enter(self.host, key, now)
-        parent = keys[m - 1] if m else None
-        for key in keys[m:]:
-            if key not in self.info:
-                self.info[key] = BlockInfo(key, BLOCK, parent)
+        found = [index.readable(k) for k in keys[:m]]
+        for e in found:
+            e.leases[0] = float("inf")  # the get's lease, released with the next call
+        hits = 0
+        for e in found:
+            best = e.best()
+            res.per_tier[best.tier.value] += 1
+            if best.tier is TierKind.SSD:  # promotion into the host arena
+                e.advance(BlockState.MOVING, BlockState.COMPLETE)
+                room = self._allocate()
+                e.advance(BlockState.COMPLETE, BlockState.MOVING)
+                if not room:
+                    break
+                index.add_replica(e, Replica(NODE, TierKind.HOST, 0, BLOCK))
+            index.touch(e)
+            hits += 1
+        res.hits += hits
+        for e in found:
+            e.leases.clear()
+        made = []
+        parent = keys[hits - 1] if hits else None
+        for key in keys[hits:]:
+            if index.get(key) is None:  # else EXISTS: the master leaves it as it is
+                if not self._allocate():
+                    break
+                entry = BlockEntry(key, BLOCK, BlockState.PENDING,
+                                   [Replica(NODE, TierKind.HOST, 0, BLOCK)], parent=parent)
+                index.add(entry)
+                made.append(entry)
             parent = key
-            if self._make_room(self.host, now):
-                self._enter(self.host, key, now)
-            self.busy.add(key)
-        self.busy = set()
+        for entry in made:  # commit
+            entry.advance(BlockState.COMPLETE, BlockState.PENDING)
+            entry.header = b"h"
+            index.committed(entry)
+        for kind in (TierKind.HOST, TierKind.SSD):  # the sweep
+            if self.cap[kind] and self.used[kind] > self.high * self.cap[kind]:
+                self._relieve(kind)
 
 
 def simulate(reqs: list[Request], factory: PolicyFactory, host_frac: float,
-             ssd_frac: float = 0.0, distinct: int | None = None) -> SimResult:
+             ssd_frac: float = 0.0, distinct: int | None = None,
+             watermarks: tuple[float, float] = WATERMARKS) -> SimResult:
     """Hit rate of ``factory``'s policies with host (and SSD) capacities given as fractions
     of the trace's distinct blocks."""
     n = distinct if distinct is not None else distinct_blocks(reqs)
-    sim = _Sim(factory, max(1, round(host_frac * n)), round(ssd_frac * n))
-    res = SimResult(factory.name, host_frac, ssd_frac, 0, 0, {"host": 0, "ssd": 0} if ssd_frac else {"host": 0})
+    sim = _Pool(factory, max(1, round(host_frac * n)), round(ssd_frac * n), watermarks)
+    res = SimResult(factory.name, host_frac, ssd_frac, 0, 0, {"host": 0, "ssd": 0})
     t0 = time.perf_counter()
     for r in reqs:
         sim.request(r, res)

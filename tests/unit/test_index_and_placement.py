@@ -24,9 +24,14 @@ def test_coldest_first_and_leaves_before_their_prefix() -> None:
         index.add(entry(k, parent))
     index.touch(index.get(bytes([1]) * 16))  # block 1 is now the most recently used
     order = [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)]
-    # 3 and 9 are leaves; 2 is cold but its successor 3 is still cached, so it comes later,
-    # and so does 1 (whose successor 2 is cached).
-    assert order == [3, 9, 2, 1]
+    # 3 and 9 are leaves; 2 is cold but its successor 3 is cached, so it comes after 3 (as
+    # if 3 were evicted first), and 1 (whose successor 2 is cached) after 2.
+    assert order == [3, 2, 9, 1]
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 2, 9, 1]
+    index.get(bytes([3]) * 16).pins = 1  # 3 cannot move, so neither 2 nor 1 may go before it
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [3, 9, 2, 1]
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 9]
+    index.get(bytes([3]) * 16).pins = 0
     index.remove(index.get(bytes([3]) * 16))  # 2 is a leaf now, and colder than 9
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [2, 9, 1]
     assert not index.successor_cached(index.get(bytes([2]) * 16), TierKind.HOST)

@@ -57,9 +57,11 @@ async def put(core: MasterCore, keys: list[BlockKey], size: int = BLOCK) -> list
 
 
 async def nine_blocks_in_ten() -> tuple[FakeDaemon, MasterCore, list[BlockKey]]:
-    """A host arena of 10 blocks holding 9, over its 0.8 high watermark (low: 0.5)."""
+    """A host arena of 10 blocks holding 9, over its 0.8 high watermark (low: 0.5). Plain
+    LRU: the default policy keeps the trailing block of a put (each of these one-block
+    puts) out of the cold tiers."""
     d = fake("n1", host=10 * BLOCK)
-    core = await master(d, host_high=0.8, host_low=0.5)
+    core = await master(d, host_high=0.8, host_low=0.5, policy="lru")
     keys = [key(i) for i in range(9)]
     for k in keys:
         await put(core, [k])
@@ -136,6 +138,23 @@ async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_reada
     _, [grant] = await core.reads.get([moved[0]])
     assert grant is not None and grant.location.mem_type == "DRAM"
     assert TierKind.HOST in tiers_of(core, moved[0])
+    await core.check()
+
+
+async def test_pressure_on_one_chain_evicts_from_its_end_and_keeps_a_whole_prefix() -> None:
+    # One leaf at a time: each eviction makes the block before it the next leaf, so the
+    # relief runs in rounds rather than cutting the chain in the middle.
+    d = fake("n1", host=10 * BLOCK, ssd=0)
+    core = await master(d, host_high=0.8, host_low=0.5)
+    keys = [key(i) for i in range(9)]
+    put_id, _ = await core.puts.reserve(keys, [BLOCK] * 9, [None, *keys[:-1]], None)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    await core.puts.commit(put_id, keys, [header] * 9)
+    await core.sweep()
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used <= 0.5 * host.capacity
+    kept = [k for k in keys if core.state.index.readable(k) is not None]
+    assert kept == keys[:len(kept)] and len(kept) == 5
     await core.check()
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from master.policy import (DEFAULT_POLICY, LRU, POLICIES, BlockInfo, LRUFactory,
+import time
+
+import pytest
+
+from kvpool.tiers.base import TierKind
+from master.index import BlockEntry, BlockState, Index, Replica
+from master.policy import (DEFAULT_POLICY, LRU, POLICIES, BlockInfo, HitDensityFactory, LRUFactory,
                            ReuseAwareFactory)
 from scripts.tracesim import Request, belady, distinct_blocks, ideal_hit_rate, simulate
 
@@ -133,3 +139,75 @@ def test_simulator_with_unlimited_capacity_is_ideal():
         two = simulate(reqs, f, 0.02, 0.98, distinct=n)
         assert two.hit_rate == ideal_hit_rate(reqs)
     assert belady(reqs, 1.0, distinct=n).hit_rate == ideal_hit_rate(reqs)
+
+
+def chain_index(name: str) -> Index:
+    """Blocks 1 <- 2 <- 3 (a chain) and a lone 9, in one host tier under policy ``name``."""
+    factory = POLICIES[name]()
+    index = Index(lambda owner, kind: factory.make(kind.value, 100))
+    for n, parent in [(1, None), (2, 1), (3, 2), (9, None)]:
+        index.add(BlockEntry(k(n), 1, BlockState.COMPLETE, [Replica("n1", TierKind.HOST, 0, 1)],
+                             header=b"h", parent=None if parent is None else k(parent)))
+    return index
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_is_prefix_aware_and_respects_pins(name: str):
+    index, now = chain_index(name), time.monotonic()
+    order = [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)]
+    assert sorted(order) == [1, 2, 3, 9] and order.index(3) < order.index(2) < order.index(1)
+    index.get(k(3)).pins = 1  # 3 cannot move: neither may what it chains from, but 9 may
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 9]
+    index.get(k(3)).pins = 0
+    index.get(k(9)).soft_until = now + 60  # soft-pinned: after every unpinned block
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)][-1] == 9
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 2, 1]
+
+
+def test_density_learns_which_class_is_read_again():
+    """A quarter of the new blocks are read a round after their write, and every block
+    read once is read again a round later: a block read once then outranks a newer unread
+    one, which LRU would keep instead."""
+    p = HitDensityFactory(samples=8).make("host", 64)
+    for n in range(0, 400, 4):
+        for m in range(n, n + 4):
+            put_run(p, [m])
+        for m in (n - 4, n - 8):  # a first read, a second read
+            if m >= 0:
+                p.accessed(k(m), 0.0)
+        for old in range(n - 40, n - 36):
+            if old >= 0:
+                p.removed(k(old))
+    put_run(p, [1000])
+    p.accessed(k(1000), 0.0)  # read once
+    for m in (1001, 1002, 1003):  # newer, never read
+        put_run(p, [m])
+    order = list(p.victims())
+    lru = LRUFactory().make("host", 64)
+    for m in (1000, 1001):
+        put_run(lru, [m])
+    assert order.index(k(1001)) < order.index(k(1000)) and next(iter(lru.victims())) == k(1000)
+    assert sorted(order) == sorted(p._entries)  # every held key, once
+
+
+def test_unchained_puts_have_no_trailing_blocks_to_refuse():
+    f = ReuseAwareFactory()
+    host, ssd = f.make("host", 100), f.make("ssd", 100)
+    for n in (1, 2, 3):  # one-block puts without chain links
+        host.inserted(BlockInfo(k(n), 1, None), 0.0)
+    assert all(ssd.admit(BlockInfo(k(n), 1, None), 0.0) for n in (1, 2))
+
+
+def test_a_cold_copy_that_a_faster_tier_holds_goes_first_whatever_chains_from_it():
+    index = Index(lambda owner, kind, f=ReuseAwareFactory(): f.make(kind.value, 100))
+    for n, parent in [(1, None), (2, 1), (3, None)]:
+        index.add(BlockEntry(k(n), 1, BlockState.COMPLETE, [Replica("n1", TierKind.SSD, 0, 1)],
+                             header=b"h", parent=None if parent is None else k(parent)))
+    now = time.monotonic()
+    first = [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)]
+    assert first.index(2) < first.index(1)  # 1 waits for what chains from it
+    index.add_replica(index.get(k(1)), Replica("n1", TierKind.HOST, 0, 1))  # promoted: 1 is in host too
+    assert [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)][0] == 1
+    index.drop_replica(index.get(k(1)), index.get(k(1)).replica("n1", TierKind.HOST))
+    assert [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)][0] != 1
+    index.check()
