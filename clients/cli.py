@@ -69,10 +69,15 @@ def _status(args: argparse.Namespace) -> int:
             pct = 100.0 * t["used"] / t["capacity"] if t["capacity"] else 0.0
             rows.append([node["node_id"], t["kind"], human(t["capacity"]), human(t["used"]),
                          f"{pct:.1f}%", f"{100 * t['low_watermark']:.0f}-{100 * t['high_watermark']:.0f}%",
-                         t["blocks"], f"{t['compression']:.2f}x"])
+                         t["blocks"], f"{t['compression']:.2f}x", node.get("state", "-")])
     print(f"master {url}: {summary['nodes']} node(s), {summary['blocks']} blocks, "
           f"{summary['pending']} puts in flight")
-    print(table(["node", "tier", "capacity", "used", "use", "watermarks", "blocks", "compression"], rows))
+    for node in nodes:
+        if node.get("state", "active") != "active":
+            print(f"node {node['node_id']} is {node['state']}: moved {node['moved']}, "
+                  f"{node['left']} blocks left" + (f" ({node['note']})" if node.get("note") else ""))
+    print(table(["node", "tier", "capacity", "used", "use", "watermarks", "blocks", "compression",
+                 "state"], rows))
     return 0
 
 

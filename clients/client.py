@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import xxhash
 
+from kvpool import tracing
 from kvpool.auth import client_tls, secret
 from kvpool.codec import BlockHeader
 from kvpool.config import ClientConfig, apply_env
@@ -146,6 +147,9 @@ class AsyncPoolClient:
             raise Unavailable("no leading master found yet")
         if self._releases:
             body["release"], self._releases = self._releases, []
+        request_id = tracing.current()
+        if request_id is not None:  # the call is made for a request: it carries its id
+            body["trace"] = [request_id, self.name]
         return await self._rpc.call(name, body)
 
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:

@@ -1,5 +1,7 @@
 """The ``kvpool`` verbs an operator uses on a running pool: ``events`` (follow the KV
-event stream), ``purge`` (a namespace, a model or everything) and ``top`` (a live view).
+event stream), ``purge`` (a namespace, a model or everything), ``top`` (a live view),
+``drain`` (move a node's blocks off it before stopping it) and ``block`` (one block's
+replicas).
 
 Each finds the master in ``--master``, else ``KVPOOL_MASTER``, else the config's
 ``[client] master_url``; the credential in ``--token``, else ``KVPOOL_TOKEN``, else
@@ -15,6 +17,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from typing import Any
@@ -61,7 +64,9 @@ def _call(url: str, path: str, headers: dict[str, str], body: dict[str, Any] | N
     except urllib.error.HTTPError as exc:
         message = (json.loads(exc.read() or b"{}") or {}).get("message", exc.reason)
         hint = {401: "pass --token (or set KVPOOL_TOKEN)",
-                403: "this needs another role's credential (purge: the admin one)"}.get(exc.code, "")
+                403: "this needs another role's credential (purge, drain: the admin one)",
+                404: "check the name (`kvpool status` lists the nodes; `kvpool events` "
+                     "prints block keys)"}.get(exc.code, "")
         raise Refused(f"the master at {url} answered {exc.code}: {message}"
                       + (f"\n{hint}" if hint else "")) from None
     except (urllib.error.URLError, OSError) as exc:
@@ -256,8 +261,118 @@ def _top_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", "-n", type=int, help="refresh this many times, then exit")
 
 
+# -- drain ---------------------------------------------------------------------------------
+
+def _drain_line(node: str, st: dict[str, Any]) -> str:
+    line = (f"node {node}: {st['state']}  moved {st['moved']}  dropped {st['dropped']}  "
+            f"left {st['left']}")
+    return line + (f"  ({st['note']})" if st.get("note") else "")
+
+
+def _drain(args: argparse.Namespace) -> int:
+    url, headers = _master(args), _headers(args)
+    path = f"/v1/nodes/{urllib.parse.quote(args.node, safe='')}/drain"
+    if args.cancel:
+        st = _call(url, path, headers, method="DELETE")
+        print(json.dumps(st) if args.json else _drain_line(args.node, st))
+        return 0
+    st = _call(url, path, headers, {"timeout_s": args.timeout}, "POST")
+    while args.wait and st["state"] == "draining":
+        if not args.json:
+            print(_drain_line(args.node, st), flush=True)
+        time.sleep(args.interval)
+        st = _call(url, path, headers)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print(_drain_line(args.node, st))
+        if st["state"] == "drained":
+            print(f"node {args.node} holds no block: stop its daemon now; nothing is lost")
+        elif st["state"] == "stuck":
+            print(f"run `kvpool drain {args.node}` again to resume, or `kvpool drain "
+                  f"{args.node} --cancel` to keep the node", file=sys.stderr)
+        elif not args.wait:
+            print(f"follow it with `kvpool drain {args.node} --wait`, or `kvpool status`")
+    return 1 if st["state"] == "stuck" else 0
+
+
+def _drain_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("node", help="the node id to drain")
+    p.add_argument("--wait", action="store_true", help="wait until the node is drained (or stuck)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="the drain's deadline in seconds (default 300)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
+    p.add_argument("--cancel", action="store_true",
+                   help="stop draining: the node takes new blocks again")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+# -- block ---------------------------------------------------------------------------------
+
+def _block(args: argparse.Namespace) -> int:
+    key = args.key.strip().lower()
+    if len(key) != 32 or any(c not in "0123456789abcdef" for c in key):
+        raise Refused(f"{args.key!r} is not a block key: give its 32 hex characters "
+                      "(as `kvpool events` prints them)")
+    b = _call(_master(args), f"/v1/blocks/{key}", _headers(args))
+    if args.json:
+        print(json.dumps(b, indent=2))
+        return 0
+    print(f"block {b['key']}  {b['state']}  {human(b['size'])}  pins {b['pins']}  "
+          f"leases {b['leases']}" + (f"  parent {b['parent']}" if b.get("parent") else ""))
+    rows = [[r["node"], r["tier"], r.get("node_state", "-"), r["location"], human(r["size"])]
+            for r in b["replicas"]]
+    print(table(["node", "tier", "node state", "location", "stored"], rows))
+    return 0
+
+
+def _block_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("key", help="the block key, 32 hex characters")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+# -- trace ---------------------------------------------------------------------------------
+
+def _trace(args: argparse.Namespace) -> int:
+    rid = urllib.parse.quote(args.request_id, safe="")
+    spans = list(_call(_master(args), f"/v1/traces/{rid}", _headers(args))["spans"])
+    for router in args.router or []:
+        spans += _call(router.rstrip("/"), f"/v1/traces/{rid}", {})["spans"]
+    spans.sort(key=lambda s: (s["start"], -s["duration_ms"]))
+    if args.json:
+        print(json.dumps(spans, indent=2))
+        return 0
+    if not spans:
+        print(f"no spans of request {args.request_id}: the master keeps the most recent "
+              "requests only; give the router too with --router URL", file=sys.stderr)
+        return 1
+    t0 = spans[0]["start"]
+    rows = [[f"+{1e3 * (s['start'] - t0):.1f}", s["where"], s["by"] or "-", s["name"],
+             f"{s['duration_ms']:.2f}", s["detail"] or "-", s["error"] or ""] for s in spans]
+    when = datetime.fromtimestamp(t0).strftime("%H:%M:%S.%f")[:-3]
+    print(f"request {args.request_id}: {len(spans)} spans from {when}")
+    print(table(["at ms", "where", "by", "step", "took ms", "detail", "error"], rows))
+    return 0
+
+
+def _trace_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("request_id", help="the request id (or a traceparent's 32-hex trace id)")
+    p.add_argument("--router", action="append",
+                   help="a router's URL: its spans of the request join the master's (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the spans as JSON")
+
+
 EVENTS = Verb("events", "follow the pool's KV events", _events_arguments, _guarded(_events))
 PURGE = Verb("purge", "remove a namespace's, a model's or every block", _purge_arguments,
              _guarded(_purge))
+DRAIN = Verb("drain", "move a node's blocks to other nodes, then say it can be stopped",
+             _drain_arguments, _guarded(_drain))
+BLOCK = Verb("block", "one block's replicas, state, pins and leases", _block_arguments,
+             _guarded(_block))
+TRACE = Verb("trace", "one request's steps: router, prefill, pool puts, decode gets",
+             _trace_arguments, _guarded(_trace))
 TOP = Verb("top", "a live view: tiers, hit rate, ops/s, latest events", _top_arguments,
            _guarded(_top))

@@ -3,7 +3,9 @@
 Layout ``[pages, layers, 2 (K, V), kv_heads, block_tokens, head_dim]``: page-major, so a
 page is one contiguous run of bytes that NIXL moves straight to or from the pool. Full
 pages of a prompt keep their block key after their request ends and stay reusable
-(least recently used first out) until their memory is needed.
+(least recently used first out) until their memory is needed. Every page that becomes
+reusable and every reusable page taken for other work is a KV event (kvpool.kv_events),
+so a router knows what this engine holds from the engine itself.
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ import torch
 from engine.config import ModelConfig
 from kvpool.errors import CacheFull, KVPoolError
 from kvpool.keys import BlockKey
+from kvpool.kv_events import EventHub, Reason
+from kvpool.tiers.base import TierKind
 
 LAYOUT = "PLCHTD"  # pages, layers, K/V, kv heads, tokens, head dim
 
 
 class PagedKVCache:
-    def __init__(self, model: ModelConfig, num_pages: int, block_tokens: int) -> None:
+    def __init__(self, model: ModelConfig, num_pages: int, block_tokens: int,
+                 node: str = "engine") -> None:
         self.block_tokens = block_tokens
+        self.node = node  # names this engine in its events
+        self.events = EventHub()
         self.num_pages = num_pages
         self.kv = torch.zeros(num_pages, model.layers, 2, model.kv_heads, block_tokens,
                               model.head_dim, dtype=getattr(torch, model.dtype))
+        self.medium = TierKind.GPU if self.kv.is_cuda else TierKind.HOST
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
         self._key_of: dict[int, BlockKey] = {}
@@ -74,7 +82,9 @@ class PagedKVCache:
                 page = self._free.pop()
             else:
                 page, _ = self._idle.popitem(last=False)
-                del self._by_key[self._key_of.pop(page)]
+                key = self._key_of.pop(page)
+                del self._by_key[key]
+                self.events.removed([key], self.node, self.medium, Reason.EVICTED)
             self._refs[page] = 1
             pages.append(page)
         return pages
@@ -85,12 +95,15 @@ class PagedKVCache:
                 raise KVPoolError(f"page {page} is not in use; cannot retain it")
             self._refs[page] += 1
 
-    def publish(self, page: int, key: BlockKey) -> None:
+    def publish(self, page: int, key: BlockKey, parent: BlockKey | None = None,
+                reason: Reason = Reason.COMPUTED) -> None:
         """The page holds the complete block ``key``: later requests may reuse it."""
         if key in self._by_key or page in self._key_of:
             return
         self._key_of[page] = key
         self._by_key[key] = page
+        self.events.stored([key], self.node, self.medium, reason, parent=parent,
+                           block_size=self.block_tokens)
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference to each page (a request's pages in prefix order); idle pages

@@ -21,6 +21,7 @@ from engine.config import PRESETS, EngineConfig
 from engine.http import NDJSON, error_response, line, read_json, serve
 from engine.model import Transformer
 from engine.worker import Handoff, Request, Role, Sequence, Worker
+from kvpool import event_stream, logs, tracing
 from kvpool.errors import BadRequest, KVPoolError
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ class EngineServer:
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/v1/info", self.info),
+            web.get("/v1/events", self.events),
             web.post("/v1/prefill", self.prefill),
             web.post("/v1/decode", self.decode),
             web.post("/v1/generate", self.generate),
         ])
+        event_stream.end_on_shutdown(self.app, worker.cache.events)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -57,10 +60,15 @@ class EngineServer:
             "namespace": dataclasses.asdict(w.ns),
             "num_pages": w.cache.num_pages, "load": w.load(), "totals": w.totals})
 
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """This engine's own KV pages as KV events, in the pool's schema (what a router
+        weighs above the pool's blocks)."""
+        return await event_stream.stream(request, self.worker.cache.events)
+
     async def prefill(self, request: web.Request) -> web.StreamResponse:
         """The handoff as JSON; with ``"stream": true``, NDJSON: the first token as soon as
         it is known, then the handoff once the prompt's blocks are committed."""
-        body = await read_json(request)
+        body = _traced(request, await read_json(request))
         seq = self.worker.prefill(Request.from_json(body, self.worker.model.cfg.vocab))
         assert seq.first is not None and seq.handoff is not None
         if not body.get("stream"):
@@ -80,7 +88,7 @@ class EngineServer:
         return await self._stream(request, seq)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        req = Request.from_json(await read_json(request), self.worker.model.cfg.vocab)
+        req = Request.from_json(_traced(request, await read_json(request)), self.worker.model.cfg.vocab)
         return await self._stream(request, self.worker.generate(req))
 
     async def _stream(self, request: web.Request, seq: Sequence) -> web.StreamResponse:
@@ -102,6 +110,16 @@ class EngineServer:
             self.worker.cancel(seq)  # the caller went away: free the sequence's pages
             raise
         return resp
+
+
+def _traced(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """A request without its own ``request_id`` takes the trace id of its W3C
+    ``traceparent`` header, so the pool calls made for it carry that id."""
+    if not body.get("request_id"):
+        trace = tracing.from_traceparent(request.headers.get("traceparent"))
+        if trace is not None:
+            body["request_id"] = trace
+    return body
 
 
 def load_model(args: argparse.Namespace) -> Transformer:
@@ -157,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--prefill", action="append", default=[], help="prefill engine URL (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode engine URL (repeatable)")
     r.add_argument("--mono", action="append", default=[], help="mono engine URL (repeatable)")
+    r.add_argument("--pool", default="", help="the pool's master URL: follow its KV events to "
+                   "weigh what engines would load from the pool (optional)")
+    r.add_argument("--pool-token", default="", help="a viewer credential for --pool, or file:PATH")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.INFO)  # KVPOOL_LOG_FORMAT=json: one JSON object a line
     torch.set_num_threads(getattr(args, "threads", 1))
     try:
         if args.command == "router":

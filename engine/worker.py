@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -33,6 +34,8 @@ from engine.model import DecodeRow, Transformer
 from engine.sampling import Sampling, sample
 from kvpool.errors import BadRequest, CacheFull, KVPoolError
 from kvpool.keys import BlockKey, block_keys, chain
+from kvpool import tracing
+from kvpool.kv_events import Reason
 from kvpool.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -149,7 +152,8 @@ class Worker:
                  pool: AsyncPoolClient | None = None) -> None:
         torch.set_num_threads(cfg.torch_threads)
         self.role, self.model, self.cfg = role, model, cfg
-        self.cache = PagedKVCache(model.cfg, cfg.num_pages, cfg.block_tokens)
+        self.cache = PagedKVCache(model.cfg, cfg.num_pages, cfg.block_tokens,
+                                  node=f"engine-{role.value}-{os.getpid()}")
         self.ns = namespace(model.model_id, model.cfg.dtype, self.cache, cfg.salt)
         self.adapter = KVAdapter(pool, self.cache, self.ns) if pool is not None else None
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="engine-compute")
@@ -277,10 +281,19 @@ class Worker:
         n = seq.cached
         if self.adapter is None or n >= len(reusable):
             return
-        hit = min(await self.adapter.match(reusable), len(reusable))
+        with tracing.use(seq.req.request_id):  # the pool calls carry the request's id
+            hit = min(await self.adapter.match(reusable), len(reusable))
+            if hit > n:
+                seq.fetched = await self.adapter.fetch(reusable[n:hit], seq.pages[n:hit])
         if hit > n:
-            seq.fetched = await self.adapter.fetch(reusable[n:hit], seq.pages[n:hit])
+            self._publish(reusable, seq.pages, n, n + seq.fetched, Reason.LOADED)
             seq.cached = n + seq.fetched
+
+    def _publish(self, keys: list[BlockKey], pages: list[int], start: int, end: int,
+                 reason: Reason) -> None:
+        """Pages ``start:end`` of a request hold its blocks: reusable, and told as events."""
+        for i in range(start, end):
+            self.cache.publish(pages[i], keys[i], keys[i - 1] if i else None, reason)
 
     async def _prefill_step(self) -> None:
         bt = self.cfg.block_tokens
@@ -329,14 +342,13 @@ class Worker:
         bt = self.cfg.block_tokens
         full = len(seq.req.prompt) // bt
         new_keys, new_pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
-        for key, page in zip(new_keys, new_pages):
-            self.cache.publish(page, key)
+        self._publish(seq.keys, seq.pages, seq.cached, full, Reason.COMPUTED)
         seq.tokens.append(token)
         seq.first_token = token
         self._count(seq)
         prefill_ms = (time.perf_counter() - seq.started) * 1e3
         if self.role is Role.MONO:
-            self._store(new_keys, new_pages, seq.parent)
+            self._store(new_keys, new_pages, seq.parent, seq.req.request_id)
             seq.out.put_nowait(token)
             self._active.append(seq)
             self._finish_if_done(seq)
@@ -351,7 +363,7 @@ class Worker:
                           seq.req.max_tokens, seq.req.sampling.temperature, seq.req.sampling.seed,
                           seq.cached * bt, seq.fetched * bt, prefill_ms,
                           partial_key.hex() if partial_key else None)
-        task = self._store(new_keys, new_pages, seq.parent)
+        task = self._store(new_keys, new_pages, seq.parent, seq.req.request_id)
         pages, seq.pages = seq.pages, []
         assert seq.first is not None
         seq.first.set_result(token)
@@ -366,14 +378,16 @@ class Worker:
         task.add_done_callback(hand_off)
 
     def _store(self, keys: list[BlockKey], pages: list[int],
-               parent: BlockKey | None) -> asyncio.Task[None]:
+               parent: BlockKey | None, request_id: str | None = None) -> asyncio.Task[None]:
         """Write pages as a chain of blocks under ``parent`` (the last reused block)."""
         self.cache.retain(pages)
 
         async def write() -> None:
             try:
                 if self.adapter is not None and keys:
-                    self.totals["blocks_stored"] += await self.adapter.store(keys, pages, parent)
+                    with tracing.use(request_id):
+                        stored = await self.adapter.store(keys, pages, parent)
+                    self.totals["blocks_stored"] += stored
             finally:
                 self.cache.release(pages)
 
@@ -425,9 +439,9 @@ class Worker:
         for seq in batch:
             full = len(seq.req.prompt) // bt
             keys, pages = seq.keys[seq.cached:full], seq.pages[seq.cached:full]
-            for key, page in zip(keys, pages):
-                self.cache.publish(page, key)
-            self._store(keys, pages, seq.parent)  # blocks recomputed here go back to the pool
+            self._publish(seq.keys, seq.pages, seq.cached, full, Reason.COMPUTED)
+            # blocks recomputed here go back to the pool
+            self._store(keys, pages, seq.parent, seq.req.request_id)
             self._count(seq)
             assert seq.first_token is not None
             seq.tokens.append(seq.first_token)
@@ -441,7 +455,8 @@ class Worker:
         if (self.adapter is None or not handoff.partial_key or seq.cached < full
                 or self.cfg.partial_block != "fetch"):
             return
-        got = await self.adapter.fetch([bytes.fromhex(handoff.partial_key)], [seq.pages[full]])
+        with tracing.use(seq.req.request_id):
+            got = await self.adapter.fetch([bytes.fromhex(handoff.partial_key)], [seq.pages[full]])
         seq.partial_fetched = got == 1
 
     async def _decode_step(self) -> None:

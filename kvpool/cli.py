@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Coroutine
 
+from kvpool import logs
 from kvpool.config import PoolConfig, load
 from kvpool.errors import ConfigError, KVPoolError
 from kvpool.tasks import new_event_loop
@@ -156,6 +157,8 @@ def verbs() -> list[Verb]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvpool", description="a tiered KV-cache block pool")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--log-format", choices=logs.FORMATS, help="text (default) or json: "
+                        "one JSON object a line (default: KVPOOL_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     by_name: dict[str, Verb] = {}
     try:
@@ -170,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvpool: only `daemon` is registered; reinstall kvpool (pip install -e .) so "
               f"its {GROUP} entry points are known", file=sys.stderr)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
+    except ConfigError as exc:
+        print(f"kvpool: {exc}", file=sys.stderr)
+        return 2
     try:
         return by_name[args.command].run(args)
     except KVPoolError as exc:

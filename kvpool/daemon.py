@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, Sequence
 
+import numpy as np
 from aiohttp import web
 
 from kvpool import auth, localcopy
@@ -23,7 +24,8 @@ from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, DaemonCall,
-                                Health, Registration, StoredBlock, TierDescription, daemon_endpoint)
+                                Health, Registration, SendItem, SendTarget, StoredBlock,
+                                TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
@@ -270,6 +272,44 @@ class PoolDaemon:
                 m.copy_errors.labels(src.value, dst.value, exc.code).inc()
                 results.append(CopyResult(error=exc))
         return results
+
+    async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
+        """Write blocks into a peer's arena (a drain moves them off this node). Each is
+        read here (a cold tier verifies its checksum on the way), staged in one registered
+        buffer, and written with one NIXL WRITE under the target's deadline; a block that
+        cannot be read is that block's error, a failed transfer fails the whole call."""
+        assert self.agent is not None
+        results: list[CopyResult | None] = [None] * len(items)
+        staged: list[tuple[int, bytes | memoryview]] = []
+        for i, item in enumerate(items):
+            try:
+                header, payload = await self._tier(item.tier).read(item.key)
+                staged.append((i, payload))
+                results[i] = CopyResult(header.payload_size)
+            except ChecksumMismatch as exc:
+                self.metrics.checksum_failures.labels(item.tier.value).inc()
+                results[i] = CopyResult(error=exc)
+            except BlockNotFound as exc:
+                results[i] = CopyResult(error=exc)
+        total = sum(len(p) for _, p in staged)
+        if total:
+            buf = np.empty(total, dtype=np.uint8)
+            local, remote, off = [], [], 0
+            for i, payload in staged:
+                n = len(payload)
+                buf[off:off + n] = np.frombuffer(payload, dtype=np.uint8)
+                local.append((buf.ctypes.data + off, n, 0))
+                remote.append((items[i].address, n, target.device))
+                off += n
+            peer = self.agent.add_peer(target.metadata)
+            region = self.agent.register(buf.ctypes.data, total, owner=buf)
+            try:
+                await self.agent.run("WRITE", peer, local, "DRAM", remote, target.mem_type,
+                                     target.deadline_s)
+            finally:
+                self.agent.deregister(region)
+            self.metrics.sent_bytes.inc(total)
+        return [r if r is not None else CopyResult(error=BlockNotFound("not read")) for r in results]
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         target = self._tier(tier)

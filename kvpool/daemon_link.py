@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import enum
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from kvpool import fields as f
+from kvpool import tracing
 from kvpool.auth import Role
 from kvpool.errors import BadRequest, KVPoolError, error_from_code
 from kvpool.fields import need
-from kvpool.keys import BlockKey
+from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import Handler
@@ -28,6 +30,7 @@ DAEMON_RPC_PATH = "/v1/d/rpc"
 class DaemonCall(enum.StrEnum):
     ADOPT = "adopt"
     COPY = "copy"
+    SEND = "send"
     DROP = "drop"
     INVENTORY = "inventory"
     REGISTRATION = "registration"
@@ -93,6 +96,53 @@ class CopyResult:
         if not code:
             return cls(f.integer()(size, "copy result size"))
         return cls(0, error_from_code(str(code), str(message)))
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    """One block a daemon writes into another node's arena (a drain): the key, the tier
+    it is read from here, and the absolute address in the peer's registered arena (space
+    the master allocated there)."""
+
+    key: BlockKey
+    tier: TierKind
+    address: int
+
+    def pack(self) -> list[Any]:
+        return [self.key, self.tier.value, self.address]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "SendItem":
+        key, tier, address = _fields(raw, 3, "send item")
+        if not isinstance(address, int) or address < 0:
+            raise BadRequest("a send item's address is a non-negative integer")
+        return cls(parse_key(key), _tier(tier), address)
+
+
+@dataclass(frozen=True, slots=True)
+class SendTarget:
+    """The peer arena a send writes into: its NIXL agent metadata and memory kind."""
+
+    metadata: bytes
+    mem_type: str = "DRAM"
+    device: int = 0
+    deadline_s: float = 30.0  # the transfer's deadline
+
+    def pack(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "mem_type": self.mem_type, "device": self.device,
+                "deadline_s": self.deadline_s}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "SendTarget":
+        if not isinstance(body, dict):
+            raise BadRequest("a send target is a map")
+        deadline = need(body, "deadline_s", (int, float))
+        if not 0 < deadline <= 600:
+            raise BadRequest(f"send deadline_s={deadline!r} is outside (0, 600]")
+        mem_type = need(body, "mem_type", str)
+        if mem_type not in ("DRAM", "VRAM"):
+            raise BadRequest(f"send mem_type {mem_type!r} is not DRAM or VRAM")
+        return cls(need(body, "metadata", bytes), mem_type, need(body, "device", int), float(deadline))
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +288,10 @@ class DaemonService(Protocol):
         """Copy blocks between this node's tiers (arena destinations at the given offsets,
         already allocated by the master); the source keeps its copy."""
 
+    async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
+        """Write blocks of this node into another node's arena through NIXL (the peer
+        records them when the master adopts them there); this node keeps its copy."""
+
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         """Forget blocks of one tier; returns how many were there."""
 
@@ -265,32 +319,48 @@ class RpcDaemonLink:
         self._rpc = StreamRpcClient(url, timeout_s=timeout_s, path=DAEMON_RPC_PATH, token=token,
                                     tls=tls)
 
+    async def _call(self, name: DaemonCall, body: dict[str, Any] | None = None) -> Any:
+        """A call on the daemon; made for a request, it carries the request's id."""
+        request_id = tracing.current()
+        if request_id is not None:
+            body = {**(body or {}), "trace": [request_id, "master"]}
+        return await self._rpc.call(name, body)
+
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
-        await self._rpc.call(DaemonCall.ADOPT, AdoptRequest(list(blocks)).pack())
+        await self._call(DaemonCall.ADOPT, AdoptRequest(list(blocks)).pack())
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:
-        res = await self._rpc.call(DaemonCall.COPY,
-                                   CopyRequest(list(keys), src, dst, list(locations)).pack())
+        res = await self._call(DaemonCall.COPY,
+                               CopyRequest(list(keys), src, dst, list(locations)).pack())
         results = [CopyResult.unpack(r) for r in need(res, "results", list)]
         if len(results) != len(keys):
             raise BadRequest(f"the daemon at {self.url} answered {len(results)} copy results "
                              f"for {len(keys)} keys")
         return results
 
+    async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
+        res = await self._call(DaemonCall.SEND, {"target": target.pack(),
+                                                     "items": [i.pack() for i in items]})
+        results = [CopyResult.unpack(r) for r in need(res, "results", list)]
+        if len(results) != len(items):
+            raise BadRequest(f"the daemon at {self.url} answered {len(results)} send results "
+                             f"for {len(items)} blocks")
+        return results
+
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
-        res = await self._rpc.call(DaemonCall.DROP, DropRequest(tier, list(keys)).pack())
+        res = await self._call(DaemonCall.DROP, DropRequest(tier, list(keys)).pack())
         return int(need(res, "dropped", int))
 
     async def inventory(self) -> list[StoredBlock]:
-        res = await self._rpc.call(DaemonCall.INVENTORY)
+        res = await self._call(DaemonCall.INVENTORY)
         return [StoredBlock.unpack(b) for b in need(res, "inventory", list)]
 
     async def registration(self, rescan: bool = False) -> Registration:
-        return Registration.unpack(await self._rpc.call(DaemonCall.REGISTRATION, {"rescan": rescan}))
+        return Registration.unpack(await self._call(DaemonCall.REGISTRATION, {"rescan": rescan}))
 
     async def health(self) -> Health:
-        return Health.unpack(await self._rpc.call(DaemonCall.HEALTH))
+        return Health.unpack(await self._call(DaemonCall.HEALTH))
 
     async def close(self) -> None:
         await self._rpc.close()
@@ -329,6 +399,11 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
         results = await daemon.copy(req.keys, req.src, req.dst, req.locations)
         return {"results": [r.pack() for r in results]}
 
+    async def send(body: dict[str, Any]) -> Any:
+        target = SendTarget.unpack(need(body, "target", dict))
+        items = [SendItem.unpack(i) for i in need(body, "items", list)]
+        return {"results": [r.pack() for r in await daemon.send(target, items)]}
+
     async def drop(body: dict[str, Any]) -> Any:
         req = DropRequest.unpack(body)
         return {"dropped": await daemon.drop(req.tier, req.keys)}
@@ -342,6 +417,24 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()
 
-    return {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.DROP: drop,
-            DaemonCall.INVENTORY: inventory, DaemonCall.REGISTRATION: registration,
-            DaemonCall.HEALTH: health}
+    handlers = {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
+                DaemonCall.DROP: drop, DaemonCall.INVENTORY: inventory,
+                DaemonCall.REGISTRATION: registration, DaemonCall.HEALTH: health}
+    return {name: _traced(name, h) for name, h in handlers.items()}
+
+
+def _traced(name: str, handler: Handler) -> Handler:
+    """Run a call made for a request as that request's (its id in this daemon's log lines)."""
+
+    async def call(body: dict[str, Any]) -> Any:
+        request_id, _ = tracing.from_wire(body) if isinstance(body, dict) else (None, "")
+        if request_id is None:
+            return await handler(body)
+        with tracing.use(request_id):
+            start = time.perf_counter()
+            try:
+                return await handler(body)
+            finally:
+                tracing.note("daemon %s took %.2f ms", name, (time.perf_counter() - start) * 1e3)
+
+    return call

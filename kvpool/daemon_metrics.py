@@ -56,6 +56,9 @@ class DaemonMetrics:
                                          registry=r)
         self.adopted = Counter("kvpool_daemon_adopted_blocks", "Blocks engines wrote into the "
                                "arenas that this node recorded at commit", registry=r)
+        self.sent_bytes = Counter("kvpool_daemon_sent_bytes", "Payload bytes this node wrote "
+                                  "into other nodes' arenas (a drain moving its blocks off)",
+                                  registry=r)
         self.dropped = Counter("kvpool_daemon_dropped_blocks", "Blocks the master told this node "
                                "to forget", registry=r)
 

@@ -109,6 +109,13 @@ class NodeGone(KVPoolError):
     retryable = True
 
 
+class NodeNotFound(KVPoolError):
+    """No node of that id is in the pool (an admin call named one)."""
+
+    code = "node_not_found"
+    http_status = 404
+
+
 class NotLeader(KVPoolError):
     """This master is not the leader; the client retries on the one that is."""
 
@@ -204,3 +211,8 @@ class CacheFull(KVPoolError):
 def error_from_code(code: str, message: str) -> KVPoolError:
     """Rebuild the typed error a server reported."""
     return _BY_CODE.get(code, KVPoolError)(message)
+
+
+def all_codes() -> list[str]:
+    """Every error code a caller can meet on the wire (the OpenAPI document lists them)."""
+    return sorted(_BY_CODE)

@@ -18,6 +18,7 @@ from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator
 from kvpool.errors import NotLeader, NotReady
 from master.check import check
+from master.drain import Drains
 from master.leases import Leases
 from master.membership import LinkFactory, Membership
 from master.puts import Puts
@@ -54,6 +55,7 @@ class MasterCore:
         self.puts = Puts(self.state, self.tiering)
         self.reads = Reads(self.state, self.leases, self.tiering)
         self.members = Membership(self.state, coordinator, clustered, connect)
+        self.drains = Drains(self.state, self.tiering, self.members)
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
         # A single master leads from the start; with etcd it waits to be elected.
@@ -88,6 +90,7 @@ class MasterCore:
         """Leadership ends: serve nothing, hold no links. Reservations of the term are lost."""
         self._become(Role.STANDBY)
         await self.reads.clear()
+        await self.drains.clear()
         nodes = list(self.state.nodes.values())
         self.state.clear()
         self.leases.clear()
@@ -108,5 +111,6 @@ class MasterCore:
 
     async def close(self) -> None:
         await self.reads.clear()
+        await self.drains.clear()
         for node in list(self.state.nodes.values()):
             await node.link.close()

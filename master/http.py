@@ -27,6 +27,7 @@ from kvpool.wire import (MAX_BODY, Handler, auth_middleware, close_all, error_mi
                          rpc_endpoint)
 from master import catalog, removal
 from master.core import MasterCore, Role
+from master.drain_http import DrainRoutes, node_state
 from master.index import BlockEntry
 from master.nodes import Node, TierSpace
 from master.openapi import OPENAPI
@@ -114,6 +115,7 @@ class MasterHttp:
         app.router.add_delete("/v1/blocks/{key}", self.admin_delete)
         app.router.add_post("/v1/evict", self.admin_evict)
         self.ops.add(app)  # /, /v1/events, /v1/stats, /v1/purge, /metrics
+        DrainRoutes(self.core).add(app)  # /v1/nodes/{node}/drain
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/openapi.json", self.openapi)
@@ -267,7 +269,7 @@ class MasterHttp:
                     "shared_store": s.store or None}
 
         return web.json_response({"nodes": [
-            {"node_id": n.node_id, "url": n.url, "agent": n.agent,
+            {"node_id": n.node_id, "url": n.url, "agent": n.agent, **node_state(n),
              "tiers": [tier(n, k, s) for k, s in sorted(n.tiers.items(), key=lambda kv: kv[0].rank)]}
             for n in self.state.nodes.values()]})
 
@@ -284,8 +286,16 @@ class MasterHttp:
         return web.json_response({
             "key": entry.key.hex(), "size": entry.size, "state": entry.state.value,
             "pins": entry.pins, "leases": len([1 for e in entry.leases.values() if e > now]),
+            "parent": entry.parent.hex() if entry.parent is not None else None,
+            "soft_pinned": entry.soft_pinned(now),
             "replicas": [{"node": r.node, "tier": r.tier.value, "location": r.location,
-                          "size": r.size} for r in entry.replicas]})
+                          "size": r.size, "node_state": self._owner_state(r.node)}
+                         for r in entry.replicas]})
+
+    def _owner_state(self, owner: str) -> str:
+        """A replica owner's state: its node's, or ``shared`` for an object store."""
+        node = self.state.nodes.get(owner)
+        return node.state.value if node is not None else "shared" if owner.startswith("@") else "gone"
 
     async def admin_pin(self, request: web.Request) -> web.Response:
         self.core.leases.pin([self._entry(request).key])

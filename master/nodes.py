@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from kvpool.daemon_link import DaemonLink, TierDescription
@@ -45,6 +46,43 @@ class TierSpace:
             self.cold_used = max(0, self.cold_used - size)
 
 
+class NodeState(enum.Enum):
+    """ACTIVE -> DRAINING -> DRAINED (it can be stopped) or STUCK (the drain's deadline
+    passed with blocks left: ``note`` says why); a drain may start again from STUCK or
+    DRAINED, and an undrain returns any of them to ACTIVE."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    STUCK = "stuck"
+
+    @property
+    def accepts(self) -> bool:
+        """Does a node in this state take new blocks?"""
+        return self is NodeState.ACTIVE
+
+
+_NODE_CHANGES = {
+    NodeState.ACTIVE: {NodeState.DRAINING},
+    NodeState.DRAINING: {NodeState.DRAINED, NodeState.STUCK, NodeState.ACTIVE},
+    NodeState.DRAINED: {NodeState.DRAINING, NodeState.ACTIVE},
+    NodeState.STUCK: {NodeState.DRAINING, NodeState.ACTIVE},
+}
+
+
+@dataclass(slots=True)
+class DrainProgress:
+    """What a drain did so far, as ``/v1/nodes`` and ``kvpool status`` show it."""
+
+    moved: int = 0  # blocks copied to another node or to the shared object tier
+    dropped: int = 0  # replicas forgotten here because a copy exists elsewhere
+    waiting_leases: int = 0  # blocks held here by readers' leases at the last pass
+    left: int = 0  # blocks with a replica here at the last pass
+    note: str = ""  # why it is stuck, or what it waits for
+    started: float = 0.0  # wall clock
+    finished: float = 0.0
+
+
 @dataclass(slots=True)
 class Node:
     node_id: str
@@ -54,6 +92,15 @@ class Node:
     link: DaemonLink
     lease: int = 0  # single node: the membership lease the master keeps for it
     ttl_s: float = 5.0  # its membership lease's TTL
+    state: NodeState = NodeState.ACTIVE
+    drain: DrainProgress = field(default_factory=DrainProgress)
+
+    def become(self, to: NodeState) -> None:
+        """Change state along _NODE_CHANGES only; anything else is a bug in the master."""
+        if to not in _NODE_CHANGES[self.state]:
+            raise AssertionError(f"node {self.node_id} is {self.state.value}; it cannot become "
+                                 f"{to.value}")
+        self.state = to
 
     def below(self, tier: TierKind) -> TierKind | None:
         """The next slower tier this node has, where demotion goes."""

@@ -19,7 +19,8 @@ from aiohttp import web
 from kvpool.errors import BadRequest
 from kvpool.keys import parse_key
 from kvpool.wire import Handler
-from master import event_stream, removal
+from kvpool import event_stream, tracing
+from master import removal
 from master.metrics import CONTENT_TYPE, MasterMetrics
 from master.status_page import PAGE
 
@@ -36,6 +37,7 @@ class OpsRoutes:
     def __init__(self, core: "MasterCore") -> None:
         self.core = core
         self.metrics = MasterMetrics(core)
+        self.spans = tracing.SpanRing("master")
 
     def add(self, app: web.Application) -> None:
         app.router.add_get("/", self.page)
@@ -43,19 +45,47 @@ class OpsRoutes:
         app.router.add_get("/v1/stats", self.stats)
         app.router.add_post("/v1/purge", self.purge)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/v1/traces/{request_id}", self.trace)
+        event_stream.end_on_shutdown(app, self.core.state.events)
 
     def timed(self, name: str, handler: Handler) -> Handler:
-        """An RPC handler that observes its latency in kvpool_master_call_seconds."""
+        """An RPC handler that observes its latency in kvpool_master_call_seconds; a call
+        made for a request runs as that request's (kvpool.tracing): a span in the ring, a
+        log line, and the request's id on the events it causes."""
         hist = self.metrics.call(name)
+        spans = self.spans
 
         async def call(body: dict[str, Any]) -> Any:
+            request_id, by = tracing.from_wire(body) if isinstance(body, dict) else (None, "")
             start = perf_counter()
-            try:
-                return await handler(body)
-            finally:
-                hist.observe(perf_counter() - start)
+            if request_id is None:
+                try:
+                    return await handler(body)
+                finally:
+                    hist.observe(perf_counter() - start)
+            keys = body.get("keys")
+            detail = f"{len(keys)} keys" if isinstance(keys, list) else ""
+            error = ""
+            with tracing.use(request_id):
+                try:
+                    return await handler(body)
+                except BaseException as exc:
+                    error = getattr(exc, "code", type(exc).__name__)
+                    raise
+                finally:
+                    took = perf_counter() - start
+                    hist.observe(took)
+                    spans.add(name, time.time() - took, took, by=by, detail=detail, error=error)
+                    tracing.note("%s from %s: %s%s in %.2f ms", name, by or "?", detail or "-",
+                                 f" failed ({error})" if error else "", took * 1e3)
 
         return call
+
+    async def trace(self, request: web.Request) -> web.Response:
+        """The spans this master kept of one request's pool calls (``kvpool trace``)."""
+        request_id = tracing.checked(request.match_info["request_id"])
+        return web.json_response({"request_id": request_id, "where": "master",
+                                  "spans": [s.to_json() for s in self.spans.get(request_id)]})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html",

@@ -11,9 +11,11 @@ from master.nodes import Node, TierSpace
 def arena_candidates(nodes: Iterable[Node], prefer: str | None = None
                      ) -> list[tuple[Node, TierSpace]]:
     """Arenas a new block may go to, best first: fastest tier, then the preferred node,
-    then the most free bytes."""
+    then the most free bytes. A draining node takes no new blocks."""
     out = []
     for node in nodes:
+        if not node.state.accepts:
+            continue
         for space in node.tiers.values():
             if space.allocator is not None and space.capacity:
                 out.append((node, space))

@@ -44,7 +44,7 @@ class Reads:
         found: list[tuple[int, BlockEntry, Replica]] = []
         for i, key in enumerate(keys):
             entry = st.index.readable(key)
-            best = entry.best() if entry is not None else None
+            best = st.best(entry) if entry is not None else None
             if entry is not None and best is not None:
                 found.append((i, entry, best))
         lease = self.leases.grant([e for _, e, _ in found])
@@ -123,7 +123,7 @@ class Reads:
         st = self.state
         for key, node_id in zip(keys, nodes):
             entry = st.index.readable(key)
-            replica = entry.best() if entry else None
+            replica = st.best(entry) if entry else None
             if entry is None or replica is None or replica.node != node_id:
                 continue
             await st.drop_on_daemon(node_id, replica.tier, [key])

@@ -79,12 +79,24 @@ class PoolState:
 
     def node_for(self, owner: str) -> Node | None:
         """The live node that acts for an owner: itself, or for a store the node naming it
-        with the most free host arena."""
+        with the most free host arena (one that is not draining first)."""
         if not owner.startswith("@"):
             return self.nodes.get(owner)
         users = [n for n in self.nodes.values() if self.owner(n, TierKind.OBJECT) == owner]
-        return max(users, key=lambda n: n.tiers[TierKind.HOST].free
-                   if TierKind.HOST in n.tiers else -1, default=None)
+        return max(users, key=lambda n: (n.state.accepts, n.tiers[TierKind.HOST].free
+                                         if TierKind.HOST in n.tiers else -1), default=None)
+
+    def best(self, entry: BlockEntry) -> Replica | None:
+        """The replica a reader should use: the fastest tier, on a node that is not
+        draining when one holds a copy (so reads leave a draining node as copies land)."""
+        if len(entry.replicas) <= 1:
+            return entry.best()
+
+        def rank(r: Replica) -> tuple[bool, int]:
+            node = self.nodes.get(r.node)
+            return (node is not None and not node.state.accepts, r.tier.rank)
+
+        return min(entry.replicas, key=rank)
 
     def location(self, replica: Replica) -> Location:
         node = self.nodes[replica.node]

@@ -89,7 +89,14 @@ function renderNodes(nodes) {
   for (const n of nodes) {
     n.tiers.forEach((t, i) => {
       const row = body.insertRow(); row.dataset.node = n.node_id; row.dataset.tier = t.kind;
-      cell(row, i ? "" : n.node_id); cell(row, t.kind);
+      row.dataset.state = n.state || "active";
+      const who = cell(row, i ? "" : n.node_id);
+      if (!i && n.state && n.state !== "active") {  // draining, drained (can be stopped), stuck
+        const tag = document.createElement("small"); tag.dataset.testid = "node-state";
+        tag.textContent = " " + n.state + (n.can_stop ? ": can be stopped" : ` (${n.left} left)`);
+        tag.title = n.note || ""; who.appendChild(tag);
+      }
+      cell(row, t.kind);
       const pct = t.capacity ? 100 * t.used / t.capacity : 0;
       const bar = cell(row, ""); const div = document.createElement("div"); div.className = "bar";
       const fill = document.createElement("i"); fill.style.width = pct.toFixed(1) + "%";

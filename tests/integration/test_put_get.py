@@ -160,12 +160,13 @@ async def test_status_prints_the_tiers_the_master_reports(pool: Pool) -> None:
     assert title == (f"master {pool.master_url}: {summary['nodes']} node(s), {summary['blocks']} "
                      f"blocks, {summary['pending']} puts in flight")
     assert header.split() == ["node", "tier", "capacity", "used", "use", "watermarks", "blocks",
-                              "compression"]
+                              "compression", "state"]
     assert set(rule) == {"-", " "}
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines]
     expected = [(n["node_id"], t) for n in nodes for t in n["tiers"]]
     assert [r[:2] for r in rows] == [[node, t["kind"]] for node, t in expected]
-    for (node, t), (_, _, capacity, used, use, marks, blocks, ratio) in zip(expected, rows):
+    for (node, t), (_, _, capacity, used, use, marks, blocks, ratio, state) in zip(expected, rows):
+        assert state == "active"
         assert _bytes_near(capacity, t["capacity"]) and _bytes_near(used, t["used"]), (node, t)
         assert use == f"{100 * t['used'] / t['capacity']:.1f}%" and int(blocks) == t["blocks"]
         assert marks == f"{100 * t['low_watermark']:.0f}-{100 * t['high_watermark']:.0f}%"

@@ -216,7 +216,9 @@ def assert_openapi_lists_every_route(master_url: str) -> None:
     documented = {(m, path) for path, ops in spec["paths"].items() for m in ops}
     assert documented == _served_routes()
     for method, path in sorted(documented):
-        req = urllib.request.Request(master_url + path.replace("{key}", "ab" * 16),
+        # path parameters: a block key, a node id, a request id
+        url = path.replace("{key}", "ab" * 16).replace("{node}", "node-x").replace("{request_id}", "r-1")
+        req = urllib.request.Request(master_url + url,
                                      method=method.upper(), data=b"{}" if method != "get" else None)
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:  # headers only: /v1/events streams
