@@ -333,6 +333,48 @@ def _block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
+# -- pin, unpin, evict ---------------------------------------------------------------------
+
+def _keys_of(raw: list[str]) -> list[str]:
+    keys = [k.strip().lower() for k in raw]
+    for given, key in zip(raw, keys):
+        if len(key) != 32 or any(c not in "0123456789abcdef" for c in key):
+            raise Refused(f"{given!r} is not a block key: give its 32 hex characters "
+                          "(as `kvpool events` prints them)")
+    return keys
+
+
+def _pinning(action: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        url, headers = _master(args), _headers(args)
+        for key in _keys_of(args.keys):
+            _call(url, f"/v1/blocks/{key}/{action}", headers, {}, method="POST")
+            print(f"{action}ned {key}")
+        return 0
+    return run
+
+
+def _pin_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("keys", nargs="+", metavar="KEY", help="block keys, 32 hex characters each")
+
+
+def _evict(args: argparse.Namespace) -> int:
+    res = _call(_master(args), "/v1/evict", _headers(args), {"tier": args.tier, "fill": args.fill},
+                method="POST")
+    print(f"{args.tier}: demoted {human(res['freed_bytes'])} of its coldest unpinned blocks "
+          f"(down to {args.fill:.0%} full)")
+    return 0
+
+
+def _evict_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--tier", default="host", choices=["gpu", "host", "ssd", "object"],
+                   help="the tier to relieve (default host)")
+    p.add_argument("--fill", type=float, default=0.0,
+                   help="how full to leave it, 0..1 (default 0: everything movable goes down)")
+
+
 # -- trace ---------------------------------------------------------------------------------
 
 def _trace(args: argparse.Namespace) -> int:
@@ -374,5 +416,10 @@ BLOCK = Verb("block", "one block's replicas, state, pins and leases", _block_arg
              _guarded(_block))
 TRACE = Verb("trace", "one request's steps: router, prefill, pool puts, decode gets",
              _trace_arguments, _guarded(_trace))
+PIN = Verb("pin", "pin blocks: never demoted or evicted until unpinned", _pin_arguments,
+           _guarded(_pinning("pin")))
+UNPIN = Verb("unpin", "release one pin of each block", _pin_arguments, _guarded(_pinning("unpin")))
+EVICT = Verb("evict", "demote a tier's coldest unpinned blocks down to a fill level",
+             _evict_arguments, _guarded(_evict))
 TOP = Verb("top", "a live view: tiers, hit rate, ops/s, latest events", _top_arguments,
            _guarded(_top))

@@ -26,7 +26,7 @@ from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolErr
 from kvpool.keys import BlockKey
 from kvpool.tasks import TaskOwner
 from kvpool.tiers.base import TierKind
-from master.events import Reason
+from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.membership import Membership
 from master.nodes import Node, NodeState, TierSpace

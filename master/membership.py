@@ -22,7 +22,7 @@ from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBl
 from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
-from master.events import Reason
+from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
 from master.state import PoolState

@@ -20,7 +20,7 @@ from kvpool.errors import (BadRequest, KVPoolError, NodeGone, ReservationLost, T
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
 from master.catalog import BlockMeta
-from master.events import Reason
+from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, TierSpace
 from master.placement import arena_candidates, extra_replica_spaces

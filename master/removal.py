@@ -11,7 +11,7 @@ from kvpool.errors import BlockLeased
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from master.catalog import matches
-from master.events import Reason
+from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState
 from master.state import PoolState
 

@@ -19,7 +19,7 @@ from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
 from kvpool.tiers.base import TierKind
-from master.events import EventHub, Reason
+from kvpool.kv_events import EventHub, Reason
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace
 from master.policy import POLICIES, EvictionPolicy, PolicyFactory

@@ -21,7 +21,7 @@ from contextlib import suppress
 from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
-from master.events import Reason
+from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node
 from master.placement import pressured, relief_target

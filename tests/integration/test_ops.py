@@ -311,3 +311,26 @@ async def test_purge_a_model_from_every_tier_then_everything(up: Up) -> None:
     assert admin(up.master, "/v1/purge", "POST", {"nothing": 1})[0] == 400
     wait_for(lambda: scrape(up.daemon).get('kvpool_daemon_tier_blocks{node="node0",tier="ssd"}') == 0,
              10, "the daemon to forget the purged SSD blocks")
+
+
+async def test_pin_evict_and_unpin_verbs(up: Up) -> None:
+    keys = await put_chain(up, NS_B, 3, tag=40)
+    pinned = keys[2].hex()  # the chain's leaf: the first an eviction would take
+    res = await asyncio.to_thread(kvpool_cli, "pin", "--master", up.master, pinned)
+    assert res.returncode == 0 and f"pinned {pinned}" in res.stdout, res.stderr
+    assert admin(up.master, f"/v1/blocks/{pinned}")[1]["pins"] == 1
+    res = await asyncio.to_thread(kvpool_cli, "evict", "--master", up.master, "--tier", "host",
+                                  "--fill", "0")
+    assert res.returncode == 0 and "host: demoted" in res.stdout, res.stderr
+
+    def tiers(key: bytes) -> set[str]:
+        return {r["tier"] for r in admin(up.master, f"/v1/blocks/{key.hex()}")[1]["replicas"]}
+
+    assert tiers(keys[2]) == {"host"}  # pinned: stays in the fast tier
+    assert "host" not in tiers(keys[0])
+    res = await asyncio.to_thread(kvpool_cli, "unpin", "--master", up.master, pinned)
+    assert res.returncode == 0 and admin(up.master, f"/v1/blocks/{pinned}")[1]["pins"] == 0
+    bad = await asyncio.to_thread(kvpool_cli, "pin", "--master", up.master, "nothex")
+    assert bad.returncode == 2 and "32 hex characters" in bad.stderr
+    bad = await asyncio.to_thread(kvpool_cli, "evict", "--master", up.master, "--fill", "7")
+    assert bad.returncode == 2 and "outside" in bad.stderr

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from kvpool.tiers.base import TierKind
-from master.events import EventHub, EventType, Reason
+from kvpool.kv_events import EventHub, EventType, Reason
 
 K = [bytes([i]) * 16 for i in range(8)]
 
