@@ -356,6 +356,10 @@ class _ClientConn(asyncio.Protocol):
                 if not self.hello.done():
                     self.greeted(frame)
                     continue
+                if isinstance(frame, dict):  # the server refused the connection (and hangs up)
+                    self.refused(error_from_code(str(frame.get("error", "")),
+                                                 str(frame.get("message", ""))))
+                    continue
                 rid, status, body = frame
                 fut = self.pending.pop(rid, None)
                 if fut is None or fut.done():
@@ -381,6 +385,14 @@ class _ClientConn(asyncio.Protocol):
                 f"speaks {frame['kvpool']!r}; run the same kvpool release on both ends"))
         else:
             self.hello.set_result(None)
+
+    def refused(self, exc: KVPoolError) -> None:
+        """Every call in flight fails with the server's reason (a frame over its limit)."""
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+        self.close()
 
     def expire(self, rid: int, method: str, timeout: float) -> None:
         fut = self.pending.pop(rid, None)

@@ -28,9 +28,10 @@ import pytest
 from clients.client import AsyncPoolClient
 from kvpool.codec import make_header
 from kvpool.config import ClientConfig
-from kvpool.errors import KVPoolError
+from kvpool.errors import KVPoolError, TooLarge
 from kvpool.keys import Namespace, block_keys
 from kvpool.launcher import spawn, stop
+from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from tests.integration.conftest import DAEMON_ENV, MASTER_ENV, ROOT, master_check
 
@@ -264,6 +265,20 @@ def test_a_huge_frame_is_refused_and_the_loop_keeps_serving(up: Up) -> None:
     rid, status, body = msgpack.unpackb(answer, raw=False)
     assert (rid, status, body["error"]) == (7, 1, "too_large") and "limit" in body["message"]
     assert slowest[0] < 1.0, f"/healthz took {slowest[0]:.2f}s while the frame was handled"
+
+
+async def test_a_stream_frame_over_the_limit_fails_its_calls_with_too_large(up: Up,
+                                                                            stored: list[bytes]) -> None:
+    """On the stream RPC the frame's size is known only as it arrives: the server refuses
+    it before decoding it and hangs up; the calls in flight get TooLarge (not a vague lost
+    connection), and the client's next call opens a fresh connection."""
+    rpc_client = StreamRpcClient(up.url, timeout_s=30)
+    try:
+        with pytest.raises(TooLarge, match="split the batch"):
+            await rpc_client.call("exists", {"keys": keys("huge", 300_000)})
+        assert (await rpc_client.call("exists", {"keys": stored}))["present"] == [True] * len(stored)
+    finally:
+        await rpc_client.close()
 
 
 async def test_the_client_splits_batches_longer_than_a_call_may_carry(up: Up, stored: list[bytes]) -> None:
