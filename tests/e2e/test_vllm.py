@@ -8,7 +8,9 @@ changes nothing but speed. Four vLLM processes, started once for the module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import socket
 import struct
@@ -243,12 +245,35 @@ def send_and_hang_up(url: str, body: dict[str, Any], after_s: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
 
 
+@contextlib.contextmanager
+def throttled(pid: int, run_s: float = 0.005, stopped_s: float = 0.045) -> Iterator[None]:
+    """The process at about a tenth of its speed (SIGSTOP and SIGCONT in turn), so that
+    its work on a request (a load's promotion and copies) spans many milliseconds."""
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(stopped_s)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(run_s)
+
+    thread = threading.Thread(target=cycle)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_requests_aborted_while_their_load_is_in_flight_change_nothing(vs: VStack) -> None:
     """Clients that hang up while the decode instance loads their prefix: vLLM holds the
     blocks until the load ends, nothing hangs, the pool keeps whole blocks only, and the
     same prompts later get the same tokens, any prefix they load bit-exact. The prefixes
-    are demoted to the SSD tier first, so a load (which promotes them) takes long enough
-    for a hang-up to land during it."""
+    are demoted to the SSD tier first and the pool runs throttled while the clients hang
+    up, so a load (which promotes them) takes long enough for a hang-up to land during it."""
     decode_log = vs.tmp / "decode.log"
     in_flight = "finished while its load was in flight"
     before = decode_log.read_text(errors="replace").count(in_flight)
@@ -260,12 +285,13 @@ def test_requests_aborted_while_their_load_is_in_flight_change_nothing(vs: VStac
         post(f"{vs.master}/v1/evict", {"tier": "host", "fill": 0.0})
         body = {"model": "tiny", "max_tokens": 12, "temperature": 0}
         hangs = [threading.Thread(target=send_and_hang_up, args=(
-            vs.vllm["decode"].url, {**body, "prompt": p}, 0.01 * (i + attempt % 3)))
+            vs.vllm["decode"].url, {**body, "prompt": p}, 0.05 + 0.12 * i + 0.03 * attempt))
             for i, p in enumerate(batch)]
-        for t in hangs:
-            t.start()
-        for t in hangs:
-            t.join(30)
+        with throttled(vs.pool.pid):
+            for t in hangs:
+                t.start()
+            for t in hangs:
+                t.join(30)
         time.sleep(2.5)  # past retry_s, should a slow promotion have timed a load out
         seen = decode_log.read_text(errors="replace").count(in_flight) - before
         if seen:
