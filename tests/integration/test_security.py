@@ -184,7 +184,8 @@ async def test_only_an_admin_forces_a_remove_and_force_must_be_a_boolean(secure:
     assert rpc(secure.master_url, Call.EXISTS, {"keys": ks}, TOKENS["client"])["present"] == [False]
 
 
-READS = ["/v1/cluster", "/v1/nodes", "/metrics", "/openapi.json", "/v1/events"]
+READS = ["/v1/cluster", "/v1/nodes", "/metrics", "/openapi.json", "/v1/events", "/v1/stats",
+         "/v1/nodes/node0/drain"]
 
 
 def test_the_admin_api_wants_a_viewer_to_read_and_an_admin_to_change(secure: Pool) -> None:
@@ -216,6 +217,12 @@ def test_the_admin_api_wants_a_viewer_to_read_and_an_admin_to_change(secure: Poo
     assert http(url, f"/v1/blocks/{ks[0].hex()}", "DELETE", TOKENS["viewer"])[0] == 403
     assert http(url, f"/v1/blocks/{ks[0].hex()}?force=true", "DELETE", TOKENS["admin"])[0] == 200
     assert http(url, "/v1/evict", "POST", TOKENS["client"])[0] == 403
+    for change in ("/v1/purge", "/v1/nodes/node0/drain"):  # refused before any body is read
+        assert http(url, change, "POST")[0] == 401, change
+        assert http(url, change, "POST", WRONG)[0] == 401, change
+        for role in ("viewer", "client", "cluster"):
+            assert http(url, change, "POST", TOKENS[role])[0] == 403, (change, role)
+    assert http(url, "/v1/nodes/node0/drain", "DELETE", TOKENS["viewer"])[0] == 403
 
 
 def _with_cookie(url: str, path: str, method: str, token: str) -> int:
