@@ -39,7 +39,7 @@ from kvpool.auth import Credentials, Role
 from kvpool.errors import (BadRequest, KVPoolError, ProtocolMismatch, TooLarge, Unauthorized,
                            Unavailable, error_from_code)
 from kvpool.wire import (CONNECTIONS, MAX_BODY, MAX_CALL_FRAME, PROTOCOL_VERSION, Handler,
-                         connection_guard, respond)
+                         connection_guard, respond, settle)
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0  # a peer that says nothing this long after connecting is dropped
@@ -360,14 +360,7 @@ class _ClientConn(asyncio.Protocol):
                     self.refused(error_from_code(str(frame.get("error", "")),
                                                  str(frame.get("message", ""))))
                     continue
-                rid, status, body = frame
-                fut = self.pending.pop(rid, None)
-                if fut is None or fut.done():
-                    continue
-                if status == 0:
-                    fut.set_result(body)
-                else:
-                    fut.set_exception(error_from_code(body.get("error", ""), body.get("message", "")))
+                settle(self.pending, frame)
         except (msgpack.FormatError, msgpack.StackError, msgpack.BufferFull, ValueError,
                 TypeError, AttributeError) as exc:
             log.warning("malformed answer from %s: %s; closing the connection", self.url, exc)

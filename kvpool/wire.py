@@ -228,6 +228,19 @@ async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Ha
             await ws.send_bytes(out)
 
 
+def settle(pending: dict[int, asyncio.Future[Any]], answer: Any) -> None:
+    """Resolve the call an answer ``[request id, status, body]`` is for (both transports'
+    clients): its result, or its typed error; an answer nobody waits for is dropped."""
+    rid, status, body = answer
+    fut = pending.pop(rid, None)
+    if fut is None or fut.done():
+        return
+    if status == 0:
+        fut.set_result(body)
+    else:
+        fut.set_exception(error_from_code(body.get("error", ""), body.get("message", "")))
+
+
 _HTTP_ERRORS: dict[int, type[KVPoolError]] = {
     404: NoRoute, 405: MethodNotAllowed, 413: TooLarge, 401: Unauthorized, 403: Forbidden}
 
@@ -344,14 +357,7 @@ class RpcClient:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
-                rid, status, body = unpack(msg.data)
-                fut = self._pending.pop(rid, None)
-                if fut is None or fut.done():
-                    continue
-                if status == 0:
-                    fut.set_result(body)
-                else:
-                    fut.set_exception(error_from_code(body.get("error", ""), body.get("message", "")))
+                settle(self._pending, unpack(msg.data))
         finally:
             gone = Unavailable(f"connection to {self.url} closed; is the server running?")
             for fut in self._pending.values():

@@ -89,6 +89,13 @@ class _History:
         return not any(self.kids[: rank + 1])
 
 
+def _admits(history: dict[bytes, _History], key: bytes, rank: int, admit_tails: bool) -> bool:
+    """Cold-tier admission: a trailing block never read is not worth the write (an arena
+    admits every demotion)."""
+    h = history.get(key)
+    return admit_tails or rank <= RANK["host"] or h is None or not h.tail or h.hits > 0
+
+
 def _history(history: dict[bytes, _History], key: bytes) -> _History:
     h = history.get(key)
     if h is None:
@@ -206,11 +213,7 @@ class ReuseAware:
         self._penalty = int(self.penalty * self.capacity)
 
     def admit(self, info: BlockInfo, now: float) -> bool:
-        """Cold-tier admission: a trailing block is not worth the write (an arena admits
-        every demotion)."""
-        h = self.history.get(info.key)
-        return (self.admit_tails or self._rank <= RANK["host"] or h is None or not h.tail
-                or h.hits > 0)
+        return _admits(self.history, info.key, self._rank, self.admit_tails)
 
     def _history(self, key: bytes) -> _History:
         return _history(self.history, key)
@@ -406,11 +409,7 @@ class HitDensity:
         self._rng = random.Random(self.seed)
 
     def admit(self, info: BlockInfo, now: float) -> bool:
-        """Cold-tier admission: a trailing block is not worth the write (an arena admits
-        every demotion)."""
-        h = self.history.get(info.key)
-        return (self.admit_tails or self._rank <= RANK["host"] or h is None or not h.tail
-                or h.hits > 0)
+        return _admits(self.history, info.key, self._rank, self.admit_tails)
 
     def _bucket(self, e: _DEntry) -> int:
         return min((self._clock - e.stamp) // self._width, AGE_BUCKETS - 1)

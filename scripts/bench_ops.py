@@ -36,6 +36,7 @@ from clients.sync import PoolClient  # noqa: E402
 from kvpool import localcopy  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
+from kvpool.launcher import spawn, stop  # noqa: E402
 from benchlib import machine  # noqa: E402
 
 BLOCK = 64 << 10
@@ -238,24 +239,15 @@ def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
     return _stats(times)
 
 
-def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", *args], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if line.startswith(b"{"):
-            return proc, json.loads(line)
-    raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
-
-
 def measure(calls: int, rpcs: list[str], path: str) -> dict:
     data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
-    master, info = start(["master", "--port", "0"], {})
+    master, info = spawn("kvpool", ["master", "--port", "0"], {}, Path(data) / "master.log")
     daemon = None
     try:
-        daemon, _ = start(["daemon", "--master", info["master"], "--data-dir", data],
+        daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
                           {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
-                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"},
+                          Path(data) / "daemon.log")
         runs = {}
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
@@ -270,8 +262,7 @@ def measure(calls: int, rpcs: list[str], path: str) -> dict:
     finally:
         for proc in (daemon, master):
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop(proc, wait_s=30)
     return {"runs": runs, "pingpong": runs_ping, "path": path}
 
 

@@ -31,6 +31,7 @@ from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.auth import new_secret  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
+from kvpool.launcher import spawn, stop  # noqa: E402
 from benchlib import machine  # noqa: E402
 from kvpool.transfer import TransferAgent  # noqa: E402
 
@@ -176,16 +177,6 @@ def bench_memcpy(total: int) -> dict:
     return out
 
 
-def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "kvpool", *args], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if line.startswith(b"{"):
-            return proc, json.loads(line)
-    raise SystemExit(f"`kvpool {' '.join(args)}` failed to start; run it by hand to see why")
-
-
 def measure(total: int, secured: bool, same_host: bool = True) -> dict:
     """One pool (master and daemon processes) and one client process; with ``secured``,
     credentials are configured and the client presents one (the admin's: it also removes
@@ -193,15 +184,16 @@ def measure(total: int, secured: bool, same_host: bool = True) -> dict:
     data = tempfile.mkdtemp(prefix="kvpool-bench-")
     print(f"starting master and daemon; {total >> 20} MiB per block size ...", file=sys.stderr)
     tokens = {"cluster": new_secret(), "admin": new_secret()} if secured else {}
-    master, info = start(["master", "--port", "0"], {
+    master, info = spawn("kvpool", ["master", "--port", "0"], {
         "KVPOOL_MASTER_CLUSTER_TOKEN": tokens["cluster"], "KVPOOL_MASTER_ADMIN_TOKEN":
-        tokens["admin"]} if secured else {})
+        tokens["admin"]} if secured else {}, Path(data) / "master.log")
     daemon = None
     try:
-        daemon, _ = start(["daemon", "--master", info["master"], "--data-dir", data],
+        daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
                           {"KVPOOL_DAEMON_HOST_BYTES": str(total + 256 * MiB),
                            "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0",
-                           "KVPOOL_DAEMON_CLUSTER_TOKEN": tokens.get("cluster", "")})
+                           "KVPOOL_DAEMON_CLUSTER_TOKEN": tokens.get("cluster", "")},
+                          Path(data) / "daemon.log")
         client = subprocess.run([sys.executable, __file__, "--role", "client", "--master",
                                  info["master"], "--total", str(total)]
                                 + (["--same-host"] if same_host else []),
@@ -214,8 +206,7 @@ def measure(total: int, secured: bool, same_host: bool = True) -> dict:
     finally:
         for proc in (daemon, master):
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop(proc, wait_s=30)
     raw = result.pop("raw")
     for size, row in result["sizes"].items():
         row["raw_gbps"] = raw[size]
