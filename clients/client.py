@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
-import xxhash
 
 from kvpool import tracing
 from kvpool.auth import client_tls, secret
-from kvpool.codec import BlockHeader
+from kvpool.codec import BlockHeader, DType
 from kvpool.config import ClientConfig, apply_env
 from kvpool import localcopy
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigError, KVPoolError,
@@ -35,9 +35,9 @@ from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatu
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
-from clients.buffers import BufferView, view
+from clients.buffers import BufferView, describe, view
 from clients.grants import HotGrants
-from clients.segments import (SegmentedView, header_of, parts_of, payload_checksum, rows,
+from clients.segments import (SegmentedView, StreamHash, parts_of, payload_checksum, rows,
                               view_of)
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,105 @@ class GetResult:
     @property
     def hit(self) -> bool:
         return self.header is not None
+
+
+class PutState(enum.Enum):
+    OPEN = "open"  # reserved; parts are being written
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class StagedPut:
+    """A put between its reservation and its commit (``AsyncPoolClient.begin_put``).
+
+    Each ``write`` moves one part of every new block (the same byte range of each, in
+    order from offset 0) and hashes it while it moves, so that ``commit`` only sends the
+    headers; ``abort`` hands the reservation back. Blocks another writer already stores
+    are not written (``new`` lists the ones that are). Not safe for concurrent writes:
+    parts go in order, one at a time."""
+
+    __slots__ = ("_client", "put_id", "keys", "items", "sizes", "layout", "_headers",
+                 "new", "_done", "_hashes", "state")
+
+    def __init__(self, client: "AsyncPoolClient", put_id: int, keys: list[BlockKey],
+                 items: list[Reservation], sizes: list[int], layout: str,
+                 headers: list[BlockHeader]) -> None:
+        self._client = client
+        self.put_id, self.keys, self.items, self.sizes = put_id, keys, items, sizes
+        self.layout, self._headers = layout, headers
+        self.new = [i for i, item in enumerate(items) if item.status is ReserveStatus.NEW]
+        self._done = {i: 0 for i in self.new}  # bytes written of each new block
+        self._hashes = {i: StreamHash() for i in self.new}
+        self.state = PutState.OPEN
+
+    def _check(self, want: PutState = PutState.OPEN) -> None:
+        if self.state is not want:
+            raise BadRequest(f"put {self.put_id} is {self.state.value}, not {want.value}")
+
+    async def write(self, parts: Sequence[Any], offset: int) -> None:
+        """Write ``parts[i]`` (a buffer, a view or ``Segments``) at ``offset`` of block i,
+        for every new block i (the other entries are not read). A failed write aborts
+        the put and raises."""
+        self._check()
+        if len(parts) != len(self.keys):
+            raise BadRequest(f"{len(parts)} parts for {len(self.keys)} blocks")
+        views: list[Any] = [None] * len(parts)
+        for i in self.new:
+            v = parts[i] if isinstance(parts[i], (BufferView, SegmentedView)) else view_of(parts[i], False)
+            if self._done[i] != offset:
+                raise BadRequest(f"block {self.keys[i].hex()} has {self._done[i]} bytes written; "
+                                 f"the next part goes there, not at {offset}")
+            views[i] = v
+
+        def hash_parts() -> None:  # while the bytes are on their way
+            for i in self.new:
+                self._hashes[i].update(views[i])
+
+        try:
+            await self._client._write(self.new, views, self.items, hash_parts, offset)
+        except BaseException:
+            await self.abort()
+            raise
+        for i in self.new:
+            self._done[i] += views[i].nbytes
+
+    async def commit(self) -> list[PutResult]:
+        """Make the new blocks visible, every byte of each written and its checksum in
+        its header."""
+        self._check()
+        short = [i for i in self.new if self._done[i] != self.sizes[i]]
+        if short:
+            await self.abort()
+            i = short[0]
+            raise BadRequest(f"{len(short)} blocks are not fully written (block "
+                             f"{self.keys[i].hex()}: {self._done[i]} of {self.sizes[i]} bytes); "
+                             "the put was aborted")
+        if self.new:
+            headers = [dataclasses.replace(self._headers[i], checksum=self._hashes[i].digest())
+                       for i in self.new]
+            done = await self._client._call(Call.COMMIT, {
+                "put_id": self.put_id, "keys": [self.keys[i] for i in self.new],
+                "headers": [h.encode() for h in headers]})
+            if done["committed"] != len(self.new):
+                self.state = PutState.ABORTED
+                raise NodeGone(f"only {done['committed']} of {len(self.new)} blocks were committed: "
+                               "their node left during the put; retry")
+        self.state = PutState.COMMITTED
+        return [PutResult(k, item.status is ReserveStatus.NEW, item.replicas,
+                          _tier(item.locations[0].mem_type) if item.locations else "")
+                for k, item in zip(self.keys, self.items)]
+
+    async def abort(self) -> None:
+        """Hand the reservation back (best effort: the master reclaims it on its deadline)."""
+        if self.state is not PutState.OPEN:
+            return
+        self.state = PutState.ABORTED
+        if self.new:
+            try:
+                await self._client._call(Call.ABORT, {"put_id": self.put_id,
+                                                      "keys": [self.keys[i] for i in self.new]})
+            except KVPoolError:
+                pass
 
 
 class AsyncPoolClient:
@@ -371,17 +470,41 @@ class AsyncPoolClient:
         return await self._retrying(lambda: self._batch_put(keys, values, layout, chained, parent,
                                                             prefer_node, replicas, meta))
 
+    async def begin_put(self, keys: Sequence[BlockKey], sizes: Sequence[int], *,
+                        layout: str | None = None, chained: bool = False,
+                        parent: BlockKey | None = None, prefer_node: str | None = None,
+                        replicas: int = 1, namespace: Namespace | None = None,
+                        token_ids: Sequence[Sequence[int]] | None = None) -> "StagedPut":
+        """Reserve blocks of ``sizes`` bytes whose bytes come later, in parts: a serving
+        engine writes each model layer's share of its new blocks as soon as the forward
+        pass has computed it (``StagedPut.write``), then commits them at once. The
+        arguments mean what they mean for ``batch_put``; the blocks are stored as bytes."""
+        meta = _meta(namespace, token_ids, len(keys))
+        return await self._retrying(lambda: self._reserve(
+            keys, list(sizes), layout, chained, parent, prefer_node, replicas, meta, None))
+
     async def _batch_put(self, keys: Sequence[BlockKey], values: Sequence[Any], layout: str | None,
                          chained: bool, parent: BlockKey | None, prefer_node: str | None,
                          replicas: int, meta: dict[str, Any] | None = None) -> list[PutResult]:
-        keys = [parse_key(k) for k in keys]
         if len(keys) != len(values):
             raise BadRequest(f"{len(keys)} keys but {len(values)} values")
-        if not keys:
-            return []
         views = [view_of(value, writable=False) for value in values]
-        tag = self.cfg.layout if layout is None else layout
-        body: dict[str, Any] = {"keys": keys, "sizes": [v.nbytes for v in views]}
+        kinds = [(DType.UINT8, (v.nbytes,)) if isinstance(v, SegmentedView) else describe(value)
+                 for value, v in zip(values, views)]
+        put = await self._reserve(keys, [v.nbytes for v in views], layout, chained, parent,
+                                  prefer_node, replicas, meta, kinds)
+        if put.new:
+            await put.write(views, 0)
+        return await put.commit()
+
+    async def _reserve(self, keys: Sequence[BlockKey], sizes: list[int], layout: str | None,
+                       chained: bool, parent: BlockKey | None, prefer_node: str | None,
+                       replicas: int, meta: dict[str, Any] | None,
+                       kinds: list[tuple[DType, tuple[int, ...]]] | None) -> "StagedPut":
+        keys = [parse_key(k) for k in keys]
+        if len(keys) != len(sizes):
+            raise BadRequest(f"{len(keys)} keys but {len(sizes)} sizes")
+        body: dict[str, Any] = {"keys": keys, "sizes": sizes}
         parents: list[BlockKey | None] = [None] * len(keys)
         if chained or parent is not None:
             first = parse_key(parent) if parent is not None else None
@@ -393,40 +516,24 @@ class AsyncPoolClient:
             body["replicas"] = replicas
         if meta:
             body["meta"] = meta
+        if not keys:
+            return StagedPut(self, 0, [], [], [], "", [])
         res = await self._call(Call.RESERVE, body)
-        put_id = res["put_id"]
         items = [Reservation.unpack(item) for item in res["items"]]
         if len(items) != len(keys):
             raise BadRequest(f"the master answered {len(items)} reservations for {len(keys)} keys")
-        new = [i for i, item in enumerate(items) if item.status is ReserveStatus.NEW]
-        if new:
-            headers: dict[int, BlockHeader] = {}
+        tag = self.cfg.layout if layout is None else layout
+        kinds = kinds or [(DType.UINT8, (n,)) for n in sizes]
+        headers = [BlockHeader(dtype, shape, tag, n, 0, parent=parents[i])
+                   for i, ((dtype, shape), n) in enumerate(zip(kinds, sizes))]
+        return StagedPut(self, res["put_id"], keys, items, sizes, tag, headers)
 
-            def checksum_new_blocks() -> None:  # runs while the bytes are on their way
-                for i in new:
-                    headers[i] = header_of(values[i], views[i], tag, parents[i])
-
-            try:
-                await self._write(new, views, items, checksum_new_blocks)
-            except BaseException:
-                try:
-                    await self._call(Call.ABORT, {"put_id": put_id, "keys": [keys[i] for i in new]})
-                except KVPoolError:
-                    pass  # the master reclaims the reservation after its timeout
-                raise
-            done = await self._call(Call.COMMIT, {"put_id": put_id, "keys": [keys[i] for i in new],
-                                               "headers": [headers[i].encode() for i in new]})
-            if done["committed"] != len(new):
-                raise NodeGone(f"only {done['committed']} of {len(new)} blocks were committed: "
-                               "their node left during the put; retry")
-        return [PutResult(k, item.status is ReserveStatus.NEW, item.replicas,
-                          _tier(item.locations[0].mem_type) if item.locations else "")
-                for k, item in zip(keys, items)]
-
-    async def _write(self, idx: list[int], views: list[BufferView], items: list[Reservation],
-                     while_copying: Callable[[], None]) -> None:
-        """WRITE the buffers to their reserved locations; ``while_copying`` runs in the
-        meantime (large writes copy on the poster thread, with the GIL released)."""
+    async def _write(self, idx: list[int], views: list[BufferView | SegmentedView],
+                     items: list[Reservation], while_copying: Callable[[], None],
+                     offset: int = 0) -> None:
+        """WRITE the buffers to their reserved locations, ``offset`` bytes into each block;
+        ``while_copying`` runs in the meantime (large writes copy on the poster thread,
+        with the GIL released)."""
         scratch, staged = self._prepare(views, idx)
         try:
             groups: dict[tuple[str, str, str], list[tuple[BufferView, Location]]] = defaultdict(list)
@@ -444,7 +551,10 @@ class AsyncPoolClient:
             for (agent, lmem, rmem), pairs in groups.items():
                 local, remote = [], []
                 for v, l in pairs:  # one row per segment of the block
-                    lrows, rrows = rows(v, (l.address, l.size, l.device))
+                    if offset + v.nbytes > l.size:
+                        raise BadRequest(f"{v.nbytes} bytes at offset {offset} overrun a "
+                                         f"{l.size}-byte block")
+                    lrows, rrows = rows(v, (l.address + offset, l.size - offset, l.device))
                     local += lrows
                     remote += rrows
                 plans.append((agent, local, lmem, remote, rmem))
@@ -604,7 +714,7 @@ class AsyncPoolClient:
                 if (self.cfg.verify_checksum and size > _PIPELINE_BYTES // 2
                         and isinstance(v, BufferView) and v.mem_type == "DRAM"
                         and BlockHeader.decode(grants[i].header)[0].payload_size == size):  # type: ignore[union-attr]
-                    streams[i] = xxhash.xxh3_64()
+                    streams[i] = StreamHash()
                     pieces += [(i, off, min(_TAIL_BYTES, size - off))
                                for off in range(0, size, _TAIL_BYTES)]
                 else:
@@ -637,10 +747,10 @@ class AsyncPoolClient:
                     if not n:
                         results[i] = self._verified(keys[i], grants[i].header, land[i])  # type: ignore[union-attr]
                     elif i in streams:  # not failed in an earlier chunk
-                        streams[i].update(land[i].host_bytes()[off:off + n])
+                        streams[i].feed(land[i].address + off, n)
                         if off + n == locs[i].size:
                             results[i] = self._verified(keys[i], grants[i].header, land[i],  # type: ignore[union-attr]
-                                                        streams.pop(i).intdigest())
+                                                        streams.pop(i).digest())
         finally:  # no transfer may still be writing once the caller takes its buffers back
             await asyncio.gather(*(t for _, t in transfers), return_exceptions=True)
 

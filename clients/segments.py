@@ -19,9 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import xxhash
 
-from kvpool.codec import BlockHeader, DType, make_header
 from kvpool.errors import BadRequest
-from clients.buffers import BufferView, describe, view
+from clients.buffers import BufferView, view
 
 Row = tuple[int, int, int]  # address, length, device id
 log = logging.getLogger(__name__)
@@ -62,10 +61,9 @@ class SegmentedView:
 
     def checksum(self, limit: int | None = None) -> int:
         """xxh3-64 of the first ``limit`` bytes (all by default), streamed part by part."""
-        limit = self.nbytes if limit is None else limit
-        if self.table is not None:
-            return table_checksum(self.table, limit)
-        return stream_checksum(self.parts, limit)
+        h = StreamHash()
+        h.update(self, limit)
+        return h.digest()
 
 
 def segmented_view(block: Segments, writable: bool) -> SegmentedView:
@@ -100,63 +98,79 @@ class _NativeXXH3:
         lib.XXH3_64bits_digest.restype = ctypes.c_uint64
         self.lib = lib
         probe = np.arange(100_003, dtype=np.uint32).view(np.uint8)
-        rows = np.array([[probe.ctypes.data, 1000], [probe.ctypes.data + 1000, probe.nbytes - 1000]],
-                        np.uint64)
-        if self.digest(rows, probe.nbytes) != xxhash.xxh3_64_intdigest(probe):
-            raise OSError(f"{path} computes another xxh3-64")
-
-    def digest(self, table: np.ndarray, limit: int) -> int:
-        lib = self.lib
-        state = lib.XXH3_createState()
-        if not state:
-            raise MemoryError("XXH3_createState")
+        state = self.new_state()
         try:
-            lib.XXH3_64bits_reset(state)
-            left = limit
-            for addr, n in table.tolist():
-                if left <= 0:
-                    break
-                lib.XXH3_64bits_update(state, addr, min(n, left))
-                left -= n
-            return int(lib.XXH3_64bits_digest(state))
+            lib.XXH3_64bits_update(state, probe.ctypes.data, 1000)
+            lib.XXH3_64bits_update(state, probe.ctypes.data + 1000, probe.nbytes - 1000)
+            ok = lib.XXH3_64bits_digest(state) == xxhash.xxh3_64_intdigest(probe)
         finally:
             lib.XXH3_freeState(state)
+        if not ok:
+            raise OSError(f"{path} computes another xxh3-64")
+
+    def new_state(self) -> int:
+        state = self.lib.XXH3_createState()
+        if not state:
+            raise MemoryError("XXH3_createState")
+        self.lib.XXH3_64bits_reset(state)
+        return state
 
 
 try:
     _NATIVE: _NativeXXH3 | None = _NativeXXH3()
 except (OSError, AttributeError) as exc:
-    log.info("libxxhash unavailable (%s): checksums of segment tables hold the GIL", exc)
+    log.info("libxxhash unavailable (%s): checksums of segmented blocks hold the GIL", exc)
     _NATIVE = None
 
 
-def table_checksum(table: np.ndarray, limit: int) -> int:
-    """xxh3-64 of the first ``limit`` bytes of the host segments in ``table``."""
-    if _NATIVE is not None:
-        return _NATIVE.digest(table, limit)
-    h = xxhash.xxh3_64()
-    left = limit
-    for addr, n in table.tolist():
-        if left <= 0:
-            break
-        h.update((ctypes.c_char * min(n, left)).from_address(addr))
-        left -= n
-    return h.intdigest()
+class StreamHash:
+    """The xxh3-64 of a payload fed piece by piece, in order: a block written in parts
+    (one model layer at a time) is hashed as each part is written, and a segmented block
+    segment by segment. Host segments go by address, with no object per segment."""
 
+    __slots__ = ("_state", "_py")
 
-def stream_checksum(parts: Sequence[BufferView], limit: int) -> int:
-    h = xxhash.xxh3_64()
-    left = limit
-    for p in parts:
-        if left <= 0:
-            break
-        n = min(p.nbytes, left)
-        if p.mem_type == "DRAM":  # straight from the address: no array object per segment
-            h.update((ctypes.c_char * n).from_address(p.address))
+    def __init__(self) -> None:
+        self._state = _NATIVE.new_state() if _NATIVE is not None else None
+        self._py = None if self._state is not None else xxhash.xxh3_64()
+
+    def feed(self, address: int, n: int) -> None:
+        """Feed ``n`` bytes of host memory at ``address``."""
+        if self._state is not None:
+            _NATIVE.lib.XXH3_64bits_update(self._state, address, n)  # type: ignore[union-attr]
         else:
-            h.update(p.host_bytes()[:n])
-        left -= n
-    return h.intdigest()
+            self._py.update((ctypes.c_char * n).from_address(address))  # type: ignore[union-attr]
+
+    def update(self, v: "BufferView | SegmentedView", limit: int | None = None) -> None:
+        """Feed the first ``limit`` bytes (all by default) of a buffer or segmented block."""
+        left = v.nbytes if limit is None else limit
+        if isinstance(v, SegmentedView) and v.table is not None:
+            for addr, n in v.table.tolist():
+                if left <= 0:
+                    break
+                self.feed(addr, min(n, left))
+                left -= n
+            return
+        for p in v.parts if isinstance(v, SegmentedView) else [v]:
+            if left <= 0:
+                break
+            n = min(p.nbytes, left)
+            if p.mem_type == "DRAM":
+                self.feed(p.address, n)
+            else:  # device memory: through a host copy
+                data = np.ascontiguousarray(p.host_bytes()[:n])
+                self.feed(data.ctypes.data, n)
+            left -= n
+
+    def digest(self) -> int:
+        if self._state is not None:
+            return int(_NATIVE.lib.XXH3_64bits_digest(self._state))  # type: ignore[union-attr]
+        return self._py.intdigest()  # type: ignore[union-attr]
+
+    def __del__(self) -> None:
+        if self._state is not None and _NATIVE is not None:
+            _NATIVE.lib.XXH3_freeState(self._state)
+            self._state = None
 
 
 def rows(v: BufferView | SegmentedView, remote: Row, size: int | None = None
@@ -212,12 +226,3 @@ def view_of(obj: Any, writable: bool) -> BufferView | SegmentedView:
 def parts_of(v: BufferView | SegmentedView) -> list[BufferView]:
     """The buffers the client must make sure NIXL knows (a table's memory is registered)."""
     return v.parts if isinstance(v, SegmentedView) else [v]
-
-
-def header_of(value: Any, v: BufferView | SegmentedView, layout: str,
-              parent: bytes | None = None) -> BlockHeader:
-    """The header a put commits: a segmented block is stored as its bytes, in order."""
-    if isinstance(v, SegmentedView):
-        return BlockHeader(DType.UINT8, (v.nbytes,), layout, v.nbytes, v.checksum(), parent=parent)
-    dtype, shape = describe(value)
-    return make_header(v.host_bytes(), dtype, shape, layout, parent)

@@ -52,6 +52,11 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert self.worker is not None
         self.worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, KVPoolMetadata):
+            self.worker.begin_saves(connector_metadata)  # before the forward: reserve
+
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert self.worker is not None and isinstance(kv_connector_metadata, KVPoolMetadata)
         self.worker.handle_preemptions(kv_connector_metadata)
@@ -65,7 +70,8 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        return  # a pool block spans all layers: it is saved once the forward is done
+        assert self.worker is not None
+        self.worker.save_kv_layer(layer_name)
 
     def wait_for_save(self) -> None:
         assert self.worker is not None

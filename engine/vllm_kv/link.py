@@ -9,7 +9,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from clients.client import AsyncPoolClient
 from engine.vllm_kv.common import ConnectorConfig
@@ -75,6 +75,10 @@ class PoolLink:
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise Unavailable(f"the pool did not answer within {timeout_s:.1f} s") from None
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the link's loop, soon; returns at once."""
+        self._loop.call_soon_threadsafe(fn, *args)
 
     def register(self, buffer: Any) -> None:
         async def reg() -> None:

@@ -4,12 +4,16 @@ vLLM's cache is one tensor per layer, so a vLLM block is one segment per layer (
 K and V, where a backend keeps them apart). Each tensor is registered with NIXL once;
 a block is then handed to the client as ``Segments`` and moves in one transfer whose
 descriptor list has a row per segment: no staging copy. Loads run in the background
-between steps; saves start once a step's forward is done. A block that does not arrive
-(gone, corrupt, pool down) is reported to vLLM, which recomputes it.
+between steps. Saves overlap the forward pass: a step's new blocks are reserved when
+vLLM binds the step's metadata, each layer's share of them is written (and hashed) as
+soon as that layer's attention has filled it, and they are committed once the forward is
+done, so what is left after the forward is the last layer and the commit. A block that
+does not arrive (gone, corrupt, pool down) is reported to vLLM, which recomputes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import logging
@@ -38,6 +42,23 @@ class _Load:
 
 
 @dataclass(slots=True)
+class _Pipeline:
+    """One request's save in this step: the index of each layer the forward has computed
+    (with the CUDA event that marks it written) arrives on ``layers``; the end of the
+    forward arrives as the last layer's index."""
+
+    spec: SaveSpec
+    layers: "asyncio.Queue[tuple[int, Any]]" = field(default_factory=asyncio.Queue)
+    future: "concurrent.futures.Future[int] | None" = None
+    forward_done: float | None = None  # perf_counter when vLLM said the forward ended
+
+
+# The longest a save waits for its step's forward to finish: past it the worker is taken
+# as gone and the reservation handed back (the master would reclaim it anyway).
+_FORWARD_LIMIT_S = 600.0
+
+
+@dataclass(slots=True)
 class _Saves:
     futures: list["concurrent.futures.Future[Any]"] = field(default_factory=list)
     finished: bool = False  # vLLM finished the request: report it once the saves are done
@@ -60,6 +81,10 @@ class KVPoolWorker:
         self.block_bytes = 0
         self._loads: list[_Load] = []
         self._saves: dict[str, _Saves] = {}
+        self._step: list[_Pipeline] = []  # this step's saves, fed layer by layer
+        self._layer_of: dict[str, int] = {}  # vLLM layer name -> index in _views
+        self._layer_bytes: list[int] = []  # per layer: its share of a block, in bytes
+        self._layer_rows: list[int] = [0]  # per layer: its first row in the segment table
         self._load_errors: set[int] = set()
         self._stored: list[Any] = []  # appended on the link's thread
         self._dropped: list[tuple[bytes, str]] = []  # key, tier it was read from
@@ -73,6 +98,7 @@ class KVPoolWorker:
         with NIXL once (tensors that share one allocation register it once)."""
         names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
         seen: set[int] = set()
+        self._layer_of = {name: i for i, name in enumerate(names)}
         for name in names:
             t = kv_caches[name]
             if not t.is_contiguous():
@@ -91,7 +117,9 @@ class KVPoolWorker:
                 seen.add(storage.data_ptr())
                 whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                 self.link.register(whole)
-        self.block_bytes = sum(v.shape[0] * v.shape[2] for v in self._views)
+        self._layer_bytes = [v.shape[0] * v.shape[2] for v in self._views]
+        self._layer_rows = [0, *np.cumsum([v.shape[0] for v in self._views]).tolist()]
+        self.block_bytes = sum(self._layer_bytes)
         if all(not v.is_cuda for v in self._views):
             segs = [(v.data_ptr() + s * v.stride(0), v.stride(1), v.shape[2])
                     for v in self._views for s in range(v.shape[0])]
@@ -100,15 +128,18 @@ class KVPoolWorker:
                  "namespace %s", self.rank, len(self._views), self.num_blocks, self.block_bytes,
                  sum(v.shape[0] for v in self._views), self.ns)
 
-    def segments(self, block_id: int) -> Segments:
-        """One vLLM block as the pool stores it: every layer's segments, in layer order.
-        Host caches go as a table of (address, length) rows of registered memory: a block
-        is one or two segments per layer and a load moves hundreds of blocks, so no Python
-        object per segment."""
+    def segments(self, block_id: int, lo: int = 0, hi: int | None = None) -> Segments:
+        """One vLLM block as the pool stores it: the segments of layers ``lo`` to ``hi``
+        (all by default), in layer order. Host caches go as a table of (address, length)
+        rows of registered memory: a block is one or two segments per layer and a load
+        moves hundreds of blocks, so no Python object per segment."""
+        hi = len(self._views) if hi is None else hi
         if self._table is not None:
+            a, b = self._layer_rows[lo], self._layer_rows[hi]
             base, stride, length = self._table
-            return Segments(np.stack([base + block_id * stride, length], axis=1), owner=self._views)
-        return Segments([v[s, block_id] for v in self._views for s in range(v.shape[0])])
+            return Segments(np.stack([base[a:b] + block_id * stride[a:b], length[a:b]], axis=1),
+                            owner=self._views)
+        return Segments([v[s, block_id] for v in self._views[lo:hi] for s in range(v.shape[0])])
 
     # -- loads ----------------------------------------------------------------------------
 
@@ -145,14 +176,17 @@ class KVPoolWorker:
         self._audit("load", spec.req_id, keys[:got], spec.block_ids[:got])
         return got
 
-    def _audit(self, op: str, req_id: str, keys: list[bytes], block_ids: list[int]) -> None:
+    def _audit(self, op: str, req_id: str, keys: list[bytes], block_ids: list[int],
+               parts: int = 1) -> None:
+        """``parts``: how many writes a saved block went in (one per layer when the
+        forward's layers were saved as they were computed)."""
         if not self.cfg.audit_path or not keys:
             return
         with open(self.cfg.audit_path, "a") as f:
             for key, b in zip(keys, block_ids):
                 digest = segmented_view(self.segments(b), writable=False).checksum()
                 f.write(json.dumps({"op": op, "req": req_id, "rank": self.rank, "key": key.hex(),
-                                    "xxh3": f"{digest:016x}"}) + "\n")
+                                    "xxh3": f"{digest:016x}", "parts": parts}) + "\n")
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()
@@ -181,37 +215,101 @@ class KVPoolWorker:
 
     # -- saves ----------------------------------------------------------------------------
 
-    def wait_for_save(self, meta: KVPoolMetadata) -> None:
-        """Start this step's saves (the forward has written their blocks). A producer waits
-        for them, so its answer means the decode side can find the blocks."""
-        started = []
+    def begin_saves(self, meta: KVPoolMetadata) -> None:
+        """Before the forward: reserve the blocks this step completes, so each layer can
+        be written as soon as it is computed."""
+        self._end_step()  # a step whose wait_for_save never came (vLLM skipped it)
+        if not meta.saves or not self.link.available():
+            return
         for spec in meta.saves:
-            saves = self._saves.setdefault(spec.req_id, _Saves())
-            if not self.link.available():
-                continue
-            fut = self.link.submit(self._save(spec), self.cfg.save_timeout_s)
-            saves.futures.append(fut)
-            started.append(fut)
-        if self.sync_save and started:
-            concurrent.futures.wait(started, self.cfg.save_timeout_s + 1.0)
+            pipe = _Pipeline(spec)
+            pipe.future = self.link.submit(self._save(pipe), _FORWARD_LIMIT_S)
+            self._saves.setdefault(spec.req_id, _Saves()).futures.append(pipe.future)
+            self._step.append(pipe)
 
-    async def _save(self, spec: SaveSpec) -> int:
+    def save_kv_layer(self, layer_name: str) -> None:
+        """A layer's attention has written its KV for this step: its share of the new
+        blocks can go. On CUDA the write waits for an event recorded here, as the kernels
+        that fill the cache may still be running."""
+        layer = self._layer_of.get(layer_name)
+        if layer is not None and self._step:
+            self._computed(layer)
+
+    def _computed(self, layer: int) -> None:
+        """Layers up to ``layer`` are in the cache: tell this step's saves."""
+        done = None
+        if self._views[layer].is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        for pipe in self._step:
+            self.link.call_soon(pipe.layers.put_nowait, (layer, done))
+
+    def _end_step(self) -> list["concurrent.futures.Future[int]"]:
+        if self._step:
+            self._computed(len(self._views) - 1)
+        futures = []
+        now = time.perf_counter()
+        for pipe in self._step:
+            pipe.forward_done = now
+            futures.append(pipe.future)
+        self._step = []
+        return futures  # type: ignore[return-value]
+
+    def wait_for_save(self, meta: KVPoolMetadata) -> None:
+        """The forward is done: the saves write what is left and commit. A producer waits
+        for them, so its answer means the decode side can find the blocks."""
+        if meta.saves and not self._step and self.link.available():
+            self.begin_saves(meta)  # no metadata was bound before the forward
+        futures = self._end_step()
+        if self.sync_save and futures:
+            concurrent.futures.wait(futures, self.cfg.save_timeout_s + 1.0)
+
+    async def _save(self, pipe: _Pipeline) -> int:
+        spec = pipe.spec
         keys = spec.keys[self.rank]
-        self._audit("save", spec.req_id, keys, spec.block_ids)
+        blocks = spec.block_ids
         t0 = time.perf_counter()
+        busy = 0.0  # seconds spent reserving, writing and committing, not waiting for layers
+        put = None
         try:
-            results = await self.link.client.batch_put(
-                keys, [self.segments(b) for b in spec.block_ids], chained=True,
-                parent=spec.parent[self.rank], layout=self.ns.kv_layout, namespace=self.ns)
+            put = await self.link.client.begin_put(
+                keys, [self.block_bytes] * len(keys), chained=True, parent=spec.parent[self.rank],
+                layout=self.ns.kv_layout, namespace=self.ns)
+            busy += time.perf_counter() - t0
+            offset, written, parts = 0, 0, 0  # bytes, layers and writes of each block so far
+            while written < len(self._views):
+                layer, done = await pipe.layers.get()  # bounded: the whole save is
+                end = layer + 1
+                if end <= written:
+                    continue  # a layer seen twice (a second forward): written already
+                if done is not None:  # CUDA: once the kernels that fill it have run
+                    await asyncio.get_running_loop().run_in_executor(None, done.synchronize)
+                t1 = time.perf_counter()
+                if put.new:
+                    await put.write([self.segments(b, written, end) for b in blocks], offset)
+                    parts += 1
+                offset += sum(self._layer_bytes[written:end])
+                written = end
+                busy += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            results = await put.commit()
+            committed = time.perf_counter()
+            busy += committed - t1
         except POOL_FAILURES as exc:
             self.link.failed(f"saving {len(keys)} blocks", exc)
             return 0
+        finally:
+            if put is not None:
+                await put.abort()  # nothing if it was committed
         self.link.succeeded()
+        self._audit("save", spec.req_id, keys, blocks, parts)
         if self.cfg.stats_path:
             with open(self.cfg.stats_path, "a") as f:
                 f.write(json.dumps({"op": "save", "req": spec.req_id, "blocks": len(keys),
-                                    "bytes": len(keys) * self.block_bytes,
-                                    "seconds": time.perf_counter() - t0}) + "\n")
+                                    "bytes": len(keys) * self.block_bytes, "seconds": busy,
+                                    # how long the save outlived the forward (0: it did not)
+                                    "after_forward_s": max(0.0, committed - pipe.forward_done)
+                                    if pipe.forward_done is not None else 0.0}) + "\n")
         parents = [spec.parent[self.rank], *keys[:-1]]
         new = [(r.key, parents[i], r.tier or "host") for i, r in enumerate(results) if r.stored]
         with self._stored_lock:

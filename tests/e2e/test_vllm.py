@@ -36,6 +36,7 @@ from tests.e2e.conftest import POOL_ENV  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 BT = 32
+LAYERS = 2  # the small model's
 
 
 @dataclass
@@ -58,7 +59,7 @@ class VStack:
 def vs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VStack]:
     tmp = tmp_path_factory.mktemp("vllm")
     s = VStack(tmp)
-    model = build(tmp / "model")
+    model = build(tmp / "model", layers=LAYERS)
     s.pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
                          POOL_ENV, tmp / "pool.log")
     s.master = info["master"]
@@ -138,8 +139,11 @@ def test_second_instance_loads_the_prefix_bit_exact_with_the_same_tokens(vs: VSt
     assert base_cached == 0
     first, _ = complete(vs.vllm["prefill"].url, p)
     assert first == ref
-    saved = {a["key"]: a["xxh3"] for a in vs.audit("prefill") if a["op"] == "save"}
+    saves = [a for a in vs.audit("prefill") if a["op"] == "save"]
+    saved = {a["key"]: a["xxh3"] for a in saves}
     assert len(saved) == 6  # every full prompt block
+    # written while the forward ran: each layer's share as soon as its attention filled it
+    assert {a["parts"] for a in saves} == {LAYERS}
     again, cached = complete(vs.vllm["decode"].url, p)
     assert again == ref
     assert cached == 6 * BT  # vLLM's own count: the prefix came from outside

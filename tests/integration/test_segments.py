@@ -138,3 +138,55 @@ async def test_a_segment_table_is_the_same_block(pool: Pool) -> None:
         Segments(np.zeros((0, 2), np.int64))
     with pytest.raises(BadRequest):
         Segments(np.zeros((3,), np.int64))
+
+
+async def test_a_block_written_layer_by_layer_is_the_same_block(pool: Pool) -> None:
+    """A staged put: reserved first, each layer's share of every block written as it is
+    ready, committed at the end; readers see the same bytes and checksum as a one-shot put,
+    and nothing before the commit."""
+    src = paged_cache(layers=4, blocks=6, seg_bytes=8 * KiB, seed=3)
+    keys = keys_for("layered", 3)
+    once = keys_for("layered-once", 3)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        for layer in src:
+            client.register(layer)
+        put = await client.begin_put(keys, [4 * 8 * KiB] * 3, chained=True)
+        assert put.new == [0, 1, 2]
+        for i, layer in enumerate(src):
+            assert await client.batch_exists(keys) == [False] * 3  # pending until the commit
+            await put.write([layer[b] for b in (4, 1, 2)], i * 8 * KiB)
+        assert all(r.stored for r in await put.commit())
+        ref = await client.batch_put(once, [block(src, b) for b in (4, 1, 2)], chained=True)
+        assert all(r.stored for r in ref)
+        dst = [torch.zeros_like(layer) for layer in src]
+        res = await client.batch_get(keys + once, [block(dst, b) for b in range(6)])
+        assert all(r.hit for r in res)
+        assert [r.header.checksum for r in res[:3]] == [r.header.checksum for r in res[3:]]  # type: ignore[union-attr]
+        for layer_src, layer_dst in zip(src, dst):
+            assert torch.equal(layer_dst[:3], layer_src[[4, 1, 2]])
+        # a second writer of the same keys has nothing to write
+        again = await client.begin_put(keys, [4 * 8 * KiB] * 3)
+        assert again.new == [] and not any(r.stored for r in await again.commit())
+
+
+async def test_a_staged_put_refuses_parts_out_of_order_and_an_early_commit(pool: Pool) -> None:
+    src = paged_cache(layers=2, blocks=2, seg_bytes=4 * KiB, seed=4)
+    keys = keys_for("layered-bad", 2)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        put = await client.begin_put(keys, [8 * KiB] * 2)
+        with pytest.raises(BadRequest, match="bytes written"):
+            await put.write([src[1][0], src[1][1]], 4 * KiB)  # layer 1 before layer 0
+        await put.write([src[0][0], src[0][1]], 0)
+        with pytest.raises(BadRequest, match="not fully written"):
+            await put.commit()
+        assert await client.batch_exists(keys) == [False, False]  # aborted: nothing visible
+        with pytest.raises(BadRequest, match="aborted"):
+            await put.write([src[1][0], src[1][1]], 4 * KiB)
+        with pytest.raises(BadRequest, match="overrun"):
+            bad = await client.begin_put(keys, [8 * KiB] * 2)
+            await bad.write([torch.cat([src[0][b], src[1][b], src[0][b]]) for b in range(2)], 0)
+        # the keys are free again once the aborted reservations are handed back
+        redo = await client.begin_put(keys, [8 * KiB] * 2)
+        assert redo.new == [0, 1]
+        await redo.write([torch.cat([src[0][b], src[1][b]]) for b in range(2)], 0)
+        assert all(r.stored for r in await redo.commit())
