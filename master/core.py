@@ -23,6 +23,7 @@ from master.leases import Leases
 from master.membership import LinkFactory, Membership
 from master.puts import Puts
 from master.reads import Reads
+from master.replication import Replication
 from master.state import PoolState
 from master.tiering import Tiering
 
@@ -56,6 +57,7 @@ class MasterCore:
         self.reads = Reads(self.state, self.leases, self.tiering)
         self.members = Membership(self.state, coordinator, clustered, connect)
         self.drains = Drains(self.state, self.tiering, self.members)
+        self.replication = Replication(self.state, self.tiering, self.members)
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
         # A single master leads from the start; with etcd it waits to be elected.
@@ -100,11 +102,13 @@ class MasterCore:
             await node.link.close()
 
     async def sweep(self) -> None:
-        """Reclaim abandoned reservations, expire leases, relieve tiers over their watermark."""
+        """Reclaim abandoned reservations, expire leases, relieve tiers over their
+        watermark, copy again some blocks short of their replica count."""
         now = time.monotonic()
         self.puts.reclaim(now)
         self.leases.expire(now)
         await self.tiering.sweep()
+        await self.replication.sweep()
 
     async def check(self) -> dict[str, int]:
         return await check(self.state)
