@@ -47,7 +47,8 @@ _ROLE_CHANGES = {Role.STANDBY: {Role.REBUILDING}, Role.REBUILDING: {Role.LEADER,
 class MasterCore:
     def __init__(self, cfg: MasterConfig, coordinator: Coordinator, *, clustered: bool = False,
                  leader_url: Callable[[], str] = lambda: "",
-                 connect: LinkFactory | None = None) -> None:
+                 connect: LinkFactory | None = None,
+                 lease_sure: Callable[[], bool] = lambda: True) -> None:
         self.cfg = cfg
         self.coord = coordinator
         self.state = PoolState(cfg)
@@ -60,6 +61,7 @@ class MasterCore:
         self.replication = Replication(self.state, self.tiering, self.members)
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
+        self.lease_sure = lease_sure  # with etcd: whether the leader's lease surely holds
         # A single master leads from the start; with etcd it waits to be elected.
         self.role = Role.STANDBY if clustered else Role.LEADER
 
@@ -75,6 +77,9 @@ class MasterCore:
             url = self.leader_url()
             where = f"the leader is {url}" if url else "no leader is elected yet"
             raise NotLeader(f"this master is a standby; {where}")
+        if not self.lease_sure():
+            raise NotLeader("this master's leadership lease may have run out (was it paused?); "
+                            "it is asking etcd again: retry, or find the leader through etcd")
         if self.role is Role.REBUILDING:
             raise NotReady("this master was just elected and is rebuilding its index from the "
                            "daemons' inventories; retry in a moment")

@@ -333,7 +333,7 @@ class MasterHttp:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.core.role is Role.LEADER
+        ready = self.core.role is Role.LEADER and self.core.lease_sure()
         leader = self.server.leader_url if self.server is not None else ""
         return web.json_response({"ready": ready, "leader": self.core.role.leads,
                                   "leader_url": leader, "nodes": len(self.state.nodes)},

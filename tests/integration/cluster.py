@@ -38,8 +38,8 @@ class Cluster(LocalCluster):
         return name in self.procs
 
     def client_config(self, **overrides: Any) -> ClientConfig:
-        return ClientConfig(etcd=self.etcd_endpoint, cluster=self.cluster, timeout_s=20.0,
-                            **overrides)
+        return ClientConfig(**{"etcd": self.etcd_endpoint, "cluster": self.cluster,
+                               "timeout_s": 20.0, **overrides})
 
     def check(self) -> dict:
         """The leader's invariants: index, allocators and every daemon's inventory agree."""
