@@ -24,7 +24,7 @@ from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, DaemonCall,
-                                Health, Registration, SendItem, SendTarget, StoredBlock,
+                                Health, PinMark, Registration, SendItem, SendTarget, StoredBlock,
                                 TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
@@ -53,6 +53,9 @@ class PoolDaemon:
         self._serve_tls = auth.server_tls(cfg.tls_cert, cfg.tls_key, "[daemon]")
         self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
+        # Pins of blocks held here, kept for the master (a new leader reads them back from
+        # the registration); memory only: a restarted daemon's blocks come back unpinned.
+        self.marks: dict[BlockKey, PinMark] = {}
         # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
@@ -158,7 +161,7 @@ class PoolDaemon:
                                        store=f"{self.cfg.s3_endpoint}|{tier.url}")  # type: ignore[attr-defined]
             tiers.append(desc)
         return Registration(self.cfg.node_id, self.url, self.agent_name, self.agent.metadata(),
-                            self.cfg.node_ttl_s, tiers, self._inventory())
+                            self.cfg.node_ttl_s, tiers, self._inventory(), self._marks())
 
     def describe(self) -> dict[str, Any]:
         """The value of this node's membership key: enough to reach it and size it up."""
@@ -173,6 +176,11 @@ class PoolDaemon:
     def _inventory(self) -> list[StoredBlock]:
         return [StoredBlock(b.key, kind, b.location, b.size, b.header.encode())
                 for kind, tier in self.tiers.items() for b in tier.inventory()]
+
+    def _marks(self) -> list[PinMark]:
+        for key in [k for k, m in self.marks.items() if m.empty]:
+            del self.marks[key]  # a soft pin that ran out
+        return list(self.marks.values())
 
     async def _register(self, deadline_s: float) -> None:
         assert self._master is not None
@@ -316,8 +324,17 @@ class PoolDaemon:
         dropped = 0
         for key in keys:
             dropped += await target.remove(key)
+            if key in self.marks and not any(t.contains(key) for t in self.tiers.values()):
+                del self.marks[key]  # its pins leave with the last copy here
         self.metrics.dropped.inc(dropped)
         return dropped
+
+    async def mark(self, marks: Sequence[PinMark]) -> None:
+        for m in marks:
+            if m.empty:
+                self.marks.pop(m.key, None)
+            else:
+                self.marks[m.key] = m
 
     async def inventory(self) -> list[StoredBlock]:
         return self._inventory()

@@ -35,6 +35,7 @@ class DaemonCall(enum.StrEnum):
     INVENTORY = "inventory"
     REGISTRATION = "registration"
     HEALTH = "health"
+    MARK = "mark"
 
 
 def _tier(raw: Any, what: str = "tier") -> TierKind:
@@ -72,6 +73,34 @@ class StoredBlock:
                    f.integer()(location, "stored block location"),
                    f.integer()(size, "stored block size"),
                    f.blob(f.MAX_HEADER_BYTES)(header, "stored block header"))
+
+
+@dataclass(frozen=True, slots=True)
+class PinMark:
+    """A block's pins as the daemons holding it keep them for the master, so a new leader
+    finds them in the inventories it rebuilds from: hard pins (counted) and a soft pin's
+    end as wall-clock seconds (monotonic clocks differ between masters). A mark with no
+    pin left is the daemon's cue to forget it."""
+
+    key: BlockKey
+    pins: int = 0
+    soft_until: float = 0.0  # time.time() at which a soft pin ends; 0: none
+
+    @property
+    def empty(self) -> bool:
+        return self.pins <= 0 and self.soft_until <= time.time()
+
+    def pack(self) -> list[Any]:
+        return [self.key, self.pins, self.soft_until]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "PinMark":
+        key, pins, soft_until = _fields(raw, 3, "pin mark")
+        if isinstance(soft_until, bool) or not isinstance(soft_until, (int, float)) \
+                or not 0 <= soft_until < 1e12:
+            raise BadRequest("a pin mark's soft_until is a wall-clock time in seconds")
+        return cls(f.key(key, "pin mark key"), f.integer(0, 1 << 31)(pins, "pin mark pins"),
+                   float(soft_until))
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +209,14 @@ class Registration:
     ttl_s: float
     tiers: list[TierDescription]
     inventory: list[StoredBlock] = field(default_factory=list)
+    marks: list[PinMark] = field(default_factory=list)  # pins of blocks it holds
 
     def pack(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "url": self.url, "agent": self.agent,
                 "metadata": self.metadata, "ttl_s": self.ttl_s,
                 "tiers": [t.pack() for t in self.tiers],
-                "inventory": [b.pack() for b in self.inventory]}
+                "inventory": [b.pack() for b in self.inventory],
+                "marks": [m.pack() for m in self.marks]}
 
     @classmethod
     def unpack(cls, body: Any) -> "Registration":
@@ -202,7 +233,8 @@ class Registration:
             raise BadRequest("registration needs a non-empty list of tiers")
         return cls(node_id, need(body, "url", str), need(body, "agent", str),
                    need(body, "metadata", bytes), float(ttl), tiers,
-                   [StoredBlock.unpack(b) for b in need(body, "inventory", list)])
+                   [StoredBlock.unpack(b) for b in need(body, "inventory", list)],
+                   f.field(body, "marks", f.items(lambda m, _: PinMark.unpack(m), f.MAX_KEYS), []))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +329,9 @@ class DaemonService(Protocol):
 
     async def inventory(self) -> list[StoredBlock]: ...
 
+    async def mark(self, marks: Sequence[PinMark]) -> None:
+        """Keep (or, once empty, forget) the pins of blocks for a later leader."""
+
     async def registration(self, rescan: bool = False) -> Registration:
         """Tiers, NIXL metadata and inventory; ``rescan`` lists a shared store again first."""
 
@@ -356,6 +391,9 @@ class RpcDaemonLink:
         res = await self._call(DaemonCall.INVENTORY)
         return [StoredBlock.unpack(b) for b in need(res, "inventory", list)]
 
+    async def mark(self, marks: Sequence[PinMark]) -> None:
+        await self._call(DaemonCall.MARK, {"marks": [m.pack() for m in marks]})
+
     async def registration(self, rescan: bool = False) -> Registration:
         return Registration.unpack(await self._call(DaemonCall.REGISTRATION, {"rescan": rescan}))
 
@@ -383,7 +421,8 @@ async def probe(url: str, agent: str, timeout_s: float = 1.0, token: str = "",
 # Every call on a daemon is the cluster's: only masters (holding its credential) call them.
 DAEMON_ROLES: dict[str, frozenset[Role]] = {c: frozenset({Role.CLUSTER}) for c in DaemonCall}
 # Calls whose handlers wait on nothing that needs a task: the stream RPC answers them inline.
-DAEMON_EAGER = frozenset({DaemonCall.ADOPT, DaemonCall.HEALTH, DaemonCall.INVENTORY})
+DAEMON_EAGER = frozenset({DaemonCall.ADOPT, DaemonCall.HEALTH, DaemonCall.INVENTORY,
+                          DaemonCall.MARK})
 
 
 def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
@@ -417,9 +456,17 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
     async def health(body: dict[str, Any]) -> Any:
         return (await daemon.health()).pack()
 
+    async def mark(body: dict[str, Any]) -> Any:
+        body = f.body_map(body, "the body of mark")
+        f.only(body, frozenset({"marks"}), "mark")
+        marks = f.field(body, "marks", f.items(lambda m, _: PinMark.unpack(m), f.MAX_KEYS))
+        await daemon.mark(marks)
+        return {"marked": len(marks)}
+
     handlers = {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
                 DaemonCall.DROP: drop, DaemonCall.INVENTORY: inventory,
-                DaemonCall.REGISTRATION: registration, DaemonCall.HEALTH: health}
+                DaemonCall.REGISTRATION: registration, DaemonCall.HEALTH: health,
+                DaemonCall.MARK: mark}
     return {name: _traced(name, h) for name, h in handlers.items()}
 
 

@@ -50,6 +50,7 @@ class Reason(enum.StrEnum):
     REMOVED = "removed"
     PURGED = "purged"
     DRAINED = "drained"  # moved off a node that is being drained
+    REPLICATED = "replicated"  # copied again after it lost a copy, up to its replica count
     LOST = "lost"  # its node left, or its bytes failed their checksum
     COMPUTED = "computed"  # an engine computed the block into its own pages
     LOADED = "loaded"  # an engine loaded the block from the pool into its own pages

@@ -161,7 +161,8 @@ class _ServerConn(asyncio.Protocol):
         except msgpack.BufferFull:
             self.refuse(TooLarge(f"a frame over {self.server.max_frame} bytes on the kvpool RPC "
                                  "stream; split the batch"))
-        except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+        except (msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+            # TypeError: a map keyed by an array or a map, which Python cannot hold
             self.refuse(BadRequest(f"malformed or oversized frame on the kvpool RPC stream: {exc}"))
 
     def refuse(self, exc: KVPoolError) -> None:

@@ -54,7 +54,8 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
+            TypeError) as exc:  # TypeError: a map keyed by an array or a map
         raise BadRequest(f"malformed or truncated msgpack body: {exc}") from None
 
 

@@ -23,6 +23,7 @@ from master.leases import Leases
 from master.membership import LinkFactory, Membership
 from master.puts import Puts
 from master.reads import Reads
+from master.replication import Replication
 from master.state import PoolState
 from master.tiering import Tiering
 
@@ -46,7 +47,8 @@ _ROLE_CHANGES = {Role.STANDBY: {Role.REBUILDING}, Role.REBUILDING: {Role.LEADER,
 class MasterCore:
     def __init__(self, cfg: MasterConfig, coordinator: Coordinator, *, clustered: bool = False,
                  leader_url: Callable[[], str] = lambda: "",
-                 connect: LinkFactory | None = None) -> None:
+                 connect: LinkFactory | None = None,
+                 lease_sure: Callable[[], bool] = lambda: True) -> None:
         self.cfg = cfg
         self.coord = coordinator
         self.state = PoolState(cfg)
@@ -56,8 +58,10 @@ class MasterCore:
         self.reads = Reads(self.state, self.leases, self.tiering)
         self.members = Membership(self.state, coordinator, clustered, connect)
         self.drains = Drains(self.state, self.tiering, self.members)
+        self.replication = Replication(self.state, self.tiering, self.members)
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
+        self.lease_sure = lease_sure  # with etcd: whether the leader's lease surely holds
         # A single master leads from the start; with etcd it waits to be elected.
         self.role = Role.STANDBY if clustered else Role.LEADER
 
@@ -73,6 +77,9 @@ class MasterCore:
             url = self.leader_url()
             where = f"the leader is {url}" if url else "no leader is elected yet"
             raise NotLeader(f"this master is a standby; {where}")
+        if not self.lease_sure():
+            raise NotLeader("this master's leadership lease may have run out (was it paused?); "
+                            "it is asking etcd again: retry, or find the leader through etcd")
         if self.role is Role.REBUILDING:
             raise NotReady("this master was just elected and is rebuilding its index from the "
                            "daemons' inventories; retry in a moment")
@@ -100,11 +107,13 @@ class MasterCore:
             await node.link.close()
 
     async def sweep(self) -> None:
-        """Reclaim abandoned reservations, expire leases, relieve tiers over their watermark."""
+        """Reclaim abandoned reservations, expire leases, relieve tiers over their
+        watermark, copy again some blocks short of their replica count."""
         now = time.monotonic()
         self.puts.reclaim(now)
         self.leases.expire(now)
         await self.tiering.sweep()
+        await self.replication.sweep()
 
     async def check(self) -> dict[str, int]:
         return await check(self.state)

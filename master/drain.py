@@ -21,12 +21,12 @@ import logging
 import time
 from collections import defaultdict
 
-from kvpool.daemon_link import SendItem, SendTarget, StoredBlock
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeNotFound
 from kvpool.keys import BlockKey
 from kvpool.tasks import TaskOwner
 from kvpool.tiers.base import TierKind
 from kvpool.kv_events import Reason
+from master.copies import send_copies
 from master.index import BlockEntry, BlockState, Replica
 from master.membership import Membership
 from master.nodes import Node, NodeState, TierSpace
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 BATCH = 64  # blocks per send or copy call
 PAUSE_S = 0.1  # between passes that are waiting for leases or puts, doubling ...
 MAX_PAUSE_S = 2.0  # ... up to this
-SEND_DEADLINE_S = 30.0
 
 
 class Drains:
@@ -208,56 +207,10 @@ class Drains:
 
     async def _send(self, node: Node, other: Node, kind: TierKind,
                     items: list[tuple[BlockEntry, Replica, int]]) -> None:
-        st = self.state
-        space = other.tiers[kind]
-        assert space.allocator is not None
-
-        def free_all() -> None:
-            for _, _, at in items:
-                space.allocator.free(at)  # type: ignore[union-attr]
-
-        meta = (await self.members.agent_metadata([other.agent])).get(other.agent)
-        if meta is None or st.nodes.get(other.node_id) is not other:
-            free_all()
-            return
-        target = SendTarget(meta, space.mem_type, space.device, SEND_DEADLINE_S)
-        try:
-            results = await node.link.send(target, [SendItem(e.key, r.tier, space.address + at)
-                                                    for e, r, at in items])
-        except KVPoolError as exc:
-            log.warning("drain of %s: sending %d blocks to %s failed: %s", node.node_id,
-                        len(items), other.node_id, exc)
-            free_all()
-            return
-        landed = []
-        for (e, r, at), res in zip(items, results):
-            if res.ok and e.state is not BlockState.REMOVED:
-                landed.append((e, at))
-                continue
-            space.allocator.free(at)
-            if not res.ok and isinstance(res.error, (ChecksumMismatch, BlockNotFound)) \
-                    and r in e.replicas:
-                st.lose_replica(e, r, res.error)
-        if not landed:
-            return
-        try:
-            await other.link.adopt([StoredBlock(e.key, kind, at, e.size, e.header) for e, at in landed])
-        except KVPoolError as exc:
-            log.warning("drain of %s: %s did not record %d blocks: %s", node.node_id,
-                        other.node_id, len(landed), exc)
-            for _, at in landed:
-                space.allocator.free(at)
-            return
-        gone = []
+        landed = await send_copies(self.state, self.members, node, other, kind, items,
+                                   f"drain of {node.node_id}")
         for e, at in landed:
-            if e.state is BlockState.REMOVED or st.nodes.get(other.node_id) is not other:
-                gone.append((e, at))  # removed meanwhile: the copy goes before its space is reused
-                continue
             self._landed(node, e, Replica(other.node_id, kind, at, e.size))
-        if gone:
-            await st.drop_on_daemon(other.node_id, kind, [e.key for e, _ in gone])
-            for _, at in gone:
-                space.allocator.free(at)
 
     async def _copy_to_store(self, node: Node, tier: TierKind,
                              items: list[tuple[BlockEntry, Replica]]) -> None:

@@ -5,12 +5,17 @@ leader renews that lease a few times per TTL and steps down the moment a renewal
 after that it cannot know whether the key is still its own. Standbys poll the key and
 campaign as soon as it is gone. A leader that renews again (etcd came back with the
 lease intact) leads again, through the same rebuild as a new leader.
+
+A leader also knows until when its lease surely holds (the last renewal's start plus
+the TTL): one that was paused (SIGSTOP, a stalled VM) past that serves nothing until it
+has asked etcd again, since a standby may lead by then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import suppress
 from typing import Awaitable, Callable
 
@@ -36,6 +41,12 @@ class Election:
         self.leading = False
         self.leader_url = ""  # the leader as last seen; empty while there is none
         self._lease: int | None = None
+        self._held_until = 0.0  # monotonic: the lease surely holds until then
+
+    @property
+    def sure(self) -> bool:
+        """Leading, with a lease that cannot have run out yet."""
+        return self.leading and time.monotonic() < self._held_until
 
     async def run(self) -> None:
         try:
@@ -58,9 +69,11 @@ class Election:
         if self._lease is None:
             holder = await self.coord.get(self.key)
             if holder is None:
+                asked = time.monotonic()
                 lease = await self.coord.grant_lease(self.ttl_s)
                 if await self.coord.compare_and_set(self.key, None, self.me.encode(), lease):
                     self._lease = lease
+                    self._held_until = asked + self.ttl_s
                     await self._gain()
                     return
                 await self.coord.revoke(lease)
@@ -69,7 +82,9 @@ class Election:
             await asyncio.sleep(self.poll_s)
             return
         await asyncio.sleep(self.ttl_s / 4 if self.leading else self.poll_s)
+        asked = time.monotonic()
         await self.coord.keepalive(self._lease)
+        self._held_until = asked + self.ttl_s
         if not self.leading:  # renewed again after a failure: lead again if the key is ours
             if await self.coord.get(self.key) == self.me.encode():
                 await self._gain()

@@ -180,11 +180,11 @@ class MasterHttp:
 
     async def pin(self, body: dict[str, Any]) -> Any:
         req = KeysRequest.unpack(body, Call.PIN)
-        return {"pinned": self.core.leases.pin(req.keys, req.ttl_s, req.prefix)}
+        return {"pinned": await self.core.leases.pin(req.keys, req.ttl_s, req.prefix)}
 
     async def unpin(self, body: dict[str, Any]) -> Any:
         req = KeysRequest.unpack(body, Call.UNPIN)
-        return {"unpinned": self.core.leases.unpin(req.keys, req.prefix)}
+        return {"unpinned": await self.core.leases.unpin(req.keys, req.prefix)}
 
     async def agents(self, body: dict[str, Any]) -> Any:
         return {"metadata": await self.core.members.agent_metadata(AgentsRequest.unpack(body).agents)}
@@ -298,11 +298,11 @@ class MasterHttp:
         return node.state.value if node is not None else "shared" if owner.startswith("@") else "gone"
 
     async def admin_pin(self, request: web.Request) -> web.Response:
-        self.core.leases.pin([self._entry(request).key])
+        await self.core.leases.pin([self._entry(request).key])
         return web.json_response({"pinned": True})
 
     async def admin_unpin(self, request: web.Request) -> web.Response:
-        self.core.leases.unpin([self._entry(request).key])
+        await self.core.leases.unpin([self._entry(request).key])
         return web.json_response({"pinned": False})
 
     async def admin_delete(self, request: web.Request) -> web.Response:
@@ -333,7 +333,7 @@ class MasterHttp:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.core.role is Role.LEADER
+        ready = self.core.role is Role.LEADER and self.core.lease_sure()
         leader = self.server.leader_url if self.server is not None else ""
         return web.json_response({"ready": ready, "leader": self.core.role.leads,
                                   "leader_url": leader, "nodes": len(self.state.nodes)},

@@ -72,6 +72,7 @@ class BlockEntry:
     leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
     used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
     meta: BlockMeta | None = None  # what the writer said of it (master.catalog)
+    wanted: int = 1  # copies on distinct nodes the writer asked for (re-replicated up to it)
 
     def advance(self, to: BlockState, expect: BlockState) -> None:
         """Move to ``to`` from ``expect``; anything else is a StateError that says what was found."""

@@ -5,14 +5,21 @@ on its next call) or it expires, no replica of those blocks moves, is evicted or
 overwritten. A hard pin keeps a block in the pool until it is unpinned (counted: two
 pins need two unpins); a soft pin with a TTL makes it the last to go until then. Both
 can name a prefix: the block and every block it chains from.
+
+Pins are recorded on the daemons that hold the blocks (kvpool.daemon_link.PinMark) before
+a pin call returns, so a new leader finds them in the inventories it rebuilds from. Read
+leases are not recorded: a new leader instead treats every block it takes in as leased
+for the longest a lease can run (PoolState.inherited_until), so no block a reader of the
+former leader may still be reading moves; releases of leases it never granted are no-ops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Sequence
 
-from kvpool.errors import BadRequest, BlockNotFound
+from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey
 from master.index import BlockEntry
 from master.state import PoolState
@@ -22,6 +29,9 @@ class Leases:
     def __init__(self, state: PoolState) -> None:
         self.state = state
         self._held: dict[int, tuple[float, list[BlockKey]]] = {}  # lease -> expiry, keys
+        # Pin calls record on the daemons one at a time, each sending the pins as they are
+        # then, so the last record a daemon gets is the current one.
+        self._recording = asyncio.Lock()
 
     def clear(self) -> None:
         self._held.clear()
@@ -64,26 +74,52 @@ class Leases:
             entries.extend(index.chain(entry) if prefix else [entry])
         return list({id(e): e for e in entries}.values())
 
-    def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None, prefix: bool = False) -> int:
+    async def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None,
+                  prefix: bool = False) -> int:
         """Pin every key (or none, if one is not stored). A hard pin (no ``ttl_s``) keeps a
         block until it is unpinned, once per pin; a soft pin keeps it for ``ttl_s`` seconds,
-        evicted only after every unpinned block. Returns how many blocks were pinned."""
+        evicted only after every unpinned block. Returns how many blocks were pinned, once
+        the daemons holding them recorded it (if one cannot, the pin is undone and its
+        error raised)."""
+        if ttl_s is not None and not 0 < ttl_s <= 7 * 86400:
+            raise BadRequest(f"a soft pin's ttl_s={ttl_s!r} is outside (0, 7 days]")
         entries = self._entries(keys, prefix)
+        before = [(e.pins, e.soft_until) for e in entries]
         if ttl_s is not None:
-            if not 0 < ttl_s <= 7 * 86400:
-                raise BadRequest(f"a soft pin's ttl_s={ttl_s!r} is outside (0, 7 days]")
             until = time.monotonic() + ttl_s
             for entry in entries:
                 entry.soft_until = max(entry.soft_until, until)
         else:
             for entry in entries:
                 entry.pins += 1
+        try:
+            await self._record(entries)
+        except BaseException:
+            for entry, (pins, soft) in zip(entries, before):
+                if ttl_s is None:
+                    entry.pins = max(pins, entry.pins - 1)
+                elif entry.soft_until == until:
+                    entry.soft_until = soft
+            await asyncio.shield(self._record_quietly(entries))
+            raise
         return len(entries)
 
-    def unpin(self, keys: Sequence[BlockKey], prefix: bool = False) -> int:
-        """Take back one hard pin and any soft pin of every key."""
+    async def unpin(self, keys: Sequence[BlockKey], prefix: bool = False) -> int:
+        """Take back one hard pin and any soft pin of every key (recorded like a pin; a
+        daemon that misses it keeps a stale pin only until the next pin call there)."""
         entries = self._entries(keys, prefix)
         for entry in entries:
             entry.pins = max(0, entry.pins - 1)
             entry.soft_until = 0.0
+        await self._record(entries)
         return len(entries)
+
+    async def _record(self, entries: Sequence[BlockEntry]) -> None:
+        async with self._recording:
+            await self.state.mark_on_daemons(entries)
+
+    async def _record_quietly(self, entries: Sequence[BlockEntry]) -> None:
+        try:
+            await self._record(entries)
+        except KVPoolError:
+            pass  # already logged; the call raises the first error

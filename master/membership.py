@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, Callable
 
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
-from kvpool.daemon_link import DaemonLink, Registration, RpcDaemonLink, StoredBlock, probe
+from kvpool.daemon_link import DaemonLink, PinMark, Registration, RpcDaemonLink, StoredBlock, probe
 from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
@@ -64,13 +65,14 @@ class Membership:
                 tiers[kind] = shared
         node = Node(reg.node_id, reg.url, reg.agent, tiers, link or self.connect(reg.url),
                     ttl_s=reg.ttl_s)
+        marks = {m.key: m for m in reg.marks}
         for block in reg.inventory:
-            self._adopt(node, block)
+            self._adopt(node, block, marks.get(block.key))
         st.nodes[reg.node_id] = node
         log.info("node %s joined: %s, %d blocks", reg.node_id, reg.url, len(reg.inventory))
         return node
 
-    def _adopt(self, node: Node, block: StoredBlock) -> None:
+    def _adopt(self, node: Node, block: StoredBlock, mark: PinMark | None) -> None:
         st = self.state
         try:
             header, _ = BlockHeader.decode(block.header)
@@ -90,6 +92,14 @@ class Membership:
             return
         space.take(block.location, block.size)
         st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
+        now = time.monotonic()
+        if now < st.inherited_until:  # leases the former leader may have granted on it
+            entry.leases[0] = st.inherited_until
+        if mark is not None:  # its pins, as the former leader had them recorded here
+            entry.pins = max(entry.pins, mark.pins)
+            if mark.soft_until > time.time():
+                entry.soft_until = max(entry.soft_until, now + mark.soft_until - time.time())
+        entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas if not r.node.startswith("@")}))
         st.events.stored([block.key], owner, block.tier, Reason.INVENTORY, parent=entry.parent)
 
     async def drop(self, node_id: str, reason: str) -> None:
@@ -105,6 +115,8 @@ class Membership:
             if not entry.replicas:
                 st.index.remove(entry)
                 lost += 1
+            elif entry.wanted > 1:
+                st.short.add(entry.key)
         await node.link.close()
         log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)
 

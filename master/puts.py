@@ -150,7 +150,7 @@ class Puts:
                                    [Replica(node.node_id, space.kind, offset, size)],
                                    put_id=put_id, deadline=deadline,
                                    parent=parents[i] if parents else None,
-                                   meta=meta[i] if meta else None)
+                                   meta=meta[i] if meta else None, wanted=replicas)
                 st.index.add(entry)
                 made.append(entry)
                 for other, other_space in extra_replica_spaces(st.nodes.values(), node.node_id,

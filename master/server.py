@@ -38,7 +38,8 @@ class MasterServer:
         self.clustered = bool(cfg.etcd)
         self.coord = coordinator or InProcessCoordinator()
         self.core = MasterCore(cfg, self.coord, clustered=self.clustered,
-                               leader_url=lambda: self.leader_url)
+                               leader_url=lambda: self.leader_url,
+                               lease_sure=lambda: self.election is None or self.election.sure)
         self.election: Election | None = None
         self._runner: web.AppRunner | None = None
         self._stream: StreamRpcServer | None = None
@@ -109,8 +110,8 @@ class MasterServer:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval_s)
-            if self.core.role is not Role.LEADER:
-                continue
+            if self.core.role is not Role.LEADER or not self.core.lease_sure():
+                continue  # a paused leader moves nothing before etcd says it still leads
             try:
                 await self.core.sweep()
             except Exception:  # one bad sweep must not stop the next

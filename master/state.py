@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter, defaultdict
 from typing import Sequence
 
 from kvpool.config import MasterConfig
+from kvpool.daemon_link import PinMark
 from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
@@ -43,8 +45,13 @@ class PoolState:
         # Keys whose drop a daemon is carrying out right now (the index may already have
         # forgotten them): check() does not count them as strays.
         self.dropping: Counter[BlockKey] = Counter()
+        # Blocks that lost a copy and may be below their replica count (master.replication).
+        self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
+        # Until then every block taken in from an inventory counts as leased: a reader of
+        # the former leader may hold a lease (at most read_lease_s long) this one never saw.
+        self.inherited_until = 0.0
 
     def _make_policy(self, owner: str, kind: TierKind) -> EvictionPolicy:
         space = self.space(owner, kind)
@@ -56,9 +63,11 @@ class PoolState:
         self.index = Index(self._make_policy)
         self.nodes = {}
         self.stores = {}
+        self.short = set()
 
     def new_term(self) -> None:
         self.term = self.rng.getrandbits(30) | 1
+        self.inherited_until = time.monotonic() + self.cfg.read_lease_s
 
     def new_id(self) -> int:
         return self.rng.getrandbits(63) | 1
@@ -127,6 +136,8 @@ class PoolState:
         self.events.removed([entry.key], replica.node, replica.tier, Reason.LOST)
         if not entry.replicas:
             self.index.remove(entry)
+        elif entry.wanted > 1:
+            self.short.add(entry.key)
 
     def discard_pending(self, entry: BlockEntry) -> None:
         """Undo a reservation nobody committed: out of the index, its arena space free."""
@@ -135,6 +146,35 @@ class PoolState:
         self.index.remove(entry)
         for r in entry.replicas:
             self.free(r.node, r)
+
+    @staticmethod
+    def pin_mark(entry: BlockEntry) -> PinMark:
+        """A block's pins as the daemons keep them (a soft pin's end in wall-clock time)."""
+        left = entry.soft_until - time.monotonic()
+        return PinMark(entry.key, entry.pins, time.time() + left if left > 0 else 0.0)
+
+    async def mark_on_daemons(self, entries: Sequence[BlockEntry]) -> None:
+        """Tell every node holding a replica of these blocks their pins as they are now
+        (a shared store's replicas: the node acting for it). Raises the first node's
+        error; the others are still told."""
+        by_node: dict[str, list[BlockEntry]] = defaultdict(list)
+        for entry in entries:
+            for owner in {r.node for r in entry.replicas}:
+                node = self.node_for(owner)
+                if node is not None:
+                    by_node[node.node_id].append(entry)
+        failed: KVPoolError | None = None
+        for node_id, here in by_node.items():
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            try:
+                await node.link.mark([self.pin_mark(e) for e in {id(e): e for e in here}.values()])
+            except KVPoolError as exc:
+                log.warning("node %s did not record the pins of %d blocks: %s", node_id, len(here), exc)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def drop_on_daemon(self, owner: str, tier: TierKind, keys: Sequence[BlockKey]) -> None:
         """Tell the node (or a node naming the store) to forget blocks. A daemon that does

@@ -38,8 +38,8 @@ class Cluster(LocalCluster):
         return name in self.procs
 
     def client_config(self, **overrides: Any) -> ClientConfig:
-        return ClientConfig(etcd=self.etcd_endpoint, cluster=self.cluster, timeout_s=20.0,
-                            **overrides)
+        return ClientConfig(**{"etcd": self.etcd_endpoint, "cluster": self.cluster,
+                               "timeout_s": 20.0, **overrides})
 
     def check(self) -> dict:
         """The leader's invariants: index, allocators and every daemon's inventory agree."""
@@ -47,15 +47,17 @@ class Cluster(LocalCluster):
 
 
 def make_cluster(tmp: Path, masters: int = 1, daemons: int = 1, s3_endpoint: str = "",
-                 etcd_members: int = 1) -> Cluster:
+                 etcd_members: int = 1, master_env: dict[str, str] | None = None,
+                 daemon_env: dict[str, str] | None = None) -> Cluster:
     """etcd (of ``etcd_members`` members), masters m0.. and daemons node0..; with
-    ``s3_endpoint`` the daemons share one object tier, a bucket on that S3 endpoint."""
+    ``s3_endpoint`` the daemons share one object tier, a bucket on that S3 endpoint;
+    ``master_env``/``daemon_env`` override the tests' settings."""
     if shutil.which("etcd") is None:
         pytest.skip("needs an etcd server binary: apt-get install etcd-server")
     shared = {"KVPOOL_DAEMON_OBJECT_URL": f"s3://kvpool-{tmp.name.lower()}/blocks",
               "KVPOOL_DAEMON_S3_ENDPOINT": s3_endpoint} if s3_endpoint else {}
-    c = Cluster(tmp, cluster="it", ttl_s=TTL, master_env=MASTER_ENV,
-                daemon_env={**DAEMON_ENV, **shared}, etcd_members=etcd_members)
+    c = Cluster(tmp, cluster="it", ttl_s=TTL, master_env={**MASTER_ENV, **(master_env or {})},
+                daemon_env={**DAEMON_ENV, **shared, **(daemon_env or {})}, etcd_members=etcd_members)
     try:
         c.start_etcd()
         for i in range(masters):

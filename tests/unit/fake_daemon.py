@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from kvpool.daemon_link import CopyResult, Health, Registration, StoredBlock, TierDescription
+from kvpool.daemon_link import CopyResult, Health, PinMark, Registration, StoredBlock, TierDescription
 from kvpool.errors import BlockNotFound, ChecksumMismatch, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
@@ -24,6 +24,7 @@ class FakeDaemon:
     full: set[TierKind] = field(default_factory=set)
     down: bool = False
     calls: list[str] = field(default_factory=list)
+    marks: dict[BlockKey, PinMark] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.url = self.url or f"fake://{self.node_id}"
@@ -38,7 +39,8 @@ class FakeDaemon:
 
     def registration_now(self) -> Registration:
         return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers,
-                            [b for blocks in self.held.values() for b in blocks.values()])
+                            [b for blocks in self.held.values() for b in blocks.values()],
+                            [m for m in self.marks.values() if not m.empty])
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         self._answer("adopt")
@@ -66,6 +68,14 @@ class FakeDaemon:
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         self._answer("drop")
         return sum(self.held[tier].pop(k, None) is not None for k in keys)
+
+    async def mark(self, marks: Sequence[PinMark]) -> None:
+        self._answer("mark")
+        for m in marks:
+            if m.empty:
+                self.marks.pop(m.key, None)
+            else:
+                self.marks[m.key] = m
 
     async def inventory(self) -> list[StoredBlock]:
         self._answer("inventory")

@@ -198,7 +198,7 @@ async def test_removal_respects_pins_and_leases_unless_forced() -> None:
     d = fake("n1")
     core = await master(d)
     await put(core, [key(1), key(2)])
-    core.leases.pin([key(1)])
+    await core.leases.pin([key(1)])
     with pytest.raises(BlockLeased, match="pinned"):
         await removal.remove(core.state, [key(1), key(2)], force=False)
     assert await core.reads.exists([key(1), key(2)]) == [True, True]  # nothing removed
@@ -224,7 +224,7 @@ async def test_a_node_that_leaves_takes_its_replicas_out_of_the_index_at_once() 
 async def test_no_room_anywhere_is_tier_full_and_changes_nothing() -> None:
     core = await master(fake("n1", host=4 * BLOCK, ssd=0))
     await put(core, [key(1)])
-    core.leases.pin([key(1)])
+    await core.leases.pin([key(1)])
     with pytest.raises(TierFull):
         await core.puts.reserve([key(2)], [8 * BLOCK], [], None)
     assert core.state.index.get(key(2)) is None

@@ -1,0 +1,214 @@
+"""Fault injection under a running load, with real processes in cluster mode (a 3-member
+etcd, two masters, three daemons): SIGKILL and SIGSTOP of a client, a daemon, the leader
+and an etcd member. Each test runs a small closed-loop load (puts with ``replicas=2``,
+gets verified byte for byte) through the fault and its recovery, then asserts: 0 wrong
+bytes, only typed errors, every block committed before or during the fault still
+readable (each had a surviving copy), and the leader's check passing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from clients.client import AsyncPoolClient
+from kvpool.errors import KVPoolError
+from tests.integration.cluster import TTL, Cluster, make_cluster
+from tests.integration.conftest import ROOT
+
+BLOCK = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = make_cluster(tmp_path_factory.mktemp("faults"), masters=2, daemons=3, etcd_members=3)
+    try:
+        yield c
+        c.check()
+    finally:
+        c.stop()
+
+
+@dataclass
+class Load:
+    """One client's closed loop: put two new blocks (two copies each), read two earlier."""
+
+    client: AsyncPoolClient
+    stored: dict[bytes, np.ndarray] = field(default_factory=dict)
+    calls: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    untyped: list[str] = field(default_factory=list)
+    wrong: int = 0
+    longest_s: float = 0.0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _call(self, coro: "asyncio.Future | object") -> object:
+        start = time.monotonic()
+        self.calls += 1
+        try:
+            return await coro  # type: ignore[misc]
+        except KVPoolError as exc:
+            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
+            return None
+        except Exception as exc:  # noqa: BLE001 - anything untyped fails the test
+            self.untyped.append(repr(exc))
+            return None
+        finally:
+            self.longest_s = max(self.longest_s, time.monotonic() - start)
+
+    async def run(self) -> None:
+        rng = np.random.default_rng(7)
+        while not self._stop.is_set():
+            keys = [os.urandom(16) for _ in range(2)]
+            vals = [rng.integers(0, 256, BLOCK, np.uint8) for _ in keys]
+            if await self._call(self.client.batch_put(keys, vals, replicas=2)) is not None:
+                self.stored.update(zip(keys, vals))
+            if self.stored:
+                pick = [list(self.stored)[int(i)] for i in rng.integers(0, len(self.stored), 2)]
+                outs = [np.empty(BLOCK, np.uint8) for _ in pick]
+                got = await self._call(self.client.batch_get(pick, outs))
+                for k, out, r in zip(pick, outs, got or []):  # type: ignore[call-overload]
+                    if r.hit and not np.array_equal(out, self.stored[k]):
+                        self.wrong += 1
+            await asyncio.sleep(0.02)
+
+    async def verify(self) -> None:
+        """Every block stored is there with its bytes (each had two copies)."""
+        keys = list(self.stored)
+        outs = [np.empty(BLOCK, np.uint8) for _ in keys]
+        got = await self.client.batch_get(keys, outs)
+        lost = [k.hex() for k, r in zip(keys, got) if not r.hit]
+        assert not lost, f"{len(lost)} of {len(keys)} blocks with a surviving copy are gone"
+        assert all(np.array_equal(o, self.stored[k]) for k, o in zip(keys, outs))
+
+
+async def under_load(cluster: Cluster, fault: "asyncio.Future | object", settle_s: float = 1.0,
+                     timeout_s: float = 20.0) -> Load:
+    async with AsyncPoolClient(cluster.client_config(timeout_s=timeout_s)) as client:
+        load = Load(client)
+        task = asyncio.create_task(load.run())
+        await asyncio.sleep(0.8)
+        await fault  # type: ignore[misc]
+        await asyncio.sleep(settle_s)
+        load._stop.set()
+        await task
+        assert load.wrong == 0, "a get returned wrong bytes"
+        assert not load.untyped, load.untyped
+        assert load.calls > 10
+        await load.verify()
+    cluster.check()
+    return load
+
+
+def signal_proc(cluster: Cluster, name: str, sig: int) -> None:
+    cluster.procs[name].popen.send_signal(sig)
+
+
+async def pause(cluster: Cluster, name: str, seconds: float) -> None:
+    signal_proc(cluster, name, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        signal_proc(cluster, name, signal.SIGCONT)
+
+
+async def test_a_daemon_stopped_mid_transfer_costs_only_deadlines(cluster: Cluster) -> None:
+    """A daemon that stops answering (its transfers never complete) shorter than its
+    lease: calls touching it end at their deadline with a typed error, then all resumes."""
+    load = await under_load(cluster, pause(cluster, "node1", TTL * 0.6), timeout_s=2.0)
+    assert load.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.longest_s:.1f}s"
+
+
+async def test_a_daemon_killed_under_load_loses_no_block_with_a_copy(cluster: Cluster) -> None:
+    async def kill() -> None:
+        await asyncio.to_thread(cluster.kill, "node2", signal.SIGKILL)
+        await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1"}, TTL + 5)
+
+    await under_load(cluster, kill())
+    cluster.start_daemon("node2")
+    await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1", "node2"})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stop", "kill"])
+async def test_the_leader_stopped_or_killed_under_load(cluster: Cluster, sig: int) -> None:
+    old = cluster.wait_leader_name()
+
+    async def fault() -> None:
+        if sig == signal.SIGKILL:
+            await asyncio.to_thread(cluster.kill, old, sig)
+        else:  # frozen past its lease: a standby leads; thawed, it steps down
+            signal_proc(cluster, old, signal.SIGSTOP)
+        for _ in range(int((TTL + 8) / 0.1)):
+            name = cluster.leader_name()
+            if name not in (None, old):
+                break
+            await asyncio.sleep(0.1)
+        if sig == signal.SIGSTOP:
+            signal_proc(cluster, old, signal.SIGCONT)
+        assert cluster.wait_leader_name(5) != old
+
+    await under_load(cluster, fault(), settle_s=1.5)
+    if not cluster.running(old):
+        cluster.start_master(old)
+
+
+async def test_clients_stopped_or_killed_mid_load_leave_nothing_behind(cluster: Cluster) -> None:
+    """Client processes putting in a loop, one frozen past the put timeout and thawed,
+    one killed: their reservations are reclaimed, the thawed one sees typed errors only."""
+    script = (
+        "import asyncio, os, sys, numpy as np\n"
+        "from clients.client import AsyncPoolClient\nfrom kvpool.config import ClientConfig\n"
+        "from kvpool.errors import KVPoolError\n"
+        f"cfg = ClientConfig(etcd={cluster.etcd_endpoint!r}, cluster={cluster.cluster!r}, timeout_s=5)\n"
+        "async def main():\n"
+        "    async with AsyncPoolClient(cfg) as c:\n"
+        "        for i in range(10**6):\n"
+        "            try:\n"
+        f"                await c.batch_put([os.urandom(16) for _ in range(4)], [np.ones({BLOCK}, np.uint8)] * 4)\n"
+        "                print('ok', flush=True)\n"
+        "            except KVPoolError as e:\n"
+        "                print('typed', e.code, flush=True)\n"
+        "asyncio.run(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+    async def fault() -> None:
+        for p in procs:  # each is putting before the faults
+            first = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), 60)  # type: ignore[union-attr]
+            assert first.split()[:1] in (["ok"], ["typed"]), first
+        procs[0].send_signal(signal.SIGSTOP)
+        procs[1].send_signal(signal.SIGKILL)
+        await asyncio.sleep(4.0)  # past the put timeout (3 s in these tests): reclaimed
+        procs[0].send_signal(signal.SIGCONT)
+        await asyncio.sleep(2.0)
+        procs[0].send_signal(signal.SIGTERM)
+
+    try:
+        await under_load(cluster, fault())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out, err = procs[0].communicate(timeout=10)
+    lines = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert set(lines) <= {"ok", "typed"} and "ok" in lines, (out[-500:], err[-2000:])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stop", "kill"])
+async def test_an_etcd_member_stopped_or_killed_under_load(cluster: Cluster, sig: int) -> None:
+    """One of three etcd members: the other two keep a quorum, nothing is noticed."""
+    if sig == signal.SIGSTOP:
+        await under_load(cluster, pause(cluster, "etcd2", TTL * 2))
+    else:  # the last test of the module: the member stays dead
+        await under_load(cluster, asyncio.to_thread(cluster.kill, "etcd1", signal.SIGKILL),
+                         settle_s=TTL + 1.0)
