@@ -190,13 +190,25 @@ class MasterHttp:
             auth.require(Access.ADMIN, what="a forced remove (it ignores leases and pins)")
         return {"removed": await removal.remove(self.state, keys, req.force)}
 
+    def _named(self, req: KeysRequest, keys: list[BlockKey]) -> BlockNotFound:
+        """A miss as the caller named the key (not the index's scoped key)."""
+        missing = next((n for n, k in zip(req.keys, keys) if self.state.index.readable(k) is None),
+                       req.keys[0] if req.keys else b"")
+        return BlockNotFound(f"no complete block {missing.hex()}")
+
     async def pin(self, body: dict[str, Any]) -> Any:
         req, keys = self._keys(body, Call.PIN)
-        return {"pinned": self.core.leases.pin(keys, req.ttl_s, req.prefix)}
+        try:
+            return {"pinned": self.core.leases.pin(keys, req.ttl_s, req.prefix)}
+        except BlockNotFound:
+            raise self._named(req, keys) from None
 
     async def unpin(self, body: dict[str, Any]) -> Any:
         req, keys = self._keys(body, Call.UNPIN)
-        return {"unpinned": self.core.leases.unpin(keys, req.prefix)}
+        try:
+            return {"unpinned": self.core.leases.unpin(keys, req.prefix)}
+        except BlockNotFound:
+            raise self._named(req, keys) from None
 
     async def agents(self, body: dict[str, Any]) -> Any:
         return {"metadata": await self.core.members.agent_metadata(AgentsRequest.unpack(body).agents)}

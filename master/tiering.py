@@ -50,6 +50,7 @@ class Tiering:
         drop what outlived the last tier's TTL."""
         for node, kind in pressured(list(self.state.nodes.values()), self.high):
             await self.relieve(node, kind)
+        await self._hold_quotas()
         if self.state.cfg.last_tier_ttl_s > 0:
             await self._expire(time.monotonic() - self.state.cfg.last_tier_ttl_s)
 
@@ -129,6 +130,16 @@ class Tiering:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._landed.wait(), timeout=1.0)
         return True
+
+    async def _hold_quotas(self) -> None:
+        """Reads may promote a tenant's blocks past its quota of an arena tier (a read is
+        never refused): the sweep demotes its coldest ones back under it."""
+        st = self.state
+        for scope in st.tenancy.scopes.values():
+            for kind, quota in scope.quotas.items():
+                over = st.index.used(scope.name, kind) - quota
+                if over > 0 and kind.is_arena:
+                    await self.make_room_in(scope.name, kind, over)
 
     async def make_room_in(self, scope: str, kind: TierKind, need: int) -> bool:
         """Bring one scope's bytes in a tier down by ``need`` (its quota is reached): demote
