@@ -67,10 +67,16 @@ class Tenancy:
         for t in cfg.tenants:
             self.scopes[t.name] = Scope(t.name, True, _quotas(t.quota_bytes), t.max_puts, (t.name,))
             self.kinds[t.name] = "tenant"
+        # A tenant is in a shared namespace that either names the other (the union).
+        shared = {t.name: set(t.namespaces_shared) for t in cfg.tenants}
         for n in cfg.namespaces:
-            self.scopes[n.name] = Scope(n.name, True, _quotas(n.quota_bytes), 0, n.tenants)
+            for t in n.tenants:
+                shared.setdefault(t, set()).add(n.name)
+        self._shared = {t: frozenset(names) for t, names in shared.items()}
+        for n in cfg.namespaces:
+            members = tuple(sorted(t for t, names in shared.items() if n.name in names))
+            self.scopes[n.name] = Scope(n.name, True, _quotas(n.quota_bytes), 0, members)
             self.kinds[n.name] = "shared"
-        self._shared = {t.name: frozenset(t.namespaces_shared) for t in cfg.tenants}
         self._resolved: dict[tuple[str | None, str], Scope] = {}
 
     def current(self) -> Scope:
