@@ -9,6 +9,9 @@ baseline is a request/response ping-pong of small messages in plain Python over 
 loopback sockets between this process and a child (no framework, one call in flight).
 Every get is checked byte for byte. ``--rpc both`` measures the WebSocket RPC and the
 stream RPC one after the other against the same pool, for a ratio within one run.
+``--auth both`` runs everything twice, on a pool without credentials and on one with them
+(cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
+under an HMAC-keyed namespace root), and prints the ratio on/off per call.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 from clients.client import AsyncPoolClient  # noqa: E402
 from clients.sync import PoolClient  # noqa: E402
 from kvpool import localcopy  # noqa: E402
+from kvpool.auth import new_secret  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
+from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 from kvpool.launcher import spawn, stop  # noqa: E402
 from benchlib import machine  # noqa: E402
@@ -127,11 +132,22 @@ def _block(i: int) -> np.ndarray:
     return data
 
 
-async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+async def _cleanup(pool: AsyncPoolClient, keys: list, tenant: bool) -> None:
+    """Make room for the next run: an admin's forced remove, or a tenant's own (whose
+    blocks an admin credential, of no tenant, does not name); a block still leased stays."""
+    try:
+        await pool.batch_remove(keys, force=not tenant)
+    except KVPoolError:
+        pass
+
+
+async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str,
+                     creds: dict[str, str]) -> dict:
     """Every figure of one RPC transport (``rpc``) and data path against the running pool."""
     out: dict = {}
-    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path)
-    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
+                       key_secret=creds.get("keys", ""))
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     nblocks = calls
     keys = block_keys(ns, np.arange(nblocks + calls + 1000))
     stored, fresh, batch = keys[:nblocks], keys[nblocks:nblocks + calls], keys[nblocks + calls:]
@@ -218,15 +234,18 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) ->
                 raise SystemExit("match_prefix over 1000 stored keys did not match them all")
         match_kps = rounds * 1000 / (time.perf_counter() - t)
         out["batch_keys_per_s"] = {"exists": exists_kps, "match_prefix": match_kps}
-        await pool.batch_remove(list(fresh) + list(batch), force=True)
+        await _cleanup(pool, list(fresh) + list(batch), bool(creds))
     return out
 
 
-def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str,
+               creds: dict[str, str]) -> dict:
     """The blocking client's exists (from this thread) over the blocks bench_pool left."""
-    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
+                       key_secret=creds.get("keys", ""))
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     stored = block_keys(ns, np.arange(calls))
-    with PoolClient(ClientConfig(master_url=master, rpc=rpc, data_path=path)) as sync:
+    with PoolClient(cfg) as sync:
         for k in stored[:50]:
             sync.exists(k)
         times = []
@@ -235,27 +254,53 @@ def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
             if not sync.exists(stored[i]):
                 raise SystemExit("the blocking client's exists said no for a stored block")
             times.append(time.perf_counter() - t)
-        sync.batch_remove(stored, force=True)
+        try:
+            sync.batch_remove(stored, force=not creds)
+        except KVPoolError:
+            pass
     return _stats(times)
 
 
-def measure(calls: int, rpcs: list[str], path: str) -> dict:
+def _secured(data: str) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Credentials for every role, the client as tenant "bench" (quotas it will not reach,
+    so the checks run but never refuse): the master's arguments and the daemon's env."""
+    creds = {role: new_secret() for role in ("cluster", "admin", "viewer", "client", "keys")}
+    config = Path(data) / "master.toml"
+    config.write_text(f"""[master]
+cluster_token = "{creds['cluster']}"
+admin_token = "{creds['admin']}"
+viewer_token = "{creds['viewer']}"
+
+[[master.tenants]]
+name = "bench"
+token = "{creds['client']}"
+quota_bytes = {{host = "4GiB", gpu = "4GiB"}}
+max_puts = 100000
+""")
+    config.chmod(0o600)
+    return creds, ["--config", str(config)], {"KVPOOL_DAEMON_CLUSTER_TOKEN": creds["cluster"]}
+
+
+def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> dict:
     data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
-    master, info = spawn("kvpool", ["master", "--port", "0"], {}, Path(data) / "master.log")
+    creds, args, env = _secured(data) if secured else ({}, [], {})
+    master, info = spawn("kvpool", ["master", "--port", "0", *args], {}, Path(data) / "master.log")
     daemon = None
     try:
         daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
                           {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
-                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"},
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0", **env},
                           Path(data) / "daemon.log")
         runs = {}
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
-            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path))
-            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path)
+            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path, creds))
+            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path, creds)
         ping2 = pingpong(calls)  # before and after: the machine is shared
         if path == "auto":  # what the client chose: the same-host copy when it can
-            with urllib.request.urlopen(info["master"] + "/v1/nodes", timeout=10) as resp:
+            req = urllib.request.Request(info["master"] + "/v1/nodes", headers={
+                "Authorization": f"Bearer {creds['viewer']}"} if creds else {})
+            with urllib.request.urlopen(req, timeout=10) as resp:
                 agent = json.loads(resp.read())["nodes"][0]["agent"]
             path = "same-host" if localcopy.local_pid(agent) else "nixl"
         runs_ping = _stats(ping + ping2)
@@ -304,6 +349,10 @@ def main() -> None:
     parser.add_argument("--rpc", choices=["ws", "stream", "both"], default="stream",
                         help="the hot RPC's transport: the WebSocket one, the stream one, or both "
                              "one after the other (the JSON's top level is the last)")
+    parser.add_argument("--auth", choices=["off", "on", "both"], default="off",
+                        help="credentials and tenants off, on, or both one after the other on "
+                             "pools of their own (the JSON's top level is the last; both adds "
+                             "auth_off and the ratio on/off)")
     parser.add_argument("--role", choices=["pingpong-server"], help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -311,11 +360,23 @@ def main() -> None:
         return pingpong_server(args.port_file)
     rpcs = ["ws", "stream"] if args.rpc == "both" else [args.rpc]
     calls = 2000 if args.quick else 10000
-    measured = measure(calls, rpcs, args.path)
-    results = {rpc: shape(run, measured["pingpong"], measured["path"])
-               for rpc, run in measured["runs"].items()}
-    for rpc, result in results.items():
-        report(rpc, result)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.auth]
+    by_mode = {}
+    for secured in modes:
+        measured = measure(calls, rpcs, args.path, secured)
+        results = {rpc: shape(run, measured["pingpong"], measured["path"])
+                   for rpc, run in measured["runs"].items()}
+        print(f"credentials {'on (tenant client)' if secured else 'off'}:")
+        for rpc, result in results.items():
+            report(rpc, result)
+        by_mode[secured] = results
+    auth_ratio = None
+    if len(by_mode) == 2:
+        off, on = by_mode[False][rpcs[-1]], by_mode[True][rpcs[-1]]
+        auth_ratio = {k: on["per_s"][k] / off["per_s"][k] for k in OPS if k != "pingpong"}
+        auth_ratio["pingpong"] = on["per_s"]["pingpong"] / off["per_s"]["pingpong"]
+        print(f"credentials on / off, calls per second (rpc {rpcs[-1]}):  " + "  ".join(
+            f"{k} {v:.3f}" for k, v in auth_ratio.items()))
     if len(results) == 2:
         ws, st = results["ws"], results["stream"]
         print("stream / ws, calls per second:  " + "  ".join(
@@ -323,7 +384,11 @@ def main() -> None:
     m = machine("master, daemon and this client as separate processes on one machine; "
                 "NIXL UCX over loopback; one call in flight unless named")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
-    final = {**results[rpcs[-1]], "rpc": rpcs[-1], "machine": m, "calls_per_figure": calls}
+    final = {**results[rpcs[-1]], "rpc": rpcs[-1], "machine": m, "calls_per_figure": calls,
+             "auth": args.auth}
+    if auth_ratio is not None:
+        final["auth_off"] = by_mode[False][rpcs[-1]]
+        final["auth_on_over_off"] = auth_ratio
     if len(results) == 2:
         final["rpc_ws"] = results["ws"]
     if args.json:
