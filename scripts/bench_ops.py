@@ -11,7 +11,9 @@ Every get is checked byte for byte. ``--rpc both`` measures the WebSocket RPC an
 stream RPC one after the other against the same pool, for a ratio within one run.
 ``--auth both`` runs everything twice, on a pool without credentials and on one with them
 (cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
-under an HMAC-keyed namespace root), and prints the ratio on/off per call.
+under an HMAC-keyed namespace root), and prints the ratio on/off per call; then, with both
+pools up at once, it alternates short rounds of each call between them (A/B, so that the
+load of a shared machine weighs on both alike) and quotes the median ratio of the rounds.
 """
 
 from __future__ import annotations
@@ -281,6 +283,89 @@ max_puts = 100000
     return creds, ["--config", str(config)], {"KVPOOL_DAEMON_CLUSTER_TOKEN": creds["cluster"]}
 
 
+def _start(data: str, secured: bool) -> tuple[list, str, dict[str, str]]:
+    """A master and a daemon (credentials on or off): their processes, the master's URL, the
+    credentials."""
+    creds, args, env = _secured(data) if secured else ({}, [], {})
+    master, info = spawn("kvpool", ["master", "--port", "0", *args], {}, Path(data) / "master.log")
+    try:
+        daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
+                          {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0", **env},
+                          Path(data) / "daemon.log")
+    except BaseException:
+        stop(master, wait_s=30)
+        raise
+    return [daemon, master], info["master"], creds
+
+
+async def _ab_rounds(pools: dict[bool, tuple[str, dict[str, str]]], calls: int,
+                     rounds: int) -> dict[str, dict]:
+    """Per call: rounds of ``calls // rounds`` calls on each pool in turn (which goes first
+    alternates); the median calls/s of each side's rounds and their ratio on/off."""
+    per = max(20, calls // rounds)
+    n = per * rounds
+    clients, keys, bufs = {}, {}, {}
+    for secured, (url, creds) in pools.items():
+        cfg = ClientConfig(master_url=url, token=creds.get("client", ""),
+                           key_secret=creds.get("keys", ""))
+        ns = Namespace("bench-ab", "uint8", "raw", block_tokens=1, secret=cfg.key_secret)
+        client = clients[secured] = AsyncPoolClient(cfg)
+        keys[secured] = block_keys(ns, np.arange(2 * n))
+        src, dst = np.empty(BLOCK, np.uint8), np.empty(BLOCK, np.uint8)
+        client.register(src)
+        client.register(dst)
+        bufs[secured] = (src, dst)
+        for s in range(0, n, 256):
+            await client.batch_put(keys[secured][s:min(n, s + 256)], [src] * (min(n, s + 256) - s))
+        for k in keys[secured][:50]:
+            await client.exists(k)
+            await client.get(k, dst)
+
+    def op(name: str, secured: bool):  # type: ignore[no-untyped-def]
+        c, ks, (src, dst) = clients[secured], keys[secured], bufs[secured]
+        if name == "exists":
+            return lambda i: c.exists(ks[i])
+        if name == "match_one":
+            return lambda i: c.match_prefix([ks[i]])
+        if name == "get_64k":
+            return lambda i: c.get(ks[i], dst)
+        return lambda i: c.put(ks[n + i], src)  # put_64k: fresh keys
+
+    out = {}
+    try:
+        for name in ("exists", "match_one", "get_64k", "put_64k"):
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(rounds):
+                for secured in ((False, True) if r % 2 == 0 else (True, False)):
+                    call, start = op(name, secured), r * per
+                    t = time.perf_counter()
+                    for i in range(start, start + per):
+                        await call(i)
+                    rates[secured].append(per / (time.perf_counter() - t))
+            off, on = float(np.median(rates[False])), float(np.median(rates[True]))
+            out[name] = {"off_per_s": off, "on_per_s": on, "on_over_off": on / off}
+    finally:
+        for c in clients.values():
+            await c.close()
+    return out
+
+
+def interleaved(calls: int, rounds: int = 20) -> dict[str, dict]:
+    """Both pools up at once, calls alternating between them in rounds."""
+    started = []
+    try:
+        pools = {}
+        for secured in (False, True):
+            procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ab-"), secured)
+            started += procs
+            pools[secured] = (url, creds)
+        return asyncio.run(_ab_rounds(pools, calls, rounds))
+    finally:
+        for proc in started:
+            stop(proc, wait_s=30)
+
+
 def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> dict:
     data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
     creds, args, env = _secured(data) if secured else ({}, [], {})
@@ -375,8 +460,13 @@ def main() -> None:
         off, on = by_mode[False][rpcs[-1]], by_mode[True][rpcs[-1]]
         auth_ratio = {k: on["per_s"][k] / off["per_s"][k] for k in OPS if k != "pingpong"}
         auth_ratio["pingpong"] = on["per_s"]["pingpong"] / off["per_s"]["pingpong"]
-        print(f"credentials on / off, calls per second (rpc {rpcs[-1]}):  " + "  ".join(
-            f"{k} {v:.3f}" for k, v in auth_ratio.items()))
+        print(f"credentials on / off, calls per second (rpc {rpcs[-1]}, runs one after "
+              "the other):  " + "  ".join(f"{k} {v:.3f}" for k, v in auth_ratio.items()))
+        ab = interleaved(calls)
+        print("credentials on / off, A/B rounds on both pools at once (median of rounds):")
+        for name, row in ab.items():
+            print(f"  {name:<10} off {row['off_per_s']:7.0f}/s  on {row['on_per_s']:7.0f}/s  "
+                  f"on/off {row['on_over_off']:.3f}")
     if len(results) == 2:
         ws, st = results["ws"], results["stream"]
         print("stream / ws, calls per second:  " + "  ".join(
@@ -389,6 +479,7 @@ def main() -> None:
     if auth_ratio is not None:
         final["auth_off"] = by_mode[False][rpcs[-1]]
         final["auth_on_over_off"] = auth_ratio
+        final["auth_ab_rounds"] = ab
     if len(results) == 2:
         final["rpc_ws"] = results["ws"]
     if args.json:
