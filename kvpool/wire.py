@@ -224,7 +224,8 @@ async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Ha
                   guard: Guard | None, who: tuple[Role | None, str | None, str], conn: int,
                   bulk: frozenset[str]) -> None:
     role, tenant, namespace = who
-    auth.enter(role, conn, tenant, namespace)  # in this task's own context: the handler finds the caller's
+    # In this task's own context: the handler finds the caller's role, tenant and namespace.
+    auth.enter(role, conn, tenant, namespace)
     out = await respond(data, handlers, guard, role, bulk)
     if not ws.closed:
         with contextlib.suppress(ConnectionError, RuntimeError):

@@ -367,32 +367,24 @@ def interleaved(calls: int, rounds: int = 20) -> dict[str, dict]:
 
 
 def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> dict:
-    data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
-    creds, args, env = _secured(data) if secured else ({}, [], {})
-    master, info = spawn("kvpool", ["master", "--port", "0", *args], {}, Path(data) / "master.log")
-    daemon = None
+    procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ops-"), secured)
     try:
-        daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
-                          {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
-                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0", **env},
-                          Path(data) / "daemon.log")
         runs = {}
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
-            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path, creds))
-            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path, creds)
+            runs[rpc] = asyncio.run(bench_pool(url, calls, rpc, f"{rpc}-{n}", path, creds))
+            runs[rpc]["exists_sync"] = bench_sync(url, calls, rpc, f"{rpc}-{n}", path, creds)
         ping2 = pingpong(calls)  # before and after: the machine is shared
         if path == "auto":  # what the client chose: the same-host copy when it can
-            req = urllib.request.Request(info["master"] + "/v1/nodes", headers={
+            req = urllib.request.Request(url + "/v1/nodes", headers={
                 "Authorization": f"Bearer {creds['viewer']}"} if creds else {})
             with urllib.request.urlopen(req, timeout=10) as resp:
                 agent = json.loads(resp.read())["nodes"][0]["agent"]
             path = "same-host" if localcopy.local_pid(agent) else "nixl"
         runs_ping = _stats(ping + ping2)
     finally:
-        for proc in (daemon, master):
-            if proc is not None:
-                stop(proc, wait_s=30)
+        for proc in procs:
+            stop(proc, wait_s=30)
     return {"runs": runs, "pingpong": runs_ping, "path": path}
 
 
