@@ -298,10 +298,19 @@ class MasterHttp:
             for n in self.state.nodes.values()]})
 
     def _entry(self, request: web.Request) -> BlockEntry:
+        """The block a path names: by the index's key, or with ``?scope=`` by the key as
+        that tenant's (or shared namespace's, or ``default``) events show it."""
         key = parse_key(request.match_info["key"])
+        name = request.query.get("scope", "")
+        if name:
+            scope = self.tenancy.scopes.get("" if name == "default" else name)
+            if scope is None:
+                raise BadRequest(f"scope={name!r:.70}: no such tenant or shared namespace")
+            key = scope.key(key)
         entry = self.state.index.readable(key)
         if entry is None:
-            raise BlockNotFound(f"no complete block {key.hex()}")
+            raise BlockNotFound(f"no complete block {request.match_info['key']}"
+                                + (f" in scope {name!r:.70}" if name else ""))
         return entry
 
     async def block(self, request: web.Request) -> web.Response:

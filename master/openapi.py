@@ -132,6 +132,9 @@ def _path(name: str, schema: Schema, description: str) -> Schema:
 
 
 _KEY = _path("key", _HEX, "Block key, 32 hex characters")
+_SCOPE = {"name": "scope", "in": "query", "schema": _STR,
+          "description": "The tenant or shared namespace whose key this is, as the events show it "
+                         "(empty or absent: the key as the index has it)"}
 _NODE = _path("node", {"type": "string", "pattern": "^[^/{}]+$"}, "Node id")
 _REQUEST = _path("request_id", {"type": "string", "pattern": "^[A-Za-z0-9._:@=+-]{1,128}$"},
                  "A request id, or a traceparent's 32-hex trace id")
@@ -160,15 +163,15 @@ OPENAPI: Schema = {
                                  "block counts", "Nodes")},
         "/v1/blocks/{key}": {
             "get": _op("One block: size, state, pins, leases, parent, replicas", "Block",
-                       errors=[BlockNotFound], params=[_KEY]),
+                       errors=[BlockNotFound], params=[_KEY, _SCOPE]),
             "delete": _op("Remove a block (409 while leased or pinned unless force=true)",
                           _obj(removed=_BOOL), mutating=True, errors=[BlockNotFound, BlockLeased],
-                          params=[_KEY, {"name": "force", "in": "query", "schema": _BOOL}])},
+                          params=[_KEY, _SCOPE, {"name": "force", "in": "query", "schema": _BOOL}])},
         "/v1/blocks/{key}/pin": {"post": _op("Pin a block: never demoted or evicted",
                                              _obj(pinned=_BOOL), mutating=True,
-                                             errors=[BlockNotFound], params=[_KEY])},
+                                             errors=[BlockNotFound], params=[_KEY, _SCOPE])},
         "/v1/blocks/{key}/unpin": {"post": _op("Release one pin", _obj(pinned=_BOOL), mutating=True,
-                                               errors=[BlockNotFound], params=[_KEY])},
+                                               errors=[BlockNotFound], params=[_KEY, _SCOPE])},
         "/v1/evict": {"post": _op("Demote the coldest movable blocks of a tier down to a fill level",
                                   _obj(freed_bytes=_INT), mutating=True,
                                   body=_obj(False, tier=_TIER,

@@ -131,6 +131,11 @@ async def test_a_tenant_cannot_touch_anothers_blocks_even_with_its_keys(pool: st
         assert await a.match_prefix(ka) == 3
         assert await b.batch_remove(ka) == 3  # his copies go; hers stay
         assert await a.match_prefix(ka) == 3
+    # An operator finds her block by the key her events show, with its scope.
+    status, block = http(pool, f"/v1/blocks/{ka[0].hex()}?scope=alice", token=T["viewer"])
+    assert status == 200 and block["size"] == BLOCK
+    assert http(pool, f"/v1/blocks/{ka[0].hex()}", token=T["viewer"])[0] == 404
+    assert http(pool, f"/v1/blocks/{ka[0].hex()}?scope=nobody", token=T["viewer"])[0] == 400
     assert rpc(pool, Call.CHECK, token=T["admin"])  # index, usage and inventories agree
 
 
