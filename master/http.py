@@ -7,6 +7,7 @@ to change anything."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -76,6 +77,7 @@ EAGER = frozenset({Call.GET, Call.RELEASE, Call.EXISTS, Call.MATCH, Call.ABORT, 
                    Call.UNPIN})
 # "/": the status page, no data in it
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", STREAM_INFO})
+SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # What a tenant's viewer credential reads (filtered to its namespaces).
 TENANT_PATHS = frozenset({"/v1/events", "/v1/tenants"})
 
@@ -303,9 +305,11 @@ class MasterHttp:
         key = parse_key(request.match_info["key"])
         name = request.query.get("scope", "")
         if name:
+            if not SCOPE_NAME.fullmatch(name):
+                raise BadRequest(f"scope={name!r:.70}: a tenant's or shared namespace's name")
             scope = self.tenancy.scopes.get("" if name == "default" else name)
             if scope is None:
-                raise BadRequest(f"scope={name!r:.70}: no such tenant or shared namespace")
+                raise BlockNotFound(f"no tenant or shared namespace {name!r} here")
             key = scope.key(key)
         entry = self.state.index.readable(key)
         if entry is None:

@@ -132,7 +132,8 @@ def _path(name: str, schema: Schema, description: str) -> Schema:
 
 
 _KEY = _path("key", _HEX, "Block key, 32 hex characters")
-_SCOPE = {"name": "scope", "in": "query", "schema": _STR,
+_SCOPE = {"name": "scope", "in": "query",
+          "schema": {"type": "string", "pattern": "^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$"},
           "description": "The tenant or shared namespace whose key this is, as the events show it "
                          "(empty or absent: the key as the index has it)"}
 _NODE = _path("node", {"type": "string", "pattern": "^[^/{}]+$"}, "Node id")

@@ -135,7 +135,8 @@ async def test_a_tenant_cannot_touch_anothers_blocks_even_with_its_keys(pool: st
     status, block = http(pool, f"/v1/blocks/{ka[0].hex()}?scope=alice", token=T["viewer"])
     assert status == 200 and block["size"] == BLOCK
     assert http(pool, f"/v1/blocks/{ka[0].hex()}", token=T["viewer"])[0] == 404
-    assert http(pool, f"/v1/blocks/{ka[0].hex()}?scope=nobody", token=T["viewer"])[0] == 400
+    assert http(pool, f"/v1/blocks/{ka[0].hex()}?scope=nobody", token=T["viewer"])[0] == 404
+    assert http(pool, f"/v1/blocks/{ka[0].hex()}?scope=a%20b", token=T["viewer"])[0] == 400
     assert rpc(pool, Call.CHECK, token=T["admin"])  # index, usage and inventories agree
 
 
@@ -233,6 +234,21 @@ async def test_quotas_refuse_with_a_typed_error_and_are_reported(pool: str, caps
     assert ops_cli._tenants(args) == 0
     printed = capsys.readouterr().out
     assert "carol" in printed and "48.0 KiB" in printed and "of quota" in printed
+
+
+async def test_an_admins_purge_reaches_every_tenant(pool: str) -> None:
+    import urllib.request
+    req = urllib.request.Request(pool + "/v1/purge", data=json.dumps({"all": True}).encode(),
+                                 method="POST", headers={"Authorization": f"Bearer {T['admin']}",
+                                                         "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert json.loads(resp.read())["purged"] > 0
+    async with client(pool, "alice") as a:
+        assert await a.match_prefix(keys_of(a, PROMPT, "isolation")) == 0
+    rows = http(pool, "/v1/tenants", token=T["viewer"])[1]["tenants"]
+    held = [(r["name"], t) for r in rows for t, u in r["tiers"].items() if u["used"] or u["replicas"]]
+    assert held == []  # every scope's usage went with its blocks
+    assert rpc(pool, Call.CHECK, token=T["admin"])
 
 
 def test_a_tenants_puts_in_flight_are_limited(pool: str) -> None:
