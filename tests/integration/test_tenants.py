@@ -81,10 +81,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
-def client(url: str, who: str, namespace: str = "") -> AsyncPoolClient:
+def client(url: str, who: str, namespace: str = "", rpc: str = "stream") -> AsyncPoolClient:
     key = SECRETS.get(namespace or who, "")
     return AsyncPoolClient(ClientConfig(master_url=url, token=T[who], key_secret=key,
-                                        namespace=namespace))
+                                        namespace=namespace, rpc=rpc))
 
 
 def keys_of(c: AsyncPoolClient, prompt: list[int], model: str = "tenants") -> list[bytes]:
@@ -155,7 +155,8 @@ async def test_the_default_credential_works_as_before_and_apart(pool: str) -> No
 
 
 async def test_a_shared_namespace_serves_its_members_only(pool: str) -> None:
-    async with client(pool, "alice", "sys") as a, client(pool, "bob", "sys") as b:
+    # Bob over the WebSocket RPC (the namespace in its handshake), Alice over the stream's hello.
+    async with client(pool, "alice", "sys") as a, client(pool, "bob", "sys", rpc="ws") as b:
         ks = keys_of(a, PROMPT, "system-prompt")
         assert keys_of(b, PROMPT, "system-prompt") == ks  # one secret, one set of keys
         values = blocks(3)
@@ -165,9 +166,10 @@ async def test_a_shared_namespace_serves_its_members_only(pool: str) -> None:
         assert all(np.array_equal(x, y) for x, y in zip(out, values))
     async with client(pool, "alice") as own:  # Alice's own namespace is another scope
         assert await own.batch_exists(ks) == [False] * 3
-    with pytest.raises(Forbidden, match="may not use the namespace"):
-        async with client(pool, "carol", "sys") as carol:
-            await carol.batch_exists(ks)
+    for rpc in ("stream", "ws"):
+        with pytest.raises(Forbidden, match="may not use the namespace"):
+            async with client(pool, "carol", "sys", rpc=rpc) as carol:
+                await carol.batch_exists(ks)
 
 
 async def _events(url: str, token: str, after: int, seconds: float = 1.5) -> list[dict[str, Any]]:
