@@ -184,6 +184,8 @@ class AsyncPoolClient:
         self._failover = bool(cfg.etcd) or len(self._masters) > 1
         self._etcd: Any = None
         self._token = secret(cfg.token, "[client] token")  # read once; never logged
+        # What keys this engine's namespace roots (kvpool.keys.Namespace.secret): never sent.
+        self.key_secret = secret(cfg.key_secret, "[client] key_secret") if cfg.key_secret else ""
         self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
         if cfg.rpc not in _TRANSPORTS:
             raise ConfigError(f"[client] rpc = {cfg.rpc!r}: give one of {', '.join(_TRANSPORTS)}")
@@ -239,7 +241,7 @@ class AsyncPoolClient:
 
     def _link(self, url: str) -> RpcClient | StreamRpcClient:
         return _TRANSPORTS[self.cfg.rpc](url, timeout_s=self.cfg.timeout_s, token=self._token,
-                                         tls=self._tls)
+                                         tls=self._tls, namespace=self.cfg.namespace)
 
     async def _call(self, name: Call, body: dict[str, Any]) -> Any:
         if self._rpc is None:

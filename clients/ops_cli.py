@@ -375,6 +375,33 @@ def _evict_arguments(p: argparse.ArgumentParser) -> None:
                    help="how full to leave it, 0..1 (default 0: everything movable goes down)")
 
 
+# -- tenants -------------------------------------------------------------------------------
+
+def _tenants(args: argparse.Namespace) -> int:
+    res = _call(_master(args), "/v1/tenants", _headers(args))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    if not res["enabled"]:
+        print("no tenants configured: every client credential is the default tenant's")
+    rows = []
+    for t in res["tenants"]:
+        tiers = t["tiers"] or {"-": {"used": 0, "replicas": 0, "quota": None}}
+        for i, (tier, u) in enumerate(sorted(tiers.items())):
+            quota = u["quota"]
+            rows.append([t["name"] if i == 0 else "", t["kind"] if i == 0 else "", tier,
+                         human(u["used"]), u["replicas"], human(quota) if quota else "-",
+                         f"{u['used'] / quota:.0%}" if quota else "-",
+                         (f"{t['puts_open']}/{t['max_puts'] or '-'}") if i == 0 else ""])
+    print(table(["tenant", "kind", "tier", "used", "replicas", "quota", "of quota", "puts open"], rows))
+    return 0
+
+
+def _tenants_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the master's answer as JSON")
+
+
 # -- trace ---------------------------------------------------------------------------------
 
 def _trace(args: argparse.Namespace) -> int:
@@ -421,5 +448,7 @@ PIN = Verb("pin", "pin blocks: never demoted or evicted until unpinned", _pin_ar
 UNPIN = Verb("unpin", "release one pin of each block", _pin_arguments, _guarded(_pinning("unpin")))
 EVICT = Verb("evict", "demote a tier's coldest unpinned blocks down to a fill level",
              _evict_arguments, _guarded(_evict))
+TENANTS = Verb("tenants", "per tenant: bytes per tier against its quota, puts in flight",
+               _tenants_arguments, _guarded(_tenants))
 TOP = Verb("top", "a live view: tiers, hit rate, ops/s, latest events", _top_arguments,
            _guarded(_top))

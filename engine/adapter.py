@@ -20,9 +20,11 @@ from kvpool.keys import BlockKey, Namespace
 log = logging.getLogger(__name__)
 
 
-def namespace(model_id: str, dtype: str, cache: PagedKVCache, salt: str = "") -> Namespace:
+def namespace(model_id: str, dtype: str, cache: PagedKVCache, salt: str = "",
+              secret: str = "") -> Namespace:
+    """``secret``: the pool client's key secret (its tenant's), keying the root."""
     return Namespace(model_id=model_id, dtype=dtype, kv_layout=cache.layout_tag(),
-                     block_tokens=cache.block_tokens, salt=salt)
+                     block_tokens=cache.block_tokens, salt=salt, secret=secret)
 
 
 class KVAdapter:

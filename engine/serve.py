@@ -57,7 +57,7 @@ class EngineServer:
         w = self.worker
         return web.json_response({
             "role": w.role.value, "model_id": w.model.model_id, "vocab": w.model.cfg.vocab,
-            "namespace": dataclasses.asdict(w.ns),
+            "namespace": {k: v for k, v in dataclasses.asdict(w.ns).items() if k != "secret"},
             "num_pages": w.cache.num_pages, "load": w.load(), "totals": w.totals})
 
     async def events(self, request: web.Request) -> web.StreamResponse:

@@ -154,7 +154,8 @@ class Worker:
         self.role, self.model, self.cfg = role, model, cfg
         self.cache = PagedKVCache(model.cfg, cfg.num_pages, cfg.block_tokens,
                                   node=f"engine-{role.value}-{os.getpid()}")
-        self.ns = namespace(model.model_id, model.cfg.dtype, self.cache, cfg.salt)
+        self.ns = namespace(model.model_id, model.cfg.dtype, self.cache, cfg.salt,
+                            pool.key_secret if pool is not None else "")
         self.adapter = KVAdapter(pool, self.cache, self.ns) if pool is not None else None
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="engine-compute")
         self._prefills: deque[Sequence] = deque()

@@ -10,12 +10,18 @@ the admin GETs. The admin credential also views.
 Credentials are off until one is configured; then every entry point but ``/healthz`` and
 ``/readyz`` needs one, and a role with no credential configured cannot be used at all.
 A secret is compared in constant time, never logged, and is given in the config, in the
-environment (``KVPOOL_<TABLE>_<FIELD>``), or as ``file:PATH`` to read it from a file.
+environment (``KVPOOL_<TABLE>_<FIELD>``, or ``env:NAME`` for any secret), or as
+``file:PATH`` to read it from a file.
+
+A client (or viewer) credential may belong to a *tenant* (``[[master.tenants]]``): the
+connection that presents it then carries the tenant's name, from which the master derives
+the scope of every key the connection names (master/tenants.py).
 """
 
 from __future__ import annotations
 
 import contextvars
+import os
 import enum
 import hmac
 import ipaddress
@@ -31,6 +37,8 @@ from kvpool.errors import ConfigError, Forbidden, Unauthorized
 AUTH_HEADER = "Authorization"
 COOKIE = "kvpool_token"  # a browser's reads (EventSource sends no headers); never a change
 FILE_PREFIX = "file:"
+ENV_PREFIX = "env:"
+NAMESPACE_HEADER = "X-KVPool-Namespace"  # the shared namespace a WebSocket RPC connection uses
 
 
 class Role(enum.StrEnum):
@@ -54,11 +62,22 @@ _CURRENT: contextvars.ContextVar[Role | None] = contextvars.ContextVar("kvpool_r
 # The connection a call came on (an id the RPC server gives each one): what per-client
 # limits count against.
 _PEER: contextvars.ContextVar[int | None] = contextvars.ContextVar("kvpool_peer", default=None)
+# The tenant the connection's credential belongs to (None: no tenant, the default one) and
+# the shared namespace it asked for at its hello ("": the tenant's own).
+_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvpool_tenant", default=None)
+_NAMESPACE: contextvars.ContextVar[str] = contextvars.ContextVar("kvpool_namespace", default="")
 
 
 def secret(value: str, where: str) -> str:
     """A configured secret: the value itself, or the first line of the file that
-    ``file:PATH`` names (so the secret stays out of config files and process listings)."""
+    ``file:PATH`` names (so the secret stays out of config files and process listings), or
+    the environment variable ``env:NAME`` names."""
+    if value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX):].strip()
+        text = os.environ.get(name, "").strip()
+        if not text:
+            raise ConfigError(f"{where}: the environment variable {name} it names is unset or empty")
+        return text
     if not value.startswith(FILE_PREFIX):
         return value.strip()
     path = Path(value[len(FILE_PREFIX):]).expanduser()
@@ -85,24 +104,30 @@ def bearer(token: str) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """The secrets a server accepts, each with its role. Empty: every call is open."""
+    """The secrets a server accepts, each with its role and tenant (None: no tenant).
+    Empty: every call is open."""
 
-    entries: tuple[tuple[bytes, Role], ...] = ()
+    entries: tuple[tuple[bytes, Role, str | None], ...] = ()
 
     @classmethod
-    def of(cls, by_role: dict[Role, Iterable[str]]) -> "Credentials":
-        entries: list[tuple[bytes, Role]] = []
-        seen: dict[bytes, Role] = {}
-        for role, tokens in by_role.items():
-            for token in tokens:
-                if not token:
+    def of(cls, by_role: dict[Role, Iterable[str]],
+           tenants: Iterable[tuple[str, Role, str]] = ()) -> "Credentials":
+        """``by_role``: credentials of no tenant; ``tenants``: (token, role, tenant name)."""
+        listed = [(token, role, None) for role, tokens in by_role.items() for token in tokens]
+        entries: list[tuple[bytes, Role, str | None]] = []
+        seen: dict[bytes, str] = {}
+        for token, role, tenant in [*listed, *tenants]:
+            if not token:
+                continue
+            raw = token.encode()
+            who = f"the {role} role" + (f" of tenant {tenant!r}" if tenant else "")
+            if raw in seen:
+                if seen[raw] == who:
                     continue
-                raw = token.encode()
-                if raw in seen and seen[raw] is not role:
-                    raise ConfigError(f"the same credential is configured for the {seen[raw]} "
-                                      f"and the {role} roles; give each role its own")
-                seen[raw] = role
-                entries.append((raw, role))
+                raise ConfigError(f"the same credential is configured for {seen[raw]} and for "
+                                  f"{who}; give each its own")
+            seen[raw] = who
+            entries.append((raw, role, tenant))
         return cls(tuple(entries))
 
     @property
@@ -113,12 +138,17 @@ class Credentials:
         return f"Credentials({len(self.entries)} configured)"
 
     def role_of(self, header: str | None) -> Role | None:
-        """The role an ``Authorization`` header proves (None when credentials are off).
+        """The role an ``Authorization`` header proves (None when credentials are off)."""
+        return self.identify(header)[0]
+
+    def identify(self, header: str | None) -> tuple[Role | None, str | None]:
+        """The role and tenant an ``Authorization`` header proves ((None, None) when
+        credentials are off).
 
         Every configured secret is compared, in constant time, whether or not an earlier
         one matched, so the time taken says nothing about which one was close."""
         if not self.entries:
-            return None
+            return None, None
         if not header:
             raise Unauthorized("this server requires a credential: send 'Authorization: "
                                "Bearer <token>' (clients: set [client] token, or "
@@ -127,10 +157,10 @@ class Credentials:
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("the Authorization header must read 'Bearer <token>'")
         given = token.strip().encode()
-        found: Role | None = None
-        for raw, role in self.entries:
+        found: tuple[Role, str | None] | None = None
+        for raw, role, tenant in self.entries:
             if hmac.compare_digest(raw, given) and found is None:
-                found = role
+                found = role, tenant
         if found is None:
             raise Unauthorized("this server does not know the credential presented; check "
                                "the token configured on this side against the server's")
@@ -159,9 +189,23 @@ def peer() -> int | None:
     return _PEER.get()
 
 
-def enter(role: Role | None, connection: int | None = None) -> contextvars.Token[Role | None]:
-    """Make ``role`` (and ``connection``) the current call's; tasks created after inherit them."""
+def tenant() -> str | None:
+    """The tenant of the current call's credential (None: none, the default tenant)."""
+    return _TENANT.get()
+
+
+def namespace() -> str:
+    """The shared namespace the current call's connection asked for ("": its tenant's own)."""
+    return _NAMESPACE.get()
+
+
+def enter(role: Role | None, connection: int | None = None, tenant: str | None = None,
+          namespace: str = "") -> contextvars.Token[Role | None]:
+    """Make ``role`` (and ``connection``, ``tenant``, ``namespace``) the current call's;
+    tasks created after inherit them."""
     _PEER.set(connection)
+    _TENANT.set(tenant)
+    _NAMESPACE.set(namespace)
     return _CURRENT.set(role)
 
 

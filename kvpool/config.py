@@ -33,6 +33,49 @@ def secret_doc(text: str) -> Any:
 _SECRET = " Give the secret itself or file:PATH (its first line); see README 'Security'."
 
 
+TIERS = ("gpu", "host", "ssd", "object")
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One tenant (``[[master.tenants]]``): its credentials, the shared namespaces it may
+    use besides its own, and its quotas. Its keys' namespace roots are keyed by a secret
+    its engines hold (``[client] key_secret``); the master never needs that secret."""
+
+    name: str = doc("", "The tenant's name (letters, digits, '-', '_', '.'): in stats, errors and logs.")
+    token: str = field(default="", repr=False, metadata={
+        "doc": "The tenant's client credential (engines present it as [client] token)." + _SECRET,
+        "secret": True})
+    viewer_token: str = field(default="", repr=False, metadata={
+        "doc": "Optional read-only credential of the tenant: /v1/events filtered to its "
+               "namespaces and /v1/tenants (its own row)." + _SECRET, "secret": True})
+    namespaces_shared: tuple[str, ...] = doc((), "Names of shared namespaces ([[master.namespaces]]) "
+                                                 "the tenant may use besides its own.")
+    quota_bytes: tuple[tuple[str, int], ...] = doc((), "Bytes the tenant's own namespace may hold "
+                                                       "per tier, e.g. {host = \"1GiB\", ssd = \"8GiB\"}; "
+                                                       "an absent tier is unlimited.")
+    max_puts: int = doc(0, "Puts the tenant may have reserved and not yet committed, all its "
+                           "connections together; 0: no limit beyond the per-connection one.")
+
+    def quota(self, tier: str) -> int:
+        """The tenant's quota of a tier in bytes; 0: none."""
+        return dict(self.quota_bytes).get(tier, 0)
+
+
+@dataclass(frozen=True)
+class SharedNamespace:
+    """A namespace several tenants share (``[[master.namespaces]]``): a system prompt
+    common to teams, say. Its members' engines key its roots with the namespace's own
+    secret (``[client] key_secret``) and name it in ``[client] namespace``."""
+
+    name: str = doc("", "The namespace's name.")
+    tenants: tuple[str, ...] = doc((), "The tenants allowed in.")
+    quota_bytes: tuple[tuple[str, int], ...] = doc((), "Bytes the namespace may hold per tier; absent: unlimited.")
+
+    def quota(self, tier: str) -> int:
+        return dict(self.quota_bytes).get(tier, 0)
+
+
 @dataclass(frozen=True)
 class MasterConfig:
     host: str = doc("127.0.0.1", "Address the master's HTTP server binds to.")
@@ -86,17 +129,26 @@ class MasterConfig:
                            "resume or read slowly; one that falls further behind is told it lost events.")
     etcd: str = doc("", "etcd endpoints (host:port, comma-separated); empty runs without etcd.")
     cluster: str = doc("default", "Name of the cluster; its keys live under /kvpool/<cluster>/.")
+    tenants: tuple[TenantConfig, ...] = doc((), "Tenants ([[master.tenants]] tables); with none, "
+                                                "every client credential is the default tenant's.")
+    namespaces: tuple[SharedNamespace, ...] = doc((), "Shared namespaces ([[master.namespaces]] tables).")
     leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")
 
     def credentials(self) -> Credentials:
         """The secrets this master accepts, read now (file:PATH ones from their files)."""
         clients = [secret(t.strip(), "[master] client_tokens")
                    for t in self.client_tokens.split(",") if t.strip()]
+        tenants = []
+        for t in self.tenants:
+            tenants.append((secret(t.token, f"[[master.tenants]] {t.name} token"), Role.CLIENT, t.name))
+            if t.viewer_token:
+                tenants.append((secret(t.viewer_token, f"[[master.tenants]] {t.name} viewer_token"),
+                                Role.VIEWER, t.name))
         return Credentials.of({
             Role.CLUSTER: [secret(self.cluster_token, "[master] cluster_token")],
             Role.CLIENT: clients,
             Role.ADMIN: [secret(self.admin_token, "[master] admin_token")],
-            Role.VIEWER: [secret(self.viewer_token, "[master] viewer_token")]})
+            Role.VIEWER: [secret(self.viewer_token, "[master] viewer_token")]}, tenants)
 
     def watermarks(self, tier: str) -> tuple[float, float]:
         """(high, low) of a tier: "gpu", "host", "ssd" or "object"."""
@@ -108,11 +160,46 @@ class MasterConfig:
                               "outside (0, 1]")
         if self.client_max_puts < 1 or self.max_puts < 1:
             raise ConfigError("[master] client_max_puts and max_puts are at least 1")
-        for tier in ("gpu", "host", "ssd", "object"):
+        _check_tenants(self.tenants, self.namespaces)
+        for tier in TIERS:
             high, low = self.watermarks(tier)
             if not 0.0 < low <= high <= 1.0:
                 raise ConfigError(f"[master] {tier}_low = {low} and {tier}_high = {high} must "
                                   "satisfy 0 < low <= high <= 1")
+
+
+def _check_tenants(tenants: tuple[TenantConfig, ...], shared: tuple[SharedNamespace, ...]) -> None:
+    import re
+    names: set[str] = set()
+    for kind, items in (("tenant", tenants), ("namespace", shared)):
+        for item in items:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", item.name):
+                raise ConfigError(f"[[master.{kind}s]] name {item.name!r}: give 1-64 letters, "
+                                  "digits, '-', '_' or '.'")
+            if item.name in names:
+                raise ConfigError(f"[[master.{kind}s]] the name {item.name!r} is used twice "
+                                  "(tenants and shared namespaces share one list of names)")
+            names.add(item.name)
+            for tier, size in item.quota_bytes:
+                if tier not in TIERS or size < 0:
+                    raise ConfigError(f"[[master.{kind}s]] {item.name}: quota_bytes.{tier} = "
+                                      f"{size}: tiers are {', '.join(TIERS)}, sizes >= 0")
+    tenant_names = {t.name for t in tenants}
+    shared_names = {n.name for n in shared}
+    for t in tenants:
+        if not t.token:
+            raise ConfigError(f"[[master.tenants]] {t.name}: a tenant needs its token")
+        if t.max_puts < 0:
+            raise ConfigError(f"[[master.tenants]] {t.name}: max_puts >= 0")
+        for ns in t.namespaces_shared:
+            if ns not in shared_names:
+                raise ConfigError(f"[[master.tenants]] {t.name}: namespaces_shared names "
+                                  f"{ns!r}, which no [[master.namespaces]] table defines")
+    for n in shared:
+        for t in n.tenants:
+            if t not in tenant_names:
+                raise ConfigError(f"[[master.namespaces]] {n.name}: tenants names {t!r}, "
+                                  "which no [[master.tenants]] table defines")
 
 
 @dataclass(frozen=True)
@@ -174,6 +261,12 @@ class ClientConfig:
                               "not a call; each holds its lease (at most half of it); 0: none.")
     host: str = doc("", "Interface the client's NIXL (UCX) agent listens on; empty: the loopback "
                         "interface when every master or etcd endpoint is on loopback, else all.")
+    key_secret: str = secret_doc("Secret keying this engine's namespace roots (HMAC-SHA256 of "
+                                 "the namespace fields), so no one without it can compute its "
+                                 "keys: its tenant's secret, or with namespace set the shared "
+                                 "namespace's; empty: plain (unkeyed) roots." + _SECRET)
+    namespace: str = doc("", "A shared namespace (one of the tenant's namespaces_shared) this "
+                             "client's keys live in; empty: its tenant's own.")
 
 
 @dataclass(frozen=True)
@@ -233,7 +326,25 @@ def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
                           f"known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+    return cls(**{k: _value(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def _value(value: Any, typ: Any, where: str) -> Any:
+    """A field's value: a scalar, a list of names, a table of sizes, or a list of tables."""
+    if typ in (tuple[TenantConfig, ...], tuple[SharedNamespace, ...]):
+        item = typ.__args__[0]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where}: expected an array of tables ([[...]])")
+        return tuple(build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if typ == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+        return tuple(value)
+    if typ == tuple[tuple[str, int], ...]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of tier = size, got {value!r}")
+        return tuple((str(k), _coerce(v, int, f"{where}.{k}")) for k, v in value.items())
+    return _coerce(value, typ, where)
 
 
 def apply_env(cfg: T, section: str, environ: Mapping[str, str] | None = None) -> T:
@@ -250,6 +361,8 @@ def apply_env(cfg: T, section: str, environ: Mapping[str, str] | None = None) ->
         if name not in names:
             raise ConfigError(f"environment variable {var} names no field of [{section}]; "
                               f"known: {', '.join(sorted(names))}")
+        if hints[name] not in (bool, int, float, str):
+            raise ConfigError(f"{var}: [{section}] {name} is a table or list; set it in the config file")
         changes[name] = _coerce(raw, hints[name], var)
     return dataclasses.replace(cfg, **changes)
 

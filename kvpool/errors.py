@@ -59,6 +59,16 @@ class TooManyPending(KVPoolError):
     retryable = True
 
 
+class QuotaExceeded(KVPoolError):
+    """The tenant's namespace holds as many bytes in this tier as its quota allows, and
+    none of its own blocks there could make room (they are leased, pinned or in flight).
+    Not retryable as such: release or remove some of the tenant's blocks, or raise its
+    ``quota_bytes``."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+
 class NoRoute(KVPoolError):
     """No endpoint at this path."""
 

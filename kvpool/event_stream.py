@@ -50,7 +50,10 @@ def end_on_shutdown(app: web.Application, hub: EventHub) -> None:
     app.on_shutdown.append(close)
 
 
-async def stream(request: web.Request, hub: EventHub) -> web.StreamResponse:
+async def stream(request: web.Request, hub: EventHub,
+                 scopes: frozenset[str] | None = None) -> web.StreamResponse:
+    """``scopes``: only events of these scopes (and those of no block, such as a clear)
+    go to this reader; None: every event."""
     after = _resume_from(request, hub)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -69,7 +72,10 @@ async def stream(request: web.Request, hub: EventHub) -> web.StreamResponse:
                 await write(gap.sse())
                 after = gap.resume - 1
             if events:
-                await write(b"".join(e.sse() for e in events))
+                shown = events if scopes is None else [
+                    e for e in events if e.scope in scopes or not e.block_hashes]
+                if shown:
+                    await write(b"".join(e.sse() for e in shown))
                 after = events[-1].id
                 idle = 0.0
                 continue

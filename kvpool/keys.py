@@ -2,12 +2,16 @@
 
 ``key_i = xxh3_128(key_{i-1} || tokens_i as little-endian int32)`` with ``key_{-1}`` the
 hash of the namespace, so a key names its whole prefix and two models, dtypes or tensor
-parallel layouts never share one.
+parallel layouts never share one. A namespace with a ``secret`` (a tenant's, or a shared
+namespace's) has an HMAC-SHA256 of its fields under that secret as its root, so whoever
+lacks the secret cannot compute any of its keys, nor pre-place blocks under them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import hmac
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +34,7 @@ class Namespace:
     tp_world_size: int = 1
     block_tokens: int = 256
     salt: str = ""
+    secret: str = field(default="", repr=False)  # keys the root; never printed
 
     def __post_init__(self) -> None:
         if self.block_tokens <= 0:
@@ -46,6 +51,8 @@ class Namespace:
             str(self.block_tokens).encode(), self.salt.encode(),
         ]
         body = b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+        if self.secret:
+            return hmac.new(self.secret.encode(), body, hashlib.sha256).digest()[:KEY_BYTES]
         return xxhash.xxh3_128_digest(body)
 
 

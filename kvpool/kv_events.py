@@ -70,6 +70,7 @@ class KVEvent:
     token_ids: list[int] | None = None  # only when the writer chose to send them
     namespace: str | None = None  # a purge's namespace root (hex) or model
     request_id: str | None = None  # the request whose pool call caused it (kvpool.tracing)
+    scope: str = ""  # the tenant or shared namespace of its blocks ("": the default one)
     _sse: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +91,8 @@ class KVEvent:
             out["namespace"] = self.namespace
         if self.request_id is not None:
             out["request_id"] = self.request_id
+        if self.scope:
+            out["scope"] = self.scope
         return out
 
     def sse(self) -> bytes:
@@ -157,24 +160,25 @@ class EventHub:
 
     def stored(self, keys: Sequence[BlockKey], node: str, medium: TierKind, reason: Reason, *,
                parent: BlockKey | None = None, block_size: int | None = None,
-               token_ids: list[int] | None = None) -> KVEvent:
+               token_ids: list[int] | None = None, scope: str = "") -> KVEvent:
+        """``keys`` and ``parent`` as their writer named them; ``scope``: theirs."""
         return self._add(EventType.STORED, block_hashes=tuple(keys), node=node, medium=medium,
                          reason=reason, parent_block_hash=parent, block_size=block_size,
-                         token_ids=token_ids)
+                         token_ids=token_ids, scope=scope)
 
     def removed(self, keys: Sequence[BlockKey], node: str, medium: TierKind,
-                reason: Reason) -> KVEvent:
+                reason: Reason, scope: str = "") -> KVEvent:
         return self._add(EventType.REMOVED, block_hashes=tuple(keys), node=node, medium=medium,
-                         reason=reason)
+                         reason=reason, scope=scope)
 
     def cleared(self, reason: Reason = Reason.PURGED) -> KVEvent:
         return self._add(EventType.CLEARED, reason=reason)
 
     def moved(self, key: BlockKey, node: str, src: TierKind, dst: TierKind, reason: Reason,
-              parent: BlockKey | None = None) -> None:
+              parent: BlockKey | None = None, scope: str = "") -> None:
         """A replica went from one medium to another (the copy lands before the source goes)."""
-        self.stored([key], node, dst, reason, parent=parent)
-        self.removed([key], node, src, reason)
+        self.stored([key], node, dst, reason, parent=parent, scope=scope)
+        self.removed([key], node, src, reason, scope=scope)
 
     def recent(self, n: int) -> list[KVEvent]:
         return list(self._ring)[-n:] if n > 0 else []

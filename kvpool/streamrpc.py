@@ -9,7 +9,8 @@ and an answer is one ``transport.write``. Many calls may be in flight on one con
 answers carry the request id, in any order.
 
 The first frame each way is the hello. The client sends ``{"kvpool": version, "token":
-credential}``; the server checks the credential (constant time, once per connection) and
+credential}`` (and ``"namespace": name`` to use one of its tenant's shared namespaces);
+the server checks the credential (constant time, once per connection) and
 the version, then answers ``{"kvpool": version}``, or ``{"kvpool": version, "error":
 code, "message": text}`` and hangs up. After it, frames are the WebSocket RPC's:
 ``[request id, method, body]`` answered by ``[request id, 0, result]`` or ``[request
@@ -187,13 +188,16 @@ class _ServerConn(asyncio.Protocol):
                 f"{self.transport.get_extra_info('peername')} speaks {frame['kvpool']!r}; run "
                 "the same kvpool release on both ends (upgrade the older one)"))
         token = frame.get("token") or ""
+        namespace = frame.get("namespace") or ""
+        if not isinstance(namespace, str) or len(namespace) > 64:
+            return self.refuse(BadRequest("the hello's namespace is a name of at most 64 characters"))
         try:
-            self.role = self.server.credentials.role_of(
+            self.role, tenant = self.server.credentials.identify(
                 f"Bearer {token}" if isinstance(token, str) and token else None)
         except Unauthorized as exc:
             return self.refuse(exc)
         self.guard = connection_guard(self.role, self.server.roles)
-        self.context.run(auth.enter, self.role, next(CONNECTIONS))
+        self.context.run(auth.enter, self.role, next(CONNECTIONS), tenant, namespace)
         self.hello_done = True
         self.transport.write(self.packer.pack({"kvpool": PROTOCOL_VERSION}))
 
@@ -233,8 +237,9 @@ class StreamRpcClient:
     The same face as kvpool.wire.RpcClient: ``call`` and ``close``."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0, path: str = "/v1/rpc",
-                 token: str = "", tls: ssl.SSLContext | None = None) -> None:
+                 token: str = "", tls: ssl.SSLContext | None = None, namespace: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        self._namespace = namespace
         self.url = self.base_url + path
         self.timeout_s = timeout_s
         self._token = token
@@ -282,7 +287,10 @@ class StreamRpcClient:
                     _, conn = await loop.create_connection(
                         lambda: _ClientConn(self.url), host, port, ssl=tls,
                         server_hostname=host if tls else None)
-                    conn.send({"kvpool": PROTOCOL_VERSION, "token": self._token})
+                    hello = {"kvpool": PROTOCOL_VERSION, "token": self._token}
+                    if self._namespace:
+                        hello["namespace"] = self._namespace
+                    conn.send(hello)
                     await conn.hello
             except BaseException as exc:
                 if conn is not None:

@@ -117,9 +117,10 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
 
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
-            role = credentials.role_of(request.headers.get(auth.AUTH_HEADER))
+            role, tenant = credentials.identify(request.headers.get(auth.AUTH_HEADER))
         except Unauthorized as exc:
             return refusal(exc)
+        namespace = request.headers.get(auth.NAMESPACE_HEADER, "")[:64]
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
             theirs = ", ".join(p.removeprefix("kvpool.") for p in offered if p.startswith("kvpool."))
@@ -133,7 +134,7 @@ def rpc_endpoint(handlers: dict[str, Handler], credentials: Credentials = Creden
         if connections is not None:
             connections.add(ws)
         try:
-            await _serve_frames(ws, handlers, guard, role, conn, bulk, tasks)
+            await _serve_frames(ws, handlers, guard, (role, tenant, namespace), conn, bulk, tasks)
         finally:
             if connections is not None:
                 connections.discard(ws)
@@ -167,12 +168,12 @@ async def close_all(connections: set[web.WebSocketResponse]) -> None:
 
 
 async def _serve_frames(ws: web.WebSocketResponse, handlers: dict[str, Handler],
-                        guard: Guard | None, role: Role | None, conn: int, bulk: frozenset[str],
-                        tasks: set[asyncio.Task[None]]) -> None:
+                        guard: Guard | None, who: tuple[Role | None, str | None, str], conn: int,
+                        bulk: frozenset[str], tasks: set[asyncio.Task[None]]) -> None:
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.BINARY:
             task = asyncio.get_running_loop().create_task(
-                _answer(ws, msg.data, handlers, guard, role, conn, bulk))
+                _answer(ws, msg.data, handlers, guard, who, conn, bulk))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif msg.type == aiohttp.WSMsgType.TEXT:
@@ -221,8 +222,11 @@ async def respond(data: Any, handlers: dict[str, Handler], guard: Guard | None,
 
 
 async def _answer(ws: web.WebSocketResponse, data: bytes, handlers: dict[str, Handler],
-                  guard: Guard | None, role: Role | None, conn: int, bulk: frozenset[str]) -> None:
-    auth.enter(role, conn)  # in this task's own context: the handler finds the caller's role
+                  guard: Guard | None, who: tuple[Role | None, str | None, str], conn: int,
+                  bulk: frozenset[str]) -> None:
+    role, tenant, namespace = who
+    # In this task's own context: the handler finds the caller's role, tenant and namespace.
+    auth.enter(role, conn, tenant, namespace)
     out = await respond(data, handlers, guard, role, bulk)
     if not ws.closed:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -277,11 +281,13 @@ async def error_middleware(request: web.Request,
 
 
 def auth_middleware(credentials: Credentials, open_paths: frozenset[str],
-                    own_paths: frozenset[str]) -> Any:
+                    own_paths: frozenset[str], tenant_paths: frozenset[str] = frozenset()) -> Any:
     """HTTP endpoints' credential check: reads (GET) need the viewer role, everything else
     the admin role; ``open_paths`` need nothing, ``own_paths`` check for themselves (RPC).
-    A read may carry the credential in the cookie ``kvpool_token`` instead, for a browser's
-    EventSource, which cannot send headers (a cookie never authorizes a change: CSRF)."""
+    A tenant's viewer credential reads ``tenant_paths`` only (their handlers filter what
+    it sees by ``auth.tenant()``). A read may carry the credential in the cookie
+    ``kvpool_token`` instead, for a browser's EventSource, which cannot send headers (a
+    cookie never authorizes a change: CSRF)."""
 
     @web.middleware
     async def check(request: web.Request,
@@ -293,11 +299,16 @@ def auth_middleware(credentials: Credentials, open_paths: frozenset[str],
             if header is None and reading and auth.COOKIE in request.cookies:
                 header = f"Bearer {request.cookies[auth.COOKIE]}"
             try:
-                role = credentials.role_of(header)
+                role, tenant = credentials.identify(header)
                 auth.require(Role.VIEWER if reading else Role.ADMIN, role=role,
                              what=f"{request.method} {request.path}")
+                if tenant is not None and request.path not in tenant_paths:
+                    raise Forbidden(f"{request.method} {request.path} needs a viewer credential "
+                                    f"of the whole pool; tenant {tenant!r}'s reads "
+                                    f"{', '.join(sorted(tenant_paths))} only")
             except (Unauthorized, Forbidden) as exc:
                 return refusal(exc)
+            auth.enter(role, None, tenant)
         return await handler(request)
 
     return check
@@ -307,11 +318,14 @@ class RpcClient:
     """Calls on one server over a persistent WebSocket; errors come back typed."""
 
     def __init__(self, base_url: str, timeout_s: float = 10.0, path: str = "/v1/rpc",
-                 token: str = "", tls: ssl.SSLContext | None = None) -> None:
+                 token: str = "", tls: ssl.SSLContext | None = None, namespace: str = "") -> None:
         """``token``: the credential to present; ``tls``: what an https:// server's
-        certificate is verified against (None: the system's CAs)."""
+        certificate is verified against (None: the system's CAs); ``namespace``: the
+        shared namespace the connection's keys live in (empty: its tenant's own)."""
         self.base_url = base_url.rstrip("/")
         self._headers = auth.bearer(token)
+        if namespace:
+            self._headers[auth.NAMESPACE_HEADER] = namespace
         self._tls: ssl.SSLContext | bool = tls if tls is not None else True
         self.url = self.base_url + path
         self.timeout_s = timeout_s

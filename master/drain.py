@@ -239,7 +239,8 @@ class Drains:
     def _landed(self, node: Node, entry: BlockEntry, replica: Replica) -> None:
         st = self.state
         st.index.add_replica(entry, replica)
-        st.events.stored([entry.key], replica.node, replica.tier, Reason.DRAINED, parent=entry.parent)
+        st.events.stored([entry.shown], replica.node, replica.tier, Reason.DRAINED,
+                         parent=entry.shown_parent, scope=entry.scope)
         st.counters["drain_moved"] += 1
         self._before[entry.key] = set(entry.leases)
         node.drain.moved += 1
@@ -266,7 +267,7 @@ class Drains:
             await st.drop_on_daemon(node.node_id, tier, [e.key for e, _ in items])
             for e, r in items:
                 st.free(node.node_id, r)
-                st.events.removed([e.key], node.node_id, tier, Reason.DRAINED)
+                st.events.removed([e.shown], node.node_id, tier, Reason.DRAINED, scope=e.scope)
                 self._before.pop(e.key, None)
                 node.drain.dropped += 1
         return waiting

@@ -7,6 +7,7 @@ to change anything."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -76,12 +77,16 @@ EAGER = frozenset({Call.GET, Call.RELEASE, Call.EXISTS, Call.MATCH, Call.ABORT, 
                    Call.UNPIN})
 # "/": the status page, no data in it
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", STREAM_INFO})
+SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# What a tenant's viewer credential reads (filtered to its namespaces).
+TENANT_PATHS = frozenset({"/v1/events", "/v1/tenants"})
 
 
 class MasterHttp:
     def __init__(self, core: MasterCore, server: Any = None) -> None:
         self.core = core
         self.state = core.state
+        self.tenancy = core.state.tenancy
         self.server = server  # the MasterServer, for who leads (None: always this one)
         self.ops = OpsRoutes(core)
         self.connections: set[web.WebSocketResponse] = set()  # open RPC connections
@@ -100,7 +105,7 @@ class MasterHttp:
     def app(self, stream: StreamRpcServer | None = None) -> web.Application:
         creds = self.core.cfg.credentials()
         app = web.Application(client_max_size=MAX_BODY, middlewares=[
-            auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"})), error_middleware])
+            auth_middleware(creds, OPEN_PATHS, frozenset({"/v1/rpc"}), TENANT_PATHS), error_middleware])
         app.on_shutdown.append(self._shutdown)
         app.router.add_get("/v1/rpc", rpc_endpoint(self.rpc_handlers(), creds, ROLES,
                                                    bulk=frozenset({Call.REGISTER}),
@@ -140,24 +145,33 @@ class MasterHttp:
 
         return call
 
+    # Every call that names keys names them as its scope's clients do: the scope (the
+    # connection's tenant, master.tenants) turns them into the index's keys first.
+
     async def reserve(self, body: dict[str, Any]) -> Any:
         req = ReserveRequest.unpack(body)
         put_id, items = await self.core.puts.reserve(req.keys, req.sizes, req.parents, req.prefer,
                                                      req.replicas, catalog.parse(req.meta, len(req.keys)),
-                                                     ttl_s=req.ttl_s, owner=auth.peer())
+                                                     ttl_s=req.ttl_s, owner=auth.peer(),
+                                                     scope=self.tenancy.current())
         return {"put_id": put_id, "items": [r.pack() for r in items]}
 
     async def commit(self, body: dict[str, Any]) -> Any:
         req = CommitRequest.unpack(body)
-        return {"committed": await self.core.puts.commit(req.put_id, req.keys, req.headers)}
+        return {"committed": await self.core.puts.commit(req.put_id, req.keys, req.headers,
+                                                         self.tenancy.current())}
 
     async def abort(self, body: dict[str, Any]) -> Any:
         req = AbortRequest.unpack(body)
-        self.core.puts.abort(req.put_id, req.keys)
+        self.core.puts.abort(req.put_id, self.tenancy.current().keys(req.keys))
         return {}
 
+    def _keys(self, body: dict[str, Any], call: Call) -> tuple[KeysRequest, list[BlockKey]]:
+        req = KeysRequest.unpack(body, call)
+        return req, self.tenancy.current().keys(req.keys)
+
     async def get(self, body: dict[str, Any]) -> Any:
-        lease, grants = await self.core.reads.get(KeysRequest.unpack(body, Call.GET).keys)
+        lease, grants = await self.core.reads.get(self._keys(body, Call.GET)[1])
         return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
                 "ttl_s": self.core.cfg.read_lease_s}
 
@@ -166,32 +180,44 @@ class MasterHttp:
         return {}
 
     async def exists(self, body: dict[str, Any]) -> Any:
-        return {"present": await self.core.reads.exists(KeysRequest.unpack(body, Call.EXISTS).keys)}
+        return {"present": await self.core.reads.exists(self._keys(body, Call.EXISTS)[1])}
 
     async def match(self, body: dict[str, Any]) -> Any:
-        req = KeysRequest.unpack(body, Call.MATCH)
-        return {"count": await self.core.reads.match(req.keys, prefetch=req.prefetch)}
+        req, keys = self._keys(body, Call.MATCH)
+        return {"count": await self.core.reads.match(keys, prefetch=req.prefetch)}
 
     async def remove(self, body: dict[str, Any]) -> Any:
-        req = KeysRequest.unpack(body, Call.REMOVE)
+        req, keys = self._keys(body, Call.REMOVE)
         if req.force:
             auth.require(Access.ADMIN, what="a forced remove (it ignores leases and pins)")
-        return {"removed": await removal.remove(self.state, req.keys, req.force)}
+        return {"removed": await removal.remove(self.state, keys, req.force)}
+
+    def _named(self, req: KeysRequest, keys: list[BlockKey]) -> BlockNotFound:
+        """A miss as the caller named the key (not the index's scoped key)."""
+        missing = next((n for n, k in zip(req.keys, keys) if self.state.index.readable(k) is None),
+                       req.keys[0] if req.keys else b"")
+        return BlockNotFound(f"no complete block {missing.hex()}")
 
     async def pin(self, body: dict[str, Any]) -> Any:
-        req = KeysRequest.unpack(body, Call.PIN)
-        return {"pinned": await self.core.leases.pin(req.keys, req.ttl_s, req.prefix)}
+        req, keys = self._keys(body, Call.PIN)
+        try:
+            return {"pinned": await self.core.leases.pin(keys, req.ttl_s, req.prefix)}
+        except BlockNotFound:
+            raise self._named(req, keys) from None
 
     async def unpin(self, body: dict[str, Any]) -> Any:
-        req = KeysRequest.unpack(body, Call.UNPIN)
-        return {"unpinned": await self.core.leases.unpin(req.keys, req.prefix)}
+        req, keys = self._keys(body, Call.UNPIN)
+        try:
+            return {"unpinned": await self.core.leases.unpin(keys, req.prefix)}
+        except BlockNotFound:
+            raise self._named(req, keys) from None
 
     async def agents(self, body: dict[str, Any]) -> Any:
         return {"metadata": await self.core.members.agent_metadata(AgentsRequest.unpack(body).agents)}
 
     async def corrupt(self, body: dict[str, Any]) -> Any:
         req = CorruptRequest.unpack(body)
-        await self.core.reads.report_corrupt(req.keys, req.nodes)
+        await self.core.reads.report_corrupt(self.tenancy.current().keys(req.keys), req.nodes)
         return {}
 
     async def register(self, body: dict[str, Any]) -> Any:
@@ -274,10 +300,21 @@ class MasterHttp:
             for n in self.state.nodes.values()]})
 
     def _entry(self, request: web.Request) -> BlockEntry:
+        """The block a path names: by the index's key, or with ``?scope=`` by the key as
+        that tenant's (or shared namespace's, or ``default``) events show it."""
         key = parse_key(request.match_info["key"])
+        name = request.query.get("scope", "")
+        if name:
+            if not SCOPE_NAME.fullmatch(name):
+                raise BadRequest(f"scope={name!r:.70}: a tenant's or shared namespace's name")
+            scope = self.tenancy.scopes.get("" if name == "default" else name)
+            if scope is None:
+                raise BlockNotFound(f"no tenant or shared namespace {name!r} here")
+            key = scope.key(key)
         entry = self.state.index.readable(key)
         if entry is None:
-            raise BlockNotFound(f"no complete block {key.hex()}")
+            raise BlockNotFound(f"no complete block {request.match_info['key']}"
+                                + (f" in scope {name!r:.70}" if name else ""))
         return entry
 
     async def block(self, request: web.Request) -> web.Response:

@@ -73,6 +73,18 @@ class BlockEntry:
     used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
     meta: BlockMeta | None = None  # what the writer said of it (master.catalog)
     wanted: int = 1  # copies on distinct nodes the writer asked for (re-replicated up to it)
+    scope: str = ""  # the tenant or shared namespace it belongs to (master.tenants)
+    name: BlockKey | None = None  # the key its writer named, when ``key`` is a scoped one
+    name_parent: BlockKey | None = None  # the parent its writer named (with ``name``)
+
+    @property
+    def shown(self) -> BlockKey:
+        """The key as its scope's clients know it (what their events carry)."""
+        return self.key if self.name is None else self.name
+
+    @property
+    def shown_parent(self) -> BlockKey | None:
+        return self.parent if self.name is None else self.name_parent
 
     def advance(self, to: BlockState, expect: BlockState) -> None:
         """Move to ``to`` from ``expect``; anything else is a StateError that says what was found."""
@@ -123,6 +135,20 @@ class Index:
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
         self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
+        # (scope, tier) -> [bytes, replicas] of every indexed replica, pending ones too:
+        # what the tenants' quotas count against.
+        self.usage: dict[tuple[str, TierKind], list[int]] = {}
+
+    def _count(self, entry: BlockEntry, replica: Replica, sign: int) -> None:
+        row = self.usage.get((entry.scope, replica.tier))
+        if row is None:
+            row = self.usage[(entry.scope, replica.tier)] = [0, 0]
+        row[0] += sign * replica.size
+        row[1] += sign
+
+    def used(self, scope: str, tier: TierKind) -> int:
+        row = self.usage.get((scope, tier))
+        return row[0] if row is not None else 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -149,6 +175,7 @@ class Index:
         entry.used_at = now
         for r in entry.replicas:
             self.policy(r.node, r.tier).inserted(entry.info, now)
+            self._count(entry, r, 1)
         if entry.parent is not None:
             self._children.setdefault(entry.parent, set()).add(entry.key)
 
@@ -172,10 +199,14 @@ class Index:
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
         entry.replicas.append(replica)
         self.policy(replica.node, replica.tier).inserted(entry.info, time.monotonic())
+        if self.entries.get(entry.key) is entry:
+            self._count(entry, replica, 1)
 
     def drop_replica(self, entry: BlockEntry, replica: Replica) -> None:
         entry.replicas.remove(replica)
         self.policy(replica.node, replica.tier).removed(entry.key)
+        if self.entries.get(entry.key) is entry:
+            self._count(entry, replica, -1)
 
     def remove(self, entry: BlockEntry) -> None:
         """Forget an entry (it becomes REMOVED); its replica list stays as it was, for the
@@ -186,6 +217,8 @@ class Index:
             self.policy(r.node, r.tier).removed(entry.key)
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
+            for r in entry.replicas:
+                self._count(entry, r, -1)
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
 
@@ -300,6 +333,14 @@ class Index:
             for key in kids:
                 child = self.entries.get(key)
                 assert child is not None and child.parent == parent, f"stale successor link {key.hex()}"
+        usage: dict[tuple[str, TierKind], list[int]] = {}
+        for entry in self.entries.values():
+            for r in entry.replicas:
+                row = usage.setdefault((entry.scope, r.tier), [0, 0])
+                row[0] += r.size
+                row[1] += 1
+        counted = {k: v for k, v in self.usage.items() if v != [0, 0]}
+        assert counted == usage, f"per-scope usage {counted} differs from the index's {usage}"
         for key, entry in self.entries.items():
             assert entry.key == key
             for r in entry.replicas:

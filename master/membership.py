@@ -27,6 +27,7 @@ from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
 from master.state import PoolState
+from master.tenants import DEFAULT, UNKNOWN
 
 log = logging.getLogger(__name__)
 LinkFactory = Callable[[str], DaemonLink]
@@ -85,8 +86,12 @@ class Membership:
         owner = st.owner(node, block.tier)
         entry = st.index.get(block.key)
         if entry is None:
+            # Under tenants the key is a scoped one whose scope the inventory does not say
+            # (and the header's parent is its writer's key, not an index key): master.tenants.
+            scoped = st.tenancy.enabled
             entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
-                               parent=header.parent)
+                               parent=None if scoped else header.parent,
+                               scope=UNKNOWN if scoped else DEFAULT)
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return
@@ -100,7 +105,8 @@ class Membership:
             if mark.soft_until > time.time():
                 entry.soft_until = max(entry.soft_until, now + mark.soft_until - time.time())
         entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas if not r.node.startswith("@")}))
-        st.events.stored([block.key], owner, block.tier, Reason.INVENTORY, parent=entry.parent)
+        st.events.stored([entry.shown], owner, block.tier, Reason.INVENTORY,
+                         parent=entry.shown_parent, scope=entry.scope)
 
     async def drop(self, node_id: str, reason: str) -> None:
         st = self.state
@@ -111,7 +117,7 @@ class Membership:
         for entry in st.index.on(node_id):
             for r in [r for r in entry.replicas if r.node == node_id]:
                 st.index.drop_replica(entry, r)
-                st.events.removed([entry.key], node_id, r.tier, Reason.LOST)
+                st.events.removed([entry.shown], node_id, r.tier, Reason.LOST, scope=entry.scope)
             if not entry.replicas:
                 st.index.remove(entry)
                 lost += 1

@@ -48,7 +48,8 @@ _EVENT: Schema = {"type": "object", "required": ["id", "ts", "type"], "propertie
     "type": {"type": "string", "enum": ["BlockStored", "BlockRemoved", "AllBlocksCleared"]},
     "block_hashes": _array(_HEX), "medium": _nullable(_TIER), "node": _nullable(_STR),
     "parent_block_hash": _nullable(_HEX), "block_size": _nullable(_INT), "lora_id": _nullable(_INT),
-    "token_ids": _array(_INT), "reason": _STR, "namespace": _STR, "request_id": _STR}}
+    "token_ids": _array(_INT), "reason": _STR, "namespace": _STR, "request_id": _STR,
+    "scope": _STR}}
 _NODE_STATE = dict(
     state={"type": "string", "enum": ["active", "draining", "drained", "stuck"]}, can_stop=_BOOL,
     moved=_INT, dropped=_INT, left=_INT, waiting_leases=_INT, note=_STR,
@@ -75,6 +76,11 @@ RESPONSES: dict[str, Schema] = {
                   counters={"type": "object", "additionalProperties": _INT},
                   events=_obj(first_id=_INT, last_id=_INT, subscribers=_INT, recent=_array(_EVENT))),
     "Ready": _obj(ready=_BOOL, leader=_BOOL, leader_url=_STR, nodes=_INT),
+    "Tenants": _obj(enabled=_BOOL, tenants=_array(_obj(
+        name=_STR, kind={"type": "string", "enum": ["default", "tenant", "shared", "unknown"]},
+        members=_array(_STR), puts_open=_INT, max_puts=_nullable(_INT),
+        tiers={"type": "object", "additionalProperties": _obj(
+            used=_INT, replicas=_INT, quota=_nullable(_INT))}))),
 }
 
 
@@ -126,6 +132,10 @@ def _path(name: str, schema: Schema, description: str) -> Schema:
 
 
 _KEY = _path("key", _HEX, "Block key, 32 hex characters")
+_SCOPE = {"name": "scope", "in": "query",
+          "schema": {"type": "string", "pattern": "^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$"},
+          "description": "The tenant or shared namespace whose key this is, as the events show it "
+                         "(empty or absent: the key as the index has it)"}
 _NODE = _path("node", {"type": "string", "pattern": "^[^/{}]+$"}, "Node id")
 _REQUEST = _path("request_id", {"type": "string", "pattern": "^[A-Za-z0-9._:@=+-]{1,128}$"},
                  "A request id, or a traceparent's 32-hex trace id")
@@ -154,15 +164,15 @@ OPENAPI: Schema = {
                                  "block counts", "Nodes")},
         "/v1/blocks/{key}": {
             "get": _op("One block: size, state, pins, leases, parent, replicas", "Block",
-                       errors=[BlockNotFound], params=[_KEY]),
+                       errors=[BlockNotFound], params=[_KEY, _SCOPE]),
             "delete": _op("Remove a block (409 while leased or pinned unless force=true)",
                           _obj(removed=_BOOL), mutating=True, errors=[BlockNotFound, BlockLeased],
-                          params=[_KEY, {"name": "force", "in": "query", "schema": _BOOL}])},
+                          params=[_KEY, _SCOPE, {"name": "force", "in": "query", "schema": _BOOL}])},
         "/v1/blocks/{key}/pin": {"post": _op("Pin a block: never demoted or evicted",
                                              _obj(pinned=_BOOL), mutating=True,
-                                             errors=[BlockNotFound], params=[_KEY])},
+                                             errors=[BlockNotFound], params=[_KEY, _SCOPE])},
         "/v1/blocks/{key}/unpin": {"post": _op("Release one pin", _obj(pinned=_BOOL), mutating=True,
-                                               errors=[BlockNotFound], params=[_KEY])},
+                                               errors=[BlockNotFound], params=[_KEY, _SCOPE])},
         "/v1/evict": {"post": _op("Demote the coldest movable blocks of a tier down to a fill level",
                                   _obj(freed_bytes=_INT), mutating=True,
                                   body=_obj(False, tier=_TIER,
@@ -192,6 +202,10 @@ OPENAPI: Schema = {
         "/v1/stats": {"get": _op("Activity counters and the latest events (the status page and "
                                  "`kvpool top` poll it)", "Stats", params=[
             {"name": "recent", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}}])},
+        "/v1/tenants": {"get": _op("Per tenant, shared namespace and the default scope: bytes and "
+                                   "replicas held per tier against its quota, puts in flight "
+                                   "against its max_puts (a tenant's viewer sees its own rows)",
+                                   "Tenants")},
         "/v1/purge": {"post": _op("Remove every block of some namespaces or models, or of the whole "
                                   "pool (then one AllBlocksCleared event)", _obj(purged=_INT),
                                   mutating=True, body=_PURGE, body_required=True)},

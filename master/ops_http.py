@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kvpool import auth
 from kvpool.errors import BadRequest
 from kvpool.keys import parse_key
+from kvpool.tiers.base import TierKind
 from kvpool.wire import Handler
 from kvpool import event_stream, tracing
 from master import removal
@@ -43,6 +45,7 @@ class OpsRoutes:
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/events", self.events)
         app.router.add_get("/v1/stats", self.stats)
+        app.router.add_get("/v1/tenants", self.tenants)
         app.router.add_post("/v1/purge", self.purge)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/v1/traces/{request_id}", self.trace)
@@ -94,7 +97,36 @@ class OpsRoutes:
                                      "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        return await event_stream.stream(request, self.core.state.events)
+        """A tenant's viewer sees its own namespaces' events only (master.tenants)."""
+        st = self.core.state
+        return await event_stream.stream(request, st.events, st.tenancy.visible(auth.tenant()))
+
+    async def tenants(self, request: web.Request) -> web.Response:
+        """Per scope (tenant, shared namespace, the default one): bytes and replicas held
+        per tier against its quota, and puts in flight against its limit. A tenant's viewer
+        sees its own rows only."""
+        st = self.core.state
+        tenancy = st.tenancy
+        visible = tenancy.visible(auth.tenant())
+        names = [n for n in tenancy.scopes if visible is None or n in visible]
+        if visible is None and any(scope == "?" for scope, _ in st.index.usage):
+            names.append("?")
+        rows = []
+        for name in names:
+            scope = tenancy.scopes.get(name)
+            tiers = {}
+            for kind in TierKind:
+                used, replicas = st.index.usage.get((name, kind), (0, 0))
+                quota = scope.quotas.get(kind, 0) if scope is not None else 0
+                if used or replicas or quota:
+                    tiers[kind.value] = {"used": used, "replicas": replicas, "quota": quota or None}
+            rows.append({"name": scope.label if scope is not None else "unknown",
+                         "kind": tenancy.kinds.get(name, "unknown"),
+                         "members": list(scope.members) if scope is not None else [],
+                         "puts_open": self.core.puts.open_in(name),
+                         "max_puts": (scope.max_puts or None) if scope is not None else None,
+                         "tiers": tiers})
+        return web.json_response({"enabled": tenancy.enabled, "tenants": rows})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

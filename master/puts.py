@@ -15,8 +15,8 @@ from typing import Sequence
 
 from kvpool.codec import BlockHeader
 from kvpool.daemon_link import StoredBlock
-from kvpool.errors import (BadRequest, KVPoolError, NodeGone, ReservationLost, TierFull,
-                           TooManyPending, Unavailable)
+from kvpool.errors import (BadRequest, KVPoolError, NodeGone, QuotaExceeded, ReservationLost,
+                           TierFull, TooManyPending, Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
 from master.catalog import BlockMeta
@@ -25,6 +25,7 @@ from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, TierSpace
 from master.placement import arena_candidates, extra_replica_spaces
 from master.state import PoolState
+from master.tenants import Scope
 from master.tiering import Tiering
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class OpenPut:
     """A reservation not yet committed or aborted, counted against its client's limits."""
 
     owner: int | None  # the client connection (kvpool.auth.peer)
-    keys: list[BlockKey]  # the keys it reserved
+    scope: str  # the tenant or shared namespace it writes in (master.tenants)
+    keys: list[BlockKey]  # the keys it reserved (the index's)
     nbytes: int  # arena bytes it holds, every replica counted
     deadline: float
 
@@ -47,13 +49,19 @@ class Puts:
         self.tiering = tiering
         self._open: dict[int, OpenPut] = {}
         self._by_owner: dict[int | None, list[int]] = {}  # owner -> [puts, bytes]
+        self._by_scope: dict[str, int] = {}  # scope -> puts open
 
     def clear(self) -> None:
         """A term ended: its reservations are gone with the index."""
         self._open.clear()
         self._by_owner.clear()
+        self._by_scope.clear()
 
-    def _admit(self, owner: int | None, nbytes: int) -> None:
+    def open_in(self, scope: str) -> int:
+        """Puts of a scope reserved and not yet committed."""
+        return self._by_scope.get(scope, 0)
+
+    def _admit(self, owner: int | None, nbytes: int, scope: Scope) -> None:
         """Refuse a reserve beyond its client's (or everyone's) limits on puts in flight
         and reserved bytes: typed and retryable, so a client that commits keeps working
         while one that never commits cannot fill the arenas."""
@@ -69,13 +77,19 @@ class Puts:
             raise TooManyPending(f"this client holds {held} bytes reserved and not committed; "
                                  f"{nbytes} more would pass its limit of {cap} bytes "
                                  f"(client_max_reserved); commit or abort some, then retry")
+        if scope.max_puts and self._by_scope.get(scope.name, 0) >= scope.max_puts:
+            raise TooManyPending(f"tenant {scope.label!r} has {self._by_scope[scope.name]} puts "
+                                 f"reserved and not committed, all its connections together "
+                                 f"(its max_puts = {scope.max_puts}); commit or abort some, then retry")
         if len(self._open) >= cfg.max_puts:
             raise TooManyPending(f"{len(self._open)} puts are reserved and not committed across "
                                  f"all clients (max_puts = {cfg.max_puts}); retry shortly")
 
-    def _opened(self, put_id: int, owner: int | None, made: list[BlockEntry], deadline: float) -> None:
+    def _opened(self, put_id: int, owner: int | None, scope: str, made: list[BlockEntry],
+                deadline: float) -> None:
         nbytes = sum(r.size for e in made for r in e.replicas)
-        self._open[put_id] = OpenPut(owner, [e.key for e in made], nbytes, deadline)
+        self._open[put_id] = OpenPut(owner, scope, [e.key for e in made], nbytes, deadline)
+        self._by_scope[scope] = self._by_scope.get(scope, 0) + 1
         tally = self._by_owner.setdefault(owner, [0, 0])
         tally[0] += 1
         tally[1] += nbytes
@@ -84,6 +98,11 @@ class Puts:
         put = self._open.pop(put_id, None)
         if put is None:
             return
+        left = self._by_scope.get(put.scope, 0) - 1
+        if left > 0:
+            self._by_scope[put.scope] = left
+        else:
+            self._by_scope.pop(put.scope, None)
         tally = self._by_owner[put.owner]
         tally[0] -= 1
         tally[1] -= put.nbytes
@@ -115,13 +134,16 @@ class Puts:
     async def reserve(self, keys: Sequence[BlockKey], sizes: Sequence[int],
                       parents: Sequence[BlockKey | None], prefer: str | None,
                       replicas: int = 1, meta: Sequence[BlockMeta] | None = None, *,
-                      ttl_s: float | None = None, owner: int | None = None
-                      ) -> tuple[int, list[Reservation]]:
+                      ttl_s: float | None = None, owner: int | None = None,
+                      scope: Scope | None = None) -> tuple[int, list[Reservation]]:
         """Reserve space for new blocks: one location per copy (``replicas`` copies on
         distinct nodes, as many as there are nodes with room); EXISTS or IN_FLIGHT for
         keys that are stored or being stored. ``owner`` (the client's connection) is held
-        to its limits; ``ttl_s`` shortens the time to commit below the put timeout."""
+        to its limits, ``scope`` (its tenant's, master.tenants; the default one when None)
+        to its quotas; ``keys`` and ``parents`` are as the client names them; ``ttl_s``
+        shortens the time to commit below the put timeout."""
         st = self.state
+        scope = scope or st.tenancy.default
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
             raise BadRequest(f"replicas={replicas!r} is outside 1..{MAX_REPLICAS}")
         if len(keys) != len(sizes) or (parents and len(parents) != len(keys)):
@@ -133,24 +155,28 @@ class Puts:
                 raise BadRequest(f"block size {size!r} is outside 1..{st.cfg.max_block_bytes} bytes")
         if not st.nodes:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
-        self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))))
+        self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))), scope)
         ttl = st.cfg.put_timeout_s if ttl_s is None else min(ttl_s, st.cfg.put_timeout_s)
         put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
         try:
-            for i, (key, size) in enumerate(zip(keys, sizes)):
+            for i, (name, size) in enumerate(zip(keys, sizes)):
+                key = scope.key(name)
                 entry = st.index.get(key)
                 if entry is not None:
                     status = ReserveStatus.EXISTS if entry.state.readable else ReserveStatus.IN_FLIGHT
                     out.append(Reservation(status, len(entry.replicas)))
                     continue
-                node, space, offset = await self._allocate(size, prefer)
+                node, space, offset = await self._allocate(size, prefer, scope)
+                parent = parents[i] if parents else None
                 entry = BlockEntry(key, size, BlockState.PENDING,
                                    [Replica(node.node_id, space.kind, offset, size)],
                                    put_id=put_id, deadline=deadline,
-                                   parent=parents[i] if parents else None,
-                                   meta=meta[i] if meta else None, wanted=replicas)
+                                   parent=scope.parent(parent),
+                                   meta=meta[i] if meta else None, scope=scope.name,
+                                   name=name if scope.hashed else None,
+                                   name_parent=parent if scope.hashed else None, wanted=replicas)
                 st.index.add(entry)
                 made.append(entry)
                 for other, other_space in extra_replica_spaces(st.nodes.values(), node.node_id,
@@ -168,10 +194,31 @@ class Puts:
             raise
         st.counters["reserved"] += len(made)
         if made:
-            self._opened(put_id, owner, made, deadline)
+            self._opened(put_id, owner, scope.name, made, deadline)
         return put_id, out
 
-    async def _allocate(self, size: int, prefer: str | None) -> tuple[Node, TierSpace, int]:
+    async def _allocate(self, size: int, prefer: str | None,
+                        scope: Scope) -> tuple[Node, TierSpace, int]:
+        """Arena space for one block, within its scope's quota of the tier it lands in:
+        over it, the scope's own coldest blocks there are demoted first (as a full tier
+        demotes everyone's); if they cannot make room, QuotaExceeded."""
+        for _attempt in range(3):
+            node, space, offset = await self._place(size, prefer)
+            quota = scope.quotas.get(space.kind, 0)
+            used = self.state.index.used(scope.name, space.kind)
+            if not quota or used + size <= quota:
+                return node, space, offset
+            space.allocator.free(offset)  # type: ignore[union-attr]
+            if size > quota or not await self.tiering.make_room_in(scope.name, space.kind,
+                                                                   used + size - quota):
+                break
+        self.state.counters["quota_refused"] += 1
+        raise QuotaExceeded(f"tenant {scope.label!r} holds {used} bytes in the {space.kind.value} "
+                            f"tier; a {size}-byte block would pass its quota of {quota} bytes, and "
+                            "none of its blocks there can be moved (leased, pinned or in flight); "
+                            "release or remove some of its blocks, or raise its quota_bytes")
+
+    async def _place(self, size: int, prefer: str | None) -> tuple[Node, TierSpace, int]:
         nodes = self.state.nodes
         largest = max((s.capacity for _, s in arena_candidates(nodes.values())), default=0)
         if size > largest:  # no amount of demotion would make room: say so, move nothing
@@ -194,15 +241,19 @@ class Puts:
                        "demoted (blocks are leased, pinned or in flight); release leases, "
                        "unpin blocks or give the daemon a bigger host arena")
 
-    async def commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes]) -> int:
-        """Make reserved blocks visible once their daemons have recorded them. The put
-        stops counting against its client's limits whatever the outcome."""
+    async def commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes],
+                     scope: Scope | None = None) -> int:
+        """Make reserved blocks visible once their daemons have recorded them (``keys`` as
+        ``scope``'s client names them). The put stops counting against its client's limits
+        whatever the outcome."""
+        scope = scope or self.state.tenancy.default
         try:
-            return await self._commit(put_id, keys, headers)
+            return await self._commit(put_id, scope.keys(keys), headers, scope)
         finally:
             self._recount(put_id)
 
-    async def _commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes]) -> int:
+    async def _commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes],
+                      scope: Scope) -> int:
         st = self.state
         if len(keys) != len(headers):
             raise BadRequest("commit needs one header per key")
@@ -224,12 +275,15 @@ class Puts:
                 if used != len(raw) or header.payload_size != entry.size:
                     raise BadRequest(f"header says {header.payload_size} bytes, "
                                      f"{entry.size} were reserved")
-                if header.parent is not None and entry.parent not in (None, header.parent):
+                named = scope.parent(header.parent)
+                if named is not None and entry.parent not in (None, named):
                     raise BadRequest("the header's parent differs from the reservation's")
             except BadRequest as exc:
                 self.abort(put_id, keys)
-                raise BadRequest(f"block {entry.key.hex()}: {exc}") from None
-            parents.append(header.parent or entry.parent)
+                raise BadRequest(f"block {entry.shown.hex()}: {exc}") from None
+            parents.append(named or entry.parent)
+            if entry.name is not None and header.parent is not None:
+                entry.name_parent = header.parent
         hold = time.monotonic() + st.cfg.put_timeout_s
         by_node: dict[str, list[StoredBlock]] = defaultdict(list)
         for entry, raw in zip(entries, headers):
@@ -259,7 +313,8 @@ class Puts:
                 st.index.committed(entry)
                 meta = entry.meta
                 for r in entry.replicas:
-                    st.events.stored([entry.key], r.node, r.tier, Reason.PUT, parent=parent,
+                    st.events.stored([entry.shown], r.node, r.tier, Reason.PUT,
+                                     parent=entry.shown_parent, scope=entry.scope,
                                      block_size=meta.block_tokens if meta else None,
                                      token_ids=meta.token_ids if meta else None)
                 if meta is not None:

@@ -48,7 +48,7 @@ async def delete(state: PoolState, entries: Sequence[BlockEntry], reason: Reason
         for r in replicas:
             state.free(r.node, r)
             if announce:
-                state.events.removed([entry.key], r.node, r.tier, reason)
+                state.events.removed([entry.shown], r.node, r.tier, reason, scope=entry.scope)
     if reason is Reason.REMOVED:
         state.counters["removed"] += len(doomed)
 

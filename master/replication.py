@@ -88,7 +88,8 @@ class Replication:
                         e.advance(BlockState.COMPLETE, BlockState.MOVING)
             for e, at in landed:
                 st.index.add_replica(e, Replica(dst, kind, at, e.size))
-                st.events.stored([e.key], dst, kind, Reason.REPLICATED, parent=e.parent)
+                st.events.stored([e.shown], dst, kind, Reason.REPLICATED, parent=e.shown_parent,
+                                 scope=e.scope)
                 copied += 1
         if copied:
             st.counters["re_replicated"] += copied

@@ -25,6 +25,7 @@ from kvpool.kv_events import EventHub, Reason
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace
 from master.policy import POLICIES, EvictionPolicy, PolicyFactory
+from master.tenants import Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class PoolState:
         # so a node's death leaves them, and any node naming the store can promote them.
         self.stores: dict[str, TierSpace] = {}
         self.events = EventHub(max(1, cfg.events_ring))
+        self.tenancy = Tenancy(cfg)
         self.counters: dict[str, int] = defaultdict(int)
         # Keys whose drop a daemon is carrying out right now (the index may already have
         # forgotten them): check() does not count them as strays.
@@ -133,7 +135,8 @@ class PoolState:
                     replica.tier.value, why)
         self.forget_replica(entry, replica)
         self.counters[f"dropped_{why.code}"] += 1
-        self.events.removed([entry.key], replica.node, replica.tier, Reason.LOST)
+        self.events.removed([entry.shown], replica.node, replica.tier, Reason.LOST,
+                            scope=entry.scope)
         if not entry.replicas:
             self.index.remove(entry)
         elif entry.wanted > 1:

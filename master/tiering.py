@@ -50,6 +50,7 @@ class Tiering:
         drop what outlived the last tier's TTL."""
         for node, kind in pressured(list(self.state.nodes.values()), self.high):
             await self.relieve(node, kind)
+        await self._hold_quotas()
         if self.state.cfg.last_tier_ttl_s > 0:
             await self._expire(time.monotonic() - self.state.cfg.last_tier_ttl_s)
 
@@ -130,6 +131,56 @@ class Tiering:
                 await asyncio.wait_for(self._landed.wait(), timeout=1.0)
         return True
 
+    async def _hold_quotas(self) -> None:
+        """Reads may promote a tenant's blocks past its quota of an arena tier (a read is
+        never refused): the sweep demotes its coldest ones back under it."""
+        st = self.state
+        for scope in st.tenancy.scopes.values():
+            for kind, quota in scope.quotas.items():
+                over = st.index.used(scope.name, kind) - quota
+                if over > 0 and kind.is_arena:
+                    await self.make_room_in(scope.name, kind, over)
+
+    async def make_room_in(self, scope: str, kind: TierKind, need: int) -> bool:
+        """Bring one scope's bytes in a tier down by ``need`` (its quota is reached): demote
+        its own coldest movable blocks there, node by node, in eviction order. True when
+        enough left."""
+        st = self.state
+        freed = 0
+        for node in list(st.nodes.values()):
+            if kind not in node.tiers:
+                continue
+            owner, now = st.owner(node, kind), time.monotonic()
+            victims, here = [], 0
+            for entry in st.index.coldest(owner, kind, now):
+                if freed + here >= need:
+                    break
+                if entry.scope == scope and entry.movable(now):
+                    victims.append(entry)
+                    here += entry.replica(owner, kind).size  # type: ignore[union-attr]
+            if victims:
+                before = st.index.used(scope, kind)
+                await self.demote(node, kind, victims)
+                freed += max(0, before - st.index.used(scope, kind))
+                st.counters[f"quota_demoted_{kind.value}"] += len(victims)
+            if freed >= need:
+                return True
+        return freed >= need
+
+    def over_quota(self, entry: BlockEntry, dst: TierKind, coming: dict[str, int]) -> bool:
+        """Would a copy of the block in ``dst`` pass its scope's quota there (with the
+        ``coming`` bytes of this batch)? Then it is evicted instead of demoted, as a block
+        the policy does not admit is."""
+        scope = self.state.tenancy.scopes.get(entry.scope)
+        quota = scope.quotas.get(dst, 0) if scope is not None else 0
+        if not quota:
+            return False
+        after = self.state.index.used(entry.scope, dst) + coming.get(entry.scope, 0) + entry.size
+        if after > quota:
+            return True
+        coming[entry.scope] = coming.get(entry.scope, 0) + entry.size
+        return False
+
     async def demote(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
         """Move blocks one tier down on their node; at the last tier, evict them."""
         dst = node.below(kind)
@@ -159,12 +210,16 @@ class Tiering:
         now = time.monotonic()
         admits = st.index.policy(dst_owner, dst)
         need, done = [], []
+        coming: dict[str, int] = {}
         for e in entries:
             if any(r.node in (node.node_id, dst_owner) and r.tier.rank >= dst.rank for r in e.replicas):
                 done.append(e)  # already below
             elif not admits.admit(e.info, now):
                 # Evicted instead of demoted: the policy expects no reuse worth the copy.
                 st.counters[f"not_admitted_{dst.value}"] += 1
+                done.append(e)
+            elif self.over_quota(e, dst, coming):
+                st.counters[f"quota_evicted_{dst.value}"] += 1
                 done.append(e)
             else:
                 need.append(e)
@@ -200,7 +255,8 @@ class Tiering:
                 if dst_space.allocator is None:
                     dst_space.take(at, res.size)
                 st.index.add_replica(entry, Replica(dst_owner, dst, at, res.size))
-                st.events.stored([entry.key], dst_owner, dst, Reason.DEMOTED, parent=entry.parent)
+                st.events.stored([entry.shown], dst_owner, dst, Reason.DEMOTED,
+                                 parent=entry.shown_parent, scope=entry.scope)
                 done.append(entry)
             else:
                 if dst_space.allocator is not None:
@@ -236,7 +292,8 @@ class Tiering:
                 continue
             st.forget_replica(entry, replica)
             gone = not entry.replicas
-            st.events.removed([entry.key], owner, kind, Reason.EVICTED if gone else Reason.DEMOTED)
+            st.events.removed([entry.shown], owner, kind, Reason.EVICTED if gone else Reason.DEMOTED,
+                              scope=entry.scope)
             if gone:
                 st.index.remove(entry)
                 st.counters["evicted"] += 1
@@ -284,7 +341,8 @@ class Tiering:
                 return None
             replica = Replica(node.node_id, TierKind.HOST, offset, entry.size)
             st.index.add_replica(entry, replica)
-            st.events.stored([key], node.node_id, TierKind.HOST, Reason.PROMOTED, parent=entry.parent)
+            st.events.stored([entry.shown], node.node_id, TierKind.HOST, Reason.PROMOTED,
+                             parent=entry.shown_parent, scope=entry.scope)
             st.counters["promoted"] += 1
             return replica
         finally:

@@ -9,6 +9,11 @@ baseline is a request/response ping-pong of small messages in plain Python over 
 loopback sockets between this process and a child (no framework, one call in flight).
 Every get is checked byte for byte. ``--rpc both`` measures the WebSocket RPC and the
 stream RPC one after the other against the same pool, for a ratio within one run.
+``--auth both`` runs everything twice, on a pool without credentials and on one with them
+(cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
+under an HMAC-keyed namespace root), and prints the ratio on/off per call; then, with both
+pools up at once, it alternates short rounds of each call between them (A/B, so that the
+load of a shared machine weighs on both alike) and quotes the median ratio of the rounds.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 from clients.client import AsyncPoolClient  # noqa: E402
 from clients.sync import PoolClient  # noqa: E402
 from kvpool import localcopy  # noqa: E402
+from kvpool.auth import new_secret  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
+from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 from kvpool.launcher import spawn, stop  # noqa: E402
 from benchlib import machine  # noqa: E402
@@ -127,11 +134,22 @@ def _block(i: int) -> np.ndarray:
     return data
 
 
-async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+async def _cleanup(pool: AsyncPoolClient, keys: list, tenant: bool) -> None:
+    """Make room for the next run: an admin's forced remove, or a tenant's own (whose
+    blocks an admin credential, of no tenant, does not name); a block still leased stays."""
+    try:
+        await pool.batch_remove(keys, force=not tenant)
+    except KVPoolError:
+        pass
+
+
+async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str,
+                     creds: dict[str, str]) -> dict:
     """Every figure of one RPC transport (``rpc``) and data path against the running pool."""
     out: dict = {}
-    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path)
-    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
+                       key_secret=creds.get("keys", ""))
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     nblocks = calls
     keys = block_keys(ns, np.arange(nblocks + calls + 1000))
     stored, fresh, batch = keys[:nblocks], keys[nblocks:nblocks + calls], keys[nblocks + calls:]
@@ -218,15 +236,18 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str) ->
                 raise SystemExit("match_prefix over 1000 stored keys did not match them all")
         match_kps = rounds * 1000 / (time.perf_counter() - t)
         out["batch_keys_per_s"] = {"exists": exists_kps, "match_prefix": match_kps}
-        await pool.batch_remove(list(fresh) + list(batch), force=True)
+        await _cleanup(pool, list(fresh) + list(batch), bool(creds))
     return out
 
 
-def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
+def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str,
+               creds: dict[str, str]) -> dict:
     """The blocking client's exists (from this thread) over the blocks bench_pool left."""
-    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt)
+    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
+                       key_secret=creds.get("keys", ""))
+    ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     stored = block_keys(ns, np.arange(calls))
-    with PoolClient(ClientConfig(master_url=master, rpc=rpc, data_path=path)) as sync:
+    with PoolClient(cfg) as sync:
         for k in stored[:50]:
             sync.exists(k)
         times = []
@@ -235,34 +256,135 @@ def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str) -> dict:
             if not sync.exists(stored[i]):
                 raise SystemExit("the blocking client's exists said no for a stored block")
             times.append(time.perf_counter() - t)
-        sync.batch_remove(stored, force=True)
+        try:
+            sync.batch_remove(stored, force=not creds)
+        except KVPoolError:
+            pass
     return _stats(times)
 
 
-def measure(calls: int, rpcs: list[str], path: str) -> dict:
-    data = tempfile.mkdtemp(prefix="kvpool-bench-ops-")
-    master, info = spawn("kvpool", ["master", "--port", "0"], {}, Path(data) / "master.log")
-    daemon = None
+def _secured(data: str) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Credentials for every role, the client as tenant "bench" (quotas it will not reach,
+    so the checks run but never refuse): the master's arguments and the daemon's env."""
+    creds = {role: new_secret() for role in ("cluster", "admin", "viewer", "client", "keys")}
+    config = Path(data) / "master.toml"
+    config.write_text(f"""[master]
+cluster_token = "{creds['cluster']}"
+admin_token = "{creds['admin']}"
+viewer_token = "{creds['viewer']}"
+
+[[master.tenants]]
+name = "bench"
+token = "{creds['client']}"
+quota_bytes = {{host = "4GiB", gpu = "4GiB"}}
+max_puts = 100000
+""")
+    config.chmod(0o600)
+    return creds, ["--config", str(config)], {"KVPOOL_DAEMON_CLUSTER_TOKEN": creds["cluster"]}
+
+
+def _start(data: str, secured: bool) -> tuple[list, str, dict[str, str]]:
+    """A master and a daemon (credentials on or off): their processes, the master's URL, the
+    credentials."""
+    creds, args, env = _secured(data) if secured else ({}, [], {})
+    master, info = spawn("kvpool", ["master", "--port", "0", *args], {}, Path(data) / "master.log")
     try:
         daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
                           {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
-                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0"},
+                           "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0", **env},
                           Path(data) / "daemon.log")
+    except BaseException:
+        stop(master, wait_s=30)
+        raise
+    return [daemon, master], info["master"], creds
+
+
+async def _ab_rounds(pools: dict[bool, tuple[str, dict[str, str]]], calls: int,
+                     rounds: int) -> dict[str, dict]:
+    """Per call: rounds of ``calls // rounds`` calls on each pool in turn (which goes first
+    alternates); the median calls/s of each side's rounds and their ratio on/off."""
+    per = max(20, calls // rounds)
+    n = per * rounds
+    clients, keys, bufs = {}, {}, {}
+    for secured, (url, creds) in pools.items():
+        cfg = ClientConfig(master_url=url, token=creds.get("client", ""),
+                           key_secret=creds.get("keys", ""))
+        ns = Namespace("bench-ab", "uint8", "raw", block_tokens=1, secret=cfg.key_secret)
+        client = clients[secured] = AsyncPoolClient(cfg)
+        keys[secured] = block_keys(ns, np.arange(2 * n))
+        src, dst = np.empty(BLOCK, np.uint8), np.empty(BLOCK, np.uint8)
+        client.register(src)
+        client.register(dst)
+        bufs[secured] = (src, dst)
+        for s in range(0, n, 256):
+            await client.batch_put(keys[secured][s:min(n, s + 256)], [src] * (min(n, s + 256) - s))
+        for k in keys[secured][:50]:
+            await client.exists(k)
+            await client.get(k, dst)
+
+    def op(name: str, secured: bool):  # type: ignore[no-untyped-def]
+        c, ks, (src, dst) = clients[secured], keys[secured], bufs[secured]
+        if name == "exists":
+            return lambda i: c.exists(ks[i])
+        if name == "match_one":
+            return lambda i: c.match_prefix([ks[i]])
+        if name == "get_64k":
+            return lambda i: c.get(ks[i], dst)
+        return lambda i: c.put(ks[n + i], src)  # put_64k: fresh keys
+
+    out = {}
+    try:
+        for name in ("exists", "match_one", "get_64k", "put_64k"):
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(rounds):
+                for secured in ((False, True) if r % 2 == 0 else (True, False)):
+                    call, start = op(name, secured), r * per
+                    t = time.perf_counter()
+                    for i in range(start, start + per):
+                        await call(i)
+                    rates[secured].append(per / (time.perf_counter() - t))
+            off, on = float(np.median(rates[False])), float(np.median(rates[True]))
+            out[name] = {"off_per_s": off, "on_per_s": on, "on_over_off": on / off}
+    finally:
+        for c in clients.values():
+            await c.close()
+    return out
+
+
+def interleaved(calls: int, rounds: int = 20) -> dict[str, dict]:
+    """Both pools up at once, calls alternating between them in rounds."""
+    started = []
+    try:
+        pools = {}
+        for secured in (False, True):
+            procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ab-"), secured)
+            started += procs
+            pools[secured] = (url, creds)
+        return asyncio.run(_ab_rounds(pools, calls, rounds))
+    finally:
+        for proc in started:
+            stop(proc, wait_s=30)
+
+
+def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> dict:
+    procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ops-"), secured)
+    try:
         runs = {}
         ping = pingpong(calls)
         for n, rpc in enumerate(rpcs):
-            runs[rpc] = asyncio.run(bench_pool(info["master"], calls, rpc, f"{rpc}-{n}", path))
-            runs[rpc]["exists_sync"] = bench_sync(info["master"], calls, rpc, f"{rpc}-{n}", path)
+            runs[rpc] = asyncio.run(bench_pool(url, calls, rpc, f"{rpc}-{n}", path, creds))
+            runs[rpc]["exists_sync"] = bench_sync(url, calls, rpc, f"{rpc}-{n}", path, creds)
         ping2 = pingpong(calls)  # before and after: the machine is shared
         if path == "auto":  # what the client chose: the same-host copy when it can
-            with urllib.request.urlopen(info["master"] + "/v1/nodes", timeout=10) as resp:
+            req = urllib.request.Request(url + "/v1/nodes", headers={
+                "Authorization": f"Bearer {creds['viewer']}"} if creds else {})
+            with urllib.request.urlopen(req, timeout=10) as resp:
                 agent = json.loads(resp.read())["nodes"][0]["agent"]
             path = "same-host" if localcopy.local_pid(agent) else "nixl"
         runs_ping = _stats(ping + ping2)
     finally:
-        for proc in (daemon, master):
-            if proc is not None:
-                stop(proc, wait_s=30)
+        for proc in procs:
+            stop(proc, wait_s=30)
     return {"runs": runs, "pingpong": runs_ping, "path": path}
 
 
@@ -304,6 +426,10 @@ def main() -> None:
     parser.add_argument("--rpc", choices=["ws", "stream", "both"], default="stream",
                         help="the hot RPC's transport: the WebSocket one, the stream one, or both "
                              "one after the other (the JSON's top level is the last)")
+    parser.add_argument("--auth", choices=["off", "on", "both"], default="off",
+                        help="credentials and tenants off, on, or both one after the other on "
+                             "pools of their own (the JSON's top level is the last; both adds "
+                             "auth_off and the ratio on/off)")
     parser.add_argument("--role", choices=["pingpong-server"], help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -311,11 +437,28 @@ def main() -> None:
         return pingpong_server(args.port_file)
     rpcs = ["ws", "stream"] if args.rpc == "both" else [args.rpc]
     calls = 2000 if args.quick else 10000
-    measured = measure(calls, rpcs, args.path)
-    results = {rpc: shape(run, measured["pingpong"], measured["path"])
-               for rpc, run in measured["runs"].items()}
-    for rpc, result in results.items():
-        report(rpc, result)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.auth]
+    by_mode = {}
+    for secured in modes:
+        measured = measure(calls, rpcs, args.path, secured)
+        results = {rpc: shape(run, measured["pingpong"], measured["path"])
+                   for rpc, run in measured["runs"].items()}
+        print(f"credentials {'on (tenant client)' if secured else 'off'}:")
+        for rpc, result in results.items():
+            report(rpc, result)
+        by_mode[secured] = results
+    auth_ratio = None
+    if len(by_mode) == 2:
+        off, on = by_mode[False][rpcs[-1]], by_mode[True][rpcs[-1]]
+        auth_ratio = {k: on["per_s"][k] / off["per_s"][k] for k in OPS if k != "pingpong"}
+        auth_ratio["pingpong"] = on["per_s"]["pingpong"] / off["per_s"]["pingpong"]
+        print(f"credentials on / off, calls per second (rpc {rpcs[-1]}, runs one after "
+              "the other):  " + "  ".join(f"{k} {v:.3f}" for k, v in auth_ratio.items()))
+        ab = interleaved(calls)
+        print("credentials on / off, A/B rounds on both pools at once (median of rounds):")
+        for name, row in ab.items():
+            print(f"  {name:<10} off {row['off_per_s']:7.0f}/s  on {row['on_per_s']:7.0f}/s  "
+                  f"on/off {row['on_over_off']:.3f}")
     if len(results) == 2:
         ws, st = results["ws"], results["stream"]
         print("stream / ws, calls per second:  " + "  ".join(
@@ -323,7 +466,12 @@ def main() -> None:
     m = machine("master, daemon and this client as separate processes on one machine; "
                 "NIXL UCX over loopback; one call in flight unless named")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
-    final = {**results[rpcs[-1]], "rpc": rpcs[-1], "machine": m, "calls_per_figure": calls}
+    final = {**results[rpcs[-1]], "rpc": rpcs[-1], "machine": m, "calls_per_figure": calls,
+             "auth": args.auth}
+    if auth_ratio is not None:
+        final["auth_off"] = by_mode[False][rpcs[-1]]
+        final["auth_on_over_off"] = auth_ratio
+        final["auth_ab_rounds"] = ab
     if len(results) == 2:
         final["rpc_ws"] = results["ws"]
     if args.json:

@@ -15,6 +15,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetadata,
                                                                KVConnectorWorkerMetadata)
 
+from kvpool.auth import secret
 from kvpool.errors import ConfigError
 from kvpool.keys import BlockKey, Namespace
 
@@ -27,6 +28,8 @@ class ConnectorConfig:
     etcd: str = ""  # or etcd endpoints, to find the leading master there
     cluster: str = "default"  # the cluster's name, with etcd
     token: str = ""  # the engine's pool credential, or "file:PATH" (kept out of vLLM's logged config)
+    key_secret: str = ""  # the tenant's (or shared namespace's) secret keying namespace roots, or file:PATH
+    namespace: str = ""  # a shared namespace of the tenant to use (empty: the tenant's own)
     tls_ca: str = ""  # PEM CA to verify masters over TLS
     host: str = ""  # interface of the NIXL agent (empty: as the client decides)
     model_id: str = ""  # overrides the model identity in the namespace (default: derived)
@@ -118,8 +121,9 @@ def namespaces(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> 
     layout = (f"vllm/{current_platform.device_type}/L{len(groups[0].layer_names)}"
               f"/H{spec.num_kv_heads}/D{spec.head_size}/pp{pc.pipeline_parallel_size}")
     world = pc.tensor_parallel_size
+    key = secret(cfg.key_secret, "kv_connector_extra_config key_secret") if cfg.key_secret else ""
     return [Namespace(model_id=model_id, dtype=dtype, kv_layout=layout, tp_rank=r,
-                      tp_world_size=world, block_tokens=spec.block_size, salt=cfg.salt)
+                      tp_world_size=world, block_tokens=spec.block_size, salt=cfg.salt, secret=key)
             for r in range(world)]
 
 

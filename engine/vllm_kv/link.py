@@ -33,6 +33,7 @@ class PoolLink:
         self._thread.start()
         ccfg = ClientConfig(master_url=cfg.master_url, etcd=cfg.etcd, cluster=cfg.cluster,
                             token=cfg.token, tls_ca=cfg.tls_ca, host=cfg.host,
+                            namespace=cfg.namespace,
                             timeout_s=cfg.timeout_s, transfer_timeout_s=cfg.transfer_timeout_s)
         self.client: AsyncPoolClient = self.run(self._make(ccfg), 30.0)
         self._down_until = 0.0

@@ -22,7 +22,7 @@ def test_every_registered_verb_loads_under_its_name() -> None:
     registered = _registered()
     assert set(registered) | {DAEMON.name} == {"up", "master", "daemon", "cluster", "status",
                                                 "events", "purge", "top", "drain", "block", "trace",
-                                                "pin", "unpin", "evict"}
+                                                "pin", "unpin", "evict", "tenants"}
     for name, target in registered.items():
         module, _, attr = target.partition(":")
         verb = getattr(importlib.import_module(module), attr)

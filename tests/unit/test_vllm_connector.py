@@ -64,3 +64,27 @@ def test_a_model_with_several_kv_cache_groups_is_refused_at_start() -> None:
         KVCacheGroupSpec(["layers.0.attn"], full), KVCacheGroupSpec(["layers.1.attn"], window)])
     with pytest.raises(ConfigError, match="hybrid attention"):
         namespaces(None, hybrid, ConnectorConfig())
+
+
+def test_a_tenants_key_secret_keys_every_ranks_namespace_root(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from engine.vllm_kv.common import namespaces
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=16, kv_cache_tensors=[],
+                       kv_cache_groups=[KVCacheGroupSpec(["layers.0.attn"], spec)])
+    hf = SimpleNamespace(to_json_string=lambda use_diff: "{}")
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(model="m", revision=None, hf_config=hf),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=2))
+    (tmp_path / "keys").write_text("team-a-secret\n")
+    plain = namespaces(vllm_config, kv, ConnectorConfig())
+    keyed = namespaces(vllm_config, kv, ConnectorConfig.from_extra(
+        {"key_secret": f"file:{tmp_path / 'keys'}", "namespace": "sys"}, "kv_both"))
+    assert [n.secret for n in keyed] == ["team-a-secret"] * 2
+    assert {n.root() for n in plain}.isdisjoint({n.root() for n in keyed})
