@@ -71,11 +71,11 @@ async def test_a_full_quota_demotes_the_tenants_own_blocks_else_refuses() -> Non
     a, b = core.state.tenancy.resolve("a"), core.state.tenancy.resolve("b")
     await put(core, b, [key(100)])
     await put(core, a, [key(1), key(2)])
-    core.leases.pin(a.keys([key(1), key(2)]))
+    await core.leases.pin(a.keys([key(1), key(2)]))
     with pytest.raises(QuotaExceeded, match="tenant 'a'.*quota of"):
         await put(core, a, [key(3)])
     assert core.state.index.used("a", TierKind.HOST) == 2 * BLOCK  # the refusal rolled back
-    core.leases.unpin(a.keys([key(1)]))
+    await core.leases.unpin(a.keys([key(1)]))
     await put(core, a, [key(3)])
     index = core.state.index
     assert index.used("a", TierKind.HOST) == 2 * BLOCK and index.used("a", TierKind.SSD) == BLOCK
