@@ -45,7 +45,7 @@ class _Load:
 class _Pipeline:
     """One request's save in this step: the index of each layer the forward has computed
     (with the CUDA event that marks it written) arrives on ``layers``; the end of the
-    forward arrives as the last layer's index."""
+    forward arrives as ALL_LAYERS."""
 
     spec: SaveSpec
     layers: "asyncio.Queue[tuple[int, Any]]" = field(default_factory=asyncio.Queue)
@@ -53,6 +53,7 @@ class _Pipeline:
     forward_done: float | None = None  # perf_counter when vLLM said the forward ended
 
 
+ALL_LAYERS = -1  # the forward is done: every layer is in the cache
 # The longest a save waits for its step's forward to finish: past it the worker is taken
 # as gone and the reservation handed back (the master would reclaim it anyway).
 _FORWARD_LIMIT_S = 600.0
@@ -236,17 +237,17 @@ class KVPoolWorker:
             self._computed(layer)
 
     def _computed(self, layer: int) -> None:
-        """Layers up to ``layer`` are in the cache: tell this step's saves."""
+        """Layer ``layer`` (ALL_LAYERS: every one) is in the cache: tell this step's saves."""
         done = None
-        if self._views[layer].is_cuda:
-            done = torch.cuda.Event()
+        if self._views[0].is_cuda:
+            done = torch.cuda.Event()  # marks every kernel launched so far
             done.record()
         for pipe in self._step:
             self.link.call_soon(pipe.layers.put_nowait, (layer, done))
 
     def _end_step(self) -> list["concurrent.futures.Future[int]"]:
         if self._step:
-            self._computed(len(self._views) - 1)
+            self._computed(ALL_LAYERS)
         futures = []
         now = time.perf_counter()
         for pipe in self._step:
@@ -277,12 +278,17 @@ class KVPoolWorker:
                 layout=self.ns.kv_layout, namespace=self.ns)
             busy += time.perf_counter() - t0
             offset, written, parts = 0, 0, 0  # bytes, layers and writes of each block so far
-            while written < len(self._views):
+            ready: set[int] = set()  # layers computed (in the order the forward ran them)
+            layers = len(self._views)
+            while written < layers:
                 layer, done = await pipe.layers.get()  # bounded: the whole save is
-                end = layer + 1
-                if end <= written:
-                    continue  # a layer seen twice (a second forward): written already
-                if done is not None:  # CUDA: once the kernels that fill it have run
+                ready.update(range(layers) if layer == ALL_LAYERS else (layer,))
+                end = written  # a block's payload goes in list order: the next run of layers
+                while end < layers and end in ready:
+                    end += 1
+                if end == written:
+                    continue
+                if done is not None:  # CUDA: once the kernels that fill them have run
                     await asyncio.get_running_loop().run_in_executor(None, done.synchronize)
                 t1 = time.perf_counter()
                 if put.new:
