@@ -138,7 +138,7 @@ class OpsRoutes:
                 if space.allocator is not None:
                     r = space.allocator.region(region)
                     out.append({"node": node.node_id, "tier": kind.value, "region": r.name or "common",
-                                "offset": r.offset, "size": r.size,
+                                "offset": r.offset, "size": r.size, "address": space.address + r.offset,
                                 "used": space.allocator.used_in(r.name)})
         return out
 
