@@ -111,7 +111,14 @@ class Membership:
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return
-        space.take(block.location, block.size)
+        try:
+            space.take(block.location, block.size)
+        except BadRequest as exc:  # it straddles a region of a changed layout: not taken in
+            log.warning("node %s: block %s at %d is not taken in: %s", node.node_id,
+                        block.key.hex(), block.location, exc)
+            if not entry.replicas:
+                st.index.remove(entry)
+            return
         st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
         now = time.monotonic()
         if now < st.inherited_until:  # leases the former leader may have granted on it

@@ -13,6 +13,7 @@ from kvpool.errors import BadRequest, ConfigError
 from kvpool.tiers.base import TierKind
 from master.regions import COMMON, Region, RegionAllocator, layout
 from tests.unit.test_master import BLOCK, fake, key, master
+from tests.unit.test_master import put as put_sized
 from tests.unit.test_tenants import put
 
 KiB = 1024
@@ -113,3 +114,17 @@ def test_shares_are_checked() -> None:
                         for i, s in enumerate(shares))
         with pytest.raises(ConfigError, match="arena_share"):
             MasterConfig(tenants=tenants)
+
+
+async def test_a_changed_layout_leaves_out_blocks_across_its_boundaries_and_joins() -> None:
+    d = fake("n0", host=16 * BLOCK)
+    first = await master(d)  # no shares: one common region
+    await put_sized(first, [key(i) for i in range(8)], BLOCK + 8 * KiB)  # some cross a's end
+    again = await master(d, tenants=TENANTS)  # a's and b's regions now cut the arena
+    space = again.state.nodes["n0"].tiers[TierKind.HOST]
+    assert space.allocator is not None
+    kept = [r for e in again.state.index.entries.values() for r in e.replicas]
+    assert 0 < len(kept) < 8 and all(space.allocator.region_at(r.location).end >= r.location + r.size
+                        for r in kept)
+    assert space.allocator.used == sum(r.size for r in kept)
+    space.allocator.check()
