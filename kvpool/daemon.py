@@ -113,7 +113,7 @@ class PoolDaemon:
 
             self._coord = EtcdCoordinator(self.cfg.etcd, timeout_s=max(1.0, self.cfg.node_ttl_s / 2))
             self.membership = Membership(self._coord, self.cfg.cluster, self.cfg.node_id,
-                                         self.cfg.node_ttl_s, self.describe, self.agent.metadata(),
+                                         self.cfg.node_ttl_s, self.describe,
                                          token=self._token, tls=self._peer_tls)
             await self.membership.join()
             self.membership.start()

@@ -179,8 +179,6 @@ class Membership:
         node.lease = await self.coord.grant_lease(reg.ttl_s)
         await self.coord.put(self.keys.node(reg.node_id), json.dumps(
             {"url": reg.url, "agent": reg.agent}).encode(), node.lease)
-        # Published under the node's lease: it vanishes with the node, never outlives it.
-        await self.coord.put(self.keys.nixl(reg.agent), node.metadata, node.lease)
         return {"lease": node.lease, "ttl_s": reg.ttl_s}
 
     async def heartbeat(self, node_id: str, agent: str) -> None:
