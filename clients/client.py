@@ -446,7 +446,8 @@ class AsyncPoolClient:
             return set()
         found = (await self._call(Call.AGENTS, {"agents": sorted(unknown)}))["metadata"]
         for name, meta in found.items():
-            self.agent.add_peer(bytes(meta))
+            for blob in meta if isinstance(meta, list) else [meta]:  # one per arena region
+                self.agent.add_peer(bytes(blob))
         return unknown - set(found)
 
     # -- put ------------------------------------------------------------------------------

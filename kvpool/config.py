@@ -56,6 +56,10 @@ class TenantConfig:
                                                        "an absent tier is unlimited.")
     max_puts: int = doc(0, "Puts the tenant may have reserved and not yet committed, all its "
                            "connections together; 0: no limit beyond the per-connection one.")
+    arena_share: float = doc(0.0, "Fraction (0-1) of every node's arenas (host, gpu) that is the "
+                                  "tenant's own region: its blocks live there, and its engines get "
+                                  "NIXL metadata of that region only. 0: the common region, "
+                                  "shared with the default tenant and others without a share.")
 
     def quota(self, tier: str) -> int:
         """The tenant's quota of a tier in bytes; 0: none."""
@@ -191,10 +195,18 @@ def _check_tenants(tenants: tuple[TenantConfig, ...], shared: tuple[SharedNamesp
             raise ConfigError(f"[[master.tenants]] {t.name}: a tenant needs its token")
         if t.max_puts < 0:
             raise ConfigError(f"[[master.tenants]] {t.name}: max_puts >= 0")
+        if not 0.0 <= t.arena_share < 1.0:
+            raise ConfigError(f"[[master.tenants]] {t.name}: arena_share = {t.arena_share} is "
+                              "outside [0, 1)")
         for ns in t.namespaces_shared:
             if ns not in shared_names:
                 raise ConfigError(f"[[master.tenants]] {t.name}: namespaces_shared names "
                                   f"{ns!r}, which no [[master.namespaces]] table defines")
+    shares = sum(t.arena_share for t in tenants)
+    if shares > 0.9:
+        raise ConfigError(f"[[master.tenants]] arena_share adds up to {shares:g}: at most 0.9, so "
+                          "the common region (the default tenant, shared namespaces, tenants "
+                          "without a share) keeps a tenth of each arena")
     for n in shared:
         for t in n.tenants:
             if t not in tenant_names:

@@ -23,9 +23,9 @@ from kvpool.auth import Credentials, Role
 from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
-from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, CopyResult, DaemonCall,
-                                Health, PinMark, Registration, SendItem, SendTarget, StoredBlock,
-                                TierDescription, daemon_endpoint)
+from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion, CopyResult,
+                                DaemonCall, Health, PinMark, Registration, RegionMetadata, SendItem,
+                                SendTarget, StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
@@ -36,7 +36,7 @@ from kvpool.protocol import Call
 from kvpool.tiers.arena import ArenaTier
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
-from kvpool.transfer import TransferAgent
+from kvpool.transfer import Region, TransferAgent
 from kvpool.streamrpc import StreamRpcServer
 from kvpool.wire import MAX_BODY, RpcClient, close_all, error_middleware, refusal, rpc_endpoint
 
@@ -59,6 +59,10 @@ class PoolDaemon:
         # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
+        # What each arena is registered with NIXL as: the whole arena until the master
+        # names the tenants' regions (``regions``), then each region on its own.
+        self._layout: list[ArenaRegion] = []
+        self._registered: dict[TierKind, list[Region]] = {}
         self._executor = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="kvpool-io")
         self._runner: web.AppRunner | None = None
         self._stream: StreamRpcServer | None = None
@@ -90,9 +94,10 @@ class PoolDaemon:
         self.tiers = await loop.run_in_executor(self._executor, open_tiers, self.cfg, self._executor)
         self.metrics.prepare(list(self.tiers))
         self.agent = TransferAgent(self.agent_name, host=self.cfg.host)
-        for tier in self.tiers.values():
+        for kind, tier in self.tiers.items():
             if isinstance(tier, ArenaTier):
-                self.agent.register(tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)
+                self._registered[kind] = [self.agent.register(
+                    tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)]
         self._stream = StreamRpcServer(daemon_endpoint(self), self._credentials, DAEMON_ROLES,
                                        self._serve_tls, eager=DAEMON_EAGER,
                                        max_frame=MAX_BODY)  # every daemon call is bulk
@@ -108,7 +113,7 @@ class PoolDaemon:
 
             self._coord = EtcdCoordinator(self.cfg.etcd, timeout_s=max(1.0, self.cfg.node_ttl_s / 2))
             self.membership = Membership(self._coord, self.cfg.cluster, self.cfg.node_id,
-                                         self.cfg.node_ttl_s, self.describe, self.agent.metadata(),
+                                         self.cfg.node_ttl_s, self.describe,
                                          token=self._token, tls=self._peer_tls)
             await self.membership.join()
             self.membership.start()
@@ -347,6 +352,47 @@ class PoolDaemon:
                 if getattr(tier, "shared", False):
                     await tier.rescan()  # type: ignore[attr-defined]
         return self._registration()
+
+    async def regions(self, regions: Sequence[ArenaRegion]) -> RegionMetadata:
+        """Register each arena as the regions the master names, one NIXL registration per
+        region, so a tenant's partial metadata grants its region's memory only. The same
+        layout again (a new leader, a retried join) changes nothing. Checked whole first:
+        a bad layout leaves the registrations as they were."""
+        assert self.agent is not None
+        by_tier: dict[TierKind, list[ArenaRegion]] = {}
+        for r in regions:
+            tier = self._tier(r.tier)
+            if not isinstance(tier, ArenaTier):
+                raise BadRequest(f"tier {r.tier.value} is not an arena")
+            if r.offset + r.size > tier.capacity:
+                raise BadRequest(f"region {r.name!r} [{r.offset}, {r.offset + r.size}) is outside "
+                                 f"the {r.tier.value} arena of {tier.capacity} bytes")
+            by_tier.setdefault(r.tier, []).append(r)
+        for kind, parts in by_tier.items():
+            parts.sort(key=lambda r: r.offset)
+            for a, b in zip(parts, parts[1:]):
+                if a.offset + a.size > b.offset:
+                    raise BadRequest(f"regions {a.name!r} and {b.name!r} of {kind.value} overlap")
+        if list(regions) != self._layout:
+            for kind, parts in by_tier.items():
+                tier = self.tiers[kind]
+                assert isinstance(tier, ArenaTier)
+                for old in self._registered.pop(kind, []):
+                    self.agent.deregister(old)
+                self._registered[kind] = [self.agent.register(
+                    tier.address + r.offset, r.size, tier.mem_type, tier.device_id, tier)
+                    for r in parts]
+            self._layout = list(regions)
+            log.info("arenas registered as %d regions: %s", len(regions),
+                     ", ".join(f"{r.tier.value}/{r.name or 'common'}={r.size}" for r in regions))
+        blobs = []
+        for r in regions:
+            tier = self.tiers[r.tier]
+            assert isinstance(tier, ArenaTier)
+            found = self.agent.find(tier.address + r.offset, r.size)
+            assert found is not None
+            blobs.append(self.agent.partial_metadata(found))
+        return RegionMetadata(self.agent.metadata(), blobs)
 
     async def health(self) -> Health:
         return Health(self.cfg.node_id, self.agent_name,

@@ -36,6 +36,7 @@ class DaemonCall(enum.StrEnum):
     REGISTRATION = "registration"
     HEALTH = "health"
     MARK = "mark"
+    REGIONS = "regions"
 
 
 def _tier(raw: Any, what: str = "tier") -> TierKind:
@@ -309,6 +310,50 @@ class AdoptRequest:
         return cls(f.field(body, "blocks", f.items(lambda b, _: StoredBlock.unpack(b), f.MAX_KEYS)))
 
 
+@dataclass(frozen=True, slots=True)
+class ArenaRegion:
+    """A slice of one arena that the daemon registers with NIXL on its own (a tenant's
+    region, or the common one: master.regions)."""
+
+    tier: TierKind
+    name: str
+    offset: int  # from the arena's base
+    size: int
+
+    def pack(self) -> list[Any]:
+        return [self.tier.value, self.name, self.offset, self.size]
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "ArenaRegion":
+        tier, name, offset, size = _fields(raw, 4, "arena region")
+        if not isinstance(name, str) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)) \
+                or offset < 0 or size <= 0:
+            raise BadRequest("an arena region is [tier, name, offset >= 0, size > 0]")
+        return cls(_tier(tier), name, offset, size)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionMetadata:
+    """The daemon's answer to ``regions``: its agent's whole metadata (for the master and
+    peer daemons) and one partial blob per region asked, in the order asked."""
+
+    metadata: bytes
+    regions: list[bytes]
+
+    def pack(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "regions": self.regions}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "RegionMetadata":
+        if not isinstance(body, dict):
+            raise BadRequest("a regions answer is a map")
+        blobs = need(body, "regions", list)
+        if not all(isinstance(b, bytes) for b in blobs):
+            raise BadRequest("a regions answer's regions are NIXL metadata blobs")
+        return cls(need(body, "metadata", bytes), blobs)
+
+
 class DaemonService(Protocol):
     """What the master asks of one daemon (the pool daemon implements it)."""
 
@@ -336,6 +381,10 @@ class DaemonService(Protocol):
         """Tiers, NIXL metadata and inventory; ``rescan`` lists a shared store again first."""
 
     async def health(self) -> Health: ...
+
+    async def regions(self, regions: Sequence[ArenaRegion]) -> RegionMetadata:
+        """Register each region with NIXL on its own (instead of whole arenas), unless that
+        is already the layout; returns the metadata to hand out."""
 
 
 class DaemonLink(DaemonService, Protocol):
@@ -400,6 +449,14 @@ class RpcDaemonLink:
     async def health(self) -> Health:
         return Health.unpack(await self._call(DaemonCall.HEALTH))
 
+    async def regions(self, regions: Sequence[ArenaRegion]) -> RegionMetadata:
+        answer = RegionMetadata.unpack(await self._call(
+            DaemonCall.REGIONS, {"regions": [r.pack() for r in regions]}))
+        if len(answer.regions) != len(regions):
+            raise BadRequest(f"the daemon at {self.url} answered {len(answer.regions)} region "
+                             f"blobs for {len(regions)} regions")
+        return answer
+
     async def close(self) -> None:
         await self._rpc.close()
 
@@ -463,10 +520,16 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
         await daemon.mark(marks)
         return {"marked": len(marks)}
 
+    async def regions(body: dict[str, Any]) -> Any:
+        body = f.body_map(body, "the body of regions")
+        f.only(body, frozenset({"regions"}), "regions")
+        asked = f.field(body, "regions", f.items(lambda r, _: ArenaRegion.unpack(r), 1024))
+        return (await daemon.regions(asked)).pack()
+
     handlers = {DaemonCall.ADOPT: adopt, DaemonCall.COPY: copy, DaemonCall.SEND: send,
                 DaemonCall.DROP: drop, DaemonCall.INVENTORY: inventory,
                 DaemonCall.REGISTRATION: registration, DaemonCall.HEALTH: health,
-                DaemonCall.MARK: mark}
+                DaemonCall.MARK: mark, DaemonCall.REGIONS: regions}
     return {name: _traced(name, h) for name, h in handlers.items()}
 
 

@@ -1,10 +1,10 @@
 """Where a cluster's records live in the coordinator: the one place that spells the keys.
 
     /kvpool/<cluster>/nodes/<node id>     a daemon's membership (leased; JSON: url, agent, tiers, ttl)
-    /kvpool/<cluster>/nixl/<agent>        that daemon's NIXL agent metadata (same lease)
     /kvpool/<cluster>/master/leader       the leading master's URL (the leader's lease)
 
-Block keys never go here.
+Block keys never go here, nor NIXL metadata: the master takes that from each daemon over
+its RPC (cluster credential) and hands out only what a caller may load (master.regions).
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ class Keyspace:
     def node_id(self, key: str) -> str:
         """The node id a membership key names."""
         return key[len(self.nodes):] if key.startswith(self.nodes) else key.rsplit("/", 1)[-1]
-
-    def nixl(self, agent: str) -> str:
-        return f"{self.root}nixl/{agent}"
 
     @property
     def leader(self) -> str:

@@ -1,8 +1,7 @@
 """A daemon's membership of a cluster: a leased ``nodes/<id>`` key in the coordinator.
 
 The daemon joins by creating its key in one transaction (only if absent, so two live
-daemons can never share an id), publishes its NIXL agent metadata under the same lease
-and renews the lease for as long as it runs. When the lease is lost (etcd restarted
+daemons can never share an id) and renews the lease for as long as it runs. When the lease is lost (etcd restarted
 without it, a long partition) it joins again; the leading master sees the new key and
 pulls the daemon's inventory, so surviving blocks return to the index on their own.
 """
@@ -28,7 +27,7 @@ class Membership:
     """Join, stay, rejoin. ``describe`` gives the key's value (url, agent, tiers)."""
 
     def __init__(self, coord: Coordinator, cluster: str, node_id: str, ttl_s: float,
-                 describe: Callable[[], dict[str, Any]], metadata: bytes, token: str = "",
+                 describe: Callable[[], dict[str, Any]], token: str = "",
                  tls: ssl.SSLContext | None = None) -> None:
         self.coord = coord
         self.cluster = cluster
@@ -36,7 +35,6 @@ class Membership:
         self.node_id = node_id
         self.ttl_s = ttl_s
         self._describe = describe
-        self._metadata = metadata
         self._token = token  # the cluster credential, to probe the holder of our node id
         self._tls = tls
         self.lease: int | None = None
@@ -53,7 +51,6 @@ class Membership:
         while True:
             lease = await self.coord.grant_lease(self.ttl_s)
             if await self.coord.compare_and_set(key, None, json.dumps(value).encode(), lease):
-                await self.coord.put(self.keys.nixl(value["agent"]), self._metadata, lease)
                 self.lease = lease
                 log.info("node %s joined cluster %s (lease %x)", self.node_id, self.cluster, lease)
                 return

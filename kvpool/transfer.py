@@ -159,6 +159,12 @@ class TransferAgent:
         """What a peer needs to reach this agent's registered memory."""
         return self._agent.get_agent_metadata()
 
+    def partial_metadata(self, region: "Region") -> bytes:
+        """What a peer needs to reach ``region`` and no other registered memory (with this
+        agent's connection info): NIXL refuses a transfer outside what a peer loaded."""
+        return self._agent.get_partial_agent_metadata(region.descs, inc_conn_info=True,
+                                                      backends=["UCX"])
+
     # -- registration ---------------------------------------------------------------------
 
     def register(self, address: int, size: int, mem_type: str = "DRAM", device: int = 0,

@@ -37,7 +37,8 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         for _, _, at in items:
             space.allocator.free(at)  # type: ignore[union-attr]
 
-    meta = (await members.agent_metadata([other.agent])).get(other.agent)
+    found = members.agent_metadata([other.agent]).get(other.agent)
+    meta = found[0] if found else None
     if meta is None or st.nodes.get(other.node_id) is not other:
         free_all()
         return []

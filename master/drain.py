@@ -147,15 +147,17 @@ class Drains:
         d.note = f"{len(here)} blocks left: {', '.join(reasons)}" if here else ""
         return node.drain.moved + node.drain.dropped > before
 
-    def _target(self, node: Node, size: int, full_ok: bool) -> tuple[Node, TierSpace, int] | None:
-        """Space for one block in another active node's arena, fastest tier first; without
-        ``full_ok`` only where it stays under the tier's high watermark."""
+    def _target(self, node: Node, size: int, full_ok: bool,
+                region: str) -> tuple[Node, TierSpace, int] | None:
+        """Space for one block in another active node's arena (inside the block's arena
+        region there), fastest tier first; without ``full_ok`` only where it stays under
+        the tier's high watermark."""
         for other, space in arena_candidates(self.state.nodes.values()):
             if other is node or space.allocator is None:
                 continue
             if not full_ok and space.used + size > self.tiering.high(space.kind) * space.capacity:
                 continue
-            at = space.allocator.allocate(size)
+            at = space.allocator.allocate(size, region)
             if at is not None:
                 return other, space, at
         return None
@@ -174,12 +176,13 @@ class Drains:
             for e in chunk:
                 source = min((r for r in e.replicas if r.node == node.node_id),
                              key=lambda r: r.tier.rank)
-                placed = self._target(node, e.size, full_ok=False)
+                region = st.region(e)
+                placed = self._target(node, e.size, False, region)
                 if placed is None and store is not None and store.store:
                     to_store[source.tier].append((e, source))
                     continue
                 if placed is None:
-                    placed = await self._make_room(node, e.size)
+                    placed = await self._make_room(node, e.size, region)
                 if placed is None:
                     homeless += 1
                     continue
@@ -195,12 +198,15 @@ class Drains:
                     e.advance(BlockState.COMPLETE, BlockState.MOVING)
         return homeless
 
-    async def _make_room(self, node: Node, size: int) -> tuple[Node, TierSpace, int] | None:
+    async def _make_room(self, node: Node, size: int,
+                         region: str) -> tuple[Node, TierSpace, int] | None:
         """Demote the coldest blocks of the emptiest other arena to fit one block."""
         for other, space in arena_candidates(self.state.nodes.values()):
             if other is not node and space.allocator is not None:
                 await self.tiering.relieve(other, space.kind, need=size)
-                placed = self._target(node, size, full_ok=True)
+                placed = self._target(node, size, True, region)
+                if placed is None and await self.tiering.make_room(other, space.kind, size, region):
+                    placed = self._target(node, size, True, region)  # the region's own, demoted
                 if placed is not None:
                     return placed
         return None

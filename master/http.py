@@ -213,7 +213,16 @@ class MasterHttp:
             raise self._named(req, keys) from None
 
     async def agents(self, body: dict[str, Any]) -> Any:
-        return {"metadata": await self.core.members.agent_metadata(AgentsRequest.unpack(body).agents)}
+        """NIXL metadata of daemons: a client's of its scope's arena region only (with
+        tenant regions configured), so it cannot even address another tenant's blocks; the
+        admin and the cluster see whole arenas. One blob per agent, or a list when the
+        region spans several arenas (host and gpu)."""
+        agents = AgentsRequest.unpack(body).agents
+        region = None
+        if self.tenancy.shares and auth.current() not in (Access.ADMIN, Access.CLUSTER):
+            region = self.tenancy.region_of(self.tenancy.current().name)
+        found = self.core.members.agent_metadata(agents, region)
+        return {"metadata": {a: blobs[0] if len(blobs) == 1 else blobs for a, blobs in found.items()}}
 
     async def corrupt(self, body: dict[str, Any]) -> Any:
         req = CorruptRequest.unpack(body)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
-from kvpool.daemon_link import DaemonLink, PinMark, Registration, RpcDaemonLink, StoredBlock, probe
+from kvpool.daemon_link import ArenaRegion, DaemonLink, PinMark, Registration, RpcDaemonLink, StoredBlock, probe
 from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
 from kvpool.keyspace import Keyspace
@@ -58,20 +58,36 @@ class Membership:
                     await link.close()
                 return old
             await self.drop(reg.node_id, "replaced by a restarted daemon")
-        tiers = tier_spaces(reg.tiers, st.cfg.alignment)
+        tiers = tier_spaces(reg.tiers, st.cfg.alignment, st.tenancy.shares)
         for kind, space in list(tiers.items()):
             if space.store:
                 shared = st.stores.setdefault(f"@{space.store}", space)
                 shared.capacity = max(shared.capacity, space.capacity)
                 tiers[kind] = shared
         node = Node(reg.node_id, reg.url, reg.agent, tiers, link or self.connect(reg.url),
-                    ttl_s=reg.ttl_s)
+                    ttl_s=reg.ttl_s, metadata=reg.metadata)
+        if st.tenancy.shares:
+            await self._cut_regions(node)
         marks = {m.key: m for m in reg.marks}
         for block in reg.inventory:
             self._adopt(node, block, marks.get(block.key))
         st.nodes[reg.node_id] = node
         log.info("node %s joined: %s, %d blocks", reg.node_id, reg.url, len(reg.inventory))
         return node
+
+    async def _cut_regions(self, node: Node) -> None:
+        """Have the daemon register each tenant's region with NIXL on its own, before any
+        client can be sent to it, and keep the metadata each region's clients get."""
+        layout = node.layout()
+        try:
+            answer = await node.link.regions([ArenaRegion(kind, r.name, r.offset, r.size)
+                                              for kind, r in layout])
+        except BaseException:
+            await node.link.close()
+            raise
+        node.metadata = answer.metadata
+        for (_, r), blob in zip(layout, answer.regions):
+            node.region_metadata.setdefault(r.name, []).append(blob)
 
     def _adopt(self, node: Node, block: StoredBlock, mark: PinMark | None) -> None:
         st = self.state
@@ -95,7 +111,14 @@ class Membership:
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return
-        space.take(block.location, block.size)
+        try:
+            space.take(block.location, block.size)
+        except BadRequest as exc:  # it straddles a region of a changed layout: not taken in
+            log.warning("node %s: block %s at %d is not taken in: %s", node.node_id,
+                        block.key.hex(), block.location, exc)
+            if not entry.replicas:
+                st.index.remove(entry)
+            return
         st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
         now = time.monotonic()
         if now < st.inherited_until:  # leases the former leader may have granted on it
@@ -126,13 +149,16 @@ class Membership:
         await node.link.close()
         log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)
 
-    async def agent_metadata(self, agents: list[str]) -> dict[str, bytes]:
-        """NIXL metadata of live daemons' agents, as published through the coordinator."""
+    def agent_metadata(self, agents: list[str], region: str | None = None) -> dict[str, list[bytes]]:
+        """NIXL metadata of live daemons' agents: of their whole arenas (``region`` None,
+        for the master's own copies and callers that see the whole pool), else of that
+        arena region only (master.regions)."""
+        by_agent = {n.agent: n for n in self.state.nodes.values()}
         found = {}
         for agent in agents:
-            meta = await self.coord.get(self.keys.nixl(agent))
-            if meta is not None:
-                found[agent] = meta
+            node = by_agent.get(agent)
+            if node is not None and (blobs := node.metadata_for(region)):
+                found[agent] = blobs
         return found
 
     # -- without etcd: daemons register with the master -----------------------------------
@@ -153,8 +179,6 @@ class Membership:
         node.lease = await self.coord.grant_lease(reg.ttl_s)
         await self.coord.put(self.keys.node(reg.node_id), json.dumps(
             {"url": reg.url, "agent": reg.agent}).encode(), node.lease)
-        # Published under the node's lease: it vanishes with the node, never outlives it.
-        await self.coord.put(self.keys.nixl(reg.agent), reg.metadata, node.lease)
         return {"lease": node.lease, "ttl_s": reg.ttl_s}
 
     async def heartbeat(self, node_id: str, agent: str) -> None:

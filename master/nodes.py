@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from kvpool.daemon_link import DaemonLink, TierDescription
 from kvpool.tiers.base import TIER_ORDER, TierKind
-from master.allocator import ArenaAllocator
+from master.regions import COMMON, Region, RegionAllocator, layout
 
 
 @dataclass(slots=True)
@@ -20,7 +20,7 @@ class TierSpace:
     address: int = 0
     mem_type: str = "DRAM"
     device: int = 0
-    allocator: ArenaAllocator | None = None
+    allocator: RegionAllocator | None = None
     cold_used: int = 0  # cold tiers: bytes of replicas the index holds there
     store: str = ""  # a shared object store: every node naming it holds this same TierSpace
 
@@ -94,6 +94,21 @@ class Node:
     ttl_s: float = 5.0  # its membership lease's TTL
     state: NodeState = NodeState.ACTIVE
     drain: DrainProgress = field(default_factory=DrainProgress)
+    metadata: bytes = b""  # NIXL metadata of all its arenas: for the master and its peers
+    # Region name -> NIXL metadata of that region (one blob per arena tier): what a client
+    # of the tenant owning it gets. Empty without shares: every client gets ``metadata``.
+    region_metadata: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def metadata_for(self, region: str | None) -> list[bytes]:
+        """What a client of ``region`` may load (None: a caller that sees the whole node)."""
+        if region is None or not self.region_metadata:
+            return [self.metadata]
+        return self.region_metadata.get(region, self.region_metadata.get(COMMON, []))
+
+    def layout(self) -> list[tuple[TierKind, Region]]:
+        """Every arena region of this node, as the daemon registers them."""
+        return [(kind, r) for kind, space in self.tiers.items() if space.allocator is not None
+                for r in space.allocator.regions if r.size]
 
     def become(self, to: NodeState) -> None:
         """Change state along _NODE_CHANGES only; anything else is a bug in the master."""
@@ -110,12 +125,15 @@ class Node:
         return None
 
 
-def tier_spaces(tiers: Sequence[TierDescription], alignment: int) -> dict[TierKind, TierSpace]:
-    """The master's accounting for tiers as a daemon announces them."""
+def tier_spaces(tiers: Sequence[TierDescription], alignment: int,
+                shares: Mapping[str, float] | None = None) -> dict[TierKind, TierSpace]:
+    """The master's accounting for tiers as a daemon announces them; each arena is cut
+    into the tenants' regions (master.regions) by ``shares``."""
     out: dict[TierKind, TierSpace] = {}
     for t in tiers:
         space = TierSpace(t.kind, t.capacity, t.address, t.mem_type, t.device, store=t.store)
         if t.kind.is_arena:
-            space.allocator = ArenaAllocator(t.capacity, alignment)
+            space.allocator = RegionAllocator(t.capacity, alignment,
+                                              layout(t.capacity, alignment, shares or {}))
         out[t.kind] = space
     return out

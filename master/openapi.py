@@ -80,7 +80,10 @@ RESPONSES: dict[str, Schema] = {
         name=_STR, kind={"type": "string", "enum": ["default", "tenant", "shared", "unknown"]},
         members=_array(_STR), puts_open=_INT, max_puts=_nullable(_INT),
         tiers={"type": "object", "additionalProperties": _obj(
-            used=_INT, replicas=_INT, quota=_nullable(_INT))}))),
+            used=_INT, replicas=_INT, quota=_nullable(_INT))},
+        arena_share=_NUM, regions=_array(_obj(
+            node=_STR, tier=_TIER, region=_STR, offset=_INT, size=_INT, address=_INT,
+            used=_INT))))),
 }
 
 

@@ -125,8 +125,22 @@ class OpsRoutes:
                          "members": list(scope.members) if scope is not None else [],
                          "puts_open": self.core.puts.open_in(name),
                          "max_puts": (scope.max_puts or None) if scope is not None else None,
-                         "tiers": tiers})
+                         "tiers": tiers, "arena_share": tenancy.shares.get(name, 0.0),
+                         "regions": self._regions(tenancy.region_of(name))})
         return web.json_response({"enabled": tenancy.enabled, "tenants": rows})
+
+    def _regions(self, region: str) -> list[dict[str, object]]:
+        """Where a scope's blocks live on each node's arenas (master.regions): offsets from
+        the arena's base, and the bytes allocated there (all scopes of a common region)."""
+        out: list[dict[str, object]] = []
+        for node in self.core.state.nodes.values():
+            for kind, space in node.tiers.items():
+                if space.allocator is not None:
+                    r = space.allocator.region(region)
+                    out.append({"node": node.node_id, "tier": kind.value, "region": r.name or "common",
+                                "offset": r.offset, "size": r.size, "address": space.address + r.offset,
+                                "used": space.allocator.used_in(r.name)})
+        return out
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

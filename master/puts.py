@@ -183,7 +183,8 @@ class Puts:
                                                                replicas - 1):
                     if len(entry.replicas) == replicas:
                         break
-                    at = other_space.allocator.allocate(size)  # type: ignore[union-attr]
+                    at = other_space.allocator.allocate(  # type: ignore[union-attr]
+                        size, st.tenancy.region_of(scope.name))
                     if at is not None:
                         st.index.add_replica(entry, Replica(other.node_id, other_space.kind, at, size))
                 out.append(Reservation(ReserveStatus.NEW, len(entry.replicas),
@@ -203,7 +204,7 @@ class Puts:
         over it, the scope's own coldest blocks there are demoted first (as a full tier
         demotes everyone's); if they cannot make room, QuotaExceeded."""
         for _attempt in range(3):
-            node, space, offset = await self._place(size, prefer)
+            node, space, offset = await self._place(size, prefer, scope)
             quota = scope.quotas.get(space.kind, 0)
             used = self.state.index.used(scope.name, space.kind)
             if not quota or used + size <= quota:
@@ -218,24 +219,31 @@ class Puts:
                             "none of its blocks there can be moved (leased, pinned or in flight); "
                             "release or remove some of its blocks, or raise its quota_bytes")
 
-    async def _place(self, size: int, prefer: str | None) -> tuple[Node, TierSpace, int]:
+    async def _place(self, size: int, prefer: str | None,
+                     scope: Scope) -> tuple[Node, TierSpace, int]:
+        """Space in an arena, inside the arena region of ``scope`` (master.regions): when it
+        is full, blocks of that region are demoted (never another tenant's)."""
         nodes = self.state.nodes
-        largest = max((s.capacity for _, s in arena_candidates(nodes.values())), default=0)
+        region = self.state.tenancy.region_of(scope.name)
+        largest = max((s.allocator.region(region).size for _, s in arena_candidates(nodes.values())
+                       if s.allocator is not None), default=0)
         if size > largest:  # no amount of demotion would make room: say so, move nothing
-            raise TierFull(f"a {size}-byte block is larger than every arena (largest "
-                           f"{largest} bytes); give the daemon a bigger host arena")
+            raise TierFull(f"a {size}-byte block is larger than every arena region it may use "
+                           f"(largest {largest} bytes); give the daemon a bigger host arena"
+                           + (f" or tenant {region!r} a bigger arena_share" if region else ""))
         idle = 0
         for _attempt in range(64):
             candidates = arena_candidates(nodes.values(), prefer)
             for node, space in candidates:
-                offset = space.allocator.allocate(size)  # type: ignore[union-attr]
+                offset = space.allocator.allocate(size, region)  # type: ignore[union-attr]
                 if offset is not None:
                     return node, space, offset
             if not candidates or idle >= 2:
                 break
             # Demote just enough for this block (never wait on a whole relief of others);
             # only two idle rounds in a row mean there is no room.
-            moved = await self.tiering.make_room(candidates[0][0], candidates[0][1].kind, size)
+            moved = await self.tiering.make_room(candidates[0][0], candidates[0][1].kind, size,
+                                                 region)
             idle = 0 if moved else idle + 1
         raise TierFull(f"no arena has room for a {size}-byte block and nothing more can be "
                        "demoted (blocks are leased, pinned or in flight); release leases, "

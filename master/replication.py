@@ -43,7 +43,7 @@ class Replication:
             for node, space in candidates:
                 if polite and space.used + entry.size > self.tiering.high(space.kind) * space.capacity:
                     continue
-                at = space.allocator.allocate(entry.size)  # type: ignore[union-attr]
+                at = space.allocator.allocate(entry.size, self.state.region(entry))  # type: ignore[union-attr]
                 if at is not None:
                     return node, space, at
         return None

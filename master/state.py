@@ -25,7 +25,8 @@ from kvpool.kv_events import EventHub, Reason
 from master.index import BlockEntry, BlockState, Index, Replica
 from master.nodes import Node, TierSpace
 from master.policy import POLICIES, EvictionPolicy, PolicyFactory
-from master.tenants import Tenancy
+from master.regions import COMMON
+from master.tenants import UNKNOWN, Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,17 @@ class PoolState:
             return (node is not None and not node.state.accepts, r.tier.rank)
 
         return min(entry.replicas, key=rank)
+
+    def region(self, entry: BlockEntry) -> str:
+        """The arena region (master.regions) an entry's copies go to: its scope's; for a
+        block rebuilt from an inventory (scope unknown), the region a copy of it is in."""
+        if entry.scope != UNKNOWN:
+            return self.tenancy.region_of(entry.scope)
+        for r in entry.replicas:
+            space = self.space(r.node, r.tier)
+            if space is not None and space.allocator is not None:
+                return space.allocator.region_at(r.location).name
+        return COMMON
 
     def location(self, replica: Replica) -> Location:
         node = self.nodes[replica.node]

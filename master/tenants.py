@@ -27,6 +27,7 @@ from kvpool.config import MasterConfig
 from kvpool.errors import Forbidden
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
+from master.regions import COMMON
 
 DEFAULT = ""  # the scope of credentials that belong to no tenant
 UNKNOWN = "?"  # a block rebuilt from an inventory, once tenants are configured
@@ -92,6 +93,13 @@ class Tenancy:
             self.scopes[n.name] = Scope(n.name, True, _quotas(n.quota_bytes), 0, members)
             self.kinds[n.name] = "shared"
         self._resolved: dict[tuple[str | None, str], Scope] = {}
+        # The tenants owning a region of every arena (master.regions); the rest share one.
+        self.shares = {t.name: t.arena_share for t in cfg.tenants if t.arena_share > 0}
+
+    def region_of(self, scope: str) -> str:
+        """The arena region a scope's blocks live in: a tenant's own when it has a share,
+        else the common one (the default scope, shared namespaces, tenants without one)."""
+        return scope if scope in self.shares else COMMON
 
     def current(self) -> Scope:
         """The scope of the current call: its connection's tenant and namespace."""

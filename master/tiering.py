@@ -100,9 +100,10 @@ class Tiering:
                     break  # nothing left the tier (copies failed): try again at the next sweep
             return moved
 
-    async def make_room(self, node: Node, kind: TierKind, size: int) -> bool:
+    async def make_room(self, node: Node, kind: TierKind, size: int, region: str | None = None) -> bool:
         """Free about ``size`` bytes of one tier for a caller waiting on them (a put, a
-        promotion): demote just enough of the coldest movable blocks itself, rather than
+        promotion): demote just enough of the coldest movable blocks itself (of the arena
+        ``region`` only, when named: master.regions), rather than
         wait on a relief of a whole watermark's worth of other blocks that is in flight
         (that wait was the multi-second stall of puts under load; the sweep brings the
         tier down to its low watermark meanwhile). When every candidate is already moving,
@@ -113,12 +114,18 @@ class Tiering:
             return False
         now = time.monotonic()
         victims, freed = [], 0
+        alloc = node.tiers[kind].allocator
         for entry in st.index.coldest(owner, kind, now):
             if freed >= size:
                 break
-            if entry.movable(now):
-                victims.append(entry)
-                freed += entry.replica(owner, kind).size  # type: ignore[union-attr]
+            replica = entry.replica(owner, kind)
+            if replica is None or not entry.movable(now):
+                continue
+            if region is not None and alloc is not None and \
+                    alloc.region_at(replica.location).name != alloc.region(region).name:
+                continue
+            victims.append(entry)
+            freed += replica.size
         if victims:
             st.counters[f"room_made_{kind.value}"] += 1
             await self.demote(node, kind, victims)
@@ -231,7 +238,7 @@ class Tiering:
             await self.relieve(node, dst, need=estimate)
         locations = [0] * len(need)
         if dst_space.allocator is not None:  # an arena destination: its space is reserved first
-            placed = [(e, dst_space.allocator.allocate(e.size)) for e in need]
+            placed = [(e, dst_space.allocator.allocate(e.size, st.region(e))) for e in need]
             for e, at in placed:
                 if at is None:
                     log.warning("no room in %s/%s to demote %s into", node.node_id, dst.value, e.key.hex())
@@ -320,11 +327,13 @@ class Tiering:
             raise TierFull(f"node {node.node_id} has no host arena to promote into")
         entry.advance(BlockState.MOVING, BlockState.COMPLETE)
         try:
-            offset = space.allocator.allocate(entry.size)
+            region = st.region(entry)
+            offset = space.allocator.allocate(entry.size, region)
             for _attempt in range(8):
-                if offset is not None or not await self.make_room(node, TierKind.HOST, entry.size):
+                if offset is not None or not await self.make_room(node, TierKind.HOST,
+                                                                  entry.size, region):
                     break
-                offset = space.allocator.allocate(entry.size)
+                offset = space.allocator.allocate(entry.size, region)
             if offset is None:
                 raise TierFull("the host arena is full of leased or pinned blocks")
             try:

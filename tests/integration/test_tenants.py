@@ -2,7 +2,8 @@
 namespace, a tenant with quotas, and the default (legacy) client credential next to them.
 A tenant cannot read, match, remove, pin or pre-place another's blocks, nor see them in
 events, even holding the other's keys; a quota refuses with its typed error and the admin
-API and CLI report it."""
+API and CLI report it. Alice and Bob own arena regions: their blocks land there, and the
+NIXL metadata their credentials get reaches their own region only."""
 
 from __future__ import annotations
 
@@ -44,11 +45,13 @@ name = "alice"
 token = "env:TEST_ALICE_TOKEN"
 viewer_token = "{T['alice-view']}"
 namespaces_shared = ["sys"]
+arena_share = 0.25
 
 [[master.tenants]]
 name = "bob"
 token = "file:{{dir}}/bob.token"
 namespaces_shared = ["sys"]
+arena_share = 0.25
 
 [[master.tenants]]
 name = "carol"
@@ -81,10 +84,11 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
-def client(url: str, who: str, namespace: str = "", rpc: str = "stream") -> AsyncPoolClient:
+def client(url: str, who: str, namespace: str = "", rpc: str = "stream",
+           data_path: str = "auto") -> AsyncPoolClient:
     key = SECRETS.get(namespace or who, "")
     return AsyncPoolClient(ClientConfig(master_url=url, token=T[who], key_secret=key,
-                                        namespace=namespace, rpc=rpc))
+                                        namespace=namespace, rpc=rpc, data_path=data_path))
 
 
 def keys_of(c: AsyncPoolClient, prompt: list[int], model: str = "tenants") -> list[bytes]:
@@ -272,3 +276,90 @@ def test_a_tenants_puts_in_flight_are_limited(pool: str) -> None:
                 await conn.close()
 
     asyncio.run(run())
+
+
+def regions(url: str) -> dict[str, dict[str, Any]]:
+    """Each scope's host region on the pool's one node, as /v1/tenants reports it."""
+    status, body = http(url, "/v1/tenants", token=T["viewer"])
+    assert status == 200
+    return {row["name"]: {**row, "host": next(r for r in row["regions"] if r["tier"] == "host")}
+            for row in body["tenants"]}
+
+
+def host_offsets(url: str, keys: list[bytes], scope: str) -> list[int]:
+    out = []
+    for k in keys:
+        status, block = http(url, f"/v1/blocks/{k.hex()}?scope={scope}", token=T["viewer"])
+        assert status == 200
+        out += [r["location"] for r in block["replicas"] if r["tier"] == "host"]
+    return out
+
+
+async def test_a_tenants_blocks_land_in_its_own_arena_region(pool: str) -> None:
+    async with client(pool, "alice") as a, client(pool, "bob") as b, client(pool, "legacy") as d:
+        puts = {"alice": (a, keys_of(a, PROMPT, "regions")), "bob": (b, keys_of(b, PROMPT, "regions")),
+                "default": (d, keys_of(d, PROMPT, "regions"))}
+        for c, ks in puts.values():
+            assert all(r.stored for r in await c.batch_put(ks, blocks(3), chained=True))
+    rows = regions(pool)
+    assert rows["alice"]["arena_share"] == 0.25 and rows["carol"]["arena_share"] == 0.0
+    bounds = {name: (rows[name]["host"]["offset"], rows[name]["host"]["offset"] + rows[name]["host"]["size"])
+              for name in ("alice", "bob", "default")}
+    assert bounds["alice"][1] <= bounds["bob"][0] and bounds["bob"][1] <= bounds["default"][0]
+    assert rows["carol"]["host"]["region"] == rows["default"]["host"]["region"] == "common"
+    assert rows["alice"]["host"]["size"] == 4 << 20  # a quarter of the 16 MiB host arena
+    for name, (_, ks) in puts.items():
+        lo, hi = bounds[name]
+        offsets = host_offsets(pool, ks, name)
+        assert len(offsets) == 3 and all(lo <= o and o + BLOCK <= hi for o in offsets), (name, offsets)
+    assert rows["alice"]["host"]["used"] >= 3 * BLOCK
+
+
+async def test_a_tenants_nixl_metadata_reaches_its_own_region_only(pool: str) -> None:
+    """Alice, running a modified client, asks for the daemon's NIXL metadata with her
+    credential and READs at Bob's block's address: NIXL refuses, no byte arrives. The same
+    READ at her own block's address works, as do her engine's puts and gets over NIXL; the
+    default tenant's metadata (the common region) does not reach hers either."""
+    from kvpool.errors import TransferFailed
+    from kvpool.transfer import TransferAgent
+
+    async with client(pool, "alice", data_path="nixl") as a, \
+            client(pool, "bob", data_path="nixl") as b:
+        ka, kb = keys_of(a, PROMPT[:4], "nixl"), keys_of(b, PROMPT[:4], "nixl")
+        mine, his = blocks(1)[0], blocks(1)[0]
+        assert (await a.batch_put(ka, [mine]))[0].stored and (await b.batch_put(kb, [his]))[0].stored
+        got = np.empty(BLOCK, np.uint8)
+        assert (await a.batch_get(ka, [got]))[0].hit and np.array_equal(got, mine)
+    rows = regions(pool)
+    status, nodes = http(pool, "/v1/nodes", token=T["viewer"])
+    agent = nodes["nodes"][0]["agent"]
+
+    def address(scope: str, k: bytes) -> int:
+        region = rows[scope]["host"]
+        [offset] = host_offsets(pool, [k], scope)
+        return region["address"] + offset - region["offset"]
+
+    def metadata(who: str) -> bytes:
+        return bytes(rpc(pool, Call.AGENTS, {"agents": [agent]}, token=T[who])["metadata"][agent])
+
+    assert len({metadata("alice"), metadata("bob"), metadata("legacy"), metadata("admin")}) == 4
+    buf = np.zeros(BLOCK + 4096, np.uint8)
+    local = [(buf.ctypes.data, buf.nbytes, 0)]
+
+    async def read(who: str, at: int) -> None:
+        spy = TransferAgent(f"{who}-spy", progress_thread=False, host="127.0.0.1")
+        try:
+            spy.register(buf.ctypes.data, buf.nbytes, owner=buf)
+            peer = spy.add_peer(metadata(who))
+            await spy.run("READ", peer, local, "DRAM", [(at, buf.nbytes, 0)], "DRAM", 5.0)
+        finally:
+            for region in spy.regions:
+                spy.deregister(region)
+            spy.close()
+
+    for who, at in (("alice", address("bob", kb[0])), ("legacy", address("alice", ka[0]))):
+        with pytest.raises(TransferFailed):
+            await read(who, at)
+        assert not buf.any()  # not one byte of the other's
+    await read("alice", address("alice", ka[0]))
+    assert mine.tobytes() in buf.tobytes()  # her own block, header and all

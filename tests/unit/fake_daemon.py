@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from kvpool.daemon_link import CopyResult, Health, PinMark, Registration, StoredBlock, TierDescription
+from kvpool.daemon_link import (ArenaRegion, CopyResult, Health, PinMark, Registration,
+                                RegionMetadata, StoredBlock, TierDescription)
 from kvpool.errors import BlockNotFound, ChecksumMismatch, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
@@ -25,6 +26,7 @@ class FakeDaemon:
     down: bool = False
     calls: list[str] = field(default_factory=list)
     marks: dict[BlockKey, PinMark] = field(default_factory=dict)
+    layout: list[ArenaRegion] = field(default_factory=list)  # the regions it was told
 
     def __post_init__(self) -> None:
         self.url = self.url or f"fake://{self.node_id}"
@@ -84,6 +86,11 @@ class FakeDaemon:
     async def registration(self, rescan: bool = False) -> Registration:
         self._answer("registration")
         return self.registration_now()
+
+    async def regions(self, regions: Sequence[ArenaRegion]) -> RegionMetadata:
+        self._answer("regions")
+        self.layout = list(regions)
+        return RegionMetadata(b"meta", [f"meta:{r.tier.value}:{r.name}".encode() for r in regions])
 
     async def health(self) -> Health:
         self._answer("health")
