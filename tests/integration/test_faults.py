@@ -12,16 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
-from kvpool.errors import KVPoolError
+from scripts.loadgen import Load
 from tests.integration.cluster import TTL, Cluster, make_cluster
 from tests.integration.conftest import ROOT
 
@@ -38,73 +35,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-@dataclass
-class Load:
-    """One client's closed loop: put two new blocks (two copies each), read two earlier."""
-
-    client: AsyncPoolClient
-    stored: dict[bytes, np.ndarray] = field(default_factory=dict)
-    calls: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    untyped: list[str] = field(default_factory=list)
-    wrong: int = 0
-    longest_s: float = 0.0
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def _call(self, coro: "asyncio.Future | object") -> object:
-        start = time.monotonic()
-        self.calls += 1
-        try:
-            return await coro  # type: ignore[misc]
-        except KVPoolError as exc:
-            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
-            return None
-        except Exception as exc:  # noqa: BLE001 - anything untyped fails the test
-            self.untyped.append(repr(exc))
-            return None
-        finally:
-            self.longest_s = max(self.longest_s, time.monotonic() - start)
-
-    async def run(self) -> None:
-        rng = np.random.default_rng(7)
-        while not self._stop.is_set():
-            keys = [os.urandom(16) for _ in range(2)]
-            vals = [rng.integers(0, 256, BLOCK, np.uint8) for _ in keys]
-            if await self._call(self.client.batch_put(keys, vals, replicas=2)) is not None:
-                self.stored.update(zip(keys, vals))
-            if self.stored:
-                pick = [list(self.stored)[int(i)] for i in rng.integers(0, len(self.stored), 2)]
-                outs = [np.empty(BLOCK, np.uint8) for _ in pick]
-                got = await self._call(self.client.batch_get(pick, outs))
-                for k, out, r in zip(pick, outs, got or []):  # type: ignore[call-overload]
-                    if r.hit and not np.array_equal(out, self.stored[k]):
-                        self.wrong += 1
-            await asyncio.sleep(0.02)
-
-    async def verify(self) -> None:
-        """Every block stored is there with its bytes (each had two copies)."""
-        keys = list(self.stored)
-        outs = [np.empty(BLOCK, np.uint8) for _ in keys]
-        got = await self.client.batch_get(keys, outs)
-        lost = [k.hex() for k, r in zip(keys, got) if not r.hit]
-        assert not lost, f"{len(lost)} of {len(keys)} blocks with a surviving copy are gone"
-        assert all(np.array_equal(o, self.stored[k]) for k, o in zip(keys, outs))
-
-
 async def under_load(cluster: Cluster, fault: "asyncio.Future | object", settle_s: float = 1.0,
                      timeout_s: float = 20.0) -> Load:
     async with AsyncPoolClient(cluster.client_config(timeout_s=timeout_s)) as client:
-        load = Load(client)
+        load = Load(client, block=BLOCK, batch=2, replicas=2, pause_s=0.02)
         task = asyncio.create_task(load.run())
         await asyncio.sleep(0.8)
         await fault  # type: ignore[misc]
         await asyncio.sleep(settle_s)
-        load._stop.set()
+        load.stop()
         await task
-        assert load.wrong == 0, "a get returned wrong bytes"
-        assert not load.untyped, load.untyped
-        assert load.calls > 10
-        await load.verify()
+        seen = load.now
+        assert seen.wrong == 0, "a get returned wrong bytes"
+        assert not seen.untyped, seen.untyped
+        assert seen.calls > 10
+        lost, wrong = await load.verify()  # every block stored had two copies
+        assert not lost, f"{len(lost)} of {len(seen.stored)} blocks with a surviving copy are gone"
+        assert wrong == 0
     cluster.check()
     return load
 
@@ -125,7 +72,7 @@ async def test_a_daemon_stopped_mid_transfer_costs_only_deadlines(cluster: Clust
     """A daemon that stops answering (its transfers never complete) shorter than its
     lease: calls touching it end at their deadline with a typed error, then all resumes."""
     load = await under_load(cluster, pause(cluster, "node1", TTL * 0.6), timeout_s=2.0)
-    assert load.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.longest_s:.1f}s"
+    assert load.now.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.now.longest_s:.1f}s"
 
 
 async def test_a_daemon_killed_under_load_loses_no_block_with_a_copy(cluster: Cluster) -> None:
