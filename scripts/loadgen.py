@@ -6,7 +6,8 @@ Used in-process (``Load``, by tests/integration/test_faults.py) and as a client 
 scripts/bench_faults.py), which takes its commands on stdin, one a line:
 ``start EPOCH`` (run from that wall-clock time), ``phase NAME RETRY_S`` (later calls count
 under NAME; a retryable refusal is retried RETRY_S seconds and then counts as latency),
-``verify NAME`` (read back every block put in that phase; prints the lost count) and
+``verify NAME [STEP]`` (read back every block put in that phase, or every STEP-th;
+prints the lost count) and
 ``stop`` (prints every phase's figures as one JSON line and exits).
 """
 
@@ -17,9 +18,12 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +42,14 @@ BLOCK = 256 * KiB
 RING = 64  # registered value buffers, re-stamped per put
 
 
-def block_of(seed: int, i: int, size: int) -> np.ndarray:
-    """Block ``i`` of load ``seed``: unique leading bytes over a cheap pattern."""
-    data = np.full(size, (seed * 31 + i) % 251, np.uint8)
+def block_of(seed: int, i: int, size: int, noise: bool = False) -> np.ndarray:
+    """Block ``i`` of load ``seed``: unique leading bytes over a cheap pattern (which the
+    cold tiers compress to almost nothing) or, with ``noise``, over random bytes (which
+    they cannot compress, as with real KV data)."""
+    if noise:
+        data = np.random.default_rng([seed, i]).integers(0, 256, size, np.uint8)
+    else:
+        data = np.full(size, (seed * 31 + i) % 251, np.uint8)
     data[:16] = np.frombuffer(np.array([seed, i], np.uint64).tobytes(), np.uint8)
     return data
 
@@ -53,6 +62,7 @@ class Phase:
     put_ms: list[float] = field(default_factory=list)
     get_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # by error code
+    messages: dict[str, str] = field(default_factory=dict)  # the first message of each code
     untyped: list[str] = field(default_factory=list)  # any exception not a KVPoolError
     wrong: int = 0  # gets whose bytes differ from what was put
     misses: int = 0
@@ -73,6 +83,7 @@ class Load:
     replicas: int = 1
     pause_s: float = 0.0
     retry_s: float = 0.0
+    noise: bool = False  # incompressible blocks
     phase: str = "load"
     phases: dict[str, Phase] = field(default_factory=dict)
     salt: bytes = field(default_factory=lambda: os.urandom(8))
@@ -114,6 +125,7 @@ class Load:
                     await asyncio.sleep(0.005)
         except KVPoolError as exc:
             phase.errors[exc.code] = phase.errors.get(exc.code, 0) + 1
+            phase.messages.setdefault(exc.code, str(exc)[:300])
             phase.last_error_at = time.time()
         except Exception as exc:  # noqa: BLE001 - anything untyped is reported as such
             phase.untyped.append(repr(exc))
@@ -129,7 +141,7 @@ class Load:
             ids = list(range(first, first + self.batch))
             values = [self._values[i % len(self._values)] for i in ids]
             for i, v in zip(ids, values):
-                v[:] = block_of(self.seed, i, self.block)
+                v[:] = block_of(self.seed, i, self.block, self.noise)
             phase = self.now
             put = await self._call(lambda: self.client.batch_put(
                 [self.key(i) for i in ids], values, replicas=self.replicas), phase.put_ms)
@@ -144,26 +156,34 @@ class Load:
                 for i, out, r in zip(pick, self._outs, got or []):
                     if not r.hit:
                         phase.misses += 1
-                    elif not np.array_equal(out, block_of(self.seed, i, self.block)):
+                    elif not np.array_equal(out, block_of(self.seed, i, self.block, self.noise)):
                         phase.wrong += 1
             if self.pause_s:
                 await asyncio.sleep(self.pause_s)
 
-    async def verify(self, ids: list[int] | None = None) -> tuple[list[int], int]:
-        """Read back blocks (every one stored, by default): the ones missing, and how many
-        came back with wrong bytes."""
-        ids = self.stored() if ids is None else ids
-        lost, wrong = [], 0
-        for start in range(0, len(ids), 32):
-            chunk = ids[start:start + 32]
-            outs = [np.empty(self.block, np.uint8) for _ in chunk]
-            got = await self.client.batch_get([self.key(i) for i in chunk], outs)
-            for i, out, r in zip(chunk, outs, got):
-                if not r.hit:
-                    lost.append(i)
-                elif not np.array_equal(out, block_of(self.seed, i, self.block)):
-                    wrong += 1
-        return lost, wrong
+    async def verify(self, ids: list[int] | None = None, rechecks: int = 3) -> tuple[list[int], int]:
+        """Read back blocks (every one stored, by default), a few at a time: the ones
+        still missing after ``rechecks`` more tries a second apart (a get that finds no room
+        to promote a cold block answers a miss for now), and how many came back with wrong
+        bytes."""
+        missing, wrong = self.stored() if ids is None else ids, 0
+        for attempt in range(rechecks + 1):
+            if attempt:
+                await asyncio.sleep(1.0)
+            lost = []
+            for start in range(0, len(missing), 4):
+                chunk = missing[start:start + 4]
+                outs = [np.empty(self.block, np.uint8) for _ in chunk]
+                got = await self.client.batch_get([self.key(i) for i in chunk], outs)
+                for i, out, r in zip(chunk, outs, got):
+                    if not r.hit:
+                        lost.append(i)
+                    elif not np.array_equal(out, block_of(self.seed, i, self.block, self.noise)):
+                        wrong += 1
+            missing = lost
+            if not missing:
+                break
+        return missing, wrong
 
 
 def pct(values: list[float]) -> dict[str, float]:
@@ -209,9 +229,10 @@ class Workers:
         self.broadcast(f"start {at}")
         return at
 
-    def verify(self, phase: str) -> tuple[int, int]:
-        """Every client reads back the blocks it put in ``phase``: (lost, checked)."""
-        self.broadcast(f"verify {phase}")
+    def verify(self, phase: str, step: int = 1) -> tuple[int, int]:
+        """Every client reads back the blocks it put in ``phase`` (every ``step``-th):
+        (lost, checked)."""
+        self.broadcast(f"verify {phase} {step}")
         lost = checked = 0
         for p in self.procs:
             res = json.loads(p.stdout.readline())  # type: ignore[union-attr]
@@ -256,12 +277,22 @@ def merge(results: list[dict], phase: str) -> dict:
 async def worker(cfg: ClientConfig, seed: int, batch: int, replicas: int) -> dict:
     """A client process driven by commands on stdin (see the module's docstring)."""
     loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    def read() -> None:  # a daemon thread: a blocked read never holds up the exit
+        with suppress(RuntimeError):  # the loop closed: the worker is done
+            for text in sys.stdin:
+                loop.call_soon_threadsafe(lines.put_nowait, text.split())
+            loop.call_soon_threadsafe(lines.put_nowait, [])
+
+    threading.Thread(target=read, daemon=True).start()
+    loop.add_signal_handler(signal.SIGTERM, lambda: lines.put_nowait(["stop"]))
     async with AsyncPoolClient(cfg) as client:
         load = Load(client, seed=seed, batch=batch, replicas=replicas)
         print("ready", flush=True)
         task: asyncio.Task | None = None
         while True:
-            line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
+            line = await lines.get()
             if not line or line[0] == "stop":
                 break
             if line[0] == "start":
@@ -272,9 +303,10 @@ async def worker(cfg: ClientConfig, seed: int, batch: int, replicas: int) -> dic
                 load.phase, load.retry_s = line[1], float(line[2])
             elif line[0] == "verify":
                 phase = load.phases.get(line[1], Phase())
-                lost, wrong = await load.verify(phase.stored)
+                ids = phase.stored[::int(line[2]) if len(line) > 2 else 1]
+                lost, wrong = await load.verify(ids)
                 phase.wrong += wrong
-                print(json.dumps({"lost": len(lost), "checked": len(phase.stored)}), flush=True)
+                print(json.dumps({"lost": len(lost), "checked": len(ids)}), flush=True)
         load.stop()
         if task is not None:
             await task

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +23,9 @@ import pytest
 from clients.client import AsyncPoolClient
 from scripts.loadgen import Load
 from tests.integration.cluster import TTL, Cluster, make_cluster
-from tests.integration.conftest import ROOT
+from kvpool.launcher import free_port
+from tests.conftest import AWS_ENV, start_moto, stop_proc
+from tests.integration.conftest import ROOT, Pool, make_pool
 
 BLOCK = 64 << 10
 
@@ -159,3 +164,138 @@ async def test_an_etcd_member_stopped_or_killed_under_load(cluster: Cluster, sig
     else:  # the last test of the module: the member stays dead
         await under_load(cluster, asyncio.to_thread(cluster.kill, "etcd1", signal.SIGKILL),
                          settle_s=TTL + 1.0)
+
+
+# -- a disk that fills, an object store that stalls or errors: one master and one daemon ----
+
+SMALL = {"KVPOOL_DAEMON_HOST_BYTES": "4MiB", "KVPOOL_DAEMON_IO_THREADS": "2"}
+TYPED_FAULT = {"no_space", "unavailable", "transfer_failed", "node_gone"}
+
+
+def ops(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        return {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
+                for line in resp.read().decode().splitlines() if line.startswith("kvpool_ops_total")}
+
+
+async def phases(pool: Pool, fault, recover, before_s: float = 2.5,  # type: ignore[no-untyped-def]
+                 during_s: float = 3.0, after_s: float = 2.5) -> Load:
+    """A light load (64 KiB blocks: nothing is evicted) through phases "before", "fault"
+    (``fault`` then ``during_s``), "after" (``recover`` then ``after_s``)."""
+    async with AsyncPoolClient(pool.client_config(timeout_s=5.0)) as client:
+        load = Load(client, block=BLOCK, batch=2, pause_s=0.03, noise=True, phase="before")
+        task = asyncio.create_task(load.run())
+        try:
+            await asyncio.sleep(before_s)
+            load.phase = "fault"
+            await asyncio.to_thread(fault)
+            await asyncio.sleep(during_s)
+            load.phase = "after"
+            await asyncio.to_thread(recover)
+            await asyncio.sleep(after_s)
+        finally:
+            load.stop()
+            await task
+        for name, seen in load.phases.items():
+            assert not seen.untyped, (name, seen.untyped)
+            assert seen.wrong == 0, f"{name}: a get returned wrong bytes"
+            assert set(seen.errors) <= TYPED_FAULT, (name, seen.errors, seen.messages)
+        assert not load.phases["before"].errors, load.phases["before"].errors
+        assert load.phases["after"].stored, "no put succeeded after the recovery"
+        return load
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small file system of its own, to fill (mounting one needs root)."""
+    if os.geteuid() != 0 or shutil.which("fallocate") is None:
+        pytest.skip("needs root (to mount a tmpfs) and fallocate")
+    path = tmp_path / "node0"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+async def test_a_disk_that_fills_refuses_puts_typed_and_loses_nothing(tmp_path: Path, tmpfs: Path) -> None:
+    """The SSD tier's disk fills while blocks are demoted into it: demotions fail with
+    TierFull and leave the blocks where they are, puts get TierFull once the host arena is
+    full too; nothing stored is lost; once space is back, demotion and puts resume."""
+    pool = make_pool(tmp_path, daemon_env={**SMALL, "KVPOOL_DAEMON_SSD_BYTES": "64MiB",
+                                           "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+    filler = tmpfs / "filler"
+    try:
+        def fill() -> None:  # to the last page
+            free = shutil.disk_usage(tmpfs).free
+            subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+
+        before = ops(pool.master_url)
+        load = await phases(pool, fill, filler.unlink)
+        after = ops(pool.master_url)
+        failed = after.get("move_failed_ssd", 0) - before.get("move_failed_ssd", 0)
+        assert failed or load.phases["fault"].errors.get("no_space"), "the full disk went unnoticed"
+        assert after.get("demoted_host", 0) > before.get("demoted_host", 0)
+        async with AsyncPoolClient(pool.client_config()) as client:
+            load.client = client
+            lost, wrong = await load.verify()
+        assert not lost and wrong == 0, f"{len(lost)} blocks lost, {wrong} wrong"
+        pool.check()
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("fault", ["stall", "error"])
+async def test_an_object_store_that_stalls_or_errors(tmp_path: Path, fault: str) -> None:
+    """The object tier's S3 service freezes (SIGSTOP) or dies and comes back empty: the
+    hot tiers keep serving, the errors are typed, no byte is wrong; after SIGCONT (or the
+    restart) demotion into the store resumes. A freeze loses nothing."""
+    port, log = free_port(), (tmp_path / "moto.log").open("wb")
+    moto = start_moto(port, log)
+    bucket = f"kvpool-{fault}"
+    pool = make_pool(tmp_path, daemon_env={
+        **SMALL, "KVPOOL_DAEMON_SSD_BYTES": "8MiB", "KVPOOL_DAEMON_OBJECT_BYTES": "256MiB",
+        "KVPOOL_DAEMON_OBJECT_URL": f"s3://{bucket}/blocks",
+        "KVPOOL_DAEMON_S3_ENDPOINT": f"http://127.0.0.1:{port}", **AWS_ENV})
+    try:
+        def inject() -> None:
+            moto.send_signal(signal.SIGSTOP if fault == "stall" else signal.SIGKILL)
+
+        def recover() -> None:
+            nonlocal moto
+            if fault == "stall":
+                moto.send_signal(signal.SIGCONT)
+                return
+            moto.wait()
+            moto = start_moto(port, log)
+            import boto3  # the store is back, empty: its operator recreates the bucket
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                         aws_access_key_id="testing", aws_secret_access_key="testing"
+                         ).create_bucket(Bucket=bucket)
+
+        def demoted() -> int:
+            return ops(pool.master_url).get("demoted_ssd", 0)
+
+        load = await phases(pool, inject, recover, before_s=4.0)
+        assert load.phases["fault"].stored, "the hot tiers stopped serving puts"
+        at = demoted()
+        async with AsyncPoolClient(pool.client_config()) as client:
+            load.client = client
+            load.phase = "again"
+            load._stop.clear()
+            task = asyncio.create_task(load.run(until=time.time() + 3.0))
+            await task
+            assert not load.now.errors and not load.now.untyped, load.now
+            assert demoted() > at, "no block reached the object store after it recovered"
+            lost, wrong = await load.verify(None if fault == "stall" else load.now.stored)
+        assert not lost and wrong == 0, f"{len(lost)} blocks lost, {wrong} wrong"
+        pool.check()
+    finally:
+        pool.stop()
+        if moto.poll() is None:
+            moto.send_signal(signal.SIGCONT)
+            stop_proc(moto)
+        log.close()
