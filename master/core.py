@@ -101,7 +101,7 @@ class MasterCore:
         nodes = list(self.state.nodes.values())
         self.state.clear()
         self.leases.clear()
-        await self.tiering.clear()
+        self.tiering.clear()
         self.puts.clear()
         for node in nodes:
             await node.link.close()

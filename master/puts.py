@@ -230,7 +230,6 @@ class Puts:
             for node, space in candidates:
                 offset = space.allocator.allocate(size)  # type: ignore[union-attr]
                 if offset is not None:
-                    self.tiering.ahead(node, space.kind)
                     return node, space, offset
             if not candidates or idle >= 2:
                 break

@@ -24,8 +24,7 @@ from kvpool.tiers.base import TierKind
 from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node
-from kvpool.tasks import TaskOwner
-from master.placement import over_high, pressured, relief_target
+from master.placement import pressured, relief_target
 from master.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -38,37 +37,10 @@ class Tiering:
         self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._leaving: dict[tuple[str, TierKind], int] = defaultdict(int)  # blocks being demoted
         self._landed = asyncio.Condition()  # notified whenever a demotion batch is done
-        self._ahead = TaskOwner("relief ahead")
-        self._kicked: set[tuple[str, TierKind]] = set()  # tiers a relief ahead is running for
 
-    async def clear(self) -> None:
-        done, self._ahead = self._ahead, TaskOwner("relief ahead")
-        await done.cancel()
-        self._kicked.clear()
+    def clear(self) -> None:
         self._relieving.clear()
         self._leaving.clear()
-
-    def ahead(self, node: Node, kind: TierKind) -> None:
-        """A put just took this tier past its high watermark: relieve it now, in the
-        background, rather than at the next sweep, so that the puts after it find room
-        instead of each demoting a block of its own while it waits (that wait made the
-        tail of put latency under load)."""
-        space = node.tiers.get(kind)
-        key = (self.state.owner(node, kind), kind)
-        if (space is None or not over_high(space, self.high(kind)) or self._relieving[key].locked()
-                or key in self._kicked):
-            return
-        self._kicked.add(key)
-
-        async def relieve() -> None:
-            try:
-                await self.relieve(node, kind)
-            except KVPoolError as exc:  # the sweep tries again
-                log.warning("relief of %s/%s failed: %s", node.node_id, kind.value, exc)
-            finally:
-                self._kicked.discard(key)
-
-        self._ahead.spawn(relieve(), name=f"relief-{node.node_id}-{kind.value}")
 
     def high(self, kind: TierKind) -> float:
         return self.state.cfg.watermarks(kind.value)[0]

@@ -220,19 +220,19 @@ class Bench:
         self.phases.append(name)
 
     def fault(self, name: str, inject: Callable[[], None], settle_s: float = 2.0) -> None:
-        """Run one fault under the load, then read back every block put since the fault
-        before it began (each had two copies); the reads and the load meanwhile count
-        under a phase of their own, so that they do not blur the fault's figures."""
+        """Run one fault under the load, then read back every block put during it (each
+        had two copies; a sample of all the others is read back at the end); the reads
+        and the load meanwhile count under a phase of their own, so that they do not blur
+        the fault's figures."""
         assert self.workers is not None
         print(f"  {time.strftime('%T')} {name} ...", flush=True)
-        since = max(0, len(self.phases) - 2)
         self.phase(name)
         t0 = time.time()
         inject()
         time.sleep(settle_s)
         self.phase(f"{name}.verify")
         lost, checked = 0, 0
-        for ph in self.phases[since:]:
+        for ph in self.phases[-2:]:
             lo, ch = self.workers.verify(ph)
             lost, checked = lost + lo, checked + ch
         self.faults.append({"fault": name, "t0": t0, "lost_blocks": lost, "verified": checked})
@@ -304,12 +304,15 @@ class Bench:
         assert self.tmpfs is not None
         filler = self.tmpfs / "filler"
         free = shutil.disk_usage(self.tmpfs).free
-        # to the last page: the load's blocks compress to almost nothing on the SSD tier
-        subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+        # to the last pages: the load's blocks compress to almost nothing on the SSD tier
+        subprocess.run(["fallocate", "-l", str(free - (64 << 10)), str(filler)], check=True)
+        subprocess.run(["fallocate", "-l", str(max(4096, shutil.disk_usage(self.tmpfs).free - 4096)),
+                        str(self.tmpfs / "filler2")], capture_output=True)
         try:
             time.sleep(6.0 if self.quick else 12.0)
         finally:
             filler.unlink()
+            (self.tmpfs / "filler2").unlink(missing_ok=True)
 
     def object_stalls(self) -> None:
         """The S3 server freezes (node0 demotes into it all along), then thaws."""

@@ -171,8 +171,8 @@ class Load:
             if attempt:
                 await asyncio.sleep(1.0)
             lost = []
-            for start in range(0, len(missing), 4):
-                chunk = missing[start:start + 4]
+            for start in range(0, len(missing), 8):
+                chunk = missing[start:start + 8]
                 outs = [np.empty(self.block, np.uint8) for _ in chunk]
                 got = await self.client.batch_get([self.key(i) for i in chunk], outs)
                 for i, out, r in zip(chunk, outs, got):

@@ -229,12 +229,18 @@ async def test_a_disk_that_fills_refuses_puts_typed_and_loses_nothing(tmp_path: 
                                            "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
     filler = tmpfs / "filler"
     try:
-        def fill() -> None:  # to the last page
+        def fill() -> None:  # to the last pages
             free = shutil.disk_usage(tmpfs).free
-            subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+            subprocess.run(["fallocate", "-l", str(free - (64 << 10)), str(filler)], check=True)
+            subprocess.run(["fallocate", "-l", str(max(4096, shutil.disk_usage(tmpfs).free - 4096)),
+                            str(tmpfs / "filler2")], capture_output=True)
 
         before = ops(pool.master_url)
-        load = await phases(pool, fill, filler.unlink)
+        def free() -> None:
+            filler.unlink()
+            (tmpfs / "filler2").unlink(missing_ok=True)
+
+        load = await phases(pool, fill, free)
         after = ops(pool.master_url)
         failed = after.get("move_failed_ssd", 0) - before.get("move_failed_ssd", 0)
         assert failed or load.phases["fault"].errors.get("no_space"), "the full disk went unnoticed"
