@@ -169,7 +169,7 @@ async def test_an_etcd_member_stopped_or_killed_under_load(cluster: Cluster, sig
 # -- a disk that fills, an object store that stalls or errors: one master and one daemon ----
 
 SMALL = {"KVPOOL_DAEMON_HOST_BYTES": "4MiB", "KVPOOL_DAEMON_IO_THREADS": "2"}
-TYPED_FAULT = {"no_space", "unavailable", "transfer_failed", "node_gone"}
+TYPED_FAULT = {"no_space", "unavailable", "transfer_failed", "node_gone", "reservation_lost"}
 
 
 def ops(url: str) -> dict[str, int]:
@@ -229,17 +229,20 @@ async def test_a_disk_that_fills_refuses_puts_typed_and_loses_nothing(tmp_path: 
                                            "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
     filler = tmpfs / "filler"
     try:
-        def fill() -> None:  # to the last pages
-            free = shutil.disk_usage(tmpfs).free
-            subprocess.run(["fallocate", "-l", str(free - (64 << 10)), str(filler)], check=True)
+        def fill() -> None:  # to the last pages (what is free moves while the daemon writes)
+            for slack in (64 << 10, 1 << 20, 4 << 20):
+                size = shutil.disk_usage(tmpfs).free - slack
+                if subprocess.run(["fallocate", "-l", str(size), str(filler)],
+                                  capture_output=True).returncode == 0:
+                    break
             subprocess.run(["fallocate", "-l", str(max(4096, shutil.disk_usage(tmpfs).free - 4096)),
                             str(tmpfs / "filler2")], capture_output=True)
 
-        before = ops(pool.master_url)
         def free() -> None:
             filler.unlink()
             (tmpfs / "filler2").unlink(missing_ok=True)
 
+        before = ops(pool.master_url)
         load = await phases(pool, fill, free)
         after = ops(pool.master_url)
         failed = after.get("move_failed_ssd", 0) - before.get("move_failed_ssd", 0)
