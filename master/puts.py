@@ -272,6 +272,9 @@ class Puts:
         for key in keys:
             entry = st.index.get(key)
             if entry is None or entry.state is not BlockState.PENDING or entry.put_id != put_id:
+                if put_id not in self._open:  # its deadline passed: the sweep reclaimed it
+                    raise ReservationLost(f"put {put_id & 0xFFFFFFFF} outlived its deadline and "
+                                          "its reservation was reclaimed; put again")
                 self.abort(put_id, keys)
                 raise BadRequest(f"block {key.hex()} has no reservation under this put "
                                  "(it expired and was reclaimed, or belongs to another writer)")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from kvpool.config import MasterConfig
 from kvpool.daemon_link import PinMark
-from kvpool.errors import ConfigError, KVPoolError
+from kvpool.errors import ConfigError, KVPoolError, NodeGone
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
 from kvpool.tiers.base import TierKind
@@ -122,7 +122,9 @@ class PoolState:
         return COMMON
 
     def location(self, replica: Replica) -> Location:
-        node = self.nodes[replica.node]
+        node = self.nodes.get(replica.node)
+        if node is None:  # it left, or this master stepped down, while the caller waited
+            raise NodeGone(f"node {replica.node} is no longer in the pool")
         space = node.tiers[replica.tier]
         return Location(node.node_id, node.agent, space.address + replica.location,
                         replica.size, space.mem_type, space.device)

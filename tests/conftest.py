@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.error
 import urllib.request
 from typing import Iterator
@@ -16,8 +17,41 @@ import pytest
 
 from kvpool.launcher import LocalCluster, free_port
 
-_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_moto(port: int, log: "typing.IO[bytes]") -> subprocess.Popen:
+    """A standalone moto S3 server on 127.0.0.1:``port``, answering when this returns."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **AWS_ENV})
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"moto server exited with {proc.returncode}: "
+                               f"{log.read().decode(errors='replace')[-2000:]}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return proc
+        except urllib.error.HTTPError:
+            return proc  # it answered, with an error status: it is up
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"moto server did not answer at {endpoint} within 30 s")
+            time.sleep(0.1)
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -26,40 +60,20 @@ def moto_server() -> Iterator[str]:
     variables point boto3 at dummy credentials while the session runs."""
     port = free_port()
     log = tempfile.TemporaryFile()  # a file, not a pipe: moto logs every request
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    os.environ.update(_AWS_ENV)
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    proc = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"moto server exited with {proc.returncode}: "
-                                   f"{log.read().decode(errors='replace')[-2000:]}")
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answered, with an error status: it is up
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not answer at {endpoint} within 30 s")
-                time.sleep(0.1)
-        yield endpoint
+        proc = start_moto(port, log)
+        yield f"http://127.0.0.1:{port}"
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_proc(proc)
         log.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from kvpool.tiers.base import TierKind
 from kvpool.tiers.cold import MiB, ColdTier
 
 log = logging.getLogger(__name__)
+DISK_SLACK = 1 << 20  # LMDB writes pages beyond the value itself
 
 
 class _LmdbStore:
@@ -35,6 +37,9 @@ class _LmdbStore:
         except lmdb.MapFullError:
             raise TierFull(f"the LMDB map at {self._env.path()} is full") from None
         except lmdb.Error as exc:
+            # A full file system surfaces from LMDB's commit as a bare I/O error.
+            if shutil.disk_usage(self._env.path()).free < len(blob) + DISK_SLACK:
+                raise TierFull(f"the disk holding {self._env.path()} is full ({exc})") from None
             raise KVPoolError(f"LMDB write to {self._env.path()} failed: {exc}") from None
 
     def get(self, key: BlockKey) -> bytes | None:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
-from kvpool.errors import KVPoolError
+from scripts.loadgen import Load
 from tests.integration.cluster import TTL, Cluster, make_cluster
-from tests.integration.conftest import ROOT
+from kvpool.launcher import free_port
+from tests.conftest import AWS_ENV, start_moto, stop_proc
+from tests.integration.conftest import ROOT, Pool, make_pool
 
 BLOCK = 64 << 10
 
@@ -38,73 +40,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-@dataclass
-class Load:
-    """One client's closed loop: put two new blocks (two copies each), read two earlier."""
-
-    client: AsyncPoolClient
-    stored: dict[bytes, np.ndarray] = field(default_factory=dict)
-    calls: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    untyped: list[str] = field(default_factory=list)
-    wrong: int = 0
-    longest_s: float = 0.0
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def _call(self, coro: "asyncio.Future | object") -> object:
-        start = time.monotonic()
-        self.calls += 1
-        try:
-            return await coro  # type: ignore[misc]
-        except KVPoolError as exc:
-            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
-            return None
-        except Exception as exc:  # noqa: BLE001 - anything untyped fails the test
-            self.untyped.append(repr(exc))
-            return None
-        finally:
-            self.longest_s = max(self.longest_s, time.monotonic() - start)
-
-    async def run(self) -> None:
-        rng = np.random.default_rng(7)
-        while not self._stop.is_set():
-            keys = [os.urandom(16) for _ in range(2)]
-            vals = [rng.integers(0, 256, BLOCK, np.uint8) for _ in keys]
-            if await self._call(self.client.batch_put(keys, vals, replicas=2)) is not None:
-                self.stored.update(zip(keys, vals))
-            if self.stored:
-                pick = [list(self.stored)[int(i)] for i in rng.integers(0, len(self.stored), 2)]
-                outs = [np.empty(BLOCK, np.uint8) for _ in pick]
-                got = await self._call(self.client.batch_get(pick, outs))
-                for k, out, r in zip(pick, outs, got or []):  # type: ignore[call-overload]
-                    if r.hit and not np.array_equal(out, self.stored[k]):
-                        self.wrong += 1
-            await asyncio.sleep(0.02)
-
-    async def verify(self) -> None:
-        """Every block stored is there with its bytes (each had two copies)."""
-        keys = list(self.stored)
-        outs = [np.empty(BLOCK, np.uint8) for _ in keys]
-        got = await self.client.batch_get(keys, outs)
-        lost = [k.hex() for k, r in zip(keys, got) if not r.hit]
-        assert not lost, f"{len(lost)} of {len(keys)} blocks with a surviving copy are gone"
-        assert all(np.array_equal(o, self.stored[k]) for k, o in zip(keys, outs))
-
-
 async def under_load(cluster: Cluster, fault: "asyncio.Future | object", settle_s: float = 1.0,
                      timeout_s: float = 20.0) -> Load:
     async with AsyncPoolClient(cluster.client_config(timeout_s=timeout_s)) as client:
-        load = Load(client)
+        load = Load(client, block=BLOCK, batch=2, replicas=2, pause_s=0.02)
         task = asyncio.create_task(load.run())
         await asyncio.sleep(0.8)
         await fault  # type: ignore[misc]
         await asyncio.sleep(settle_s)
-        load._stop.set()
+        load.stop()
         await task
-        assert load.wrong == 0, "a get returned wrong bytes"
-        assert not load.untyped, load.untyped
-        assert load.calls > 10
-        await load.verify()
+        seen = load.now
+        assert seen.wrong == 0, "a get returned wrong bytes"
+        assert not seen.untyped, seen.untyped
+        assert seen.calls > 10
+        lost, wrong = await load.verify()  # every block stored had two copies
+        assert not lost, f"{len(lost)} of {len(seen.stored)} blocks with a surviving copy are gone"
+        assert wrong == 0
     cluster.check()
     return load
 
@@ -125,7 +77,7 @@ async def test_a_daemon_stopped_mid_transfer_costs_only_deadlines(cluster: Clust
     """A daemon that stops answering (its transfers never complete) shorter than its
     lease: calls touching it end at their deadline with a typed error, then all resumes."""
     load = await under_load(cluster, pause(cluster, "node1", TTL * 0.6), timeout_s=2.0)
-    assert load.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.longest_s:.1f}s"
+    assert load.now.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.now.longest_s:.1f}s"
 
 
 async def test_a_daemon_killed_under_load_loses_no_block_with_a_copy(cluster: Cluster) -> None:
@@ -212,3 +164,151 @@ async def test_an_etcd_member_stopped_or_killed_under_load(cluster: Cluster, sig
     else:  # the last test of the module: the member stays dead
         await under_load(cluster, asyncio.to_thread(cluster.kill, "etcd1", signal.SIGKILL),
                          settle_s=TTL + 1.0)
+
+
+# -- a disk that fills, an object store that stalls or errors: one master and one daemon ----
+
+SMALL = {"KVPOOL_DAEMON_HOST_BYTES": "4MiB", "KVPOOL_DAEMON_IO_THREADS": "2"}
+TYPED_FAULT = {"no_space", "unavailable", "transfer_failed", "node_gone", "reservation_lost"}
+
+
+def ops(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        return {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
+                for line in resp.read().decode().splitlines() if line.startswith("kvpool_ops_total")}
+
+
+async def phases(pool: Pool, fault, recover, before_s: float = 2.5,  # type: ignore[no-untyped-def]
+                 during_s: float = 3.0, after_s: float = 2.5) -> Load:
+    """A light load (64 KiB blocks: nothing is evicted) through phases "before", "fault"
+    (``fault`` then ``during_s``), "after" (``recover`` then ``after_s``)."""
+    async with AsyncPoolClient(pool.client_config(timeout_s=5.0)) as client:
+        load = Load(client, block=BLOCK, batch=2, pause_s=0.03, noise=True, phase="before")
+        task = asyncio.create_task(load.run())
+        try:
+            await asyncio.sleep(before_s)
+            load.phase = "fault"
+            await asyncio.to_thread(fault)
+            await asyncio.sleep(during_s)
+            load.phase = "after"
+            await asyncio.to_thread(recover)
+            await asyncio.sleep(after_s)
+        finally:
+            load.stop()
+            await task
+        for name, seen in load.phases.items():
+            assert not seen.untyped, (name, seen.untyped)
+            assert seen.wrong == 0, f"{name}: a get returned wrong bytes"
+            assert set(seen.errors) <= TYPED_FAULT, (name, seen.errors, seen.messages)
+        assert not load.phases["before"].errors, load.phases["before"].errors
+        assert load.phases["after"].stored, "no put succeeded after the recovery"
+        return load
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small file system of its own, to fill (mounting one needs root)."""
+    if os.geteuid() != 0 or shutil.which("fallocate") is None:
+        pytest.skip("needs root (to mount a tmpfs) and fallocate")
+    path = tmp_path / "node0"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+async def test_a_disk_that_fills_refuses_puts_typed_and_loses_nothing(tmp_path: Path, tmpfs: Path) -> None:
+    """The SSD tier's disk fills while blocks are demoted into it: demotions fail with
+    TierFull and leave the blocks where they are, puts get TierFull once the host arena is
+    full too; nothing stored is lost; once space is back, demotion and puts resume."""
+    pool = make_pool(tmp_path, daemon_env={**SMALL, "KVPOOL_DAEMON_SSD_BYTES": "64MiB",
+                                           "KVPOOL_DAEMON_OBJECT_BYTES": "0"})
+    filler = tmpfs / "filler"
+    try:
+        def fill() -> None:  # to the last pages (what is free moves while the daemon writes)
+            for slack in (64 << 10, 1 << 20, 4 << 20):
+                size = shutil.disk_usage(tmpfs).free - slack
+                if subprocess.run(["fallocate", "-l", str(size), str(filler)],
+                                  capture_output=True).returncode == 0:
+                    break
+            subprocess.run(["fallocate", "-l", str(max(4096, shutil.disk_usage(tmpfs).free - 4096)),
+                            str(tmpfs / "filler2")], capture_output=True)
+
+        def free() -> None:
+            filler.unlink()
+            (tmpfs / "filler2").unlink(missing_ok=True)
+
+        before = ops(pool.master_url)
+        load = await phases(pool, fill, free)
+        after = ops(pool.master_url)
+        failed = after.get("move_failed_ssd", 0) - before.get("move_failed_ssd", 0)
+        seen = load.phases.get("fault")
+        assert failed or (seen is not None and seen.errors.get("no_space")), "the full disk went unnoticed"
+        assert after.get("demoted_host", 0) > before.get("demoted_host", 0)
+        async with AsyncPoolClient(pool.client_config()) as client:
+            load.client = client
+            lost, wrong = await load.verify()
+        assert not lost and wrong == 0, f"{len(lost)} blocks lost, {wrong} wrong"
+        pool.check()
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("fault", ["stall", "error"])
+async def test_an_object_store_that_stalls_or_errors(tmp_path: Path, fault: str) -> None:
+    """The object tier's S3 service freezes (SIGSTOP) or dies and comes back empty: the
+    hot tiers keep serving, the errors are typed, no byte is wrong; after SIGCONT (or the
+    restart) demotion into the store resumes. A freeze loses nothing."""
+    port, log = free_port(), (tmp_path / "moto.log").open("wb")
+    moto = start_moto(port, log)
+    bucket = f"kvpool-{fault}"
+    pool = make_pool(tmp_path, daemon_env={
+        **SMALL, "KVPOOL_DAEMON_SSD_BYTES": "8MiB", "KVPOOL_DAEMON_OBJECT_BYTES": "256MiB",
+        "KVPOOL_DAEMON_OBJECT_URL": f"s3://{bucket}/blocks",
+        "KVPOOL_DAEMON_S3_ENDPOINT": f"http://127.0.0.1:{port}", **AWS_ENV})
+    try:
+        def inject() -> None:
+            moto.send_signal(signal.SIGSTOP if fault == "stall" else signal.SIGKILL)
+
+        def recover() -> None:
+            nonlocal moto
+            if fault == "stall":
+                moto.send_signal(signal.SIGCONT)
+                return
+            moto.wait()
+            moto = start_moto(port, log)
+            import boto3  # the store is back, empty: its operator recreates the bucket
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                         aws_access_key_id="testing", aws_secret_access_key="testing"
+                         ).create_bucket(Bucket=bucket)
+
+        def demoted() -> int:
+            return ops(pool.master_url).get("demoted_ssd", 0)
+
+        load = await phases(pool, inject, recover, before_s=4.0)
+        # One closed loop: a get of a block only the frozen store holds may hold it for the
+        # whole fault; the hot tiers must serve during it or at once after it.
+        during = load.phases.get("fault")
+        assert (during is not None and during.stored) or load.phases["after"].stored
+        at = demoted()
+        async with AsyncPoolClient(pool.client_config()) as client:
+            load.client = client
+            load.phase = "again"
+            load._stop.clear()
+            task = asyncio.create_task(load.run(until=time.time() + 3.0))
+            await task
+            assert not load.now.errors and not load.now.untyped, load.now
+            assert demoted() > at, "no block reached the object store after it recovered"
+            lost, wrong = await load.verify(None if fault == "stall" else load.now.stored)
+        assert not lost and wrong == 0, f"{len(lost)} blocks lost, {wrong} wrong"
+        pool.check()
+    finally:
+        pool.stop()
+        if moto.poll() is None:
+            moto.send_signal(signal.SIGCONT)
+            stop_proc(moto)
+        log.close()
