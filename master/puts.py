@@ -272,12 +272,13 @@ class Puts:
         for key in keys:
             entry = st.index.get(key)
             if entry is None or entry.state is not BlockState.PENDING or entry.put_id != put_id:
-                if put_id not in self._open:  # its deadline passed: the sweep reclaimed it
-                    raise ReservationLost(f"put {put_id & 0xFFFFFFFF} outlived its deadline and "
-                                          "its reservation was reclaimed; put again")
+                # Its deadline passed and the sweep reclaimed it (all of the put or, with the
+                # sweep between its entries, part of it; another writer may hold the key
+                # since): retryable, as the writer only has to put again.
                 self.abort(put_id, keys)
-                raise BadRequest(f"block {key.hex()} has no reservation under this put "
-                                 "(it expired and was reclaimed, or belongs to another writer)")
+                raise ReservationLost(f"block {key.hex()} of put {put_id & 0xFFFFFFFF} has no "
+                                      "reservation any more (it outlived its deadline and was "
+                                      "reclaimed); put again")
             entries.append(entry)
         parents = []
         for entry, raw in zip(entries, headers):
