@@ -18,7 +18,6 @@ wrong byte, lost block, failed check or unclean exit. ``--json PATH``, ``--quick
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -39,10 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from loadgen import Workers, merge  # noqa: E402
-from kvpool.errors import KVPoolError  # noqa: E402
+from loadgen import Workers, check_pool, merge  # noqa: E402
 from kvpool.launcher import LocalCluster, free_port, spawn, stop  # noqa: E402
-from kvpool.wire import RpcClient  # noqa: E402
 
 TTL = 3.0  # leader and membership leases
 PUT_TIMEOUT_S = 3.0  # reservations of a vanished client are reclaimed after this
@@ -51,19 +48,6 @@ AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 BUCKET = "kvpool-bench-faults"
 EXPECTED = {"no_space", "unavailable", "node_gone", "transfer_failed", "not_leader", "not_ready",
             "too_many_pending", "reservation_lost", "lease_expired", "not_found"}  # typed, and fit a fault
-
-
-def check(url: str) -> tuple[bool, str]:
-    async def call() -> tuple[bool, str]:
-        rpc = RpcClient(url, timeout_s=60)
-        try:
-            await rpc.call("check")
-            return True, "ok"
-        except KVPoolError as exc:
-            return False, str(exc)
-        finally:
-            await rpc.close()
-    return asyncio.run(call())
 
 
 class Moto:
@@ -340,7 +324,7 @@ class Bench:
         self.workers.start()
         print(f"  load alone, {load_s:.0f} s ...", flush=True)
         time.sleep(load_s)
-        check_load = check(self.leader())  # under load: exact at any moment
+        check_load = check_pool(self.leader())  # under load: exact at any moment
         self.fault("client-SIGKILL", self.client_kill)
         self.fault("client-SIGSTOP", self.client_stop)
         self.fault("daemon-SIGSTOP", self.daemon_stop)
@@ -358,7 +342,7 @@ class Bench:
         for ph in self.phases[:-1]:  # a sample of every block put in the run, once more
             lo, ch = self.workers.verify(ph, step=8)
             lost_total, checked_total = lost_total + lo, checked_total + ch
-        check_end = check(self.leader())
+        check_end = check_pool(self.leader())
         results = self.workers.stop()
         self.workers = None
         exits = self.sigterm_exits()

@@ -12,7 +12,6 @@ byte or failed check. ``--json PATH`` writes the figures, ``--quick`` runs a sho
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -25,24 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from loadgen import BLOCK, Workers, merge  # noqa: E402
-from kvpool.errors import KVPoolError  # noqa: E402
+from loadgen import BLOCK, Workers, check_pool, merge  # noqa: E402
 from kvpool.launcher import spawn, stop  # noqa: E402
-from kvpool.wire import RpcClient  # noqa: E402
 
 MiB = 1 << 20
 RETRY_FOR_S = 30.0  # a retryable refusal is retried this long before it counts as an error
-
-
-async def check(master: str) -> tuple[bool, str]:
-    rpc = RpcClient(master, timeout_s=60)
-    try:
-        await rpc.call("check")
-        return True, "ok"
-    except KVPoolError as exc:
-        return False, str(exc)
-    finally:
-        await rpc.close()
 
 
 def run(clients: int, seconds: float) -> dict:
@@ -60,7 +46,7 @@ def run(clients: int, seconds: float) -> dict:
             results = workers.stop(timeout_s=120)
         finally:
             workers.kill()
-        check_ok, check_msg = asyncio.run(check(master))
+        check_ok, check_msg = check_pool(master)
         with urllib.request.urlopen(master + "/metrics", timeout=30) as resp:
             ops = {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
                    for line in resp.read().decode().splitlines()

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
+from kvpool.wire import RpcClient  # noqa: E402
 
 KiB = 1 << 10
 BLOCK = 256 * KiB
@@ -327,6 +328,20 @@ def main() -> None:
     cfg = (ClientConfig(master_url=args.master, timeout_s=args.timeout_s) if args.master else
            ClientConfig(etcd=args.etcd, cluster=args.cluster, timeout_s=args.timeout_s))
     print(json.dumps(asyncio.run(worker(cfg, args.seed, args.batch, args.replicas))), flush=True)
+
+
+def check_pool(master: str) -> tuple[bool, str]:
+    """The master's ``check`` (index against every daemon's inventory): passed, and why not."""
+    async def call() -> tuple[bool, str]:
+        rpc = RpcClient(master, timeout_s=60)
+        try:
+            await rpc.call("check")
+            return True, "ok"
+        except KVPoolError as exc:
+            return False, str(exc)
+        finally:
+            await rpc.close()
+    return asyncio.run(call())
 
 
 if __name__ == "__main__":
