@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -31,14 +30,14 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigEr
 from kvpool.fields import MAX_KEYS
 from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
-from kvpool.protocol import Call, Location, ReadGrant, Reservation, ReserveStatus
+from kvpool.protocol import Call, Location, ReadGrant, Reservation
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, describe, view
 from clients.grants import HotGrants
-from clients.segments import (SegmentedView, StreamHash, parts_of, payload_checksum, rows,
-                              view_of)
+from clients.segments import SegmentedView, StreamHash, parts_of, payload_checksum, rows, view_of
+from clients.staged_put import PutResult, StagedPut, tier_of
 
 log = logging.getLogger(__name__)
 _REGION_CACHE = 64  # large caller buffers kept registered
@@ -54,14 +53,6 @@ _TRANSPORTS: dict[str, type[RpcClient] | type[StreamRpcClient]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class PutResult:
-    key: BlockKey
-    stored: bool  # False: the key already existed (or another writer is storing it)
-    replicas: int = 1  # copies on distinct nodes (a put asking for more gets as many as fit)
-    tier: str = ""  # where a new block went: "gpu" or "host" (hot tiers take new blocks)
-
-
-@dataclass(frozen=True, slots=True)
 class GetResult:
     key: BlockKey
     header: BlockHeader | None  # None on a miss
@@ -71,105 +62,6 @@ class GetResult:
     @property
     def hit(self) -> bool:
         return self.header is not None
-
-
-class PutState(enum.Enum):
-    OPEN = "open"  # reserved; parts are being written
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-
-
-class StagedPut:
-    """A put between its reservation and its commit (``AsyncPoolClient.begin_put``).
-
-    Each ``write`` moves one part of every new block (the same byte range of each, in
-    order from offset 0) and hashes it while it moves, so that ``commit`` only sends the
-    headers; ``abort`` hands the reservation back. Blocks another writer already stores
-    are not written (``new`` lists the ones that are). Not safe for concurrent writes:
-    parts go in order, one at a time."""
-
-    __slots__ = ("_client", "put_id", "keys", "items", "sizes", "layout", "_headers",
-                 "new", "_done", "_hashes", "state")
-
-    def __init__(self, client: "AsyncPoolClient", put_id: int, keys: list[BlockKey],
-                 items: list[Reservation], sizes: list[int], layout: str,
-                 headers: list[BlockHeader]) -> None:
-        self._client = client
-        self.put_id, self.keys, self.items, self.sizes = put_id, keys, items, sizes
-        self.layout, self._headers = layout, headers
-        self.new = [i for i, item in enumerate(items) if item.status is ReserveStatus.NEW]
-        self._done = {i: 0 for i in self.new}  # bytes written of each new block
-        self._hashes = {i: StreamHash() for i in self.new}
-        self.state = PutState.OPEN
-
-    def _check(self, want: PutState = PutState.OPEN) -> None:
-        if self.state is not want:
-            raise BadRequest(f"put {self.put_id} is {self.state.value}, not {want.value}")
-
-    async def write(self, parts: Sequence[Any], offset: int) -> None:
-        """Write ``parts[i]`` (a buffer, a view or ``Segments``) at ``offset`` of block i,
-        for every new block i (the other entries are not read). A failed write aborts
-        the put and raises."""
-        self._check()
-        if len(parts) != len(self.keys):
-            raise BadRequest(f"{len(parts)} parts for {len(self.keys)} blocks")
-        views: list[Any] = [None] * len(parts)
-        for i in self.new:
-            v = parts[i] if isinstance(parts[i], (BufferView, SegmentedView)) else view_of(parts[i], False)
-            if self._done[i] != offset:
-                raise BadRequest(f"block {self.keys[i].hex()} has {self._done[i]} bytes written; "
-                                 f"the next part goes there, not at {offset}")
-            views[i] = v
-
-        def hash_parts() -> None:  # while the bytes are on their way
-            for i in self.new:
-                self._hashes[i].update(views[i])
-
-        try:
-            await self._client._write(self.new, views, self.items, hash_parts, offset)
-        except BaseException:
-            await self.abort()
-            raise
-        for i in self.new:
-            self._done[i] += views[i].nbytes
-
-    async def commit(self) -> list[PutResult]:
-        """Make the new blocks visible, every byte of each written and its checksum in
-        its header."""
-        self._check()
-        short = [i for i in self.new if self._done[i] != self.sizes[i]]
-        if short:
-            await self.abort()
-            i = short[0]
-            raise BadRequest(f"{len(short)} blocks are not fully written (block "
-                             f"{self.keys[i].hex()}: {self._done[i]} of {self.sizes[i]} bytes); "
-                             "the put was aborted")
-        if self.new:
-            headers = [dataclasses.replace(self._headers[i], checksum=self._hashes[i].digest())
-                       for i in self.new]
-            done = await self._client._call(Call.COMMIT, {
-                "put_id": self.put_id, "keys": [self.keys[i] for i in self.new],
-                "headers": [h.encode() for h in headers]})
-            if done["committed"] != len(self.new):
-                self.state = PutState.ABORTED
-                raise NodeGone(f"only {done['committed']} of {len(self.new)} blocks were committed: "
-                               "their node left during the put; retry")
-        self.state = PutState.COMMITTED
-        return [PutResult(k, item.status is ReserveStatus.NEW, item.replicas,
-                          _tier(item.locations[0].mem_type) if item.locations else "")
-                for k, item in zip(self.keys, self.items)]
-
-    async def abort(self) -> None:
-        """Hand the reservation back (best effort: the master reclaims it on its deadline)."""
-        if self.state is not PutState.OPEN:
-            return
-        self.state = PutState.ABORTED
-        if self.new:
-            try:
-                await self._client._call(Call.ABORT, {"put_id": self.put_id,
-                                                      "keys": [self.keys[i] for i in self.new]})
-            except KVPoolError:
-                pass
 
 
 class AsyncPoolClient:
@@ -520,7 +412,7 @@ class AsyncPoolClient:
         if meta:
             body["meta"] = meta
         if not keys:
-            return StagedPut(self, 0, [], [], [], "", [])
+            return StagedPut(self._call, self._write, 0, [], [], [], "", [])
         res = await self._call(Call.RESERVE, body)
         items = [Reservation.unpack(item) for item in res["items"]]
         if len(items) != len(keys):
@@ -529,7 +421,7 @@ class AsyncPoolClient:
         kinds = kinds or [(DType.UINT8, (n,)) for n in sizes]
         headers = [BlockHeader(dtype, shape, tag, n, 0, parent=parents[i])
                    for i, ((dtype, shape), n) in enumerate(zip(kinds, sizes))]
-        return StagedPut(self, res["put_id"], keys, items, sizes, tag, headers)
+        return StagedPut(self._call, self._write, res["put_id"], keys, items, sizes, tag, headers)
 
     async def _write(self, idx: list[int], views: list[BufferView | SegmentedView],
                      items: list[Reservation], while_copying: Callable[[], None],
@@ -675,7 +567,7 @@ class AsyncPoolClient:
             land = {i: view(staged[i], writable=True) if i in staged else views[i] for i in hits}
             await self._fetch(keys, grants, hits, land, results)
             for i in hits:  # where each was read from: what an event about it names
-                results[i] = dataclasses.replace(results[i], tier=_tier(grants[i].location.mem_type))  # type: ignore[arg-type, union-attr]
+                results[i] = dataclasses.replace(results[i], tier=tier_of(grants[i].location.mem_type))  # type: ignore[arg-type, union-attr]
             for i, buf in staged.items():
                 if results[i] is not None and results[i].hit:  # type: ignore[union-attr]
                     views[i].host_bytes()[:buf.nbytes] = buf
@@ -842,10 +734,6 @@ def _meta(ns: Namespace | None, token_ids: Sequence[Sequence[int]] | None, n: in
             raise BadRequest(f"{n} keys but {len(token_ids)} token id lists")
         meta["token_ids"] = [[int(t) for t in row] for row in token_ids]
     return meta or None
-
-
-def _tier(mem_type: str) -> str:
-    return "gpu" if mem_type == "VRAM" else "host"
 
 
 def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:
