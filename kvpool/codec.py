@@ -18,13 +18,16 @@ import zstandard
 from kvpool.errors import BadRequest, ChecksumMismatch
 
 MAGIC = b"KVPB"
-FORMAT_VERSION = 2  # 2 adds the parent key (flag bit 0); version 1 blocks still read
-_READS = (1, 2)
+FORMAT_VERSION = 3  # 2 adds the parent key (flag bit 0), 3 the scope (bit 1); older blocks still read
+_READS = (1, 2, 3)
 _FIXED = struct.Struct("<4sBBBBHHQQ")  # magic, version, codec, dtype, ndim, layout len, flags, size, checksum
 _HAS_PARENT = 1
+_HAS_SCOPE = 2
+_FLAGS = {1: 0, 2: _HAS_PARENT, 3: _HAS_PARENT | _HAS_SCOPE}  # the flags each version knows
 _KEY_BYTES = 16
 _MAX_NDIM = 8
 _MAX_LAYOUT = 255
+_MAX_SCOPE = 64  # bytes of a scope name (kvpool.config checks tenant and namespace names)
 
 
 class Codec(enum.IntEnum):
@@ -86,17 +89,23 @@ class BlockHeader:
     codec: Codec = Codec.RAW
     version: int = FORMAT_VERSION
     parent: bytes | None = None
+    # The tenant or shared namespace the block belongs to, as the master recorded it at
+    # the commit (never the writer's say): a master rebuilding its index from inventories
+    # gives the block back to its scope. Empty: the default scope.
+    scope: str = ""
 
     def encode(self) -> bytes:
-        layout = self.layout.encode()
-        if len(self.shape) > _MAX_NDIM or len(layout) > _MAX_LAYOUT:
-            raise BadRequest("block header too large: at most 8 dims and a 255-byte layout tag")
+        layout, scope = self.layout.encode(), self.scope.encode()
+        if len(self.shape) > _MAX_NDIM or len(layout) > _MAX_LAYOUT or len(scope) > _MAX_SCOPE:
+            raise BadRequest("block header too large: at most 8 dims, a 255-byte layout tag "
+                             "and a 64-byte scope")
         if self.parent is not None and len(self.parent) != _KEY_BYTES:
             raise BadRequest(f"a parent key is {_KEY_BYTES} bytes, not {len(self.parent)}")
-        flags = _HAS_PARENT if self.parent is not None else 0
+        flags = (_HAS_PARENT if self.parent is not None else 0) | (_HAS_SCOPE if scope else 0)
         return (_FIXED.pack(MAGIC, FORMAT_VERSION, self.codec, self.dtype, len(self.shape),
                             len(layout), flags, self.payload_size, self.checksum)
-                + struct.pack(f"<{len(self.shape)}Q", *self.shape) + layout + (self.parent or b""))
+                + struct.pack(f"<{len(self.shape)}Q", *self.shape) + layout + (self.parent or b"")
+                + (bytes([len(scope)]) + scope if scope else b""))
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> tuple["BlockHeader", int]:
@@ -110,17 +119,20 @@ class BlockHeader:
         if version not in _READS:
             raise BadRequest(f"block format version {version} is not supported "
                              f"(this build reads {', '.join(map(str, _READS))})")
-        if flags & ~_HAS_PARENT or (version == 1 and flags):
+        if flags & ~_FLAGS[version]:
             raise BadRequest(f"corrupt block header: unknown flags {flags:#x}")
         layout_end = _FIXED.size + 8 * ndim + nlayout
-        end = layout_end + (_KEY_BYTES if flags & _HAS_PARENT else 0)
+        end = parent_end = layout_end + (_KEY_BYTES if flags & _HAS_PARENT else 0)
+        if flags & _HAS_SCOPE:  # a length byte, then the name
+            end += 1 + (data[parent_end] if len(data) > parent_end else 0)
         if ndim > _MAX_NDIM or len(data) < end:
             raise BadRequest("truncated or corrupt block header")
         try:
             shape = struct.unpack_from(f"<{ndim}Q", data, _FIXED.size)
             header = cls(DType(dtype), tuple(shape), bytes(data[layout_end - nlayout:layout_end]).decode(),
                          size, checksum, Codec(codec), version,
-                         bytes(data[layout_end:end]) if flags & _HAS_PARENT else None)
+                         bytes(data[layout_end:parent_end]) if flags & _HAS_PARENT else None,
+                         bytes(data[parent_end + 1:end]).decode() if flags & _HAS_SCOPE else "")
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"corrupt block header: {exc}") from None
         return header, end

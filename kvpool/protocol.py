@@ -86,10 +86,12 @@ class Reservation:
             kind = ReserveStatus(status)
         except ValueError:
             raise BadRequest(f"unknown reservation status {status!r}") from None
+        if not isinstance(locations, (list, tuple)) or type(replicas) is not int:
+            raise BadRequest(f"a reservation is [status, replicas, [locations]], not {raw!r:.100}")
         locs = tuple(Location.unpack(loc) for loc in locations)
         if (kind is ReserveStatus.NEW) != bool(locs):
             raise BadRequest("a NEW reservation has locations, and only a NEW one")
-        return cls(kind, int(replicas), locs)
+        return cls(kind, replicas, locs)
 
 
 @dataclass(frozen=True, slots=True)

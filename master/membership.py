@@ -27,7 +27,6 @@ from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
 from master.state import PoolState
-from master.tenants import DEFAULT, UNKNOWN
 
 log = logging.getLogger(__name__)
 LinkFactory = Callable[[str], DaemonLink]
@@ -102,12 +101,9 @@ class Membership:
         owner = st.owner(node, block.tier)
         entry = st.index.get(block.key)
         if entry is None:
-            # Under tenants the key is a scoped one whose scope the inventory does not say
-            # (and the header's parent is its writer's key, not an index key): master.tenants.
-            scoped = st.tenancy.enabled
+            scope, parent = st.tenancy.rebuilt(header)
             entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
-                               parent=None if scoped else header.parent,
-                               scope=UNKNOWN if scoped else DEFAULT)
+                               parent=parent, scope=scope)
             st.index.add(entry)
         elif not entry.state.readable or entry.replica(owner, block.tier):
             return

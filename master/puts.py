@@ -7,6 +7,7 @@ A reservation nobody commits (the writer died) is reclaimed after ``put_timeout_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -280,7 +281,7 @@ class Puts:
                                       "reservation any more (it outlived its deadline and was "
                                       "reclaimed); put again")
             entries.append(entry)
-        parents = []
+        parents, stored = [], []
         for entry, raw in zip(entries, headers):
             try:
                 header, used = BlockHeader.decode(raw)
@@ -296,9 +297,13 @@ class Puts:
             parents.append(named or entry.parent)
             if entry.name is not None and header.parent is not None:
                 entry.name_parent = header.parent
+            # The header the pool keeps says what the index says: the parent's index key and
+            # the scope the master gave the put (whatever the writer wrote there), so that an
+            # index rebuilt from the daemons' inventories has both back.
+            stored.append(dataclasses.replace(header, parent=parents[-1], scope=scope.name).encode())
         hold = time.monotonic() + st.cfg.put_timeout_s
         by_node: dict[str, list[StoredBlock]] = defaultdict(list)
-        for entry, raw in zip(entries, headers):
+        for entry, raw in zip(entries, stored):
             entry.deadline = hold  # the reclaim sweep must not race the daemons' adopt
             for r in entry.replicas:
                 by_node[r.node].append(StoredBlock(entry.key, r.tier, r.location, r.size, raw))
@@ -317,7 +322,7 @@ class Puts:
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
         committed = 0
-        for entry, raw, parent in zip(entries, headers, parents):
+        for entry, raw, parent in zip(entries, stored, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0

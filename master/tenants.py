@@ -12,8 +12,11 @@ unchanged. Scope names are unique across tenants and shared namespaces (the conf
 so the name alone identifies a scope.
 
 Blocks a master learns of from a daemon's inventory (a daemon restart, a new leader) keep
-their scoped key, so they stay reachable by their scope and no other; their scope itself is
-not in the inventory, so they count as UNKNOWN: against no quota, in no tenant's events.
+their scoped key, so they stay reachable by their scope and no other, and their header
+names their scope (the master writes it at the commit), so they count against its quotas
+and show in its events again. Blocks written before headers said so (format version 2 or
+older), or of a scope no longer configured, count as UNKNOWN: against no quota, in no
+tenant's events.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from kvpool import auth
+from kvpool.codec import BlockHeader
 from kvpool.config import MasterConfig
 from kvpool.errors import Forbidden
 from kvpool.keys import BlockKey
@@ -121,6 +125,14 @@ class Tenancy:
                             "its namespaces_shared (see [[master.tenants]] in the master's config)")
         self._resolved[(tenant, namespace)] = scope
         return scope
+
+    def rebuilt(self, header: BlockHeader) -> tuple[str, BlockKey | None]:
+        """The scope and parent (an index key) of a block known from an inventory only."""
+        if not self.enabled:
+            return DEFAULT, header.parent
+        if header.version < 3 or header.scope not in self.scopes:
+            return UNKNOWN, None  # an older header's parent is its writer's key, not the index's
+        return header.scope, header.parent
 
     def visible(self, tenant: str | None) -> frozenset[str] | None:
         """The scopes whose events a viewer sees: all (None) for a viewer of the whole pool,

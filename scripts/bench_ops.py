@@ -12,8 +12,8 @@ stream RPC one after the other against the same pool, for a ratio within one run
 ``--auth both`` runs everything twice, on a pool without credentials and on one with them
 (cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
 under an HMAC-keyed namespace root), and prints the ratio on/off per call; then, with both
-pools up at once, it alternates short rounds of each call between them (A/B, so that the
-load of a shared machine weighs on both alike) and quotes the median ratio of the rounds.
+pools up at once, it alternates single calls between them (A/B pairs, so that the load of
+a shared machine weighs on both alike) and quotes the ratio of their median times.
 """
 
 from __future__ import annotations
@@ -299,12 +299,11 @@ def _start(data: str, secured: bool) -> tuple[list, str, dict[str, str]]:
     return [daemon, master], info["master"], creds
 
 
-async def _ab_rounds(pools: dict[bool, tuple[str, dict[str, str]]], calls: int,
-                     rounds: int) -> dict[str, dict]:
-    """Per call: rounds of ``calls // rounds`` calls on each pool in turn (which goes first
-    alternates); the median calls/s of each side's rounds and their ratio on/off."""
-    per = max(20, calls // rounds)
-    n = per * rounds
+async def _ab_calls(pools: dict[bool, tuple[str, dict[str, str]]], calls: int) -> dict[str, dict]:
+    """Per call type: ``calls`` pairs of one call on each pool, back to back (which goes
+    first alternates), so that both sides of a pair see the same moment of a shared
+    machine; the median time per call of each side, and their ratio."""
+    n = calls
     clients, keys, bufs = {}, {}, {}
     for secured, (url, creds) in pools.items():
         cfg = ClientConfig(master_url=url, token=creds.get("client", ""),
@@ -335,24 +334,39 @@ async def _ab_rounds(pools: dict[bool, tuple[str, dict[str, str]]], calls: int,
     out = {}
     try:
         for name in ("exists", "match_one", "get_64k", "put_64k"):
-            rates: dict[bool, list[float]] = {False: [], True: []}
-            for r in range(rounds):
-                for secured in ((False, True) if r % 2 == 0 else (True, False)):
-                    call, start = op(name, secured), r * per
+            calls_of = {secured: op(name, secured) for secured in (False, True)}
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(n):
+                for secured in ((False, True) if i % 2 == 0 else (True, False)):
                     t = time.perf_counter()
-                    for i in range(start, start + per):
-                        await call(i)
-                    rates[secured].append(per / (time.perf_counter() - t))
-            off, on = float(np.median(rates[False])), float(np.median(rates[True]))
-            out[name] = {"off_per_s": off, "on_per_s": on, "on_over_off": on / off}
+                    await calls_of[secured](i)
+                    times[secured].append(time.perf_counter() - t)
+            off, on = float(np.median(times[False])), float(np.median(times[True]))
+            out[name] = {"off_p50_ms": off * 1e3, "on_p50_ms": on * 1e3,
+                         "off_per_s": 1 / off, "on_per_s": 1 / on, "on_over_off": off / on}
     finally:
         for c in clients.values():
             await c.close()
     return out
 
 
-def interleaved(calls: int, rounds: int = 20) -> dict[str, dict]:
-    """Both pools up at once, calls alternating between them in rounds."""
+def credential_work_us(calls: int = 200_000) -> dict[str, float]:
+    """What credentials add to a call inside the master, timed in this process on the
+    master's own code: the role check (a set lookup, the credential itself being checked
+    once per connection at its hello) and the scoped key of each key the call names
+    (a keyed blake2b of the tenant's scope), each less the same step without credentials."""
+    import timeit  # noqa: PLC0415
+    from master.tenants import Scope  # noqa: PLC0415
+    key = os.urandom(16)
+    plain, scoped = Scope("", False), Scope("bench-tenant", True)
+    guard = frozenset({"exists", "match_prefix", "lease", "reserve", "commit"})
+    off = timeit.timeit(lambda: plain.keys([key]), number=calls) / calls
+    on = timeit.timeit(lambda: ("exists" in guard, scoped.keys([key])), number=calls) / calls
+    return {"per_call_one_key_us": (on - off) * 1e6}
+
+
+def interleaved(calls: int) -> dict[str, dict]:
+    """Both pools up at once, calls alternating between them one by one."""
     started = []
     try:
         pools = {}
@@ -360,7 +374,7 @@ def interleaved(calls: int, rounds: int = 20) -> dict[str, dict]:
             procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ab-"), secured)
             started += procs
             pools[secured] = (url, creds)
-        return asyncio.run(_ab_rounds(pools, calls, rounds))
+        return asyncio.run(_ab_calls(pools, calls))
     finally:
         for proc in started:
             stop(proc, wait_s=30)
@@ -455,10 +469,15 @@ def main() -> None:
         print(f"credentials on / off, calls per second (rpc {rpcs[-1]}, runs one after "
               "the other):  " + "  ".join(f"{k} {v:.3f}" for k, v in auth_ratio.items()))
         ab = interleaved(calls)
-        print("credentials on / off, A/B rounds on both pools at once (median of rounds):")
+        print("credentials on / off, calls alternating one by one between both pools at once "
+              "(median time per call):")
         for name, row in ab.items():
-            print(f"  {name:<10} off {row['off_per_s']:7.0f}/s  on {row['on_per_s']:7.0f}/s  "
-                  f"on/off {row['on_over_off']:.3f}")
+            print(f"  {name:<10} off {row['off_p50_ms']:6.3f} ms  on {row['on_p50_ms']:6.3f} ms  "
+                  f"on/off (calls/s) {row['on_over_off']:.3f}")
+        work = credential_work_us()
+        work["of_exists_p50"] = work["per_call_one_key_us"] / 1e3 / ab["exists"]["on_p50_ms"]
+        print(f"work credentials add to a one-key call in the master: "
+              f"{work['per_call_one_key_us']:.2f} us, {100 * work['of_exists_p50']:.2f}% of an exists call")
     if len(results) == 2:
         ws, st = results["ws"], results["stream"]
         print("stream / ws, calls per second:  " + "  ".join(
@@ -471,7 +490,8 @@ def main() -> None:
     if auth_ratio is not None:
         final["auth_off"] = by_mode[False][rpcs[-1]]
         final["auth_on_over_off"] = auth_ratio
-        final["auth_ab_rounds"] = ab
+        final["auth_ab_calls"] = ab
+        final["auth_added_work"] = work
     if len(results) == 2:
         final["rpc_ws"] = results["ws"]
     if args.json:

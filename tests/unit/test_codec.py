@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,25 @@ def test_the_parent_key_travels_in_the_header_and_version_1_blocks_still_read() 
         BlockHeader.decode(bytes(v1[:10]) + struct.pack("<H", 1) + bytes(v1[12:]) + parent)
     with pytest.raises(BadRequest, match="16 bytes"):
         make_header(kv_like(4), "float16", parent=b"short").encode()
+
+
+def test_the_scope_travels_in_the_header_and_version_2_blocks_still_read() -> None:
+    h = dataclasses.replace(make_header(kv_like(256), "float16", parent=bytes(16)), scope="team-a")
+    back, data = decode_cold(encode_cold(h, kv_like(256).tobytes()))
+    assert back.scope == "team-a" and back.parent == bytes(16) and data == kv_like(256).tobytes()
+    raw = h.encode()
+    for cut in (len(raw) - 1, len(raw) - 7):  # the name or its length byte missing
+        with pytest.raises(BadRequest, match="truncated"):
+            BlockHeader.decode(raw[:cut])
+    v2 = bytearray(make_header(kv_like(256), "float16", parent=bytes(16)).encode())
+    v2[4] = 2
+    old, used = BlockHeader.decode(bytes(v2))
+    assert old.scope == "" and old.version == 2 and used == len(v2)
+    v2[10] |= 2  # version 2 had no scope flag
+    with pytest.raises(BadRequest, match="flags"):
+        BlockHeader.decode(bytes(v2) + b"\x01a")
+    with pytest.raises(BadRequest, match="64-byte scope"):
+        dataclasses.replace(h, scope="x" * 65).encode()
 
 
 def test_a_block_that_compresses_too_little_is_stored_raw() -> None:

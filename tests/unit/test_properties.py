@@ -36,7 +36,8 @@ headers = st.builds(
     payload_size=st.integers(0, (1 << 64) - 1),
     checksum=st.integers(0, (1 << 64) - 1),
     codec=st.sampled_from(list(Codec)),
-    parent=st.none() | st.binary(min_size=16, max_size=16))
+    parent=st.none() | st.binary(min_size=16, max_size=16),
+    scope=st.text(max_size=20).filter(lambda s: len(s.encode()) <= 64))
 
 # msgpack values as the wire carries them (maps keyed by strings, as our bodies are)
 values = st.recursive(

@@ -4,6 +4,8 @@ the config and key derivation tenants rest on. No processes, no network."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -82,6 +84,30 @@ async def test_a_full_quota_demotes_the_tenants_own_blocks_else_refuses() -> Non
     assert [r.tier for r in index.get(a.key(key(1))).replicas] == [TierKind.SSD]  # hers went
     assert [r.tier for r in index.get(b.key(key(100))).replicas] == [TierKind.HOST]  # his stayed
     await core.check()
+
+
+async def test_a_rebuilt_index_gives_blocks_back_to_their_scope_with_their_links() -> None:
+    """A new master knows blocks from the daemons' inventories only: each is its tenant's
+    again (usage, quota, who may read it) with its prefix link, whatever scope the writer
+    wrote in the header."""
+    d = fake("n0", host=8 * BLOCK)
+    first = await master(d, tenants=TENANTS, namespaces=SHARED)
+    a, b = first.state.tenancy.resolve("a"), first.state.tenancy.resolve("b")
+    put_id, _ = await first.puts.reserve([key(1), key(2)], [BLOCK] * 2, [None, key(1)], None, scope=a)
+    forged = [make_header(np.zeros(BLOCK, np.uint8), "uint8", parent=p) for p in (None, key(1))]
+    forged = [dataclasses.replace(h, scope="b").encode() for h in forged]  # a claim it is b's
+    assert await first.puts.commit(put_id, [key(1), key(2)], forged, a) == 2
+    await put(first, b, [key(9)])
+    again = await master(d, tenants=TENANTS, namespaces=SHARED)
+    index = again.state.index
+    assert index.used("a", TierKind.HOST) == 2 * BLOCK and index.used("b", TierKind.HOST) == BLOCK
+    assert index.get(a.key(key(2))).parent == a.key(key(1))
+    assert await again.reads.exists(a.keys([key(1), key(2)])) == [True, True]
+    assert await again.reads.exists(b.keys([key(1), key(2)])) == [False, False]
+    await put(again, again.state.tenancy.resolve("a"), [key(3)])  # her quota counts them:
+    assert index.used("a", TierKind.HOST) == 2 * BLOCK  # one of hers left the host arena
+    assert index.used("b", TierKind.HOST) == BLOCK  # and nothing of his
+    await again.check()
 
 
 async def test_a_tenants_puts_in_flight_are_capped_across_its_connections() -> None:
