@@ -348,14 +348,27 @@ class Puts:
         self._recount(put_id)
 
     def reclaim(self, now: float) -> int:
-        """Free reservations whose writer never committed (it died mid-put)."""
+        """Free reservations whose writer never committed (it died mid-put). Only the
+        open puts are looked at, never the whole index: every PENDING entry belongs to one
+        (a commit in flight holds its entries past the put's deadline, and the put with them)."""
         st = self.state
-        stale = [e for e in st.index.entries.values()
-                 if e.state is BlockState.PENDING and e.deadline <= now]
+        stale = []
+        for put_id, put in [(p, put) for p, put in self._open.items() if put.deadline <= now]:
+            held = 0.0
+            for key in put.keys:
+                entry = st.index.get(key)
+                if entry is None or entry.state is not BlockState.PENDING or entry.put_id != put_id:
+                    continue
+                if entry.deadline <= now:
+                    stale.append(entry)
+                else:
+                    held = max(held, entry.deadline)
+            if held:
+                put.deadline = held
+            else:
+                self._closed(put_id)
         for entry in stale:
             st.discard_pending(entry)
-        for put_id in [p for p, put in self._open.items() if put.deadline <= now]:
-            self._closed(put_id)
         if stale:
             log.info("reclaimed %d abandoned reservations", len(stale))
             st.counters["reclaimed"] += len(stale)
