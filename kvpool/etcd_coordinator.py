@@ -65,7 +65,10 @@ class EtcdCoordinator:
 
     def _connect(self) -> aetcd.Client:
         host, port = self._members[self._at]
-        return aetcd.Client(host=host, port=port, timeout=self._timeout_s)
+        # Each attempt gets half the call's time: a member that hangs (stopped, or cut
+        # off) must leave time to try the next, or a leader's renewal fails on one stalled
+        # member of three and it steps down while the other two would have answered.
+        return aetcd.Client(host=host, port=port, timeout=max(0.5, self._timeout_s / 2))
 
     async def _swap(self, broken: aetcd.Client) -> None:
         """Move on to the next member, unless a concurrent call already did."""
@@ -86,6 +89,16 @@ class EtcdCoordinator:
             client = self._client
             try:
                 return await op(client)
+            except asyncio.CancelledError:
+                # grpc cancels the calls in flight on a channel a concurrent call's swap
+                # closed: that is no cancellation of ours, so try again on the new member.
+                task = asyncio.current_task()
+                if client is self._client or (task is not None and task.cancelling()):
+                    raise
+                if loop.time() + delay > deadline:
+                    raise Unavailable(f"no etcd member answered in {self._timeout_s:.1f} s "
+                                      "(every member tried was swapped out)") from None
+                continue
             except ClientError as exc:
                 if "lease not found" in str(exc):
                     raise LeaseExpired(f"etcd: {exc}") from None

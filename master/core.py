@@ -17,6 +17,7 @@ from typing import Callable
 from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator
 from kvpool.errors import NotLeader, NotReady
+from kvpool.keys import BlockKey
 from master.check import check
 from master.drain import Drains
 from master.leases import Leases
@@ -64,6 +65,7 @@ class MasterCore:
         self.lease_sure = lease_sure  # with etcd: whether the leader's lease surely holds
         # A single master leads from the start; with etcd it waits to be elected.
         self.role = Role.STANDBY if clustered else Role.LEADER
+        self._carried: dict[int, tuple[float, list[BlockKey]]] = {}  # the last term's read leases
 
     def _become(self, role: Role) -> None:
         """Change role along _ROLE_CHANGES only (ending a term twice is harmless)."""
@@ -84,17 +86,31 @@ class MasterCore:
             raise NotReady("this master was just elected and is rebuilding its index from the "
                            "daemons' inventories; retry in a moment")
 
-    async def begin_term(self) -> None:
-        """Leadership starts: forget everything; the index is rebuilt from the daemons."""
+    async def begin_term(self, resumed: bool = False) -> None:
+        """Leadership starts: forget everything; the index is rebuilt from the daemons.
+        ``resumed``: this master leads again on the etcd lease it held (no other master led
+        meanwhile), so the read leases it granted, kept since its last term, are all there
+        are (master.leases)."""
+        table = self._carried if resumed else None
         await self.end_term()
-        self.state.new_term()
+        carried: dict[BlockKey, dict[int, float]] | None = None
+        if table is not None:
+            self.leases.resume(table)
+            carried = {}
+            for lease, (expiry, keys) in table.items():
+                for key in keys:
+                    carried.setdefault(key, {})[lease] = expiry
+        self.state.new_term(carried)
         self._become(Role.REBUILDING)
 
     def rebuilt(self) -> None:
         self._become(Role.LEADER)
 
     async def end_term(self) -> None:
-        """Leadership ends: serve nothing, hold no links. Reservations of the term are lost."""
+        """Leadership ends: serve nothing, hold no links. Reservations of the term are lost;
+        its read leases are remembered, for a term that resumes it."""
+        if self.role is not Role.STANDBY:
+            self._carried = self.leases.in_force()
         self._become(Role.STANDBY)
         await self.reads.clear()
         await self.drains.clear()

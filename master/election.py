@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class Election:
-    """Campaign forever; ``on_gain``/``on_loss`` run as leadership starts and ends."""
+    """Campaign forever; ``on_gain``/``on_loss`` run as leadership starts and ends
+    (``on_gain`` is told whether the term resumes on the lease held before)."""
 
     def __init__(self, coord: Coordinator, cluster: str, me: str, ttl_s: float,
-                 on_gain: Callable[[], Awaitable[None]],
+                 on_gain: Callable[[bool], Awaitable[None]],
                  on_loss: Callable[[], Awaitable[None]]) -> None:
         self.coord = coord
         self.key = Keyspace(cluster).leader
@@ -74,7 +75,7 @@ class Election:
                 if await self.coord.compare_and_set(self.key, None, self.me.encode(), lease):
                     self._lease = lease
                     self._held_until = asked + self.ttl_s
-                    await self._gain()
+                    await self._gain(resumed=False)
                     return
                 await self.coord.revoke(lease)
                 holder = await self.coord.get(self.key)
@@ -87,15 +88,16 @@ class Election:
         self._held_until = asked + self.ttl_s
         if not self.leading:  # renewed again after a failure: lead again if the key is ours
             if await self.coord.get(self.key) == self.me.encode():
-                await self._gain()
+                await self._gain(resumed=True)
             else:
                 await self.coord.revoke(self._lease)
                 self._lease = None
 
-    async def _gain(self) -> None:
+    async def _gain(self, resumed: bool) -> None:
+        """``resumed``: on the lease held before, so no other master led meanwhile."""
         self.leading, self.leader_url = True, self.me
-        log.info("%s is the leader", self.me)
-        await self._on_gain()
+        log.info("%s is the leader%s", self.me, " again (its lease held)" if resumed else "")
+        await self._on_gain(resumed)
 
     async def _lose(self, why: str) -> None:
         if self.leading:

@@ -11,6 +11,11 @@ a pin call returns, so a new leader finds them in the inventories it rebuilds fr
 leases are not recorded: a new leader instead treats every block it takes in as leased
 for the longest a lease can run (PoolState.inherited_until), so no block a reader of the
 former leader may still be reading moves; releases of leases it never granted are no-ops.
+A leader that leads again on the same etcd lease (a renewal failed, then went through)
+knows every lease granted meanwhile, as no other master can have led: it keeps its own
+table instead (PoolState.carried), so only the blocks really leased stay put. Treating
+everything as leased there would freeze its arenas for a lease's length: no demotion, so
+no room for puts, nor for promoting a cold block to read it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ class Leases:
 
     def clear(self) -> None:
         self._held.clear()
+
+    def in_force(self) -> dict[int, tuple[float, list[BlockKey]]]:
+        """The leases not yet expired (handed to a term that resumes)."""
+        now = time.monotonic()
+        return {lease: held for lease, held in self._held.items() if held[0] > now}
+
+    def resume(self, table: dict[int, tuple[float, list[BlockKey]]]) -> None:
+        """Take back the leases of this master's previous term (PoolState.carried puts
+        them on the blocks as they are taken in), so their releases and expiry work."""
+        self._held = dict(table)
 
     def grant(self, entries: Sequence[BlockEntry]) -> int:
         """One new lease over ``entries``; taken before any await, so nothing moves them."""

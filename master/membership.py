@@ -119,6 +119,8 @@ class Membership:
         now = time.monotonic()
         if now < st.inherited_until:  # leases the former leader may have granted on it
             entry.leases[0] = st.inherited_until
+        else:  # this master's own, from before it resumed
+            entry.leases.update(st.carried.get(block.key, {}))
         if mark is not None:  # its pins, as the former leader had them recorded here
             entry.pins = max(entry.pins, mark.pins)
             if mark.soft_until > time.time():

@@ -90,8 +90,8 @@ class MasterServer:
     def leader_url(self) -> str:
         return self.election.leader_url if self.election is not None else self.url
 
-    async def _lead(self) -> None:
-        await self.core.begin_term()
+    async def _lead(self, resumed: bool) -> None:
+        await self.core.begin_term(resumed)
         assert self._group is not None
         self._term = self._group.create_task(self.core.members.follow(self.core.rebuilt),
                                              name="master-members")

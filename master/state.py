@@ -55,6 +55,9 @@ class PoolState:
         # Until then every block taken in from an inventory counts as leased: a reader of
         # the former leader may hold a lease (at most read_lease_s long) this one never saw.
         self.inherited_until = 0.0
+        # In a term that resumes this master's own (no other master led since): the keys
+        # its readers may still hold leases on, with their ends; taken in with the blocks.
+        self.carried: dict[BlockKey, dict[int, float]] = {}  # key -> lease -> expiry
 
     def _make_policy(self, owner: str, kind: TierKind) -> EvictionPolicy:
         space = self.space(owner, kind)
@@ -68,9 +71,14 @@ class PoolState:
         self.stores = {}
         self.short = set()
 
-    def new_term(self) -> None:
+    def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
+        """``carried``: this master leads again on its own lease, and these are the leases
+        it granted (Leases.in_force): they protect what they cover; nothing else is leased
+        beyond what a former leader's readers may still hold (``inherited_until`` stays)."""
         self.term = self.rng.getrandbits(30) | 1
-        self.inherited_until = time.monotonic() + self.cfg.read_lease_s
+        self.carried = carried or {}
+        if carried is None:  # a term after another master's: any block may be leased
+            self.inherited_until = time.monotonic() + self.cfg.read_lease_s
 
     def new_id(self) -> int:
         return self.rng.getrandbits(63) | 1

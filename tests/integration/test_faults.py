@@ -77,7 +77,9 @@ async def test_a_daemon_stopped_mid_transfer_costs_only_deadlines(cluster: Clust
     """A daemon that stops answering (its transfers never complete) shorter than its
     lease: calls touching it end at their deadline with a typed error, then all resumes."""
     load = await under_load(cluster, pause(cluster, "node1", TTL * 0.6), timeout_s=2.0)
-    assert load.now.longest_s < 2.0 * 3 + 1.0, f"a call waited {load.now.longest_s:.1f}s"
+    # Bounded by deadlines, not by the stop: a few 2 s deadlines in a row, with room for
+    # a loaded 2-core CI machine (a call that hung on the stopped daemon would wait 20 s).
+    assert load.now.longest_s < 2.0 * 3 + 6.0, f"a call waited {load.now.longest_s:.1f}s"
 
 
 async def test_a_daemon_killed_under_load_loses_no_block_with_a_copy(cluster: Cluster) -> None:

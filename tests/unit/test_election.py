@@ -16,8 +16,8 @@ class Candidate:
         self.election = Election(coord, "t", name, ttl, self.gain, self.lose)
         self.task = asyncio.get_running_loop().create_task(self.election.run())
 
-    async def gain(self) -> None:
-        self.log.append("gain")
+    async def gain(self, resumed: bool) -> None:
+        self.log.append("resume" if resumed else "gain")
 
     async def lose(self) -> None:
         self.log.append("lose")

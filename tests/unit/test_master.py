@@ -298,3 +298,34 @@ async def test_a_client_s_uncommitted_puts_are_bounded_and_partial_aborts_do_not
     assert await core.puts.commit(put_id, [key(11), key(12)], [header] * 2) == 2
     await core.puts.reserve([key(13)], [BLOCK], [], None, owner=3)  # committed: allowance back
     await core.check()
+
+
+async def test_a_resumed_term_keeps_its_own_read_leases_and_leases_nothing_else() -> None:
+    """A leader that leads again on the lease it held (a renewal failed, then went through)
+    knows every lease granted: only those blocks stay put, so its arenas can still make
+    room for puts and for promoting cold blocks. After another master's term, every block
+    taken in counts as leased for a lease's length."""
+    d = fake("n1", host=4 * BLOCK)
+    core = await master(d)
+    await put(core, [key(1), key(2)])
+    lease, grants = await core.reads.get([key(1)])
+    assert grants[0] is not None
+
+    async def lead_again(resumed: bool) -> list[bool]:
+        await core.end_term()
+        await core.begin_term(resumed)
+        await core.members.join(d.registration_now())
+        core.rebuilt()
+        now = time.monotonic()
+        return [core.state.index.get(key(i)).leased(now) for i in (1, 2)]
+
+    assert await lead_again(resumed=True) == [True, False]
+    node = core.state.nodes["n1"]
+    assert await core.tiering.make_room(node, TierKind.HOST, BLOCK)  # key(2) can move
+    assert [r.tier for r in core.state.index.get(key(2)).replicas] == [TierKind.SSD]
+    assert [r.tier for r in core.state.index.get(key(1)).replicas] == [TierKind.HOST]
+    assert await lead_again(resumed=True) == [True, False]  # still held, through a second one
+    core.leases.release([lease])  # a release of the first term's lease still counts
+    assert await lead_again(resumed=True) == [False, False]
+    assert await lead_again(resumed=False) == [True, True]  # another master's readers, maybe
+    await core.check()
