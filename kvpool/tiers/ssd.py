@@ -27,8 +27,14 @@ class _LmdbStore:
 
     def __init__(self, path: Path, map_size: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        # No fsync per write (sync=False): a cache's block need not outlive a crash of the
+        # machine, and a flush per block made every demotion wait on the disk (a batch of
+        # 64 took seconds on a busy disk, and puts waiting for room with it). LMDB keeps
+        # the file consistent without it; a machine crash can only lose the last writes,
+        # which a restarted daemon's inventory then does not list. A process crash loses
+        # nothing (the kernel has the pages); close() flushes.
         self._env = lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False,
-                              meminit=False, max_readers=256)
+                              meminit=False, max_readers=256, sync=False)
 
     def put(self, key: BlockKey, blob: bytes) -> None:
         try:
@@ -65,6 +71,7 @@ class _LmdbStore:
                 log.warning("ignoring LMDB key %r in %s: not a block key", key[:40], self._env.path())
 
     def close(self) -> None:
+        self._env.sync(True)
         self._env.close()
 
 
