@@ -41,6 +41,7 @@ from kvpool.streamrpc import StreamRpcServer
 from kvpool.wire import MAX_BODY, RpcClient, close_all, error_middleware, refusal, rpc_endpoint
 
 log = logging.getLogger(__name__)
+_COPIES_IN_FLIGHT = 8  # blocks one copy call moves at once
 
 
 class PoolDaemon:
@@ -266,25 +267,35 @@ class PoolDaemon:
         source, target = self._tier(src), self._tier(dst)
         m = self.metrics
         seconds, moved = m.copy_seconds.labels(src.value, dst.value), m.copy_bytes.labels(src.value, dst.value)
-        results = []
-        for key, location in zip(keys, locations):
-            start = time.perf_counter()
-            try:
-                header, payload = await source.read(key)
-                stored = await target.write(key, header, payload, location)
-                results.append(CopyResult(stored.size))
+        room = asyncio.Semaphore(_COPIES_IN_FLIGHT)
+
+        async def one(key: BlockKey, location: int) -> CopyResult:
+            async with room:
+                start = time.perf_counter()
+                try:
+                    header, payload = await source.read(key)
+                    stored = await target.write(key, header, payload, location)
+                except ChecksumMismatch as exc:
+                    log.warning("block %s in %s failed its checksum and was dropped: %s",
+                                key.hex(), src.value, exc)
+                    m.checksum_failures.labels(src.value).inc()
+                    m.copy_errors.labels(src.value, dst.value, exc.code).inc()
+                    return CopyResult(error=exc)
+                except (BlockNotFound, TierFull) as exc:
+                    m.copy_errors.labels(src.value, dst.value, exc.code).inc()
+                    return CopyResult(error=exc)
                 seconds.observe(time.perf_counter() - start)
                 moved.inc(header.payload_size)
-            except ChecksumMismatch as exc:
-                log.warning("block %s in %s failed its checksum and was dropped: %s",
-                            key.hex(), src.value, exc)
-                m.checksum_failures.labels(src.value).inc()
-                m.copy_errors.labels(src.value, dst.value, exc.code).inc()
-                results.append(CopyResult(error=exc))
-            except (BlockNotFound, TierFull) as exc:
-                m.copy_errors.labels(src.value, dst.value, exc.code).inc()
-                results.append(CopyResult(error=exc))
-        return results
+                return CopyResult(stored.size)
+
+        # Several at once, so that their trips to the I/O threads overlap; every copy has
+        # ended before the call answers (the master frees the targets of a failed call).
+        done = await asyncio.gather(*(one(k, at) for k, at in zip(keys, locations)),
+                                    return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return done  # type: ignore[return-value]
 
     async def send(self, target: SendTarget, items: Sequence[SendItem]) -> list[CopyResult]:
         """Write blocks into a peer's arena (a drain moves them off this node). Each is

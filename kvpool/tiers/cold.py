@@ -177,22 +177,40 @@ class ColdTier:
     async def _write(self, key: BlockKey, header: BlockHeader, view: memoryview) -> StoredBlock:
         try:
             header = replace(header, codec=Codec.RAW)
-            blob = await self._run(_encode, header, view, self._codec)
-            size = len(blob)
-            if self._used + self._reserved + size > self.capacity:
-                raise TierFull(f"{self.kind.value} tier has {self.capacity - self._used - self._reserved} "
-                               f"free bytes, block {key.hex()} needs {size}")
-            self._reserved += size
-            try:
-                await self._run(self._store.put, key, blob)
-            finally:
-                self._reserved -= size
+            # Room for the most the blob can take (one that compresses too little is stored
+            # raw) lets it be encoded and stored in one trip to the I/O threads: on a busy
+            # machine each trip costs milliseconds, and demotions wait on them. Near full,
+            # the exact size decides, which takes two.
+            bound = len(header.encode()) + 8 + view.nbytes
+            if self._used + self._reserved + bound <= self.capacity:
+                self._reserved += bound
+                try:
+                    size = await self._run(self._encode_and_put, key, header, view)
+                finally:
+                    self._reserved -= bound
+            else:
+                blob = await self._run(_encode, header, view, self._codec)
+                size = len(blob)
+                if self._used + self._reserved + size > self.capacity:
+                    raise TierFull(f"{self.kind.value} tier has "
+                                   f"{self.capacity - self._used - self._reserved} free bytes, "
+                                   f"block {key.hex()} needs {size}")
+                self._reserved += size
+                try:
+                    await self._run(self._store.put, key, blob)
+                finally:
+                    self._reserved -= size
             block = StoredBlock(key, header, 0, size)
             self._blocks[key] = block
             self._used += size
             return block
         finally:
             self._inflight.pop(key, None)
+
+    def _encode_and_put(self, key: BlockKey, header: BlockHeader, view: memoryview) -> int:
+        blob = _encode(header, view, self._codec)
+        self._store.put(key, blob)
+        return len(blob)
 
     def _forget(self, block: StoredBlock) -> bool:
         """Drop ``block`` from the inventory unless another record replaced it meanwhile."""
