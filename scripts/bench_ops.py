@@ -12,8 +12,9 @@ stream RPC one after the other against the same pool, for a ratio within one run
 ``--auth both`` runs everything twice, on a pool without credentials and on one with them
 (cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
 under an HMAC-keyed namespace root), and prints the ratio on/off per call; then, with both
-pools up at once, it alternates single calls between them (A/B pairs, so that the load of
-a shared machine weighs on both alike) and quotes the ratio of their median times.
+pools up at once and a third without credentials as a control, it rotates single calls
+between them (so that the load of a shared machine weighs on all alike) and quotes the
+ratios of their median times, on/off beside control/off (how far two like pools differ).
 """
 
 from __future__ import annotations
@@ -299,51 +300,59 @@ def _start(data: str, secured: bool) -> tuple[list, str, dict[str, str]]:
     return [daemon, master], info["master"], creds
 
 
-async def _ab_calls(pools: dict[bool, tuple[str, dict[str, str]]], calls: int) -> dict[str, dict]:
-    """Per call type: ``calls`` pairs of one call on each pool, back to back (which goes
-    first alternates), so that both sides of a pair see the same moment of a shared
-    machine; the median time per call of each side, and their ratio."""
+# The pools the A/B calls alternate between: without credentials, a second one without
+# (the control: how far two like pools differ on this machine), and one with them.
+AB_POOLS = {"off": False, "control": False, "on": True}
+
+
+async def _ab_calls(pools: dict[str, tuple[str, dict[str, str]]], calls: int) -> dict[str, dict]:
+    """Per call type: ``calls`` rounds of one call on each pool, back to back (the order
+    rotates), so that every side sees the same moments of a shared machine; the median time
+    per call of each side, and the ratios on/off and control/off (the noise floor)."""
     n = calls
     clients, keys, bufs = {}, {}, {}
-    for secured, (url, creds) in pools.items():
+    for name, (url, creds) in pools.items():
         cfg = ClientConfig(master_url=url, token=creds.get("client", ""),
                            key_secret=creds.get("keys", ""))
         ns = Namespace("bench-ab", "uint8", "raw", block_tokens=1, secret=cfg.key_secret)
-        client = clients[secured] = AsyncPoolClient(cfg)
-        keys[secured] = block_keys(ns, np.arange(2 * n))
+        client = clients[name] = AsyncPoolClient(cfg)
+        keys[name] = block_keys(ns, np.arange(2 * n))
         src, dst = np.empty(BLOCK, np.uint8), np.empty(BLOCK, np.uint8)
         client.register(src)
         client.register(dst)
-        bufs[secured] = (src, dst)
+        bufs[name] = (src, dst)
         for s in range(0, n, 256):
-            await client.batch_put(keys[secured][s:min(n, s + 256)], [src] * (min(n, s + 256) - s))
-        for k in keys[secured][:50]:
+            await client.batch_put(keys[name][s:min(n, s + 256)], [src] * (min(n, s + 256) - s))
+        for k in keys[name][:50]:
             await client.exists(k)
             await client.get(k, dst)
 
-    def op(name: str, secured: bool):  # type: ignore[no-untyped-def]
-        c, ks, (src, dst) = clients[secured], keys[secured], bufs[secured]
-        if name == "exists":
+    def op(call: str, pool: str):  # type: ignore[no-untyped-def]
+        c, ks, (src, dst) = clients[pool], keys[pool], bufs[pool]
+        if call == "exists":
             return lambda i: c.exists(ks[i])
-        if name == "match_one":
+        if call == "match_one":
             return lambda i: c.match_prefix([ks[i]])
-        if name == "get_64k":
+        if call == "get_64k":
             return lambda i: c.get(ks[i], dst)
         return lambda i: c.put(ks[n + i], src)  # put_64k: fresh keys
 
     out = {}
+    names = list(pools)
     try:
-        for name in ("exists", "match_one", "get_64k", "put_64k"):
-            calls_of = {secured: op(name, secured) for secured in (False, True)}
-            times: dict[bool, list[float]] = {False: [], True: []}
+        for call in ("exists", "match_one", "get_64k", "put_64k"):
+            calls_of = {name: op(call, name) for name in names}
+            times: dict[str, list[float]] = {name: [] for name in names}
             for i in range(n):
-                for secured in ((False, True) if i % 2 == 0 else (True, False)):
+                for j in range(len(names)):
+                    name = names[(i + j) % len(names)]
                     t = time.perf_counter()
-                    await calls_of[secured](i)
-                    times[secured].append(time.perf_counter() - t)
-            off, on = float(np.median(times[False])), float(np.median(times[True]))
-            out[name] = {"off_p50_ms": off * 1e3, "on_p50_ms": on * 1e3,
-                         "off_per_s": 1 / off, "on_per_s": 1 / on, "on_over_off": off / on}
+                    await calls_of[name](i)
+                    times[name].append(time.perf_counter() - t)
+            p50 = {name: float(np.median(times[name])) for name in names}
+            out[call] = {**{f"{name}_p50_ms": p50[name] * 1e3 for name in names},
+                         "on_over_off": p50["off"] / p50["on"],
+                         "control_over_off": p50["off"] / p50["control"]}
     finally:
         for c in clients.values():
             await c.close()
@@ -366,14 +375,14 @@ def credential_work_us(calls: int = 200_000) -> dict[str, float]:
 
 
 def interleaved(calls: int) -> dict[str, dict]:
-    """Both pools up at once, calls alternating between them one by one."""
+    """The AB_POOLS up at once, calls alternating between them one by one."""
     started = []
     try:
         pools = {}
-        for secured in (False, True):
+        for name, secured in AB_POOLS.items():
             procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ab-"), secured)
             started += procs
-            pools[secured] = (url, creds)
+            pools[name] = (url, creds)
         return asyncio.run(_ab_calls(pools, calls))
     finally:
         for proc in started:
@@ -469,11 +478,12 @@ def main() -> None:
         print(f"credentials on / off, calls per second (rpc {rpcs[-1]}, runs one after "
               "the other):  " + "  ".join(f"{k} {v:.3f}" for k, v in auth_ratio.items()))
         ab = interleaved(calls)
-        print("credentials on / off, calls alternating one by one between both pools at once "
-              "(median time per call):")
+        print("credentials on / off, calls rotating one by one between three pools up at once "
+              "(median time per call; control: a second pool without credentials):")
         for name, row in ab.items():
-            print(f"  {name:<10} off {row['off_p50_ms']:6.3f} ms  on {row['on_p50_ms']:6.3f} ms  "
-                  f"on/off (calls/s) {row['on_over_off']:.3f}")
+            print(f"  {name:<10} off {row['off_p50_ms']:6.3f} ms  control {row['control_p50_ms']:6.3f} ms  "
+                  f"on {row['on_p50_ms']:6.3f} ms   calls/s on/off {row['on_over_off']:.3f}  "
+                  f"control/off {row['control_over_off']:.3f}")
         work = credential_work_us()
         work["of_exists_p50"] = work["per_call_one_key_us"] / 1e3 / ab["exists"]["on_p50_ms"]
         print(f"work credentials add to a one-key call in the master: "
