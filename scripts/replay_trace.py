@@ -112,13 +112,21 @@ async def replay(master: str, requests: list[tracesim.Request], block_bytes: int
     return served, asked, time.monotonic() - t0
 
 
+START_S = 300.0  # a pool's start on a loaded machine (a quiet one takes a few seconds)
+
+
 def start_pool(workdir: Path, policy: str, host_bytes: int, ssd_bytes: int) -> tuple[object, str]:
+    """A `kvpool up` process with these capacities; waits up to START_S for it, saying so."""
     env = {"KVPOOL_MASTER_POLICY": policy, "KVPOOL_DAEMON_HOST_BYTES": str(host_bytes),
            "KVPOOL_DAEMON_SSD_BYTES": str(ssd_bytes), "KVPOOL_DAEMON_OBJECT_BYTES": "0",
            "KVPOOL_MASTER_SWEEP_INTERVAL_S": "0.1", "KVPOOL_DAEMON_COLD_CODEC": "raw",
            **WATERMARKS}
+    print(f"  starting a pool ({policy}, host {host_bytes >> 20} MiB, ssd {ssd_bytes >> 20} MiB; "
+          f"waiting up to {START_S:.0f} s)", flush=True)
+    t0 = time.monotonic()
     popen, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(workdir)], env,
-                        workdir.with_suffix(".log"))
+                        workdir.with_suffix(".log"), start_s=START_S)
+    print(f"  pool up in {time.monotonic() - t0:.1f} s", flush=True)
     return popen, info["master"]
 
 
@@ -213,6 +221,9 @@ async def main() -> int:
                     help="time compression: trace seconds per replay second (0: as fast as it goes)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--plot", help="draw hit rate against capacity into this PNG")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the live runs already in --json (same trace and requests) and run "
+                         "only the others: a replay cut short goes on where it stopped")
     ap.add_argument("--replot", metavar="JSON",
                     help="only draw --plot from the runs of a JSON written earlier (one cut short too)")
     args = ap.parse_args()
@@ -234,11 +245,21 @@ async def main() -> int:
     print(f"{len(requests)} requests, {distinct} distinct blocks of {args.block_kib} KiB, "
           f"ideal hit rate {ideal:.4f}; time compressed {args.speed:g}x", flush=True)
     runs: list[Run] = []
+    if args.resume:
+        if not args.json or not Path(args.json).exists():
+            raise SystemExit("--resume needs --json PATH written by an earlier replay")
+        saved = json.loads(Path(args.json).read_text())
+        if (saved["requests"], saved["distinct_blocks"]) != (len(requests), distinct):
+            raise SystemExit(f"{args.json} replayed another trace or request count")
+        runs = [Run(**r) for r in saved["runs"]]
+        print(f"resuming: {len(runs)} runs kept from {args.json}", flush=True)
+    done = {(r.policy, r.host_frac, r.ssd_frac) for r in runs}
     limit = 3000 if args.quick else args.requests or None
     with ProcessPoolExecutor(max_workers=1) as pool, \
             tempfile.TemporaryDirectory(prefix="kvpool-replay-") as tmp:
         sims = {(name, h, s): pool.submit(simulated, args.trace, limit, name, h, s)
-                for h, s in configs for name in dict.fromkeys([*policies, "lru", "belady"])}
+                for h, s in dict.fromkeys([*configs, *((r.host_frac, r.ssd_frac) for r in runs)])
+                for name in dict.fromkeys([*policies, *(r.policy for r in runs), "lru", "belady"])}
         def fill(wait: bool) -> None:
             for run in runs:
                 at = (run.host_frac, run.ssd_frac)
@@ -260,6 +281,8 @@ async def main() -> int:
 
         for host_frac, ssd_frac in configs:
             for policy in policies:
+                if (policy, host_frac, ssd_frac) in done:
+                    continue
                 run = Run(policy, host_frac, ssd_frac)
                 runs.append(await measure(run, requests, distinct, ideal, args.block_kib << 10,
                                           args.speed, Path(tmp)))
