@@ -30,7 +30,7 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigEr
 from kvpool.fields import MAX_KEYS
 from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
-from kvpool.protocol import Call, Location, ReadGrant, Reservation
+from kvpool.protocol import Call, Location, ReadGrant, Reservation, unpack_unreadable
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
@@ -489,8 +489,10 @@ class AsyncPoolClient:
     async def _get_bytes(self, key: BlockKey) -> bytes | None:
         key = parse_key(key)
         lease, [grant], _ = await self._lease([key])
-        if grant is None:
+        if not isinstance(grant, ReadGrant):
             self._release_later(lease)
+            if grant is not None:
+                raise grant  # stored, but not readable now
             return None
         out = np.empty(grant.location.size, dtype=np.uint8)
         try:
@@ -526,7 +528,7 @@ class AsyncPoolClient:
             kept = False
             try:
                 results = await self._read(grants, keys, views)
-                kept = (len(keys) == 1 and ttl_s > 0 and grants[0] is not None
+                kept = (len(keys) == 1 and ttl_s > 0 and isinstance(grants[0], ReadGrant)
                         and results[0].error is None
                         and self._hot.offer(keys[0], grants[0], lease, asked + ttl_s / 2, gone))
                 return results
@@ -537,16 +539,17 @@ class AsyncPoolClient:
             for old in gone:
                 self._release_later(old)
 
-    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None], float]:
-        """Where to read each key, under one read lease (None: a miss), and how long the
-        lease lasts unless released (0: not said)."""
+    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | KVPoolError | None], float]:
+        """Where to read each key, under one read lease (None: a miss; a typed error: the
+        block is stored but cannot be read now, and why), and how long the lease lasts
+        unless released (0: not said)."""
         res = await self._call(Call.GET, {"keys": keys})
         grants = [ReadGrant.unpack(item) for item in res["items"]]
         if len(grants) != len(keys):
             raise BadRequest(f"the master answered {len(grants)} read grants for {len(keys)} keys")
-        return res["lease"], grants, float(res.get("ttl_s", 0.0))
+        return res["lease"], unpack_unreadable(res.get("unreadable", []), grants), float(res.get("ttl_s", 0.0))
 
-    async def _read(self, grants: list[ReadGrant | None], keys: list[BlockKey],
+    async def _read(self, grants: list[ReadGrant | KVPoolError | None], keys: list[BlockKey],
                     views: list[BufferView], report: bool = True) -> list[GetResult]:
         """READ and verify; ``report``: tell the master of replicas that failed their
         checksum (not for a kept grant, which may be stale rather than corrupt)."""
@@ -555,6 +558,8 @@ class AsyncPoolClient:
         for i, grant in enumerate(grants):
             if grant is None:
                 results[i] = GetResult(keys[i], None)
+            elif isinstance(grant, KVPoolError):  # stored, not readable now: not a hit
+                results[i] = GetResult(keys[i], None, grant)
             elif views[i].nbytes < grant.location.size:
                 raise BadRequest(f"output buffer {i} holds {views[i].nbytes} bytes; block "
                                  f"{keys[i].hex()} is {grant.location.size}")

@@ -60,7 +60,8 @@ def _compare(state: PoolState, node: Node, inventory: list[StoredBlock],
 def _check_space(state: PoolState) -> None:
     """Allocators and cold-tier counts against the index's replicas (no await: one moment).
     An arena destination is allocated before its copy lands, so blocks in flight may hold
-    up to their size more than the index shows."""
+    up to their size more than the index shows, and replicas a daemon is forgetting
+    (PoolState.retire) hold their space until it confirms."""
     held: dict[tuple[str, TierKind], list[Replica]] = defaultdict(list)
     moving = 0
     for entry in state.index.entries.values():
@@ -77,17 +78,20 @@ def _check_space(state: PoolState) -> None:
                 space.allocator.check()
                 align = space.allocator.alignment
                 expected = sum(-(-r.size // align) * align for r in replicas)
-                slack = -(-moving // align) * align + (align if moving else 0)
+                leaving = state.freeing[(node.node_id, kind)]
+                slack = -(-moving // align) * align + (align if moving else 0) + leaving
                 assert expected <= space.allocator.used <= expected + slack, (
                     f"{node.node_id}/{kind.value}: allocator holds {space.allocator.used} "
                     f"bytes, the index's replicas {expected}")
             else:
-                assert space.cold_used == sum(r.size for r in replicas), (
+                leaving = state.freeing[(node.node_id, kind)]
+                assert space.cold_used == sum(r.size for r in replicas) + leaving, (
                     f"{node.node_id}/{kind.value}: {space.cold_used} bytes counted, "
                     f"replicas hold {sum(r.size for r in replicas)}")
     for owner, space in state.stores.items():
         replicas = held.get((owner, TierKind.OBJECT), [])
-        assert space.cold_used == sum(r.size for r in replicas), (
+        leaving = state.freeing[(owner, TierKind.OBJECT)]
+        assert space.cold_used == sum(r.size for r in replicas) + leaving, (
             f"store {owner[1:]}: {space.cold_used} bytes counted, replicas hold "
             f"{sum(r.size for r in replicas)}")
 

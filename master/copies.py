@@ -43,6 +43,7 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         free_all()
         return []
     target = SendTarget(meta, space.mem_type, space.device, SEND_DEADLINE_S)
+    epoch = st.epoch
     try:
         results = await node.link.send(target, [SendItem(e.key, r.tier, space.address + at)
                                                 for e, r, at in items])
@@ -51,6 +52,8 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
                     node.node_id, other.node_id, exc)
         free_all()
         return []
+    if not st.current(epoch):
+        return []  # the term ended: the next one took in whatever landed from inventories
     landed = []
     for (e, r, at), res in zip(items, results):
         if res.ok and e.state is not BlockState.REMOVED:
@@ -67,6 +70,8 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         log.warning("%s: %s did not record %d blocks: %s", why, other.node_id, len(landed), exc)
         for _, at in landed:
             space.allocator.free(at)
+        return []
+    if not st.current(epoch):
         return []
     kept, gone = [], []
     for e, at in landed:

@@ -20,8 +20,8 @@ from kvpool.daemon_link import Registration
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey, parse_key
 from kvpool.protocol import (AbortRequest, AgentsRequest, Call, CommitRequest, CorruptRequest,
-                             HeartbeatRequest, KeysRequest, ReleaseRequest, ReserveRequest,
-                             released)
+                             HeartbeatRequest, KeysRequest, ReadGrant, ReleaseRequest, ReserveRequest,
+                             pack_unreadable, released)
 from kvpool.streamrpc import StreamRpcServer
 from kvpool.tiers.base import TierKind
 from kvpool.wire import (MAX_BODY, Handler, auth_middleware, close_all, error_middleware,
@@ -172,8 +172,10 @@ class MasterHttp:
 
     async def get(self, body: dict[str, Any]) -> Any:
         lease, grants = await self.core.reads.get(self._keys(body, Call.GET)[1])
-        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
-                "ttl_s": self.core.cfg.read_lease_s}
+        return {"lease": lease,
+                "items": [g.pack() if isinstance(g, ReadGrant) else None for g in grants],
+                "ttl_s": self.core.cfg.read_lease_s,
+                "unreadable": pack_unreadable(grants)}
 
     async def release(self, body: dict[str, Any]) -> Any:
         self.core.leases.release(ReleaseRequest.unpack(body).leases)

@@ -308,19 +308,30 @@ class Puts:
             for r in entry.replicas:
                 by_node[r.node].append(StoredBlock(entry.key, r.tier, r.location, r.size, raw))
         adopted: list[tuple[str, list[StoredBlock]]] = []
+        epoch = st.epoch
         for node_id, blocks in by_node.items():
             node = st.nodes.get(node_id)
             try:
+                if not st.current(epoch):
+                    raise ReservationLost("this master's term ended while the put was committed; "
+                                          "its reservation is gone, put again")
                 if node is None:
                     raise Unavailable(f"node {node_id} left")
                 await node.link.adopt(blocks)
                 adopted.append((node_id, blocks))
             except KVPoolError as exc:
+                if not st.current(epoch):  # the next term's nodes and index are not this put's
+                    raise ReservationLost("this master's term ended while the put was committed; "
+                                          "its reservation is gone, put again") from None
                 for done_id, done in adopted:  # roll back: no daemon keeps a block nobody indexes
                     for tier in {b.tier for b in done}:
-                        await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
+                        if st.current(epoch):
+                            await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
+        if not st.current(epoch):
+            raise ReservationLost("this master's term ended while the put was committed; its "
+                                  "reservation is gone, put again")
         committed = 0
         for entry, raw, parent in zip(entries, stored, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile

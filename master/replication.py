@@ -76,12 +76,20 @@ class Replication:
             source = min(live, key=lambda r: r.tier.rank)
             plan[(source.node, other.node_id, space.kind)].append((entry, source, at))
         copied = 0
+        epoch, planned = st.epoch, dict(st.nodes)  # the nodes the offsets were allocated on
         for (src, dst, kind), items in plan.items():
+            if not st.current(epoch):
+                break  # the term ended during an earlier batch
+            source, target = planned[src], planned[dst]
+            if st.nodes.get(src) is not source or st.nodes.get(dst) is not target:
+                for _, _, at in items:  # one left during an earlier batch
+                    target.tiers[kind].allocator.free(at)  # type: ignore[union-attr]
+                continue
             for e, _, _ in items:
                 e.advance(BlockState.MOVING, BlockState.COMPLETE)
             try:
-                landed = await send_copies(st, self.members, st.nodes[src], st.nodes[dst], kind,
-                                           items, "re-replication")
+                landed = await send_copies(st, self.members, source, target, kind, items,
+                                           "re-replication")
             finally:
                 for e, _, _ in items:
                     if e.state is BlockState.MOVING:

@@ -48,10 +48,17 @@ class PoolState:
         # Keys whose drop a daemon is carrying out right now (the index may already have
         # forgotten them): check() does not count them as strays.
         self.dropping: Counter[BlockKey] = Counter()
+        # Bytes of replicas out of the index whose space is freed once their daemon forgot
+        # them (retire): check() counts them as still held.
+        self.freeing: Counter[tuple[str, TierKind]] = Counter()
         # Blocks that lost a copy and may be below their replica count (master.replication).
         self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
+        # Changes whenever the state is cleared or a term begins (a same-process re-lead
+        # reuses this object): work that awaited across a change must not touch what it
+        # finds here, which belongs to another term (``current``).
+        self.epoch = 0
         # Until then every block taken in from an inventory counts as leased: a reader of
         # the former leader may hold a lease (at most read_lease_s long) this one never saw.
         self.inherited_until = 0.0
@@ -70,15 +77,22 @@ class PoolState:
         self.nodes = {}
         self.stores = {}
         self.short = set()
+        self.freeing = Counter()
+        self.epoch += 1
 
     def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
         """``carried``: this master leads again on its own lease, and these are the leases
         it granted (Leases.in_force): they protect what they cover; nothing else is leased
         beyond what a former leader's readers may still hold (``inherited_until`` stays)."""
         self.term = self.rng.getrandbits(30) | 1
+        self.epoch += 1
         self.carried = carried or {}
         if carried is None:  # a term after another master's: any block may be leased
             self.inherited_until = time.monotonic() + self.cfg.read_lease_s
+
+    def current(self, epoch: int) -> bool:
+        """Is the state still the one of ``epoch`` (taken before an await)?"""
+        return self.epoch == epoch
 
     def new_id(self) -> int:
         return self.rng.getrandbits(63) | 1
@@ -189,10 +203,11 @@ class PoolState:
                 if node is not None:
                     by_node[node.node_id].append(entry)
         failed: KVPoolError | None = None
+        epoch = self.epoch
         for node_id, here in by_node.items():
             node = self.nodes.get(node_id)
-            if node is None:
-                continue
+            if node is None or not self.current(epoch):
+                continue  # gone, or the term ended: the next term's nodes are not told
             try:
                 await node.link.mark([self.pin_mark(e) for e in {id(e): e for e in here}.values()])
             except KVPoolError as exc:
@@ -200,6 +215,28 @@ class PoolState:
                 failed = failed or exc
         if failed is not None:
             raise failed
+
+    async def retire(self, owner: str, tier: TierKind, items: Sequence[tuple[BlockEntry, Replica]]) -> bool:
+        """Take replicas of one owner's tier away: out of the index first (no get is granted
+        them from here on), then the daemon forgets them, then their space is free. False
+        when the term ended meanwhile: the space then belongs to a new term's index, which
+        rebuilt it from the inventories, and nothing more is touched."""
+        space = self.space(owner, tier)
+        align = space.allocator.alignment if space is not None and space.allocator is not None else 1
+        epoch, size = self.epoch, sum(-(-r.size // align) * align for _, r in items)
+        for entry, replica in items:
+            self.index.drop_replica(entry, replica)
+        self.freeing[(owner, tier)] += size
+        try:
+            await self.drop_on_daemon(owner, tier, [e.key for e, _ in items])
+        finally:
+            if self.current(epoch):
+                self.freeing[(owner, tier)] -= size
+        if not self.current(epoch):
+            return False
+        for _, replica in items:
+            self.free(owner, replica)
+        return True
 
     async def drop_on_daemon(self, owner: str, tier: TierKind, keys: Sequence[BlockKey]) -> None:
         """Tell the node (or a node naming the store) to forget blocks. A daemon that does

@@ -1,9 +1,10 @@
 """An in-process pool daemon behind the master's DaemonLink, for unit tests of the
 master's logic: blocks are records in dicts, and faults (a corrupt replica, a full tier,
-a daemon that stops answering) are switches."""
+a daemon that stops answering, one that answers a call only when let go) are switches."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,6 +28,8 @@ class FakeDaemon:
     calls: list[str] = field(default_factory=list)
     marks: dict[BlockKey, PinMark] = field(default_factory=dict)
     layout: list[ArenaRegion] = field(default_factory=list)  # the regions it was told
+    # Calls held up (as by a daemon frozen mid-call) until their event is set.
+    hold: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.url = self.url or f"fake://{self.node_id}"
@@ -39,6 +42,11 @@ class FakeDaemon:
         if self.down:
             raise Unavailable(f"{self.url} does not answer")
 
+    async def _held(self, name: str) -> None:
+        gate = self.hold.get(name)
+        if gate is not None:
+            await gate.wait()
+
     def registration_now(self) -> Registration:
         return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers,
                             [b for blocks in self.held.values() for b in blocks.values()],
@@ -46,12 +54,14 @@ class FakeDaemon:
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         self._answer("adopt")
+        await self._held("adopt")
         for b in blocks:
             self.held[b.tier][b.key] = b
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:
         self._answer("copy")
+        await self._held("copy")
         out = []
         for key, location in zip(keys, locations):
             block = self.held[src].get(key)
@@ -69,6 +79,7 @@ class FakeDaemon:
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         self._answer("drop")
+        await self._held("drop")
         return sum(self.held[tier].pop(k, None) is not None for k in keys)
 
     async def mark(self, marks: Sequence[PinMark]) -> None:

@@ -3,6 +3,7 @@ failures reported per key, roles. No processes, no network; ``check`` after muta
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -12,10 +13,10 @@ from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
 from kvpool.daemon_link import TierDescription
-from kvpool.errors import (BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull,
-                           TooManyPending)
+from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, NodeGone, NotLeader, NotReady,
+                           ReservationLost, TierFull, TooManyPending)
 from kvpool.keys import BlockKey
-from kvpool.protocol import ReserveStatus
+from kvpool.protocol import ReadGrant, ReserveStatus
 from kvpool.tiers.base import TierKind
 from master import removal
 from master.core import MasterCore, Role
@@ -329,3 +330,86 @@ async def test_a_resumed_term_keeps_its_own_read_leases_and_leases_nothing_else(
     assert await lead_again(resumed=True) == [False, False]
     assert await lead_again(resumed=False) == [True, True]  # another master's readers, maybe
     await core.check()
+
+
+async def _until_called(d: FakeDaemon, name: str) -> None:
+    for _ in range(1000):
+        if name in d.calls:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"the daemon was never asked to {name}")
+
+
+async def test_a_get_while_a_demotion_drops_the_source_is_never_sent_to_reused_space() -> None:
+    """A demotion copied its blocks down and is dropping their host replicas, on a daemon
+    slow to answer (frozen, loaded): a get arriving meanwhile must be sent where the
+    block's bytes stay, never to host space that is about to be handed to another block."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["drop"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "drop")
+    dropping = [k for k in keys if k in d.held[TierKind.SSD]]
+    assert dropping
+    reader = asyncio.create_task(core.reads.get([dropping[0]]))
+    await asyncio.sleep(0.01)
+    d.hold.pop("drop").set()
+    await sweep
+    _, [grant] = await reader
+    await put(core, [key(100 + i) for i in range(4)])  # the freed host space is used again
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    at = {host.address + r.location: e.key for e in core.state.index.entries.values()
+          for r in e.replicas if r.tier is TierKind.HOST}
+    assert isinstance(grant, ReadGrant)
+    assert at.get(grant.location.address) == dropping[0], "the reader was sent to another block's bytes"
+    await core.check()
+
+
+async def test_a_stored_cold_block_that_cannot_be_promoted_says_why_instead_of_a_miss() -> None:
+    d = fake("n1", host=2 * BLOCK)
+    core = await master(d, policy="lru")
+    await put(core, [key(1)])
+    assert await core.tiering.make_room(core.state.nodes["n1"], TierKind.HOST, BLOCK)
+    assert tiers_of(core, key(1)) == [TierKind.SSD]
+    await put(core, [key(2), key(3)])
+    await core.reads.get([key(2), key(3)])  # readers hold the whole host arena
+    _, [item] = await core.reads.get([key(1)])
+    assert isinstance(item, ArenaBusy) and item.retryable, item
+    assert (await core.reads.get([key(9)]))[1] == [None]  # a block never stored: a plain miss
+    await core.check()
+
+
+async def test_a_demotion_in_flight_across_a_term_change_leaves_the_next_term_alone() -> None:
+    """A same-process re-lead reuses the pool state: a demotion of the old term whose copy
+    answers after the new term rebuilt its index must not drop replicas or free space the
+    new term's index holds."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["copy"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "copy")
+    await core.end_term()
+    await core.begin_term(resumed=True)
+    await core.members.join(d.registration_now())
+    core.rebuilt()
+    d.hold.pop("copy").set()
+    await sweep
+    assert all(k in d.held[TierKind.HOST] for k in keys), "the old term dropped the new term's replicas"
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert all(tiers_of(core, k) == [TierKind.HOST] for k in keys)
+    assert host.used == 9 * BLOCK, "the old term freed space the new term's blocks hold"
+    # (The old term's copies that landed late are strays to the new one: taken in at the
+    # next rebuild, never pointing a reader at wrong bytes.)
+
+
+async def test_a_commit_that_finishes_after_its_term_ended_is_reservation_lost() -> None:
+    d = fake("n1")
+    core = await master(d)
+    put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    d.hold["adopt"] = asyncio.Event()
+    commit = asyncio.create_task(core.puts.commit(put_id, [key(1)], [header]))
+    await _until_called(d, "adopt")
+    await core.end_term()
+    await core.begin_term(resumed=True)
+    d.hold.pop("adopt").set()
+    with pytest.raises(ReservationLost):
+        await commit
