@@ -44,6 +44,9 @@ _REGION_CACHE = 64  # large caller buffers kept registered
 _STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
 _TAIL_BYTES = 1 << 20  # ... the last ones halving down to this size
+# A write starts within this share of its reservation's hold, or not at all: a writer
+# frozen (SIGSTOP, a long pause) past it could write over space reclaimed and reused.
+WRITE_BY = 0.8
 # What a call retries on, against the leader it finds again, until its deadline.
 _FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
 T = TypeVar("T")
@@ -413,15 +416,20 @@ class AsyncPoolClient:
             body["meta"] = meta
         if not keys:
             return StagedPut(self._call, self._write, 0, [], [], [], "", [])
+        asked = asyncio.get_running_loop().time()
         res = await self._call(Call.RESERVE, body)
         items = [Reservation.unpack(item) for item in res["items"]]
+        # The last moment a write may start: the reservation's hold, counted from before it
+        # was asked for, less a margin (0: the master did not say).
+        ttl = float(res.get("ttl_s", 0.0))
+        until = asked + ttl * WRITE_BY if ttl > 0 else 0.0
         if len(items) != len(keys):
             raise BadRequest(f"the master answered {len(items)} reservations for {len(keys)} keys")
         tag = self.cfg.layout if layout is None else layout
         kinds = kinds or [(DType.UINT8, (n,)) for n in sizes]
         headers = [BlockHeader(dtype, shape, tag, n, 0, parent=parents[i])
                    for i, ((dtype, shape), n) in enumerate(zip(kinds, sizes))]
-        return StagedPut(self._call, self._write, res["put_id"], keys, items, sizes, tag, headers)
+        return StagedPut(self._call, self._write, res["put_id"], keys, items, sizes, tag, headers, until)
 
     async def _write(self, idx: list[int], views: list[BufferView | SegmentedView],
                      items: list[Reservation], while_copying: Callable[[], None],

@@ -13,7 +13,7 @@ import logging
 import time
 
 from kvpool.daemon_link import SendItem, SendTarget, StoredBlock
-from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError
+from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError
 from kvpool.tiers.base import TierKind
 from master.index import BlockEntry, BlockState, Replica
 from master.membership import Membership
@@ -22,6 +22,7 @@ from master.state import PoolState
 
 log = logging.getLogger(__name__)
 SEND_DEADLINE_S = 30.0
+SEND_SLACK_S = 2.0  # past the deadline, before space a failed send may have written is reused
 
 
 async def send_copies(st: PoolState, members: Membership, node: Node, other: Node, kind: TierKind,
@@ -50,7 +51,11 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
     except KVPoolError as exc:
         log.warning("%s: sending %d blocks from %s to %s failed: %s", why, len(items),
                     node.node_id, other.node_id, exc)
-        free_all()
+        # The source may still write them (it was frozen with the call in hand): their
+        # space is reused only past the send's deadline.
+        if st.current(epoch):
+            st.free_later(other, kind, [(e.key, at, e.size) for e, _, at in items],
+                          SEND_DEADLINE_S + SEND_SLACK_S)
         return []
     if not st.current(epoch):
         return []  # the term ended: the next one took in whatever landed from inventories
@@ -68,8 +73,11 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         await other.link.adopt([StoredBlock(e.key, kind, at, e.size, e.header) for e, at in landed])
     except KVPoolError as exc:
         log.warning("%s: %s did not record %d blocks: %s", why, other.node_id, len(landed), exc)
-        for _, at in landed:
-            space.allocator.free(at)
+        if isinstance(exc, BadRequest):  # refused, nothing recorded
+            for _, at in landed:
+                space.allocator.free(at)
+        elif st.current(epoch):  # it may have recorded them: settled later
+            st.free_later(other, kind, [(e.key, at, e.size) for e, at in landed], 0.0)
         return []
     if not st.current(epoch):
         return []

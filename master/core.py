@@ -123,9 +123,11 @@ class MasterCore:
             await node.link.close()
 
     async def sweep(self) -> None:
-        """Reclaim abandoned reservations, expire leases, relieve tiers over their
-        watermark, copy again some blocks short of their replica count."""
+        """Free the space of calls whose outcome was unknown, reclaim abandoned
+        reservations, expire leases, relieve tiers over their watermark, copy again some
+        blocks short of their replica count."""
         now = time.monotonic()
+        await self.state.settle(now)
         self.puts.reclaim(now)
         self.leases.expire(now)
         await self.tiering.sweep()

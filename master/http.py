@@ -154,7 +154,10 @@ class MasterHttp:
                                                      req.replicas, catalog.parse(req.meta, len(req.keys)),
                                                      ttl_s=req.ttl_s, owner=auth.peer(),
                                                      scope=self.tenancy.current())
-        return {"put_id": put_id, "items": [r.pack() for r in items]}
+        # How long the reservation holds: past it, the writer must not write (the space
+        # may be another block's by then).
+        return {"put_id": put_id, "items": [r.pack() for r in items],
+                "ttl_s": self.core.puts.ttl(req.ttl_s)}
 
     async def commit(self, body: dict[str, Any]) -> Any:
         req = CommitRequest.unpack(body)

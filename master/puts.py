@@ -157,7 +157,7 @@ class Puts:
         if not st.nodes:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
         self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))), scope)
-        ttl = st.cfg.put_timeout_s if ttl_s is None else min(ttl_s, st.cfg.put_timeout_s)
+        ttl = self.ttl(ttl_s)
         put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
@@ -250,6 +250,11 @@ class Puts:
                        "demoted (blocks are leased, pinned or in flight); release leases, "
                        "unpin blocks or give the daemon a bigger host arena")
 
+    def ttl(self, asked: float | None) -> float:
+        """How long a reservation holds: what its writer asked, at most the put timeout."""
+        timeout = self.state.cfg.put_timeout_s
+        return timeout if asked is None else min(asked, timeout)
+
     async def commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes],
                      scope: Scope | None = None) -> int:
         """Make reserved blocks visible once their daemons have recorded them (``keys`` as
@@ -323,7 +328,10 @@ class Puts:
                 if not st.current(epoch):  # the next term's nodes and index are not this put's
                     raise ReservationLost("this master's term ended while the put was committed; "
                                           "its reservation is gone, put again") from None
-                for done_id, done in adopted:  # roll back: no daemon keeps a block nobody indexes
+                # Roll back: no daemon keeps a block nobody indexes (the one that failed may
+                # have recorded them too, unless it refused them).
+                maybe = [] if node is None or isinstance(exc, BadRequest) else [(node_id, blocks)]
+                for done_id, done in adopted + maybe:
                     for tier in {b.tier for b in done}:
                         if st.current(epoch):
                             await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])

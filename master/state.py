@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 from kvpool.config import MasterConfig
@@ -29,6 +30,17 @@ from master.regions import COMMON
 from master.tenants import UNKNOWN, Tenancy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Unsettled:
+    """Arena space a call with an unknown outcome may have written (PoolState.free_later)."""
+
+    at: float  # monotonic time after which the call surely ended
+    node: Node
+    kind: TierKind
+    items: list[tuple[BlockKey, int, int]]  # key, offset, size
+    size: int  # bytes held, aligned
 
 
 class PoolState:
@@ -51,6 +63,7 @@ class PoolState:
         # Bytes of replicas out of the index whose space is freed once their daemon forgot
         # them (retire): check() counts them as still held.
         self.freeing: Counter[tuple[str, TierKind]] = Counter()
+        self.unsettled: list[Unsettled] = []  # space of calls whose outcome is unknown
         # Blocks that lost a copy and may be below their replica count (master.replication).
         self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
@@ -78,6 +91,7 @@ class PoolState:
         self.stores = {}
         self.short = set()
         self.freeing = Counter()
+        self.unsettled = []
         self.epoch += 1
 
     def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
@@ -215,6 +229,45 @@ class PoolState:
                 failed = failed or exc
         if failed is not None:
             raise failed
+
+    def free_later(self, node: Node, kind: TierKind, items: Sequence[tuple[BlockKey, int, int]],
+                   after_s: float) -> None:
+        """Arena space (``(key, offset, size)`` items) that a daemon may still write into
+        and record, after a call that filled it failed with its outcome unknown (the link
+        broke or timed out; the daemon may be frozen with the call in hand). Not free at
+        once, where a new block would be written over: ``settle`` drops what the daemon
+        may have recorded and frees the space once the call's deadline surely passed."""
+        space = node.tiers[kind]
+        if space.allocator is None or not items:
+            return
+        align = space.allocator.alignment
+        size = sum(-(-n // align) * align for _, _, n in items)
+        self.freeing[(node.node_id, kind)] += size
+        self.unsettled.append(Unsettled(time.monotonic() + after_s, node, kind, list(items), size))
+        self.counters["frees_deferred"] += len(items)
+
+    async def settle(self, now: float) -> None:
+        """Free the space of calls whose outcome was unknown and whose deadline passed
+        (``free_later``), once their daemon forgot what it may have recorded there."""
+        due = [u for u in self.unsettled if u.at <= now]
+        if not due:
+            return
+        epoch = self.epoch
+        self.unsettled = [u for u in self.unsettled if u.at > now]
+        for u in due:
+            if not self.current(epoch):
+                return
+            if self.nodes.get(u.node.node_id) is not u.node:
+                continue  # it left: its space went with it
+            stray = [key for key, _, _ in u.items if (e := self.index.get(key)) is None
+                     or e.replica(u.node.node_id, u.kind) is None]
+            if stray:
+                await self.drop_on_daemon(u.node.node_id, u.kind, stray)
+            if not self.current(epoch) or self.nodes.get(u.node.node_id) is not u.node:
+                continue
+            self.freeing[(u.node.node_id, u.kind)] -= u.size
+            for _, at, _ in u.items:
+                u.node.tiers[u.kind].allocator.free(at)  # type: ignore[union-attr]
 
     async def retire(self, owner: str, tier: TierKind, items: Sequence[tuple[BlockEntry, Replica]]) -> bool:
         """Take replicas of one owner's tier away: out of the index first (no get is granted

@@ -29,6 +29,9 @@ from master.state import PoolState
 
 log = logging.getLogger(__name__)
 DEMOTE_BATCH = 64  # blocks per copy call to a daemon
+# After a copy call whose outcome is unknown (its link broke or timed out), how long the
+# arena space it may still write stays out of use: past the link's own timeout.
+COPY_SETTLE_S = 32.0
 
 
 class Tiering:
@@ -255,9 +258,9 @@ class Tiering:
             results = await node.link.copy([e.key for e in need], src, dst, locations)
         except KVPoolError as exc:
             log.warning("demotion %s->%s on %s failed: %s", src.value, dst.value, node.node_id, exc)
-            if dst_space.allocator is not None:
-                for at in locations:
-                    dst_space.allocator.free(at)
+            if st.current(epoch):  # the daemon may still copy: the space is reused later
+                st.free_later(node, dst, [(e.key, at, e.size) for e, at in zip(need, locations)],
+                              COPY_SETTLE_S)
             return done
         if not st.current(epoch):  # the next term took the copies in from the inventory, or not
             return []
@@ -366,9 +369,9 @@ class Tiering:
                                 "blocks being read or pinned; retry")
             try:
                 [res] = await node.link.copy([key], best.tier, TierKind.HOST, [offset])
-            except BaseException:
+            except BaseException:  # the daemon may still copy (frozen with the call in hand)
                 if st.current(epoch):
-                    space.allocator.free(offset)
+                    st.free_later(node, TierKind.HOST, [(key, offset, entry.size)], COPY_SETTLE_S)
                 raise
             if not st.current(epoch):
                 raise NodeGone(f"the master's term ended during the promotion of {key.hex()}")
