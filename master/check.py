@@ -27,6 +27,7 @@ def _busy(state: PoolState) -> set[BlockKey]:
     """Keys in flight now: their index entry and a daemon's inventory may disagree."""
     busy = {k for k, e in state.index.entries.items() if e.state not in _SETTLED}
     busy.update(state.dropping)
+    busy.update(k for u in state.unsettled for k, _, _ in u.items)  # a daemon may hold them
     return busy
 
 

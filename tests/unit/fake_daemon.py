@@ -30,6 +30,9 @@ class FakeDaemon:
     layout: list[ArenaRegion] = field(default_factory=list)  # the regions it was told
     # Calls held up (as by a daemon frozen mid-call) until their event is set.
     hold: dict[str, asyncio.Event] = field(default_factory=dict)
+    # Calls carried out whose answer is lost (a link cut just after): the caller sees
+    # Unavailable, not knowing the daemon did it.
+    lose_answers: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.url = self.url or f"fake://{self.node_id}"
@@ -46,6 +49,10 @@ class FakeDaemon:
         gate = self.hold.get(name)
         if gate is not None:
             await gate.wait()
+
+    def _answered(self, name: str) -> None:
+        if name in self.lose_answers:
+            raise Unavailable(f"the connection to {self.url} closed before it answered {name}")
 
     def registration_now(self) -> Registration:
         return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers,
@@ -75,6 +82,7 @@ class FakeDaemon:
             else:
                 self.held[dst][key] = StoredBlock(key, dst, location, block.size, block.header)
                 out.append(CopyResult(block.size))
+        self._answered("copy")
         return out
 
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:

@@ -13,7 +13,7 @@ from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
 from kvpool.daemon_link import TierDescription
-from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, NodeGone, NotLeader, NotReady,
+from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, KVPoolError, NodeGone, NotLeader, NotReady,
                            ReservationLost, TierFull, TooManyPending)
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReadGrant, ReserveStatus
@@ -413,3 +413,26 @@ async def test_a_commit_that_finishes_after_its_term_ended_is_reservation_lost()
     d.hold.pop("adopt").set()
     with pytest.raises(ReservationLost):
         await commit
+
+
+async def test_space_a_lost_answer_may_have_filled_is_reused_only_once_settled() -> None:
+    """A promotion's copy was carried out but its answer lost (the link cut): the daemon
+    may hold the block there, so that space is not handed to the next put; the sweep
+    settles it once the call's deadline passed: the daemon forgets it, the space is free."""
+    d = fake("n1", host=2 * BLOCK)
+    core = await master(d, policy="lru")
+    await put(core, [key(1)])
+    assert await core.tiering.make_room(core.state.nodes["n1"], TierKind.HOST, BLOCK)
+    d.lose_answers.add("copy")
+    _, [item] = await core.reads.get([key(1)])
+    assert isinstance(item, KVPoolError) and item.retryable, item
+    assert key(1) in d.held[TierKind.HOST]  # the daemon did copy it
+    d.lose_answers.clear()
+    await core.check()  # the held space is accounted for
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used == BLOCK, "space the daemon may still write was handed out again"
+    await core.state.settle(time.monotonic() + 60)
+    assert key(1) not in d.held[TierKind.HOST] and host.used == 0
+    await core.check()
+    _, [grant] = await core.reads.get([key(1)])  # and the block reads again
+    assert isinstance(grant, ReadGrant)
