@@ -63,6 +63,7 @@ class MasterCore:
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
         self.lease_sure = lease_sure  # with etcd: whether the leader's lease surely holds
+        self.state.sure = lambda: self.lease_sure()
         # A single master leads from the start; with etcd it waits to be elected.
         self.role = Role.STANDBY if clustered else Role.LEADER
         self._carried: dict[int, tuple[float, list[BlockKey]]] = {}  # the last term's read leases

@@ -317,7 +317,7 @@ class Puts:
         for node_id, blocks in by_node.items():
             node = st.nodes.get(node_id)
             try:
-                if not st.current(epoch):
+                if not await st.leading(epoch):
                     raise ReservationLost("this master's term ended while the put was committed; "
                                           "its reservation is gone, put again")
                 if node is None:
@@ -337,7 +337,7 @@ class Puts:
                             await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
-        if not st.current(epoch):
+        if not await st.leading(epoch):
             raise ReservationLost("this master's term ended while the put was committed; its "
                                   "reservation is gone, put again")
         committed = 0

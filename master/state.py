@@ -9,12 +9,13 @@ out again (drop, then free), so the index never points at bytes that are not the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvpool.config import MasterConfig
 from kvpool.daemon_link import PinMark
@@ -72,6 +73,8 @@ class PoolState:
         # reuses this object): work that awaited across a change must not touch what it
         # finds here, which belongs to another term (``current``).
         self.epoch = 0
+        # Whether this master's leadership lease surely holds (MasterCore sets it).
+        self.sure: Callable[[], bool] = lambda: True
         # Until then every block taken in from an inventory counts as leased: a reader of
         # the former leader may hold a lease (at most read_lease_s long) this one never saw.
         self.inherited_until = 0.0
@@ -107,6 +110,20 @@ class PoolState:
     def current(self, epoch: int) -> bool:
         """Is the state still the one of ``epoch`` (taken before an await)?"""
         return self.epoch == epoch
+
+    async def leading(self, epoch: int, wait_s: float = 30.0) -> bool:
+        """Before telling a daemon to record or forget blocks after an await: the term of
+        ``epoch`` is current and its leadership lease surely holds. A leader paused
+        meanwhile (SIGSTOP) must not act on daemons another leader serves now: while its
+        lease is in doubt this waits for the election to settle it (the term ends, or
+        the lease is renewed)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        while self.current(epoch) and not self.sure():
+            if loop.time() > end:
+                return False
+            await asyncio.sleep(0.05)
+        return self.current(epoch)
 
     def new_id(self) -> int:
         return self.rng.getrandbits(63) | 1
@@ -281,7 +298,8 @@ class PoolState:
             self.index.drop_replica(entry, replica)
         self.freeing[(owner, tier)] += size
         try:
-            await self.drop_on_daemon(owner, tier, [e.key for e, _ in items])
+            if await self.leading(epoch):
+                await self.drop_on_daemon(owner, tier, [e.key for e, _ in items])
         finally:
             if self.current(epoch):
                 self.freeing[(owner, tier)] -= size

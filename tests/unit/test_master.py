@@ -436,3 +436,21 @@ async def test_space_a_lost_answer_may_have_filled_is_reused_only_once_settled()
     await core.check()
     _, [grant] = await core.reads.get([key(1)])  # and the block reads again
     assert isinstance(grant, ReadGrant)
+
+
+async def test_a_leader_paused_mid_demotion_drops_nothing_once_its_lease_is_in_doubt() -> None:
+    """A leader frozen (SIGSTOP) while a demotion copied: thawed, its lease may have run
+    out and another master may serve these daemons; it tells them to forget nothing
+    until the election settles it, and nothing at all once its term ended."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["copy"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "copy")
+    core.lease_sure = lambda: False  # thawed past its lease
+    d.hold.pop("copy").set()
+    await asyncio.sleep(0.2)
+    assert "drop" not in d.calls and not sweep.done()
+    await core.end_term()  # the election says: another leads
+    await sweep
+    assert "drop" not in d.calls
+    assert all(k in d.held[TierKind.HOST] for k in keys)
