@@ -355,6 +355,8 @@ class Puts:
                                      token_ids=meta.token_ids if meta else None)
                 if meta is not None:
                     meta.token_ids = None  # prompt content: announced once, not kept
+                if len({r.node for r in entry.replicas}) < entry.wanted:
+                    st.short.add(entry.key)  # fewer copies than asked (no room then): more come
                 committed += 1
         st.counters["committed"] += committed
         return committed

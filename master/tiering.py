@@ -228,8 +228,10 @@ class Tiering:
         for e in entries:
             if any(r.node in (node.node_id, dst_owner) and r.tier.rank >= dst.rank for r in e.replicas):
                 done.append(e)  # already below
-            elif not admits.admit(e.info, now):
-                # Evicted instead of demoted: the policy expects no reuse worth the copy.
+            elif e.wanted <= 1 and not admits.admit(e.info, now):
+                # Evicted instead of demoted: the policy expects no reuse worth the copy. Not
+                # a copy of a replicated block: its writer asked for that many, and one
+                # evicted here leaves the block one node failure from lost.
                 st.counters[f"not_admitted_{dst.value}"] += 1
                 done.append(e)
             elif self.over_quota(e, dst, coming):

@@ -454,3 +454,16 @@ async def test_a_leader_paused_mid_demotion_drops_nothing_once_its_lease_is_in_d
     await sweep
     assert "drop" not in d.calls
     assert all(k in d.held[TierKind.HOST] for k in keys)
+
+
+async def test_a_put_that_got_fewer_copies_than_asked_is_queued_for_more() -> None:
+    """No room on a second node at put time: the block is stored with one copy, and the
+    re-replication sweep is told it is short, so a later loss of that node's copy is not
+    the loss of the block."""
+    n1, n2 = fake("n1", host=4 * BLOCK), fake("n2", host=BLOCK)
+    core = await master(n1, n2)
+    put_id, items = await core.puts.reserve([key(1), key(2)], [BLOCK] * 2, [], None, replicas=2)
+    assert [i.replicas for i in items] == [2, 1]  # n2 had room for one block only
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    assert await core.puts.commit(put_id, [key(1), key(2)], [header] * 2) == 2
+    assert core.state.short == {key(2)}
