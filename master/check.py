@@ -23,7 +23,7 @@ from master.state import PoolState
 _SETTLED = (BlockState.COMPLETE,)
 
 
-def _busy(state: PoolState) -> set[BlockKey]:
+def busy(state: PoolState) -> set[BlockKey]:
     """Keys in flight now: their index entry and a daemon's inventory may disagree."""
     busy = {k for k, e in state.index.entries.items() if e.state not in _SETTLED}
     busy.update(state.dropping)
@@ -103,12 +103,12 @@ async def check(state: PoolState) -> dict[str, int]:
     for node in list(state.nodes.values()):
         faults: list[str] = []
         for _attempt in range(2):
-            before = _busy(state)
+            before = busy(state)
             inventory = await node.link.inventory()
             if state.nodes.get(node.node_id) is not node:
                 faults = []  # it left meanwhile: nothing of it to compare
                 break
-            faults, n = _compare(state, node, inventory, before | _busy(state))
+            faults, n = _compare(state, node, inventory, before | busy(state))
             if not faults:
                 checked += n
                 break

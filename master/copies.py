@@ -74,6 +74,7 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
     except KVPoolError as exc:
         log.warning("%s: %s did not record %d blocks: %s", why, other.node_id, len(landed), exc)
         if isinstance(exc, BadRequest):  # refused, nothing recorded
+            st.diverged(other.node_id, exc)  # records the index lacks may be in the way
             for _, at in landed:
                 space.allocator.free(at)
         elif st.current(epoch):  # it may have recorded them: settled later

@@ -18,7 +18,7 @@ from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator
 from kvpool.errors import NotLeader, NotReady
 from kvpool.keys import BlockKey
-from master.check import check
+from master.check import busy, check
 from master.drain import Drains
 from master.leases import Leases
 from master.membership import LinkFactory, Membership
@@ -129,6 +129,8 @@ class MasterCore:
         blocks short of their replica count."""
         now = time.monotonic()
         await self.state.settle(now)
+        if self.state.diverging:
+            await self.state.reconcile(lambda: busy(self.state))
         self.puts.reclaim(now)
         self.leases.expire(now)
         await self.tiering.sweep()

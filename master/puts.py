@@ -331,6 +331,8 @@ class Puts:
                 # Roll back: no daemon keeps a block nobody indexes (the one that failed may
                 # have recorded them too, unless it refused them).
                 maybe = [] if node is None or isinstance(exc, BadRequest) else [(node_id, blocks)]
+                if isinstance(exc, BadRequest):
+                    st.diverged(node_id, exc)  # records the index lacks may be in the way
                 for done_id, done in adopted + maybe:
                     for tier in {b.tier for b in done}:
                         if st.current(epoch):

@@ -85,6 +85,15 @@ class Replication:
                 for _, _, at in items:  # one left during an earlier batch
                     target.tiers[kind].allocator.free(at)  # type: ignore[union-attr]
                 continue
+            # Moving, or removed, since the plan (during an earlier batch): not now.
+            later = [(e, r, at) for e, r, at in items if e.state is not BlockState.COMPLETE
+                     or not any(x is r for x in e.replicas)]
+            for _, _, at in later:
+                target.tiers[kind].allocator.free(at)  # type: ignore[union-attr]
+            gone = {id(e) for e, _, _ in later}
+            items = [item for item in items if id(item[0]) not in gone]
+            if not items:
+                continue
             for e, _, _ in items:
                 e.advance(BlockState.MOVING, BlockState.COMPLETE)
             try:

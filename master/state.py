@@ -65,6 +65,7 @@ class PoolState:
         # them (retire): check() counts them as still held.
         self.freeing: Counter[tuple[str, TierKind]] = Counter()
         self.unsettled: list[Unsettled] = []  # space of calls whose outcome is unknown
+        self.diverging: set[str] = set()  # nodes to reconcile with the index (reconcile)
         # Blocks that lost a copy and may be below their replica count (master.replication).
         self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
@@ -95,6 +96,7 @@ class PoolState:
         self.short = set()
         self.freeing = Counter()
         self.unsettled = []
+        self.diverging = set()
         self.epoch += 1
 
     def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
@@ -285,6 +287,46 @@ class PoolState:
             self.freeing[(u.node.node_id, u.kind)] -= u.size
             for _, at, _ in u.items:
                 u.node.tiers[u.kind].allocator.free(at)  # type: ignore[union-attr]
+
+    def diverged(self, node_id: str, why: KVPoolError) -> None:
+        """A daemon refused an arena placement the index thought free (an overlap, no
+        room): it holds records the index forgot (a drop it could not confirm, a call
+        whose answer was lost). The next sweep reconciles that node (``reconcile``)."""
+        if node_id not in self.diverging:
+            log.warning("node %s holds arena records the index lacks (%s); reconciling", node_id, why)
+        self.diverging.add(node_id)
+
+    async def reconcile(self, busy: Callable[[], set[BlockKey]]) -> int:
+        """Have each diverging node forget the arena blocks the index does not hold there
+        (keys in flight, ``busy``, set aside), so that its records and the allocators agree
+        again; returns how many went."""
+        dropped, epoch = 0, self.epoch
+        for node_id in sorted(self.diverging):
+            self.diverging.discard(node_id)
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            before = busy()
+            inventory = await node.link.inventory()
+            if not self.current(epoch) or self.nodes.get(node_id) is not node:
+                return dropped
+            skip = before | busy()
+            stray: dict[TierKind, list[BlockKey]] = defaultdict(list)
+            for b in inventory:
+                space = node.tiers.get(b.tier)
+                if space is None or space.allocator is None or b.key in skip:
+                    continue
+                entry = self.index.get(b.key)
+                if entry is None or entry.replica(node_id, b.tier) is None:
+                    stray[b.tier].append(b.key)
+            for tier, keys in stray.items():
+                if await self.leading(epoch):
+                    await self.drop_on_daemon(node_id, tier, keys)
+                    dropped += len(keys)
+            if dropped:
+                log.warning("node %s forgot %d arena blocks the index did not hold", node_id, dropped)
+        self.counters["reconciled"] += dropped
+        return dropped
 
     async def retire(self, owner: str, tier: TierKind, items: Sequence[tuple[BlockEntry, Replica]]) -> bool:
         """Take replicas of one owner's tier away: out of the index first (no get is granted

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from contextlib import suppress
 
-from kvpool.errors import ArenaBusy, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
+from kvpool.errors import ArenaBusy, BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from kvpool.kv_events import Reason
@@ -371,6 +371,11 @@ class Tiering:
                                 "blocks being read or pinned; retry")
             try:
                 [res] = await node.link.copy([key], best.tier, TierKind.HOST, [offset])
+            except BadRequest as exc:  # refused (an overlap): records the index lacks
+                if st.current(epoch):
+                    st.diverged(node.node_id, exc)
+                    space.allocator.free(offset)
+                raise
             except BaseException:  # the daemon may still copy (frozen with the call in hand)
                 if st.current(epoch):
                     st.free_later(node, TierKind.HOST, [(key, offset, entry.size)], COPY_SETTLE_S)
@@ -382,6 +387,8 @@ class Tiering:
                     await st.drop_on_daemon(node.node_id, TierKind.HOST, [key])
                 space.allocator.free(offset)
                 if not res.ok and entry.state is not BlockState.REMOVED:
+                    if isinstance(res.error, TierFull):  # room the index saw, the daemon not
+                        st.diverged(node.node_id, res.error)
                     self._failed(entry, best, TierKind.HOST, res.error)
                     if best in entry.replicas:  # still good where it is: why it is unreadable
                         raise res.error or TierFull(f"block {key.hex()} could not be promoted")
