@@ -307,7 +307,11 @@ class PoolState:
             if node is None:
                 continue
             before = busy()
-            inventory = await node.link.inventory()
+            try:
+                inventory = await node.link.inventory()
+            except KVPoolError as exc:
+                log.warning("cannot reconcile node %s: %s", node_id, exc)
+                continue
             if not self.current(epoch) or self.nodes.get(node_id) is not node:
                 return dropped
             skip = before | busy()
@@ -342,6 +346,8 @@ class PoolState:
         try:
             if await self.leading(epoch):
                 await self.drop_on_daemon(owner, tier, [e.key for e, _ in items])
+            elif self.current(epoch) and not owner.startswith("@"):
+                self.diverged(owner, KVPoolError("a drop was not sent: leadership in doubt"))
         finally:
             if self.current(epoch):
                 self.freeing[(owner, tier)] -= size
@@ -352,8 +358,8 @@ class PoolState:
         return True
 
     async def drop_on_daemon(self, owner: str, tier: TierKind, keys: Sequence[BlockKey]) -> None:
-        """Tell the node (or a node naming the store) to forget blocks. A daemon that does
-        not confirm overwrites its stale arena records when the space is adopted again."""
+        """Tell the node (or a node naming the store) to forget blocks. The arena records
+        of a daemon that does not confirm are reconciled by a later sweep (``reconcile``)."""
         node = self.node_for(owner)
         if node is None:
             if owner.startswith("@"):
@@ -364,6 +370,8 @@ class PoolState:
             await node.link.drop(tier, keys)
         except KVPoolError as exc:
             log.warning("node %s did not confirm dropping %d blocks: %s", owner, len(keys), exc)
+            if tier.is_arena and not owner.startswith("@"):
+                self.diverged(owner, exc)
         finally:
             self.dropping.subtract(keys)
             for key in keys:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from kvpool.daemon_link import (ArenaRegion, CopyResult, Health, PinMark, Registration,
                                 RegionMetadata, StoredBlock, TierDescription)
-from kvpool.errors import BlockNotFound, ChecksumMismatch, TierFull, Unavailable
+from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 
@@ -62,6 +62,12 @@ class FakeDaemon:
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         self._answer("adopt")
         await self._held("adopt")
+        for b in blocks:  # an arena refuses a span another block's record holds
+            for other in self.held[b.tier].values():
+                if other.key != b.key and b.tier.is_arena and \
+                        other.location < b.location + b.size and b.location < other.location + other.size:
+                    raise BadRequest(f"[{b.location}, {b.location + b.size}) overlaps the block "
+                                     f"at {other.location} in the {b.tier.value} arena")
         for b in blocks:
             self.held[b.tier][b.key] = b
 

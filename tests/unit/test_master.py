@@ -12,7 +12,7 @@ import pytest
 from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
-from kvpool.daemon_link import TierDescription
+from kvpool.daemon_link import StoredBlock, TierDescription
 from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, KVPoolError, NodeGone, NotLeader, NotReady,
                            ReservationLost, TierFull, TooManyPending)
 from kvpool.keys import BlockKey
@@ -467,3 +467,20 @@ async def test_a_put_that_got_fewer_copies_than_asked_is_queued_for_more() -> No
     header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
     assert await core.puts.commit(put_id, [key(1), key(2)], [header] * 2) == 2
     assert core.state.short == {key(2)}
+
+
+async def test_a_daemon_holding_records_the_index_forgot_is_reconciled() -> None:
+    """A daemon kept a block the index forgot (its drop was never confirmed): it refuses
+    the next block the master places there. The next sweep has it forget what the index
+    does not hold, and the put goes through again."""
+    d = fake("n1", host=1 * BLOCK)
+    core = await master(d)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    d.held[TierKind.HOST][key(99)] = StoredBlock(key(99), TierKind.HOST, 0, BLOCK, header)
+    with pytest.raises(NodeGone):
+        await put(core, [key(1)])
+    assert core.state.diverging == {"n1"}
+    await core.sweep()
+    assert key(99) not in d.held[TierKind.HOST]
+    await put(core, [key(1)])
+    await core.check()
