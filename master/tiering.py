@@ -32,6 +32,7 @@ DEMOTE_BATCH = 64  # blocks per copy call to a daemon
 # After a copy call whose outcome is unknown (its link broke or timed out), how long the
 # arena space it may still write stays out of use: past the link's own timeout.
 COPY_SETTLE_S = 32.0
+MOVE_WAIT_S = 5.0  # the longest a promotion waits for another move of its block to end
 
 
 class Tiering:
@@ -329,7 +330,10 @@ class Tiering:
             entry = st.index.readable(key)
             if entry is None:
                 return None
+            waited = time.monotonic() + MOVE_WAIT_S
             while entry.state is BlockState.MOVING:
+                if time.monotonic() > waited:
+                    raise ArenaBusy(f"block {key.hex()} is being moved between tiers; retry")
                 await asyncio.sleep(0.002)
             if entry.state is not BlockState.COMPLETE:
                 return None
