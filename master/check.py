@@ -61,8 +61,9 @@ def _compare(state: PoolState, node: Node, inventory: list[StoredBlock],
 def _check_space(state: PoolState) -> None:
     """Allocators and cold-tier counts against the index's replicas (no await: one moment).
     An arena destination is allocated before its copy lands, so blocks in flight may hold
-    up to their size more than the index shows, and replicas a daemon is forgetting
-    (PoolState.retire) hold their space until it confirms."""
+    up to their size more than the index shows, and so does the space PoolState.freeing
+    counts (replicas a daemon is forgetting, space a call with an unknown outcome may
+    still write, re-replication copies planned but not yet sent)."""
     held: dict[tuple[str, TierKind], list[Replica]] = defaultdict(list)
     moving = 0
     for entry in state.index.entries.values():

@@ -61,8 +61,9 @@ class PoolState:
         # Keys whose drop a daemon is carrying out right now (the index may already have
         # forgotten them): check() does not count them as strays.
         self.dropping: Counter[BlockKey] = Counter()
-        # Bytes of replicas out of the index whose space is freed once their daemon forgot
-        # them (retire): check() counts them as still held.
+        # Arena and cold bytes held outside the index: replicas being forgotten (retire),
+        # space a call with an unknown outcome may still write (free_later), copies
+        # planned (master.replication). check() counts them as held.
         self.freeing: Counter[tuple[str, TierKind]] = Counter()
         self.unsettled: list[Unsettled] = []  # space of calls whose outcome is unknown
         self.diverging: set[str] = set()  # nodes to reconcile with the index (reconcile)
