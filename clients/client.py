@@ -30,7 +30,7 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigEr
 from kvpool.fields import MAX_KEYS
 from kvpool.keys import BlockKey, Namespace, parse_key
 from kvpool.keyspace import Keyspace
-from kvpool.protocol import Call, Location, ReadGrant, Reservation
+from kvpool.protocol import Call, Location, ReadGrant, Reservation, unpack_unreadable
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import RpcClient
@@ -44,6 +44,9 @@ _REGION_CACHE = 64  # large caller buffers kept registered
 _STAGE_MAX = 4 << 20  # unregistered host buffers up to this size go through scratch memory
 _PIPELINE_BYTES = 8 << 20  # a batch get is split in requests of about this size
 _TAIL_BYTES = 1 << 20  # ... the last ones halving down to this size
+# A write starts within this share of its reservation's hold, or not at all: a writer
+# frozen (SIGSTOP, a long pause) past it could write over space reclaimed and reused.
+WRITE_BY = 0.8
 # What a call retries on, against the leader it finds again, until its deadline.
 _FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
 T = TypeVar("T")
@@ -413,15 +416,20 @@ class AsyncPoolClient:
             body["meta"] = meta
         if not keys:
             return StagedPut(self._call, self._write, 0, [], [], [], "", [])
+        asked = asyncio.get_running_loop().time()
         res = await self._call(Call.RESERVE, body)
         items = [Reservation.unpack(item) for item in res["items"]]
+        # The last moment a write may start: the reservation's hold, counted from before it
+        # was asked for, less a margin (0: the master did not say).
+        ttl = float(res.get("ttl_s", 0.0))
+        until = asked + ttl * WRITE_BY if ttl > 0 else 0.0
         if len(items) != len(keys):
             raise BadRequest(f"the master answered {len(items)} reservations for {len(keys)} keys")
         tag = self.cfg.layout if layout is None else layout
         kinds = kinds or [(DType.UINT8, (n,)) for n in sizes]
         headers = [BlockHeader(dtype, shape, tag, n, 0, parent=parents[i])
                    for i, ((dtype, shape), n) in enumerate(zip(kinds, sizes))]
-        return StagedPut(self._call, self._write, res["put_id"], keys, items, sizes, tag, headers)
+        return StagedPut(self._call, self._write, res["put_id"], keys, items, sizes, tag, headers, until)
 
     async def _write(self, idx: list[int], views: list[BufferView | SegmentedView],
                      items: list[Reservation], while_copying: Callable[[], None],
@@ -489,8 +497,10 @@ class AsyncPoolClient:
     async def _get_bytes(self, key: BlockKey) -> bytes | None:
         key = parse_key(key)
         lease, [grant], _ = await self._lease([key])
-        if grant is None:
+        if not isinstance(grant, ReadGrant):
             self._release_later(lease)
+            if grant is not None:
+                raise grant  # stored, but not readable now
             return None
         out = np.empty(grant.location.size, dtype=np.uint8)
         try:
@@ -526,7 +536,7 @@ class AsyncPoolClient:
             kept = False
             try:
                 results = await self._read(grants, keys, views)
-                kept = (len(keys) == 1 and ttl_s > 0 and grants[0] is not None
+                kept = (len(keys) == 1 and ttl_s > 0 and isinstance(grants[0], ReadGrant)
                         and results[0].error is None
                         and self._hot.offer(keys[0], grants[0], lease, asked + ttl_s / 2, gone))
                 return results
@@ -537,16 +547,17 @@ class AsyncPoolClient:
             for old in gone:
                 self._release_later(old)
 
-    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | None], float]:
-        """Where to read each key, under one read lease (None: a miss), and how long the
-        lease lasts unless released (0: not said)."""
+    async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | KVPoolError | None], float]:
+        """Where to read each key, under one read lease (None: a miss; a typed error: the
+        block is stored but cannot be read now, and why), and how long the lease lasts
+        unless released (0: not said)."""
         res = await self._call(Call.GET, {"keys": keys})
         grants = [ReadGrant.unpack(item) for item in res["items"]]
         if len(grants) != len(keys):
             raise BadRequest(f"the master answered {len(grants)} read grants for {len(keys)} keys")
-        return res["lease"], grants, float(res.get("ttl_s", 0.0))
+        return res["lease"], unpack_unreadable(res.get("unreadable", []), grants), float(res.get("ttl_s", 0.0))
 
-    async def _read(self, grants: list[ReadGrant | None], keys: list[BlockKey],
+    async def _read(self, grants: list[ReadGrant | KVPoolError | None], keys: list[BlockKey],
                     views: list[BufferView], report: bool = True) -> list[GetResult]:
         """READ and verify; ``report``: tell the master of replicas that failed their
         checksum (not for a kept grant, which may be stale rather than corrupt)."""
@@ -555,6 +566,8 @@ class AsyncPoolClient:
         for i, grant in enumerate(grants):
             if grant is None:
                 results[i] = GetResult(keys[i], None)
+            elif isinstance(grant, KVPoolError):  # stored, not readable now: not a hit
+                results[i] = GetResult(keys[i], None, grant)
             elif views[i].nbytes < grant.location.size:
                 raise BadRequest(f"output buffer {i} holds {views[i].nbytes} bytes; block "
                                  f"{keys[i].hex()} is {grant.location.size}")

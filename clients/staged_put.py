@@ -3,13 +3,14 @@ they move, then one commit of the headers (``AsyncPoolClient.begin_put``)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from kvpool.codec import BlockHeader
-from kvpool.errors import BadRequest, KVPoolError, NodeGone
+from kvpool.errors import BadRequest, KVPoolError, NodeGone, ReservationLost
 from kvpool.keys import BlockKey
 from kvpool.protocol import Call, Reservation, ReserveStatus
 from clients.buffers import BufferView
@@ -46,11 +47,11 @@ class StagedPut:
     parts go in order, one at a time."""
 
     __slots__ = ("_call", "_write", "put_id", "keys", "items", "sizes", "layout", "_headers",
-                 "new", "_done", "_hashes", "state")
+                 "new", "_done", "_hashes", "state", "until")
 
     def __init__(self, call: CallMaster, write: WriteParts, put_id: int, keys: list[BlockKey],
                  items: list[Reservation], sizes: list[int], layout: str,
-                 headers: list[BlockHeader]) -> None:
+                 headers: list[BlockHeader], until: float = 0.0) -> None:
         self._call, self._write = call, write
         self.put_id, self.keys, self.items, self.sizes = put_id, keys, items, sizes
         self.layout, self._headers = layout, headers
@@ -58,6 +59,7 @@ class StagedPut:
         self._done = {i: 0 for i in self.new}  # bytes written of each new block
         self._hashes = {i: StreamHash() for i in self.new}
         self.state = PutState.OPEN
+        self.until = until  # loop time after which no write may start (0: no limit)
 
     def _check(self, want: PutState = PutState.OPEN) -> None:
         if self.state is not want:
@@ -82,6 +84,11 @@ class StagedPut:
             for i in self.new:
                 self._hashes[i].update(views[i])
 
+        if self.until and asyncio.get_running_loop().time() > self.until:
+            await self.abort()  # its space may be another block's by now: write nothing
+            raise ReservationLost(f"put {self.put_id & 0xFFFFFFFF} outlived its reservation "
+                                  "before its bytes were written (was this process paused?); "
+                                  "nothing was written, put again")
         try:
             await self._write(self.new, views, self.items, hash_parts, offset)
         except BaseException:

@@ -29,7 +29,7 @@ from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, Are
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
-                           NodeGone, TierFull, Unauthorized)
+                           NodeGone, TierFull, TransferFailed, Unauthorized)
 from kvpool.keys import BlockKey
 from kvpool.membership import Membership
 from kvpool.protocol import Call
@@ -276,6 +276,12 @@ class PoolDaemon:
                     header, payload = await source.read(key)
                     stored = await target.write(key, header, payload, location)
                 except ChecksumMismatch as exc:
+                    # The master forgets this replica and reuses its space: so must we (a
+                    # cold tier's read dropped it already; an arena's record must go too, or
+                    # the master's next block there is refused after its bytes were written
+                    # over it).
+                    if source.contains(key):
+                        await source.remove(key)
                     log.warning("block %s in %s failed its checksum and was dropped: %s",
                                 key.hex(), src.value, exc)
                     m.checksum_failures.labels(src.value).inc()
@@ -301,8 +307,12 @@ class PoolDaemon:
         """Write blocks into a peer's arena (a drain moves them off this node). Each is
         read here (a cold tier verifies its checksum on the way), staged in one registered
         buffer, and written with one NIXL WRITE under the target's deadline; a block that
-        cannot be read is that block's error, a failed transfer fails the whole call."""
+        cannot be read is that block's error, a failed transfer fails the whole call. The
+        deadline runs from the call's arrival: a daemon frozen meanwhile (its caller gave up
+        and may have reused the space) does not write late."""
         assert self.agent is not None
+        loop = asyncio.get_running_loop()
+        end = loop.time() + target.deadline_s
         results: list[CopyResult | None] = [None] * len(items)
         staged: list[tuple[int, bytes | memoryview]] = []
         for i, item in enumerate(items):
@@ -325,11 +335,14 @@ class PoolDaemon:
                 local.append((buf.ctypes.data + off, n, 0))
                 remote.append((items[i].address, n, target.device))
                 off += n
+            left = end - loop.time()
+            if left <= 0:
+                raise TransferFailed(f"the send's {target.deadline_s:.0f} s deadline passed before "
+                                     "its blocks were read; nothing was written")
             peer = self.agent.add_peer(target.metadata)
             region = self.agent.register(buf.ctypes.data, total, owner=buf)
             try:
-                await self.agent.run("WRITE", peer, local, "DRAM", remote, target.mem_type,
-                                     target.deadline_s)
+                await self.agent.run("WRITE", peer, local, "DRAM", remote, target.mem_type, left)
             finally:
                 self.agent.deregister(region)
             self.metrics.sent_bytes.inc(total)

@@ -104,6 +104,15 @@ class TierFull(KVPoolError):
     http_status = 507
 
 
+class ArenaBusy(TierFull):
+    """A stored cold block cannot be read now: the host arena it would be promoted into is
+    full of blocks being read or pinned. It is still stored; retry once their leases end."""
+
+    code = "arena_busy"
+    http_status = 503
+    retryable = True
+
+
 class ChecksumMismatch(KVPoolError):
     """The bytes of a block do not match its checksum; the block was dropped."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kvpool import fields as f
-from kvpool.errors import BadRequest
+from kvpool.errors import BadRequest, KVPoolError, error_from_code
 from kvpool.keys import BlockKey
 
 
@@ -110,6 +110,26 @@ class ReadGrant:
             return None
         fields = _shape(raw, 7, "read grant")
         return cls(Location.unpack(fields[:6]), bytes(fields[6]))
+
+
+def pack_unreadable(items: list[Any]) -> list[list[Any]]:
+    """A get's blocks that are stored but cannot be read now (the items that are errors),
+    as ``[index, code, message]`` each, alongside the grants."""
+    return [[i, e.code, str(e)] for i, e in enumerate(items) if isinstance(e, KVPoolError)]
+
+
+def unpack_unreadable(raw: Any, grants: list[ReadGrant | None]) -> list[ReadGrant | KVPoolError | None]:
+    """The grants with each unreadable block's typed error in its place (a miss there)."""
+    out: list[ReadGrant | KVPoolError | None] = list(grants)
+    if not isinstance(raw, list):
+        raise BadRequest(f"malformed unreadable items: expected an array, got {raw!r:.80}")
+    for item in raw:
+        i, code, message = _shape(item, 3, "unreadable item")
+        if type(i) is not int or not 0 <= i < len(out) or out[i] is not None \
+                or not isinstance(code, str) or not isinstance(message, str):
+            raise BadRequest(f"malformed unreadable item {item!r:.80}")
+        out[i] = error_from_code(code, message)
+    return out
 
 
 # -- requests -------------------------------------------------------------------------------

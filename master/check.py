@@ -23,10 +23,11 @@ from master.state import PoolState
 _SETTLED = (BlockState.COMPLETE,)
 
 
-def _busy(state: PoolState) -> set[BlockKey]:
+def busy(state: PoolState) -> set[BlockKey]:
     """Keys in flight now: their index entry and a daemon's inventory may disagree."""
     busy = {k for k, e in state.index.entries.items() if e.state not in _SETTLED}
     busy.update(state.dropping)
+    busy.update(k for u in state.unsettled for k, _, _ in u.items)  # a daemon may hold them
     return busy
 
 
@@ -60,7 +61,9 @@ def _compare(state: PoolState, node: Node, inventory: list[StoredBlock],
 def _check_space(state: PoolState) -> None:
     """Allocators and cold-tier counts against the index's replicas (no await: one moment).
     An arena destination is allocated before its copy lands, so blocks in flight may hold
-    up to their size more than the index shows."""
+    up to their size more than the index shows, and so does the space PoolState.freeing
+    counts (replicas a daemon is forgetting, space a call with an unknown outcome may
+    still write, re-replication copies planned but not yet sent)."""
     held: dict[tuple[str, TierKind], list[Replica]] = defaultdict(list)
     moving = 0
     for entry in state.index.entries.values():
@@ -77,17 +80,20 @@ def _check_space(state: PoolState) -> None:
                 space.allocator.check()
                 align = space.allocator.alignment
                 expected = sum(-(-r.size // align) * align for r in replicas)
-                slack = -(-moving // align) * align + (align if moving else 0)
+                leaving = state.freeing[(node.node_id, kind)]
+                slack = -(-moving // align) * align + (align if moving else 0) + leaving
                 assert expected <= space.allocator.used <= expected + slack, (
                     f"{node.node_id}/{kind.value}: allocator holds {space.allocator.used} "
                     f"bytes, the index's replicas {expected}")
             else:
-                assert space.cold_used == sum(r.size for r in replicas), (
+                leaving = state.freeing[(node.node_id, kind)]
+                assert space.cold_used == sum(r.size for r in replicas) + leaving, (
                     f"{node.node_id}/{kind.value}: {space.cold_used} bytes counted, "
                     f"replicas hold {sum(r.size for r in replicas)}")
     for owner, space in state.stores.items():
         replicas = held.get((owner, TierKind.OBJECT), [])
-        assert space.cold_used == sum(r.size for r in replicas), (
+        leaving = state.freeing[(owner, TierKind.OBJECT)]
+        assert space.cold_used == sum(r.size for r in replicas) + leaving, (
             f"store {owner[1:]}: {space.cold_used} bytes counted, replicas hold "
             f"{sum(r.size for r in replicas)}")
 
@@ -98,12 +104,12 @@ async def check(state: PoolState) -> dict[str, int]:
     for node in list(state.nodes.values()):
         faults: list[str] = []
         for _attempt in range(2):
-            before = _busy(state)
+            before = busy(state)
             inventory = await node.link.inventory()
             if state.nodes.get(node.node_id) is not node:
                 faults = []  # it left meanwhile: nothing of it to compare
                 break
-            faults, n = _compare(state, node, inventory, before | _busy(state))
+            faults, n = _compare(state, node, inventory, before | busy(state))
             if not faults:
                 checked += n
                 break

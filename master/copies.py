@@ -13,7 +13,7 @@ import logging
 import time
 
 from kvpool.daemon_link import SendItem, SendTarget, StoredBlock
-from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError
+from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError
 from kvpool.tiers.base import TierKind
 from master.index import BlockEntry, BlockState, Replica
 from master.membership import Membership
@@ -22,6 +22,7 @@ from master.state import PoolState
 
 log = logging.getLogger(__name__)
 SEND_DEADLINE_S = 30.0
+SEND_SLACK_S = 2.0  # past the deadline, before space a failed send may have written is reused
 
 
 async def send_copies(st: PoolState, members: Membership, node: Node, other: Node, kind: TierKind,
@@ -43,14 +44,21 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         free_all()
         return []
     target = SendTarget(meta, space.mem_type, space.device, SEND_DEADLINE_S)
+    epoch = st.epoch
     try:
         results = await node.link.send(target, [SendItem(e.key, r.tier, space.address + at)
                                                 for e, r, at in items])
     except KVPoolError as exc:
         log.warning("%s: sending %d blocks from %s to %s failed: %s", why, len(items),
                     node.node_id, other.node_id, exc)
-        free_all()
+        # The source may still write them (it was frozen with the call in hand): their
+        # space is reused only past the send's deadline.
+        if st.current(epoch):
+            st.free_later(other, kind, [(e.key, at, e.size) for e, _, at in items],
+                          SEND_DEADLINE_S + SEND_SLACK_S)
         return []
+    if not st.current(epoch):
+        return []  # the term ended: the next one took in whatever landed from inventories
     landed = []
     for (e, r, at), res in zip(items, results):
         if res.ok and e.state is not BlockState.REMOVED:
@@ -65,8 +73,14 @@ async def send_copies(st: PoolState, members: Membership, node: Node, other: Nod
         await other.link.adopt([StoredBlock(e.key, kind, at, e.size, e.header) for e, at in landed])
     except KVPoolError as exc:
         log.warning("%s: %s did not record %d blocks: %s", why, other.node_id, len(landed), exc)
-        for _, at in landed:
-            space.allocator.free(at)
+        if isinstance(exc, BadRequest):  # refused, nothing recorded
+            st.diverged(other.node_id, exc)  # records the index lacks may be in the way
+            for _, at in landed:
+                space.allocator.free(at)
+        elif st.current(epoch):  # it may have recorded them: settled later
+            st.free_later(other, kind, [(e.key, at, e.size) for e, at in landed], 0.0)
+        return []
+    if not st.current(epoch):
         return []
     kept, gone = [], []
     for e, at in landed:

@@ -18,7 +18,7 @@ from kvpool.config import MasterConfig
 from kvpool.coordinator import Coordinator
 from kvpool.errors import NotLeader, NotReady
 from kvpool.keys import BlockKey
-from master.check import check
+from master.check import busy, check
 from master.drain import Drains
 from master.leases import Leases
 from master.membership import LinkFactory, Membership
@@ -63,6 +63,7 @@ class MasterCore:
         self.clustered = clustered
         self.leader_url = leader_url  # with etcd: the leader as last seen, for NotLeader
         self.lease_sure = lease_sure  # with etcd: whether the leader's lease surely holds
+        self.state.sure = lambda: self.lease_sure()
         # A single master leads from the start; with etcd it waits to be elected.
         self.role = Role.STANDBY if clustered else Role.LEADER
         self._carried: dict[int, tuple[float, list[BlockKey]]] = {}  # the last term's read leases
@@ -123,9 +124,13 @@ class MasterCore:
             await node.link.close()
 
     async def sweep(self) -> None:
-        """Reclaim abandoned reservations, expire leases, relieve tiers over their
-        watermark, copy again some blocks short of their replica count."""
+        """Free the space of calls whose outcome was unknown, reclaim abandoned
+        reservations, expire leases, relieve tiers over their watermark, copy again some
+        blocks short of their replica count."""
         now = time.monotonic()
+        await self.state.settle(now)
+        if self.state.diverging:
+            await self.state.reconcile(lambda: busy(self.state))
         self.puts.reclaim(now)
         self.leases.expire(now)
         await self.tiering.sweep()

@@ -267,12 +267,14 @@ class Drains:
                 waiting += 1
                 continue
             for r in [r for r in e.replicas if r.node == node.node_id]:
-                st.index.drop_replica(e, r)  # invisible first
                 by_tier[r.tier].append((e, r))
         for tier, items in by_tier.items():
-            await st.drop_on_daemon(node.node_id, tier, [e.key for e, _ in items])
+            # Removed, or its replica lost, while an earlier tier's drop was awaited.
+            items = [(e, r) for e, r in items if e.state is not BlockState.REMOVED
+                     and any(x is r for x in e.replicas)]
+            if items and not await st.retire(node.node_id, tier, items):  # invisible first
+                return waiting  # the term ended meanwhile
             for e, r in items:
-                st.free(node.node_id, r)
                 st.events.removed([e.shown], node.node_id, tier, Reason.DRAINED, scope=e.scope)
                 self._before.pop(e.key, None)
                 node.drain.dropped += 1

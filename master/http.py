@@ -20,8 +20,8 @@ from kvpool.daemon_link import Registration
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey, parse_key
 from kvpool.protocol import (AbortRequest, AgentsRequest, Call, CommitRequest, CorruptRequest,
-                             HeartbeatRequest, KeysRequest, ReleaseRequest, ReserveRequest,
-                             released)
+                             HeartbeatRequest, KeysRequest, ReadGrant, ReleaseRequest, ReserveRequest,
+                             pack_unreadable, released)
 from kvpool.streamrpc import StreamRpcServer
 from kvpool.tiers.base import TierKind
 from kvpool.wire import (MAX_BODY, Handler, auth_middleware, close_all, error_middleware,
@@ -154,7 +154,10 @@ class MasterHttp:
                                                      req.replicas, catalog.parse(req.meta, len(req.keys)),
                                                      ttl_s=req.ttl_s, owner=auth.peer(),
                                                      scope=self.tenancy.current())
-        return {"put_id": put_id, "items": [r.pack() for r in items]}
+        # How long the reservation holds: past it, the writer must not write (the space
+        # may be another block's by then).
+        return {"put_id": put_id, "items": [r.pack() for r in items],
+                "ttl_s": self.core.puts.ttl(req.ttl_s)}
 
     async def commit(self, body: dict[str, Any]) -> Any:
         req = CommitRequest.unpack(body)
@@ -172,8 +175,10 @@ class MasterHttp:
 
     async def get(self, body: dict[str, Any]) -> Any:
         lease, grants = await self.core.reads.get(self._keys(body, Call.GET)[1])
-        return {"lease": lease, "items": [g.pack() if g is not None else None for g in grants],
-                "ttl_s": self.core.cfg.read_lease_s}
+        return {"lease": lease,
+                "items": [g.pack() if isinstance(g, ReadGrant) else None for g in grants],
+                "ttl_s": self.core.cfg.read_lease_s,
+                "unreadable": pack_unreadable(grants)}
 
     async def release(self, body: dict[str, Any]) -> Any:
         self.core.leases.release(ReleaseRequest.unpack(body).leases)

@@ -157,7 +157,7 @@ class Puts:
         if not st.nodes:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
         self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))), scope)
-        ttl = st.cfg.put_timeout_s if ttl_s is None else min(ttl_s, st.cfg.put_timeout_s)
+        ttl = self.ttl(ttl_s)
         put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
@@ -250,6 +250,11 @@ class Puts:
                        "demoted (blocks are leased, pinned or in flight); release leases, "
                        "unpin blocks or give the daemon a bigger host arena")
 
+    def ttl(self, asked: float | None) -> float:
+        """How long a reservation holds: what its writer asked, at most the put timeout."""
+        timeout = self.state.cfg.put_timeout_s
+        return timeout if asked is None else min(asked, timeout)
+
     async def commit(self, put_id: int, keys: Sequence[BlockKey], headers: Sequence[bytes],
                      scope: Scope | None = None) -> int:
         """Make reserved blocks visible once their daemons have recorded them (``keys`` as
@@ -308,19 +313,35 @@ class Puts:
             for r in entry.replicas:
                 by_node[r.node].append(StoredBlock(entry.key, r.tier, r.location, r.size, raw))
         adopted: list[tuple[str, list[StoredBlock]]] = []
+        epoch = st.epoch
         for node_id, blocks in by_node.items():
             node = st.nodes.get(node_id)
             try:
+                if not await st.leading(epoch):
+                    raise ReservationLost("this master's term ended while the put was committed; "
+                                          "its reservation is gone, put again")
                 if node is None:
                     raise Unavailable(f"node {node_id} left")
                 await node.link.adopt(blocks)
                 adopted.append((node_id, blocks))
             except KVPoolError as exc:
-                for done_id, done in adopted:  # roll back: no daemon keeps a block nobody indexes
+                if not st.current(epoch):  # the next term's nodes and index are not this put's
+                    raise ReservationLost("this master's term ended while the put was committed; "
+                                          "its reservation is gone, put again") from None
+                # Roll back: no daemon keeps a block nobody indexes (the one that failed may
+                # have recorded them too, unless it refused them).
+                maybe = [] if node is None or isinstance(exc, BadRequest) else [(node_id, blocks)]
+                if isinstance(exc, BadRequest):
+                    st.diverged(node_id, exc)  # records the index lacks may be in the way
+                for done_id, done in adopted + maybe:
                     for tier in {b.tier for b in done}:
-                        await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
+                        if st.current(epoch):
+                            await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
                 self.abort(put_id, keys)
                 raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
+        if not await st.leading(epoch):
+            raise ReservationLost("this master's term ended while the put was committed; its "
+                                  "reservation is gone, put again")
         committed = 0
         for entry, raw, parent in zip(entries, stored, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile
@@ -336,6 +357,8 @@ class Puts:
                                      token_ids=meta.token_ids if meta else None)
                 if meta is not None:
                     meta.token_ids = None  # prompt content: announced once, not kept
+                if len({r.node for r in entry.replicas}) < entry.wanted:
+                    st.short.add(entry.key)  # fewer copies than asked (no room then): more come
                 committed += 1
         st.counters["committed"] += committed
         return committed

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import Sequence
 
-from kvpool.errors import ChecksumMismatch, KVPoolError
+from kvpool.errors import ChecksumMismatch, KVPoolError, NodeGone
 from kvpool.keys import BlockKey
 from kvpool.protocol import ReadGrant
 from kvpool.tasks import TaskOwner
@@ -38,8 +38,10 @@ class Reads:
         self.state.index.touch(entry)
         return ReadGrant(self.state.location(replica), entry.header)
 
-    async def get(self, keys: Sequence[BlockKey]) -> tuple[int, list[ReadGrant | None]]:
-        """Where to read each stored block, under one new read lease (None for a miss)."""
+    async def get(self, keys: Sequence[BlockKey]) -> tuple[int, list[ReadGrant | KVPoolError | None]]:
+        """Where to read each stored block, under one new read lease: a grant, None for a
+        miss, or for a block still stored that cannot be read now the typed error saying
+        why (its cold copy cannot be promoted, its node left meanwhile)."""
         st = self.state
         found: list[tuple[int, BlockEntry, Replica]] = []
         for i, key in enumerate(keys):
@@ -48,7 +50,7 @@ class Reads:
             if entry is not None and best is not None:
                 found.append((i, entry, best))
         lease = self.leases.grant([e for _, e, _ in found])
-        out: list[ReadGrant | None] = [None] * len(keys)
+        out: list[ReadGrant | KVPoolError | None] = [None] * len(keys)
         cold = []
         for i, entry, best in found:
             st.counters[f"get_hits_{best.tier.value}"] += 1
@@ -58,22 +60,28 @@ class Reads:
                 cold.append((i, entry))
         if cold:
             await self._promote(keys, cold, lease, out)
-        hits = sum(x is not None for x in out)
+        hits = sum(isinstance(x, ReadGrant) for x in out)
         st.counters["get_hits"] += hits
-        st.counters["get_misses"] += len(keys) - hits
+        st.counters["get_misses"] += sum(x is None for x in out)
+        st.counters["get_unreadable"] += len(keys) - hits - sum(x is None for x in out)
         return lease, out
 
     async def _promote(self, keys: Sequence[BlockKey], cold: list[tuple[int, BlockEntry]],
-                       lease: int, out: list[ReadGrant | None]) -> None:
+                       lease: int, out: list[ReadGrant | KVPoolError | None]) -> None:
         results = await asyncio.gather(*(self.tiering.promote(keys[i]) for i, _ in cold),
                                        return_exceptions=True)
         for (i, entry), res in zip(cold, results):
-            if isinstance(res, Replica) and entry.state.readable:
-                out[i] = self._grant(entry, res)
-                continue
             if isinstance(res, BaseException) and not isinstance(res, KVPoolError):
                 raise res
+            if isinstance(res, Replica) and entry.state.readable:
+                try:
+                    out[i] = self._grant(entry, res)
+                    continue
+                except NodeGone as exc:  # it left while the others were promoted
+                    res = exc
             entry.leases.pop(lease, None)
+            if isinstance(res, KVPoolError) and entry.state.readable and entry.replicas:
+                out[i] = res  # stored, but not readable now: why, not a plain miss
 
     async def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Which keys are stored; a long batch yields the loop between chunks."""
@@ -119,13 +127,17 @@ class Reads:
                     log.error("prefetch of %s failed", key.hex(), exc_info=res)
 
     async def report_corrupt(self, keys: Sequence[BlockKey], nodes: Sequence[str]) -> None:
-        """A reader got bytes that failed their checksum: drop the replica it was sent to."""
+        """A reader got bytes that failed their checksum: drop the replica it was sent to,
+        an arena replica on that node (readers are sent to nothing else; a cold copy there
+        is another copy, verified when it is promoted, and stays)."""
         st = self.state
         for key, node_id in zip(keys, nodes):
             entry = st.index.readable(key)
-            replica = st.best(entry) if entry else None
-            if entry is None or replica is None or replica.node != node_id:
-                continue
+            here = [r for r in entry.replicas if r.node == node_id and r.tier.is_arena] if entry else []
+            if entry is None or not here:
+                continue  # gone, or moved off that node's arenas since
+            replica = min(here, key=lambda r: r.tier.rank)
+            epoch = st.epoch
             await st.drop_on_daemon(node_id, replica.tier, [key])
-            if replica in entry.replicas:
+            if st.current(epoch) and replica in entry.replicas:
                 st.lose_replica(entry, replica, ChecksumMismatch("a reader's checksum failed"))

@@ -75,13 +75,33 @@ class Replication:
             other, space, at = placed
             source = min(live, key=lambda r: r.tier.rank)
             plan[(source.node, other.node_id, space.kind)].append((entry, source, at))
+            st.freeing[(other.node_id, space.kind)] += _aligned(space, entry.size)  # held, not indexed
         copied = 0
+        epoch, planned = st.epoch, dict(st.nodes)  # the nodes the offsets were allocated on
         for (src, dst, kind), items in plan.items():
+            if not st.current(epoch):
+                break  # the term ended during an earlier batch
+            space = planned[dst].tiers[kind]
+            st.freeing[(dst, kind)] -= sum(_aligned(space, e.size) for e, _, _ in items)
+            source, target = planned[src], planned[dst]
+            if st.nodes.get(src) is not source or st.nodes.get(dst) is not target:
+                for _, _, at in items:  # one left during an earlier batch
+                    target.tiers[kind].allocator.free(at)  # type: ignore[union-attr]
+                continue
+            # Moving, or removed, since the plan (during an earlier batch): not now.
+            later = [(e, r, at) for e, r, at in items if e.state is not BlockState.COMPLETE
+                     or not any(x is r for x in e.replicas)]
+            for _, _, at in later:
+                target.tiers[kind].allocator.free(at)  # type: ignore[union-attr]
+            gone = {id(e) for e, _, _ in later}
+            items = [item for item in items if id(item[0]) not in gone]
+            if not items:
+                continue
             for e, _, _ in items:
                 e.advance(BlockState.MOVING, BlockState.COMPLETE)
             try:
-                landed = await send_copies(st, self.members, st.nodes[src], st.nodes[dst], kind,
-                                           items, "re-replication")
+                landed = await send_copies(st, self.members, source, target, kind, items,
+                                           "re-replication")
             finally:
                 for e, _, _ in items:
                     if e.state is BlockState.MOVING:
@@ -95,3 +115,8 @@ class Replication:
             st.counters["re_replicated"] += copied
             log.info("re-replicated %d blocks; %d still short of copies", copied, len(st.short))
         return copied
+
+
+def _aligned(space: TierSpace, size: int) -> int:
+    align = space.allocator.alignment if space.allocator is not None else 1
+    return -(-size // align) * align

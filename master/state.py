@@ -9,11 +9,13 @@ out again (drop, then free), so the index never points at bytes that are not the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections import Counter, defaultdict
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from kvpool.config import MasterConfig
 from kvpool.daemon_link import PinMark
@@ -29,6 +31,17 @@ from master.regions import COMMON
 from master.tenants import UNKNOWN, Tenancy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Unsettled:
+    """Arena space a call with an unknown outcome may have written (PoolState.free_later)."""
+
+    at: float  # monotonic time after which the call surely ended
+    node: Node
+    kind: TierKind
+    items: list[tuple[BlockKey, int, int]]  # key, offset, size
+    size: int  # bytes held, aligned
 
 
 class PoolState:
@@ -48,10 +61,22 @@ class PoolState:
         # Keys whose drop a daemon is carrying out right now (the index may already have
         # forgotten them): check() does not count them as strays.
         self.dropping: Counter[BlockKey] = Counter()
+        # Arena and cold bytes held outside the index: replicas being forgotten (retire),
+        # space a call with an unknown outcome may still write (free_later), copies
+        # planned (master.replication). check() counts them as held.
+        self.freeing: Counter[tuple[str, TierKind]] = Counter()
+        self.unsettled: list[Unsettled] = []  # space of calls whose outcome is unknown
+        self.diverging: set[str] = set()  # nodes to reconcile with the index (reconcile)
         # Blocks that lost a copy and may be below their replica count (master.replication).
         self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
+        # Changes whenever the state is cleared or a term begins (a same-process re-lead
+        # reuses this object): work that awaited across a change must not touch what it
+        # finds here, which belongs to another term (``current``).
+        self.epoch = 0
+        # Whether this master's leadership lease surely holds (MasterCore sets it).
+        self.sure: Callable[[], bool] = lambda: True
         # Until then every block taken in from an inventory counts as leased: a reader of
         # the former leader may hold a lease (at most read_lease_s long) this one never saw.
         self.inherited_until = 0.0
@@ -70,15 +95,38 @@ class PoolState:
         self.nodes = {}
         self.stores = {}
         self.short = set()
+        self.freeing = Counter()
+        self.unsettled = []
+        self.diverging = set()
+        self.epoch += 1
 
     def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
         """``carried``: this master leads again on its own lease, and these are the leases
         it granted (Leases.in_force): they protect what they cover; nothing else is leased
         beyond what a former leader's readers may still hold (``inherited_until`` stays)."""
         self.term = self.rng.getrandbits(30) | 1
+        self.epoch += 1
         self.carried = carried or {}
         if carried is None:  # a term after another master's: any block may be leased
             self.inherited_until = time.monotonic() + self.cfg.read_lease_s
+
+    def current(self, epoch: int) -> bool:
+        """Is the state still the one of ``epoch`` (taken before an await)?"""
+        return self.epoch == epoch
+
+    async def leading(self, epoch: int, wait_s: float = 30.0) -> bool:
+        """Before telling a daemon to record or forget blocks after an await: the term of
+        ``epoch`` is current and its leadership lease surely holds. A leader paused
+        meanwhile (SIGSTOP) must not act on daemons another leader serves now: while its
+        lease is in doubt this waits for the election to settle it (the term ends, or
+        the lease is renewed)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        while self.current(epoch) and not self.sure():
+            if loop.time() > end:
+                return False
+            await asyncio.sleep(0.05)
+        return self.current(epoch)
 
     def new_id(self) -> int:
         return self.rng.getrandbits(63) | 1
@@ -189,10 +237,11 @@ class PoolState:
                 if node is not None:
                     by_node[node.node_id].append(entry)
         failed: KVPoolError | None = None
+        epoch = self.epoch
         for node_id, here in by_node.items():
             node = self.nodes.get(node_id)
-            if node is None:
-                continue
+            if node is None or not self.current(epoch):
+                continue  # gone, or the term ended: the next term's nodes are not told
             try:
                 await node.link.mark([self.pin_mark(e) for e in {id(e): e for e in here}.values()])
             except KVPoolError as exc:
@@ -201,9 +250,117 @@ class PoolState:
         if failed is not None:
             raise failed
 
+    def free_later(self, node: Node, kind: TierKind, items: Sequence[tuple[BlockKey, int, int]],
+                   after_s: float) -> None:
+        """Arena space (``(key, offset, size)`` items) that a daemon may still write into
+        and record, after a call that filled it failed with its outcome unknown (the link
+        broke or timed out; the daemon may be frozen with the call in hand). Not free at
+        once, where a new block would be written over: ``settle`` drops what the daemon
+        may have recorded and frees the space once the call's deadline surely passed."""
+        space = node.tiers[kind]
+        if space.allocator is None or not items:
+            return
+        align = space.allocator.alignment
+        size = sum(-(-n // align) * align for _, _, n in items)
+        self.freeing[(node.node_id, kind)] += size
+        self.unsettled.append(Unsettled(time.monotonic() + after_s, node, kind, list(items), size))
+        self.counters["frees_deferred"] += len(items)
+
+    async def settle(self, now: float) -> None:
+        """Free the space of calls whose outcome was unknown and whose deadline passed
+        (``free_later``), once their daemon forgot what it may have recorded there."""
+        due = [u for u in self.unsettled if u.at <= now]
+        if not due:
+            return
+        epoch = self.epoch
+        self.unsettled = [u for u in self.unsettled if u.at > now]
+        for u in due:
+            if not self.current(epoch):
+                return
+            if self.nodes.get(u.node.node_id) is not u.node:
+                continue  # it left: its space went with it
+            stray = [key for key, _, _ in u.items if (e := self.index.get(key)) is None
+                     or e.replica(u.node.node_id, u.kind) is None]
+            if stray:
+                await self.drop_on_daemon(u.node.node_id, u.kind, stray)
+            if not self.current(epoch) or self.nodes.get(u.node.node_id) is not u.node:
+                continue
+            self.freeing[(u.node.node_id, u.kind)] -= u.size
+            for _, at, _ in u.items:
+                u.node.tiers[u.kind].allocator.free(at)  # type: ignore[union-attr]
+
+    def diverged(self, node_id: str, why: KVPoolError) -> None:
+        """A daemon refused an arena placement the index thought free (an overlap, no
+        room): it holds records the index forgot (a drop it could not confirm, a call
+        whose answer was lost). The next sweep reconciles that node (``reconcile``)."""
+        if node_id not in self.diverging:
+            log.warning("node %s holds arena records the index lacks (%s); reconciling", node_id, why)
+        self.diverging.add(node_id)
+
+    async def reconcile(self, busy: Callable[[], set[BlockKey]]) -> int:
+        """Have each diverging node forget the arena blocks the index does not hold there
+        (keys in flight, ``busy``, set aside), so that its records and the allocators agree
+        again; returns how many went."""
+        dropped, epoch = 0, self.epoch
+        for node_id in sorted(self.diverging):
+            self.diverging.discard(node_id)
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            before = busy()
+            try:
+                inventory = await node.link.inventory()
+            except KVPoolError as exc:
+                log.warning("cannot reconcile node %s: %s", node_id, exc)
+                continue
+            if not self.current(epoch) or self.nodes.get(node_id) is not node:
+                return dropped
+            skip = before | busy()
+            stray: dict[TierKind, list[BlockKey]] = defaultdict(list)
+            for b in inventory:
+                space = node.tiers.get(b.tier)
+                if space is None or space.allocator is None or b.key in skip:
+                    continue
+                entry = self.index.get(b.key)
+                if entry is None or entry.replica(node_id, b.tier) is None:
+                    stray[b.tier].append(b.key)
+            for tier, keys in stray.items():
+                if await self.leading(epoch):
+                    await self.drop_on_daemon(node_id, tier, keys)
+                    dropped += len(keys)
+            if dropped:
+                log.warning("node %s forgot %d arena blocks the index did not hold", node_id, dropped)
+        self.counters["reconciled"] += dropped
+        return dropped
+
+    async def retire(self, owner: str, tier: TierKind, items: Sequence[tuple[BlockEntry, Replica]]) -> bool:
+        """Take replicas of one owner's tier away: out of the index first (no get is granted
+        them from here on), then the daemon forgets them, then their space is free. False
+        when the term ended meanwhile: the space then belongs to a new term's index, which
+        rebuilt it from the inventories, and nothing more is touched."""
+        space = self.space(owner, tier)
+        align = space.allocator.alignment if space is not None and space.allocator is not None else 1
+        epoch, size = self.epoch, sum(-(-r.size // align) * align for _, r in items)
+        for entry, replica in items:
+            self.index.drop_replica(entry, replica)
+        self.freeing[(owner, tier)] += size
+        try:
+            if await self.leading(epoch):
+                await self.drop_on_daemon(owner, tier, [e.key for e, _ in items])
+            elif self.current(epoch) and not owner.startswith("@"):
+                self.diverged(owner, KVPoolError("a drop was not sent: leadership in doubt"))
+        finally:
+            if self.current(epoch):
+                self.freeing[(owner, tier)] -= size
+        if not self.current(epoch):
+            return False
+        for _, replica in items:
+            self.free(owner, replica)
+        return True
+
     async def drop_on_daemon(self, owner: str, tier: TierKind, keys: Sequence[BlockKey]) -> None:
-        """Tell the node (or a node naming the store) to forget blocks. A daemon that does
-        not confirm overwrites its stale arena records when the space is adopted again."""
+        """Tell the node (or a node naming the store) to forget blocks. The arena records
+        of a daemon that does not confirm are reconciled by a later sweep (``reconcile``)."""
         node = self.node_for(owner)
         if node is None:
             if owner.startswith("@"):
@@ -214,6 +371,8 @@ class PoolState:
             await node.link.drop(tier, keys)
         except KVPoolError as exc:
             log.warning("node %s did not confirm dropping %d blocks: %s", owner, len(keys), exc)
+            if tier.is_arena and not owner.startswith("@"):
+                self.diverged(owner, exc)
         finally:
             self.dropping.subtract(keys)
             for key in keys:

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from contextlib import suppress
 
-from kvpool.errors import BlockNotFound, ChecksumMismatch, KVPoolError, TierFull
+from kvpool.errors import ArenaBusy, BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from kvpool.kv_events import Reason
@@ -29,6 +29,10 @@ from master.state import PoolState
 
 log = logging.getLogger(__name__)
 DEMOTE_BATCH = 64  # blocks per copy call to a daemon
+# After a copy call whose outcome is unknown (its link broke or timed out), how long the
+# arena space it may still write stays out of use: past the link's own timeout.
+COPY_SETTLE_S = 32.0
+MOVE_WAIT_S = 5.0  # the longest a promotion waits for another move of its block to end
 
 
 class Tiering:
@@ -192,14 +196,18 @@ class Tiering:
         """Move blocks one tier down on their node; at the last tier, evict them."""
         dst = node.below(kind)
         leaving = (self.state.owner(node, kind), kind)
+        epoch = self.state.epoch
         for start in range(0, len(entries), DEMOTE_BATCH):
+            if not self.state.current(epoch) or self.state.nodes.get(node.node_id) is not node:
+                return  # the term ended, or the node left, since the last batch
             chunk = [e for e in entries[start:start + DEMOTE_BATCH] if e.state is BlockState.COMPLETE]
             for e in chunk:
                 e.advance(BlockState.MOVING, BlockState.COMPLETE)
             self._leaving[leaving] += len(chunk)
             try:
                 moved = chunk if dst is None else await self._copy_down(node, kind, dst, chunk)
-                await self._drop_replicas(node, kind, moved)
+                if self.state.current(epoch):  # else the new term's index has these blocks
+                    await self._drop_replicas(node, kind, moved)
             finally:
                 self._leaving[leaving] -= len(chunk)
                 for e in chunk:
@@ -221,8 +229,10 @@ class Tiering:
         for e in entries:
             if any(r.node in (node.node_id, dst_owner) and r.tier.rank >= dst.rank for r in e.replicas):
                 done.append(e)  # already below
-            elif not admits.admit(e.info, now):
-                # Evicted instead of demoted: the policy expects no reuse worth the copy.
+            elif e.wanted <= 1 and not admits.admit(e.info, now):
+                # Evicted instead of demoted: the policy expects no reuse worth the copy. Not
+                # a copy of a replicated block: its writer asked for that many, and one
+                # evicted here leaves the block one node failure from lost.
                 st.counters[f"not_admitted_{dst.value}"] += 1
                 done.append(e)
             elif self.over_quota(e, dst, coming):
@@ -234,8 +244,11 @@ class Tiering:
             return done
         dst_space = node.tiers[dst]
         estimate = sum(e.size for e in need)
+        epoch = st.epoch
         if dst_space.used + estimate > self.high(dst) * dst_space.capacity:
             await self.relieve(node, dst, need=estimate)
+            if not st.current(epoch) or st.nodes.get(node.node_id) is not node:
+                return []
         locations = [0] * len(need)
         if dst_space.allocator is not None:  # an arena destination: its space is reserved first
             placed = [(e, dst_space.allocator.allocate(e.size, st.region(e))) for e in need]
@@ -248,10 +261,12 @@ class Tiering:
             results = await node.link.copy([e.key for e in need], src, dst, locations)
         except KVPoolError as exc:
             log.warning("demotion %s->%s on %s failed: %s", src.value, dst.value, node.node_id, exc)
-            if dst_space.allocator is not None:
-                for at in locations:
-                    dst_space.allocator.free(at)
+            if st.current(epoch):  # the daemon may still copy: the space is reused later
+                st.free_later(node, dst, [(e.key, at, e.size) for e, at in zip(need, locations)],
+                              COPY_SETTLE_S)
             return done
+        if not st.current(epoch):  # the next term took the copies in from the inventory, or not
+            return []
         for entry, at, res in zip(need, locations, results):
             if entry.state is BlockState.REMOVED:
                 if res.ok:  # removed meanwhile: the copy goes before its space is reused
@@ -284,48 +299,64 @@ class Tiering:
             self.state.counters[f"move_failed_{dst.value}"] += 1
 
     async def _drop_replicas(self, node: Node, kind: TierKind, entries: list[BlockEntry]) -> None:
-        """Forget the ``kind`` replica of blocks nobody is reading; evict lone ones."""
+        """Forget the ``kind`` replica of blocks nobody is reading; evict lone ones. They
+        leave the index before the daemon is told (PoolState.retire): a get arriving while
+        the daemon drops them must not be granted bytes whose space is about to be reused."""
         st = self.state
         now = time.monotonic()
         owner = st.owner(node, kind)
-        drop = [e for e in entries if e.state is not BlockState.REMOVED and not e.leased(now)
-                and not e.pins and e.replica(owner, kind) is not None]
+        drop = [(e, r) for e in entries if e.state is not BlockState.REMOVED and not e.leased(now)
+                and not e.pins and (r := e.replica(owner, kind)) is not None]
         if not drop:
             return
-        await st.drop_on_daemon(owner, kind, [e.key for e in drop])
-        for entry in drop:
-            replica = entry.replica(owner, kind)
-            if replica is None:
-                continue
-            st.forget_replica(entry, replica)
-            gone = not entry.replicas
-            st.events.removed([entry.shown], owner, kind, Reason.EVICTED if gone else Reason.DEMOTED,
-                              scope=entry.scope)
-            if gone:
+        gone = {id(e) for e, r in drop if e.replicas == [r]}  # its last replica: evicted
+        for entry, _ in drop:
+            if id(entry) in gone:
                 st.index.remove(entry)
-                st.counters["evicted"] += 1
+        if not await st.retire(owner, kind, drop):
+            return  # the term ended meanwhile
+        for entry, _ in drop:
+            st.events.removed([entry.shown], owner, kind,
+                              Reason.EVICTED if id(entry) in gone else Reason.DEMOTED, scope=entry.scope)
+        st.counters["evicted"] += len(gone)
 
     async def promote(self, key: BlockKey) -> Replica | None:
         """Copy a cold block into its node's host arena (the checksum is verified on the
-        way); the block's fastest replica, or None when it cannot be read now."""
+        way); the block's fastest replica, or None when it is not stored (any more). A block
+        still stored that cannot be read now raises a typed error saying why (ArenaBusy,
+        NodeGone, the copy's own); a cold copy found bad is dropped and the next is tried."""
         st = self.state
-        entry = st.index.readable(key)
-        if entry is None:
-            return None
-        while entry.state is BlockState.MOVING:
-            await asyncio.sleep(0.002)
-        if entry.state is not BlockState.COMPLETE:
-            return None
-        best = entry.best()
-        if best is None or best.tier.is_arena:
-            return best
+        for _attempt in range(4):
+            entry = st.index.readable(key)
+            if entry is None:
+                return None
+            waited = time.monotonic() + MOVE_WAIT_S
+            while entry.state is BlockState.MOVING:
+                if time.monotonic() > waited:
+                    raise ArenaBusy(f"block {key.hex()} is being moved between tiers; retry")
+                await asyncio.sleep(0.002)
+            if entry.state is not BlockState.COMPLETE:
+                return None
+            best = entry.best()
+            if best is None or best.tier.is_arena:
+                return best
+            replica = await self._promote(entry, best)
+            if replica is not None or best in entry.replicas:
+                return replica
+        return None
+
+    async def _promote(self, entry: BlockEntry, best: Replica) -> Replica | None:
+        """One try from the cold replica ``best``: the new host replica, or None when the
+        block was removed meanwhile or ``best`` turned out bad (and left the index)."""
+        st, key = self.state, entry.key
         node = st.node_for(best.node)
-        if node is None:  # a shared store no live node names now: a miss until one does
-            return None
+        if node is None:
+            raise NodeGone(f"no live node reads {best.node}'s {best.tier.value} tier now")
         space = node.tiers.get(TierKind.HOST)
         if space is None or space.allocator is None:
             raise TierFull(f"node {node.node_id} has no host arena to promote into")
         entry.advance(BlockState.MOVING, BlockState.COMPLETE)
+        epoch = st.epoch
         try:
             region = st.region(entry)
             offset = space.allocator.allocate(entry.size, region)
@@ -334,19 +365,37 @@ class Tiering:
                                                                   entry.size, region):
                     break
                 offset = space.allocator.allocate(entry.size, region)
+            if not st.current(epoch) or st.nodes.get(node.node_id) is not node:
+                if offset is not None and st.current(epoch):
+                    space.allocator.free(offset)
+                raise NodeGone(f"node {node.node_id} left the pool during the promotion")
             if offset is None:
-                raise TierFull("the host arena is full of leased or pinned blocks")
+                raise ArenaBusy(f"block {key.hex()} is stored in {best.tier.value} but cannot be "
+                                f"promoted now: node {node.node_id}'s host arena is full of "
+                                "blocks being read or pinned; retry")
             try:
                 [res] = await node.link.copy([key], best.tier, TierKind.HOST, [offset])
-            except BaseException:
-                space.allocator.free(offset)
+            except BadRequest as exc:  # refused (an overlap): records the index lacks
+                if st.current(epoch):
+                    st.diverged(node.node_id, exc)
+                    space.allocator.free(offset)
                 raise
+            except BaseException:  # the daemon may still copy (frozen with the call in hand)
+                if st.current(epoch):
+                    st.free_later(node, TierKind.HOST, [(key, offset, entry.size)], COPY_SETTLE_S)
+                raise
+            if not st.current(epoch):
+                raise NodeGone(f"the master's term ended during the promotion of {key.hex()}")
             if not res.ok or entry.state is BlockState.REMOVED:
                 if res.ok:  # removed meanwhile: the copy goes before its space is reused
                     await st.drop_on_daemon(node.node_id, TierKind.HOST, [key])
                 space.allocator.free(offset)
                 if not res.ok and entry.state is not BlockState.REMOVED:
+                    if isinstance(res.error, TierFull):  # room the index saw, the daemon not
+                        st.diverged(node.node_id, res.error)
                     self._failed(entry, best, TierKind.HOST, res.error)
+                    if best in entry.replicas:  # still good where it is: why it is unreadable
+                        raise res.error or TierFull(f"block {key.hex()} could not be promoted")
                 return None
             replica = Replica(node.node_id, TierKind.HOST, offset, entry.size)
             st.index.add_replica(entry, replica)

@@ -215,11 +215,14 @@ class Bench:
         inject()
         time.sleep(settle_s)
         self.phase(f"{name}.verify")
-        lost, checked = 0, 0
+        lost, checked, unreadable = 0, 0, {}
         for ph in self.phases[-2:]:
-            lo, ch = self.workers.verify(ph)
+            lo, ch, un = self.workers.verify(ph)
             lost, checked = lost + lo, checked + ch
-        self.faults.append({"fault": name, "t0": t0, "lost_blocks": lost, "verified": checked})
+            for code, n in un.items():
+                unreadable[code] = unreadable.get(code, 0) + n
+        self.faults.append({"fault": name, "t0": t0, "lost_blocks": lost, "verified": checked,
+                            "unreadable": unreadable})
 
     def pause(self, name: str, seconds: float) -> None:
         proc = self.cluster.procs[name].popen
@@ -338,10 +341,11 @@ class Bench:
         self.fault("object-store-errors", self.object_errors, settle_s=3.0)
         self.fault("object-store-stalls", self.object_stalls, settle_s=3.0)
         self.phase("end")
-        lost_total, checked_total = 0, 0
+        lost_total, checked_total, unreadable_total = 0, 0, 0
         for ph in self.phases[:-1]:  # a sample of every block put in the run, once more
-            lo, ch = self.workers.verify(ph, step=8)
+            lo, ch, un = self.workers.verify(ph, step=8)
             lost_total, checked_total = lost_total + lo, checked_total + ch
+            unreadable_total += sum(un.values())
         check_end = check_pool(self.leader())
         results = self.workers.stop()
         self.workers = None
@@ -356,12 +360,14 @@ class Bench:
                "faults": [], "sigterm_exit_s": {k: v[0] for k, v in exits.items()},
                "exit_codes": {k: v[1] for k, v in exits.items()},
                "lost_total": lost_total, "verified_total": checked_total,
+               "unreadable_total": unreadable_total,
                "disk_fault": "tmpfs" if self.tmpfs is not None else "skipped: needs root to mount a tmpfs"}
         for f in self.faults:
             m = merge(results, f["fault"])
             out["faults"].append({
                 "fault": f["fault"], "calls": m["calls"], "errors": m["errors"],
                 "wrong_bytes": m["wrong"], "lost_blocks": f["lost_blocks"],
+                "unreadable": f["unreadable"],
                 "max_stall_s": round(m["longest_s"], 2),
                 "recovery_s": round(max(0.0, m["last_error_at"] - f["t0"]) if m["errors"] else 0.0, 2),
                 "verified": f["verified"], "untyped": m["untyped"]})
@@ -406,15 +412,17 @@ def table(res: dict) -> None:
     show(rows)
     print(f"load alone: errors {ld['errors'] or 'none'}; wrong bytes {ld['wrong_bytes']}; "
           f"misses {ld['misses']}; check {ld['check']}\n")
-    rows = [["fault", "calls", "errors", "wrong", "lost", "max stall s", "recovery s"]]
+    rows = [["fault", "calls", "errors", "wrong", "lost", "unreadable", "max stall s", "recovery s"]]
     for f in res["faults"]:
         errs = ",".join(f"{k}:{v}" for k, v in sorted(f["errors"].items())) or "-"
+        unread = ",".join(f"{k}:{v}" for k, v in sorted(f["unreadable"].items())) or "-"
         rows.append([f["fault"], str(f["calls"]), errs, str(f["wrong_bytes"]),
-                     f"{f['lost_blocks']}/{f['verified']}", f"{f['max_stall_s']:.2f}",
+                     f"{f['lost_blocks']}/{f['verified']}", unread, f"{f['max_stall_s']:.2f}",
                      f"{f['recovery_s']:.2f}"])
     show(rows)
     print(f"\nevery block put in the run read back at the end: {res['lost_total']} lost of "
-          f"{res['verified_total']}; disk fault: {res['disk_fault']}")
+          f"{res['verified_total']} ({res['unreadable_total']} held but unreadable then); "
+          f"disk fault: {res['disk_fault']}")
     print("SIGTERM to exit: " + ", ".join(
         f"{k} {v:.2f} s (exit {res['exit_codes'][k]})" for k, v in res["sigterm_exit_s"].items()))
 

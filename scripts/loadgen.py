@@ -88,6 +88,8 @@ class Load:
     phase: str = "load"
     phases: dict[str, Phase] = field(default_factory=dict)
     salt: bytes = field(default_factory=lambda: os.urandom(8))
+    unreadable: dict[str, int] = field(default_factory=dict)  # the last verify's, by error code
+    why: dict[int, str] = field(default_factory=dict)  # the last verify's lost blocks: why
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _count: int = 0
 
@@ -164,28 +166,37 @@ class Load:
 
     async def verify(self, ids: list[int] | None = None, rechecks: int = 3) -> tuple[list[int], int]:
         """Read back blocks (every one stored, by default), a few at a time: the ones
-        still missing after ``rechecks`` more tries a second apart (a get that finds no room
-        to promote a cold block answers a miss for now), and how many came back with wrong
-        bytes."""
+        still missing after ``rechecks`` more tries a second apart, and how many came back
+        with wrong bytes. A block the pool still holds but cannot serve now (a typed,
+        retryable error in its result: no room to promote it, its node gone mid-read) is
+        not lost: it is counted in ``unreadable`` (the last try's, by error code) and left
+        out of the lost ones. What was lost, and why, goes to ``why``."""
         missing, wrong = self.stored() if ids is None else ids, 0
+        self.unreadable, self.why = {}, {}
         for attempt in range(rechecks + 1):
             if attempt:
                 await asyncio.sleep(1.0)
-            lost = []
+            lost, unreadable, why = [], {}, {}
             for start in range(0, len(missing), 8):
                 chunk = missing[start:start + 8]
                 outs = [np.empty(self.block, np.uint8) for _ in chunk]
                 got = await self.client.batch_get([self.key(i) for i in chunk], outs)
                 for i, out, r in zip(chunk, outs, got):
-                    if not r.hit:
-                        lost.append(i)
-                    elif not np.array_equal(out, block_of(self.seed, i, self.block, self.noise)):
+                    if r.hit and np.array_equal(out, block_of(self.seed, i, self.block, self.noise)):
+                        continue
+                    if r.hit:
                         wrong += 1
+                    elif r.error is not None and r.error.retryable:
+                        unreadable[r.error.code] = unreadable.get(r.error.code, 0) + 1
+                        lost.append(i)
+                    else:
+                        why[i] = r.error.code if r.error is not None else "miss"
+                        lost.append(i)
             missing = lost
+            self.unreadable, self.why = unreadable, why
             if not missing:
                 break
-        return missing, wrong
-
+        return [i for i in missing if i in self.why], wrong
 
 def pct(values: list[float]) -> dict[str, float]:
     if not values:
@@ -230,15 +241,18 @@ class Workers:
         self.broadcast(f"start {at}")
         return at
 
-    def verify(self, phase: str, step: int = 1) -> tuple[int, int]:
+    def verify(self, phase: str, step: int = 1) -> tuple[int, int, dict[str, int]]:
         """Every client reads back the blocks it put in ``phase`` (every ``step``-th):
-        (lost, checked)."""
+        (lost, checked, the ones held but unreadable now by error code)."""
         self.broadcast(f"verify {phase} {step}")
         lost = checked = 0
+        unreadable: dict[str, int] = {}
         for p in self.procs:
             res = json.loads(p.stdout.readline())  # type: ignore[union-attr]
             lost, checked = lost + res["lost"], checked + res["checked"]
-        return lost, checked
+            for code, n in res["unreadable"].items():
+                unreadable[code] = unreadable.get(code, 0) + n
+        return lost, checked, unreadable
 
     def stop(self, timeout_s: float = 120.0) -> list[dict]:
         """Each client's figures, per phase."""
@@ -307,7 +321,11 @@ async def worker(cfg: ClientConfig, seed: int, batch: int, replicas: int) -> dic
                 ids = phase.stored[::int(line[2]) if len(line) > 2 else 1]
                 lost, wrong = await load.verify(ids)
                 phase.wrong += wrong
-                print(json.dumps({"lost": len(lost), "checked": len(ids)}), flush=True)
+                for i in lost:  # for tracing them through the master's and daemons' logs
+                    print(f"loadgen seed {seed}: block {i} ({load.key(i).hex()}) of phase "
+                          f"{line[1]} lost: {load.why[i]}", file=sys.stderr, flush=True)
+                print(json.dumps({"lost": len(lost), "checked": len(ids),
+                                  "unreadable": load.unreadable}), flush=True)
         load.stop()
         if task is not None:
             await task

@@ -3,6 +3,7 @@ failures reported per key, roles. No processes, no network; ``check`` after muta
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -11,11 +12,11 @@ import pytest
 from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
-from kvpool.daemon_link import TierDescription
-from kvpool.errors import (BadRequest, BlockLeased, NodeGone, NotLeader, NotReady, TierFull,
-                           TooManyPending)
+from kvpool.daemon_link import StoredBlock, TierDescription
+from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, KVPoolError, NodeGone, NotLeader, NotReady,
+                           ReservationLost, TierFull, TooManyPending)
 from kvpool.keys import BlockKey
-from kvpool.protocol import ReserveStatus
+from kvpool.protocol import ReadGrant, ReserveStatus
 from kvpool.tiers.base import TierKind
 from master import removal
 from master.core import MasterCore, Role
@@ -328,4 +329,158 @@ async def test_a_resumed_term_keeps_its_own_read_leases_and_leases_nothing_else(
     core.leases.release([lease])  # a release of the first term's lease still counts
     assert await lead_again(resumed=True) == [False, False]
     assert await lead_again(resumed=False) == [True, True]  # another master's readers, maybe
+    await core.check()
+
+
+async def _until_called(d: FakeDaemon, name: str) -> None:
+    for _ in range(1000):
+        if name in d.calls:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"the daemon was never asked to {name}")
+
+
+async def test_a_get_while_a_demotion_drops_the_source_is_never_sent_to_reused_space() -> None:
+    """A demotion copied its blocks down and is dropping their host replicas, on a daemon
+    slow to answer (frozen, loaded): a get arriving meanwhile must be sent where the
+    block's bytes stay, never to host space that is about to be handed to another block."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["drop"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "drop")
+    dropping = [k for k in keys if k in d.held[TierKind.SSD]]
+    assert dropping
+    reader = asyncio.create_task(core.reads.get([dropping[0]]))
+    await asyncio.sleep(0.01)
+    d.hold.pop("drop").set()
+    await sweep
+    _, [grant] = await reader
+    await put(core, [key(100 + i) for i in range(4)])  # the freed host space is used again
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    at = {host.address + r.location: e.key for e in core.state.index.entries.values()
+          for r in e.replicas if r.tier is TierKind.HOST}
+    assert isinstance(grant, ReadGrant)
+    assert at.get(grant.location.address) == dropping[0], "the reader was sent to another block's bytes"
+    await core.check()
+
+
+async def test_a_stored_cold_block_that_cannot_be_promoted_says_why_instead_of_a_miss() -> None:
+    d = fake("n1", host=2 * BLOCK)
+    core = await master(d, policy="lru")
+    await put(core, [key(1)])
+    assert await core.tiering.make_room(core.state.nodes["n1"], TierKind.HOST, BLOCK)
+    assert tiers_of(core, key(1)) == [TierKind.SSD]
+    await put(core, [key(2), key(3)])
+    await core.reads.get([key(2), key(3)])  # readers hold the whole host arena
+    _, [item] = await core.reads.get([key(1)])
+    assert isinstance(item, ArenaBusy) and item.retryable, item
+    assert (await core.reads.get([key(9)]))[1] == [None]  # a block never stored: a plain miss
+    await core.check()
+
+
+async def test_a_demotion_in_flight_across_a_term_change_leaves_the_next_term_alone() -> None:
+    """A same-process re-lead reuses the pool state: a demotion of the old term whose copy
+    answers after the new term rebuilt its index must not drop replicas or free space the
+    new term's index holds."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["copy"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "copy")
+    await core.end_term()
+    await core.begin_term(resumed=True)
+    await core.members.join(d.registration_now())
+    core.rebuilt()
+    d.hold.pop("copy").set()
+    await sweep
+    assert all(k in d.held[TierKind.HOST] for k in keys), "the old term dropped the new term's replicas"
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert all(tiers_of(core, k) == [TierKind.HOST] for k in keys)
+    assert host.used == 9 * BLOCK, "the old term freed space the new term's blocks hold"
+    # (The old term's copies that landed late are strays to the new one: taken in at the
+    # next rebuild, never pointing a reader at wrong bytes.)
+
+
+async def test_a_commit_that_finishes_after_its_term_ended_is_reservation_lost() -> None:
+    d = fake("n1")
+    core = await master(d)
+    put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    d.hold["adopt"] = asyncio.Event()
+    commit = asyncio.create_task(core.puts.commit(put_id, [key(1)], [header]))
+    await _until_called(d, "adopt")
+    await core.end_term()
+    await core.begin_term(resumed=True)
+    d.hold.pop("adopt").set()
+    with pytest.raises(ReservationLost):
+        await commit
+
+
+async def test_space_a_lost_answer_may_have_filled_is_reused_only_once_settled() -> None:
+    """A promotion's copy was carried out but its answer lost (the link cut): the daemon
+    may hold the block there, so that space is not handed to the next put; the sweep
+    settles it once the call's deadline passed: the daemon forgets it, the space is free."""
+    d = fake("n1", host=2 * BLOCK)
+    core = await master(d, policy="lru")
+    await put(core, [key(1)])
+    assert await core.tiering.make_room(core.state.nodes["n1"], TierKind.HOST, BLOCK)
+    d.lose_answers.add("copy")
+    _, [item] = await core.reads.get([key(1)])
+    assert isinstance(item, KVPoolError) and item.retryable, item
+    assert key(1) in d.held[TierKind.HOST]  # the daemon did copy it
+    d.lose_answers.clear()
+    await core.check()  # the held space is accounted for
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used == BLOCK, "space the daemon may still write was handed out again"
+    await core.state.settle(time.monotonic() + 60)
+    assert key(1) not in d.held[TierKind.HOST] and host.used == 0
+    await core.check()
+    _, [grant] = await core.reads.get([key(1)])  # and the block reads again
+    assert isinstance(grant, ReadGrant)
+
+
+async def test_a_leader_paused_mid_demotion_drops_nothing_once_its_lease_is_in_doubt() -> None:
+    """A leader frozen (SIGSTOP) while a demotion copied: thawed, its lease may have run
+    out and another master may serve these daemons; it tells them to forget nothing
+    until the election settles it, and nothing at all once its term ended."""
+    d, core, keys = await nine_blocks_in_ten()
+    d.hold["copy"] = asyncio.Event()
+    sweep = asyncio.create_task(core.sweep())
+    await _until_called(d, "copy")
+    core.lease_sure = lambda: False  # thawed past its lease
+    d.hold.pop("copy").set()
+    await asyncio.sleep(0.2)
+    assert "drop" not in d.calls and not sweep.done()
+    await core.end_term()  # the election says: another leads
+    await sweep
+    assert "drop" not in d.calls
+    assert all(k in d.held[TierKind.HOST] for k in keys)
+
+
+async def test_a_put_that_got_fewer_copies_than_asked_is_queued_for_more() -> None:
+    """No room on a second node at put time: the block is stored with one copy, and the
+    re-replication sweep is told it is short, so a later loss of that node's copy is not
+    the loss of the block."""
+    n1, n2 = fake("n1", host=4 * BLOCK), fake("n2", host=BLOCK)
+    core = await master(n1, n2)
+    put_id, items = await core.puts.reserve([key(1), key(2)], [BLOCK] * 2, [], None, replicas=2)
+    assert [i.replicas for i in items] == [2, 1]  # n2 had room for one block only
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    assert await core.puts.commit(put_id, [key(1), key(2)], [header] * 2) == 2
+    assert core.state.short == {key(2)}
+
+
+async def test_a_daemon_holding_records_the_index_forgot_is_reconciled() -> None:
+    """A daemon kept a block the index forgot (its drop was never confirmed): it refuses
+    the next block the master places there. The next sweep has it forget what the index
+    does not hold, and the put goes through again."""
+    d = fake("n1", host=1 * BLOCK)
+    core = await master(d)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    d.held[TierKind.HOST][key(99)] = StoredBlock(key(99), TierKind.HOST, 0, BLOCK, header)
+    with pytest.raises(NodeGone):
+        await put(core, [key(1)])
+    assert core.state.diverging == {"n1"}
+    await core.sweep()
+    assert key(99) not in d.held[TierKind.HOST]
+    await put(core, [key(1)])
     await core.check()
