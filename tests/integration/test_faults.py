@@ -311,8 +311,10 @@ async def test_an_object_store_that_stalls_or_errors(tmp_path: Path, fault: str)
             load.client = client
             load.phase = "again"
             load._stop.clear()
-            task = asyncio.create_task(load.run(until=time.time() + 3.0))
-            await task
+            for _ in range(4):  # a loaded machine may take a few rounds to demote again
+                await load.run(until=time.time() + 3.0)
+                if demoted() > at:
+                    break
             assert not load.now.errors and not load.now.untyped, load.now
             assert demoted() > at, "no block reached the object store after it recovered"
             lost, wrong = await load.verify(None if fault == "stall" else load.now.stored)
