@@ -28,8 +28,11 @@ pytestmark = pytest.mark.timeout(900)
 def tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     tmp = tmp_path_factory.mktemp("vllm-tp")
     model = build(tmp / "model", kv_heads=2)  # one KV head per rank
+    # Saves reserve before the forward and write as it runs: the first forward of two ranks
+    # on one core each took over 24 s on a loaded CI machine, past 0.8 of the default 30 s
+    # reservation, after which a writer refuses to write (clients/staged_put.py).
     pool, info = spawn("kvpool", ["up", "--port", "0", "--data-dir", str(tmp / "pool")],
-                       POOL_ENV, tmp / "pool.log")
+                       {**POOL_ENV, "KVPOOL_MASTER_PUT_TIMEOUT_S": "120"}, tmp / "pool.log")
     audit = tmp / "audit.jsonl"
     v = launch.start("tp2", model, tmp / "tp2.log", role="kv_both", master=info["master"],
                      extra={"audit_path": str(audit), "timeout_s": 1.0},
