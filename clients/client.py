@@ -416,13 +416,13 @@ class AsyncPoolClient:
             body["meta"] = meta
         if not keys:
             return StagedPut(self._call, self._write, 0, [], [], [], "", [])
-        asked = asyncio.get_running_loop().time()
         res = await self._call(Call.RESERVE, body)
         items = [Reservation.unpack(item) for item in res["items"]]
-        # The last moment a write may start: the reservation's hold, counted from before it
-        # was asked for, less a margin (0: the master did not say).
+        # The last moment a write may start: the master holds the reservation for ttl_s from
+        # its answer; the margin covers the answer's way here and the last write's length
+        # (0: the master did not say).
         ttl = float(res.get("ttl_s", 0.0))
-        until = asked + ttl * WRITE_BY if ttl > 0 else 0.0
+        until = asyncio.get_running_loop().time() + ttl * WRITE_BY if ttl > 0 else 0.0
         if len(items) != len(keys):
             raise BadRequest(f"the master answered {len(items)} reservations for {len(keys)} keys")
         tag = self.cfg.layout if layout is None else layout

@@ -158,6 +158,7 @@ class Puts:
             raise TierFull("no pool daemon has joined; start one with `kvpool daemon` or `kvpool up`")
         self._admit(owner, sum(sizes) * min(replicas, max(1, len(st.nodes))), scope)
         ttl = self.ttl(ttl_s)
+        # Held from now while room is made; the hold the writer gets starts at the answer.
         put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
@@ -196,6 +197,11 @@ class Puts:
             raise
         st.counters["reserved"] += len(made)
         if made:
+            # Making room may have waited on demotions: the writer's window is the whole ttl
+            # from this answer, as it counts it, not what is left of it.
+            deadline = time.monotonic() + ttl
+            for entry in made:
+                entry.deadline = deadline
             self._opened(put_id, owner, scope.name, made, deadline)
         return put_id, out
 

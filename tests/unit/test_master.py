@@ -124,6 +124,25 @@ async def test_abandoned_reservations_are_reclaimed_after_their_deadline() -> No
     await core.check()
 
 
+async def test_a_reservation_that_waited_for_room_is_held_from_its_answer() -> None:
+    """A reserve that waits on demotions to make room hands the writer the whole hold:
+    counted from the start, a wait longer than the hold would answer a closed window."""
+    d = fake("n1", host=10 * BLOCK)
+    core = await master(d, host_high=0.8, host_low=0.5, policy="lru", put_timeout_s=1.0)
+    for i in range(10):
+        await put(core, [key(i)])
+    d.hold["copy"] = asyncio.Event()
+    reserving = asyncio.create_task(core.puts.reserve([key(99)], [BLOCK], [], None))
+    await asyncio.sleep(1.2)  # longer than the hold
+    d.hold.pop("copy").set()
+    _, items = await reserving
+    answered = time.monotonic()
+    assert items[0].status is ReserveStatus.NEW
+    assert core.puts.reclaim(answered) == 0
+    assert core.state.index.get(key(99)).deadline >= answered + 0.9  # type: ignore[union-attr]
+    await core.check()
+
+
 async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_readable() -> None:
     d, core, keys = await nine_blocks_in_ten()
     lease, _ = await core.reads.get([keys[0]])  # the coldest block, but a reader holds it
