@@ -334,6 +334,23 @@ class AsyncPoolClient:
             off += views[i].nbytes
         return scratch, slices
 
+    async def connect(self) -> int:
+        """Connect now to the master and to every daemon of the pool, so that the first put
+        or get pays for none of it (an engine calls this as it starts). Returns how many
+        daemons it connected to; one that cannot be reached is skipped (later calls find
+        out, as they would have)."""
+        found = (await self._call(Call.AGENTS, {"agents": []}))["metadata"]
+        connected = 0
+        for meta in found.values():
+            try:
+                names = {self.agent.add_peer(bytes(b)) for b in (meta if isinstance(meta, list) else [meta])}
+                for name in names:
+                    self.agent.connect(name)
+                connected += 1
+            except NodeGone as exc:
+                log.info("not connected ahead: %s", exc)
+        return connected
+
     async def _peers(self, agents: Iterable[str]) -> set[str]:
         """Make sure NIXL knows every agent named; returns the ones the master no longer knows."""
         unknown = {a for a in agents if not self.agent.knows(a)}
@@ -532,13 +549,12 @@ class AsyncPoolClient:
                         return results
                     self._hot.drop(keys, gone)  # moved or gone after all: ask the master
             asked = loop.time()
-            lease, grants, ttl_s = await self._lease(keys)
+            lease, grants, keep_s = await self._lease(keys)
             kept = False
             try:
                 results = await self._read(grants, keys, views)
-                kept = (len(keys) == 1 and ttl_s > 0 and isinstance(grants[0], ReadGrant)
-                        and results[0].error is None
-                        and self._hot.offer(keys[0], grants[0], lease, asked + ttl_s / 2, gone))
+                kept = (keep_s > 0 and isinstance(grants[0], ReadGrant) and results[0].error is None
+                        and self._hot.offer(keys[0], grants[0], lease, asked + keep_s, gone))
                 return results
             finally:
                 if not kept:
@@ -549,13 +565,13 @@ class AsyncPoolClient:
 
     async def _lease(self, keys: list[BlockKey]) -> tuple[int, list[ReadGrant | KVPoolError | None], float]:
         """Where to read each key, under one read lease (None: a miss; a typed error: the
-        block is stored but cannot be read now, and why), and how long the lease lasts
-        unless released (0: not said)."""
+        block is stored but cannot be read now, and why), and for a one-block get how long
+        the master lets its grant be kept for reads without a call (0: hand it back)."""
         res = await self._call(Call.GET, {"keys": keys})
         grants = [ReadGrant.unpack(item) for item in res["items"]]
         if len(grants) != len(keys):
             raise BadRequest(f"the master answered {len(grants)} read grants for {len(keys)} keys")
-        return res["lease"], unpack_unreadable(res.get("unreadable", []), grants), float(res.get("ttl_s", 0.0))
+        return res["lease"], unpack_unreadable(res.get("unreadable", []), grants), float(res.get("keep_s", 0.0))
 
     async def _read(self, grants: list[ReadGrant | KVPoolError | None], keys: list[BlockKey],
                     views: list[BufferView], report: bool = True) -> list[GetResult]:

@@ -139,6 +139,12 @@ async def run_engine(args: argparse.Namespace) -> None:
     if role is not Role.MONO and not args.master:
         raise BadRequest(f"a {role.value} engine needs the pool: pass --master URL (see `kvpool up`)")
     pool = AsyncPoolClient(master_url=args.master, name=f"engine-{role.value}") if args.master else None
+    if pool is not None:
+        try:  # connected before the first request, not by it
+            await pool.connect()
+        except KVPoolError as exc:
+            log.warning("the pool at %s does not answer yet (%s); connecting at the first call",
+                        args.master, exc)
     worker = await Worker(role, model, cfg, pool).start()
     log.info("%s engine: model %s, %d pages of %d tokens (%.1f MiB)", role.value, model.model_id,
              cfg.num_pages, cfg.block_tokens, worker.cache.kv.nbytes / 2**20)

@@ -101,6 +101,11 @@ class MasterConfig:
     tls_key: str = doc("", "PEM private key of tls_cert.")
     tls_ca: str = doc("", "PEM CA file to verify the daemons (their https:// URLs) over TLS; empty: the system's CAs.")
     read_lease_s: float = doc(10.0, "How long a get's read lease protects a replica unless released.")
+    kept_grants_share: float = doc(0.05, "Share of each arena that read grants clients keep for "
+                                         "hot blocks may pin (a kept grant holds its lease "
+                                         "up to half its length); past it a get's grant is "
+                                         "handed back once read, so hot reads never take "
+                                         "the room puts and promotions need; 0: none kept.")
     put_timeout_s: float = doc(30.0, "A reservation not committed within this time is reclaimed.")
     gpu_high: float = doc(0.90, "GPU arena: above this fraction of capacity, blocks are demoted to host.")
     gpu_low: float = doc(0.75, "GPU arena: demotion stops once it is below this fraction.")
@@ -165,6 +170,9 @@ class MasterConfig:
         if self.client_max_puts < 1 or self.max_puts < 1:
             raise ConfigError("[master] client_max_puts and max_puts are at least 1")
         _check_tenants(self.tenants, self.namespaces)
+        if not 0.0 <= self.kept_grants_share <= 0.5:
+            raise ConfigError(f"[master] kept_grants_share = {self.kept_grants_share} is "
+                              "outside [0, 0.5]")
         for tier in TIERS:
             high, low = self.watermarks(tier)
             if not 0.0 < low <= high <= 1.0:

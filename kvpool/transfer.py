@@ -218,6 +218,16 @@ class TransferAgent:
     def knows(self, peer: str) -> bool:
         return peer in self._peers
 
+    def connect(self, peer: str) -> None:
+        """Open the connection to a known peer now rather than at the first transfer (its
+        wire-up then costs the first put or get tens of milliseconds, far more on a busy
+        host); a peer that cannot be reached is NodeGone."""
+        try:
+            self._agent.make_connection(peer)
+        except Exception as exc:  # NIXL raises its own exception types
+            raise NodeGone(f"NIXL could not connect to peer {peer} ({exc}); the node is "
+                           "probably gone: the master drops it within its TTL") from None
+
     # -- transfers ------------------------------------------------------------------------
 
     def start(self, op: str, peer: str, local: list[Row] | np.ndarray, local_mem: str,

@@ -174,10 +174,13 @@ class MasterHttp:
         return req, self.tenancy.current().keys(req.keys)
 
     async def get(self, body: dict[str, Any]) -> Any:
-        lease, grants = await self.core.reads.get(self._keys(body, Call.GET)[1])
+        keys = self._keys(body, Call.GET)[1]
+        lease, grants = await self.core.reads.get(keys)
+        one = len(keys) == 1 and isinstance(grants[0], ReadGrant)
         return {"lease": lease,
                 "items": [g.pack() if isinstance(g, ReadGrant) else None for g in grants],
                 "ttl_s": self.core.cfg.read_lease_s,
+                "keep_s": self.core.reads.keep(lease, keys[0]) if one else 0.0,
                 "unreadable": pack_unreadable(grants)}
 
     async def release(self, body: dict[str, Any]) -> Any:
@@ -221,7 +224,7 @@ class MasterHttp:
         """NIXL metadata of daemons: a client's of its scope's arena region only (with
         tenant regions configured), so it cannot even address another tenant's blocks; the
         admin and the cluster see whole arenas. One blob per agent, or a list when the
-        region spans several arenas (host and gpu)."""
+        region spans several arenas (host and gpu); no names asked: every live daemon's."""
         agents = AgentsRequest.unpack(body).agents
         region = None
         if self.tenancy.shares and auth.current() not in (Access.ADMIN, Access.CLUSTER):

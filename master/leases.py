@@ -11,6 +11,12 @@ a pin call returns, so a new leader finds them in the inventories it rebuilds fr
 leases are not recorded: a new leader instead treats every block it takes in as leased
 for the longest a lease can run (PoolState.inherited_until), so no block a reader of the
 former leader may still be reading moves; releases of leases it never granted are no-ops.
+
+A client may keep the grant of a hot block to read it again without a call
+(clients.grants), holding its lease meanwhile; the master says which grants it may keep,
+so that kept ones pin at most ``kept_grants_share`` of each arena and the rest of it
+stays movable for puts and promotions (kept unbounded, they pinned half the host arenas
+of a busy pool and puts found no room).
 A leader that leads again on the same etcd lease (a renewal failed, then went through)
 knows every lease granted meanwhile, as no other master can have led: it keeps its own
 table instead (PoolState.carried), so only the blocks really leased stay put. Treating
@@ -22,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Sequence
 
 from kvpool.errors import BadRequest, BlockNotFound, KVPoolError
 from kvpool.keys import BlockKey
-from master.index import BlockEntry
+from kvpool.tiers.base import TierKind
+from master.index import BlockEntry, Replica
 from master.state import PoolState
 
 
@@ -34,12 +42,18 @@ class Leases:
     def __init__(self, state: PoolState) -> None:
         self.state = state
         self._held: dict[int, tuple[float, list[BlockKey]]] = {}  # lease -> expiry, keys
+        # Leases a client may keep for a hot block: lease -> (node, tier, bytes), and their
+        # bytes per node and tier.
+        self._kept: dict[int, tuple[str, TierKind, int]] = {}
+        self._kept_bytes: Counter[tuple[str, TierKind]] = Counter()
         # Pin calls record on the daemons one at a time, each sending the pins as they are
         # then, so the last record a daemon gets is the current one.
         self._recording = asyncio.Lock()
 
     def clear(self) -> None:
         self._held.clear()
+        self._kept.clear()
+        self._kept_bytes.clear()
 
     def in_force(self) -> dict[int, tuple[float, list[BlockKey]]]:
         """The leases not yet expired (handed to a term that resumes)."""
@@ -61,9 +75,31 @@ class Leases:
             self._held[lease] = (expiry, [e.key for e in entries])
         return lease
 
+    def keep(self, lease: int, replica: Replica) -> float:
+        """Seconds the reader may keep this one-block lease's grant to read the block
+        again without a call (0: hand it back once read): at most half the lease (it was
+        granted after the request left, on another clock), while the grants kept in that
+        arena hold less than ``kept_grants_share`` of it."""
+        space = self.state.space(replica.node, replica.tier)
+        where = (replica.node, replica.tier)
+        cap = self.state.cfg.kept_grants_share * (space.capacity if space is not None else 0)
+        if lease not in self._held or lease in self._kept or \
+                self._kept_bytes[where] + replica.size > cap:
+            return 0.0
+        self._kept[lease] = (replica.node, replica.tier, replica.size)
+        self._kept_bytes[where] += replica.size
+        return self.state.cfg.read_lease_s / 2
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
     def release(self, lease_ids: Sequence[int]) -> None:
         index = self.state.index
         for lease in lease_ids:
+            kept = self._kept.pop(lease, None)
+            if kept is not None:
+                self._kept_bytes[kept[:2]] -= kept[2]
             _, keys = self._held.pop(lease, (0.0, []))
             for key in keys:
                 entry = index.get(key)

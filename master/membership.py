@@ -150,10 +150,10 @@ class Membership:
     def agent_metadata(self, agents: list[str], region: str | None = None) -> dict[str, list[bytes]]:
         """NIXL metadata of live daemons' agents: of their whole arenas (``region`` None,
         for the master's own copies and callers that see the whole pool), else of that
-        arena region only (master.regions)."""
+        arena region only (master.regions). No names: every live daemon's."""
         by_agent = {n.agent: n for n in self.state.nodes.values()}
         found = {}
-        for agent in agents:
+        for agent in agents or list(by_agent):
             node = by_agent.get(agent)
             if node is not None and (blobs := node.metadata_for(region)):
                 found[agent] = blobs

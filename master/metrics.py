@@ -134,6 +134,8 @@ class MasterCollector(Collector):
             ("kvpool_blocks", "Readable blocks in the pool", len(st.index) - pending),
             ("kvpool_puts_in_flight", "Blocks reserved and not yet committed", pending),
             ("kvpool_leases_held", "Read leases held by readers", core.leases.held),
+            ("kvpool_leases_kept", "Of them, leases of grants clients may keep for hot blocks",
+             core.leases.kept),
             ("kvpool_leased_blocks", "Blocks under at least one read lease", leased),
             ("kvpool_pinned_blocks", "Blocks with a hard pin", pinned),
             ("kvpool_leader", "1 while this master leads and serves", int(core.role.value == "leader")),

@@ -66,6 +66,14 @@ class Reads:
         st.counters["get_unreadable"] += len(keys) - hits - sum(x is None for x in out)
         return lease, out
 
+    def keep(self, lease: int, key: BlockKey) -> float:
+        """For a one-block get: how long its reader may keep the grant (master.leases)."""
+        entry = self.state.index.readable(key)
+        best = self.state.best(entry) if entry is not None else None
+        if best is None or not best.tier.is_arena or lease not in entry.leases:  # type: ignore[union-attr]
+            return 0.0
+        return self.leases.keep(lease, best)
+
     async def _promote(self, keys: Sequence[BlockKey], cold: list[tuple[int, BlockEntry]],
                        lease: int, out: list[ReadGrant | KVPoolError | None]) -> None:
         results = await asyncio.gather(*(self.tiering.promote(keys[i]) for i, _ in cold),

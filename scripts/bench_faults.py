@@ -142,6 +142,7 @@ class Gate:
 class Bench:
     def __init__(self, root: Path, quick: bool) -> None:
         self.root, self.quick = root, quick
+        self.only: set[str] | None = None  # the faults to run (None: all)
         self.moto = Moto(root)
         self.gate = Gate(self.moto.port)
         self.tmpfs: Path | None = None
@@ -209,6 +210,8 @@ class Bench:
         and the load meanwhile count under a phase of their own, so that they do not blur
         the fault's figures."""
         assert self.workers is not None
+        if self.only is not None and name not in self.only:
+            return
         print(f"  {time.strftime('%T')} {name} ...", flush=True)
         self.phase(name)
         t0 = time.time()
@@ -320,7 +323,7 @@ class Bench:
 
     # -- the run -------------------------------------------------------------------------
 
-    def run(self, load_s: float) -> dict:
+    def run(self, load_s: float, only: set[str] | None = None) -> dict:
         self.start()
         self.workers = Workers(self.target(), 8, replicas=2)
         self.phase("load", retry_s=30.0)
@@ -328,6 +331,9 @@ class Bench:
         print(f"  load alone, {load_s:.0f} s ...", flush=True)
         time.sleep(load_s)
         check_load = check_pool(self.leader())  # under load: exact at any moment
+        with urllib.request.urlopen(f"{self.leader()}/metrics", timeout=10) as r:
+            (self.root / "metrics-after-load.txt").write_bytes(r.read())
+        self.only = only
         self.fault("client-SIGKILL", self.client_kill)
         self.fault("client-SIGSTOP", self.client_stop)
         self.fault("daemon-SIGSTOP", self.daemon_stop)
@@ -354,6 +360,7 @@ class Bench:
         out = {"load": {"clients": 8, "seconds": load_s, "put_ms": load["put_ms"],
                         "get_ms": load["get_ms"], "errors": load["errors"],
                         "wrong_bytes": load["wrong"], "misses": load["misses"],
+                        "missed": load["missed"], "messages": load["messages"],
                         "check_ok": check_load[0] and check_end[0],
                         "check": f"under load: {check_load[1]}; at the end: {check_end[1]}",
                         "untyped": load["untyped"]},
@@ -411,7 +418,10 @@ def table(res: dict) -> None:
         rows.append([op, str(s["n"]), f"{s['p50']:.2f}", f"{s['p99']:.2f}", f"{s['max']:.1f}"])
     show(rows)
     print(f"load alone: errors {ld['errors'] or 'none'}; wrong bytes {ld['wrong_bytes']}; "
-          f"misses {ld['misses']}; check {ld['check']}\n")
+          f"misses {ld['misses']} {ld['missed'] or ''}; check {ld['check']}")
+    for code, text in ld["messages"].items():
+        print(f"  first {code}: {text}")
+    print()
     rows = [["fault", "calls", "errors", "wrong", "lost", "unreadable", "max stall s", "recovery s"]]
     for f in res["faults"]:
         errs = ",".join(f"{k}:{v}" for k, v in sorted(f["errors"].items())) or "-"
@@ -457,7 +467,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 12 s load alone, shorter faults")
     parser.add_argument("--seconds", type=float, default=30.0, help="the load alone")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--faults", help="only these faults, comma-separated (e.g. "
+                        "leader-SIGKILL,disk-fills; 'none': the load alone)")
     args = parser.parse_args()
+    only = None if args.faults is None else {f for f in args.faults.split(",") if f and f != "none"}
     info = machine("3 etcd members, 2 masters, 3 daemons (host 64 MiB, SSD 2 GiB, a shared moto "
                    "S3 object tier), 8 client processes, all on this one machine; NIXL UCX "
                    "over loopback")
@@ -467,7 +480,7 @@ def main() -> None:
     bench = Bench(root, args.quick)
     t = time.monotonic()
     try:
-        res = bench.run(12.0 if args.quick else args.seconds)
+        res = bench.run(12.0 if args.quick else args.seconds, only)
     finally:
         bench.close()
     print(f"\n{time.monotonic() - t:.0f} s in all; logs in {root}\n")

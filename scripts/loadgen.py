@@ -67,6 +67,7 @@ class Phase:
     untyped: list[str] = field(default_factory=list)  # any exception not a KVPoolError
     wrong: int = 0  # gets whose bytes differ from what was put
     misses: int = 0
+    missed: dict[str, int] = field(default_factory=dict)  # why, by error code ("miss": none)
     longest_s: float = 0.0  # the longest call, retries and failures included
     last_error_at: float = 0.0  # wall clock
     stored: list[int] = field(default_factory=list)  # block numbers committed in the phase
@@ -159,6 +160,8 @@ class Load:
                 for i, out, r in zip(pick, self._outs, got or []):
                     if not r.hit:
                         phase.misses += 1
+                        why = r.error.code if r.error is not None else "miss"
+                        phase.missed[why] = phase.missed.get(why, 0) + 1
                     elif not np.array_equal(out, block_of(self.seed, i, self.block, self.noise)):
                         phase.wrong += 1
             if self.pause_s:
@@ -276,13 +279,20 @@ def merge(results: list[dict], phase: str) -> dict:
     """Every client's figures of one phase, together."""
     parts = [r[phase] for r in results if phase in r]
     errors: dict[str, int] = {}
+    missed: dict[str, int] = {}
+    messages: dict[str, str] = {}
     for part in parts:
         for code, n in part["errors"].items():
             errors[code] = errors.get(code, 0) + n
+        for code, n in part["missed"].items():
+            missed[code] = missed.get(code, 0) + n
+        for code, text in part["messages"].items():
+            messages.setdefault(code, text)
     return {"calls": sum(p["calls"] for p in parts),
             "put_ms": pct([x for p in parts for x in p["put_ms"]]),
             "get_ms": pct([x for p in parts for x in p["get_ms"]]),
-            "errors": errors, "untyped": [u for p in parts for u in p["untyped"]],
+            "errors": errors, "messages": messages, "missed": missed,
+            "untyped": [u for p in parts for u in p["untyped"]],
             "wrong": sum(p["wrong"] for p in parts), "misses": sum(p["misses"] for p in parts),
             "stored": sum(len(p["stored"]) for p in parts),
             "longest_s": max((p["longest_s"] for p in parts), default=0.0),
@@ -304,6 +314,14 @@ async def worker(cfg: ClientConfig, seed: int, batch: int, replicas: int) -> dic
     loop.add_signal_handler(signal.SIGTERM, lambda: lines.put_nowait(["stop"]))
     async with AsyncPoolClient(cfg) as client:
         load = Load(client, seed=seed, batch=batch, replicas=replicas)
+        for _ in range(60):  # as an engine does when it starts: not a call of the load
+            try:
+                await client.connect()
+                break
+            except KVPoolError as exc:
+                if not exc.retryable:
+                    raise
+                await asyncio.sleep(1.0)
         print("ready", flush=True)
         task: asyncio.Task | None = None
         while True:

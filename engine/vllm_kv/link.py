@@ -81,6 +81,14 @@ class PoolLink:
         """Run ``fn(*args)`` on the link's loop, soon; returns at once."""
         self._loop.call_soon_threadsafe(fn, *args)
 
+    def connect_ahead(self) -> None:
+        """Connect to the master and every daemon in the background, so that the first
+        request's loads and saves do not pay for it; a failure is only logged (calls then
+        connect as they go)."""
+        fut = self.submit(self.client.connect(), self.cfg.timeout_s)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.info(
+            "kvpool: could not connect ahead (%s); connecting at the first call", f.exception()))
+
     def register(self, buffer: Any) -> None:
         async def reg() -> None:
             self.client.register(buffer)

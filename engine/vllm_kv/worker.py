@@ -121,6 +121,7 @@ class KVPoolWorker:
         self._layer_bytes = [v.shape[0] * v.shape[2] for v in self._views]
         self._layer_rows = [0, *np.cumsum([v.shape[0] for v in self._views]).tolist()]
         self.block_bytes = sum(self._layer_bytes)
+        self.link.connect_ahead()
         if all(not v.is_cuda for v in self._views):
             segs = [(v.data_ptr() + s * v.stride(0), v.stride(1), v.shape[2])
                     for v in self._views for s in range(v.shape[0])]

@@ -225,3 +225,28 @@ def test_a_client_in_another_process_namespace_takes_nixl(pool: Pool) -> None:
     first, second = res.stdout.strip().splitlines()
     assert first == f"None {int(value.sum())}"  # no local daemon: NIXL, and the right bytes
     assert second.startswith("refused:") and "same-host" in second
+
+
+def agents_calls(url: str) -> int:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'kvpool_master_call_seconds_count{call="agents"} (\d+)', text)
+    return int(float(found.group(1))) if found else 0
+
+
+async def test_a_client_that_connects_ahead_asks_nothing_more_at_its_first_put(pool: Pool) -> None:
+    """An engine connects as it starts: to the master and to every daemon's NIXL agent,
+    so that its first put or get does not wait for any of it."""
+    [key] = keys_for("ahead", 1)
+    value = np.full(64 * KiB, 3, np.uint8)
+    async with AsyncPoolClient(pool.client_config()) as client:
+        assert await client.connect() == 1  # the pool's one daemon
+        before = agents_calls(pool.master_url)
+        assert (await client.put(key, value)).stored
+        out = np.zeros_like(value)
+        assert await client.get(key, out) is not None and np.array_equal(out, value)
+        assert agents_calls(pool.master_url) == before
+    async with AsyncPoolClient(pool.client_config()) as cold:  # without: the first put asks
+        before = agents_calls(pool.master_url)
+        assert await cold.get(key, out) is not None
+        assert agents_calls(pool.master_url) == before + 1

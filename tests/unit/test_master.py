@@ -143,6 +143,26 @@ async def test_a_reservation_that_waited_for_room_is_held_from_its_answer() -> N
     await core.check()
 
 
+async def test_grants_kept_for_hot_reads_pin_at_most_their_share_of_an_arena() -> None:
+    """Clients keep only the grants the master allows, so hot reads cannot pin the room
+    that puts and promotions need; a handed-back lease frees its share for the next."""
+    core = await master(fake("n1", host=100 * BLOCK), kept_grants_share=0.05)  # 5 blocks
+    keys = [key(i) for i in range(8)]
+    await put(core, keys)
+    leases, kept = [], []
+    for k in keys:
+        lease, [grant] = await core.reads.get([k])
+        assert grant is not None
+        leases.append(lease)
+        kept.append(core.reads.keep(lease, k))
+    assert [s > 0 for s in kept] == [True] * 5 + [False] * 3
+    assert all(s <= core.cfg.read_lease_s / 2 for s in kept)
+    core.leases.release(leases[:1] + leases[5:])
+    lease, _ = await core.reads.get([keys[0]])
+    assert core.reads.keep(lease, keys[0]) > 0 and core.leases.kept == 5
+    assert core.reads.keep(lease, keys[0]) == 0  # once per lease
+
+
 async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_readable() -> None:
     d, core, keys = await nine_blocks_in_ten()
     lease, _ = await core.reads.get([keys[0]])  # the coldest block, but a reader holds it
