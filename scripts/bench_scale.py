@@ -59,7 +59,8 @@ from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, Are
                                 InventorySnapshots, PinMark, Registration, RegionMetadata,
                                 SendItem, SendTarget, StoredBlock, TierDescription,
                                 daemon_endpoint)
-from kvpool.errors import KVPoolError, NotLeader, NotReady, TierFull, Unavailable  # noqa: E402
+from kvpool.errors import (KVPoolError, NotLeader, NotReady, ReservationLost, TierFull,  # noqa: E402
+                           Unavailable)
 from kvpool.keys import BlockKey  # noqa: E402
 from kvpool.launcher import LocalCluster, spawn  # noqa: E402
 from kvpool.protocol import Call, CommitRequest, ReserveRequest, ReserveStatus  # noqa: E402
@@ -182,6 +183,7 @@ class Bench:
         self.empty_rss: dict[str, int] = {}
         self.rpc: StreamRpcClient | None = None
         self.retries = 0  # calls asked again of a leader in doubt (reported)
+        self.redone = 0  # puts put again after a step-down took their reservation (reported)
 
     async def link(self) -> StreamRpcClient:
         """The link to the leader, found once (and again after ``lost``)."""
@@ -211,15 +213,27 @@ class Bench:
                 await asyncio.sleep(0.1)
 
     async def one_put(self, put: int) -> None:
+        """Put ``put``'s blocks; a put whose reservation a step-down took (a loaded machine
+        delays etcd past the leader's deadline) is put again, as a client would."""
         keys = put_keys(put)
         parents: list[BlockKey | None] = [None, *keys[:-1]]
-        res = await self.call(Call.RESERVE, ReserveRequest(keys, [BLOCK] * PUT, parents).pack())
-        statuses = [item[0] for item in res["items"]]
-        if any(s != ReserveStatus.NEW for s in statuses):
-            raise RuntimeError(f"put {put}: reserve answered {set(statuses)}, not all NEW")
-        done = await self.call(Call.COMMIT, CommitRequest(res["put_id"], keys, [self.header] * PUT).pack())
-        if done["committed"] != PUT:
-            raise RuntimeError(f"put {put}: {done['committed']} of {PUT} committed")
+        while True:
+            res = await self.call(Call.RESERVE, ReserveRequest(keys, [BLOCK] * PUT, parents).pack())
+            statuses = [ReserveStatus(item[0]) for item in res["items"]]
+            if ReserveStatus.IN_FLIGHT in statuses:
+                raise RuntimeError(f"put {put}: keys in flight that no other writer puts")
+            new = [k for k, st in zip(keys, statuses) if st is ReserveStatus.NEW]
+            if len(new) < PUT and not self.redone:
+                raise RuntimeError(f"put {put}: {PUT - len(new)} keys stored before they were put")
+            try:
+                done = await self.call(Call.COMMIT, CommitRequest(res["put_id"], new,
+                                                                  [self.header] * len(new)).pack())
+            except ReservationLost:
+                self.redone += 1
+                continue
+            if done["committed"] != len(new):
+                raise RuntimeError(f"put {put}: {done['committed']} of {len(new)} committed")
+            return
 
     async def grow(self, target: int) -> float:
         """Puts until ``target`` blocks are stored; returns blocks committed per second."""
@@ -351,7 +365,7 @@ async def run(args: argparse.Namespace, sizes: list[int]) -> dict[str, Any]:
                 raise RuntimeError(f"the new leader holds {row['rebuilt_blocks']} blocks, not {size}")
             print(f"  rebuilt in {row['rebuild_s']:.2f} s (failover {row['failover_s']:.2f} s)",
                   flush=True)
-            row["retries"] = bench.retries
+            row["retries"], row["puts_redone"] = bench.retries, bench.redone
             out[str(size)] = row
     except BaseException:
         print(f"logs in {root}", file=sys.stderr)
