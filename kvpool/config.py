@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar, get_type_hints
 
 from kvpool.auth import Credentials, Role, secret
+from kvpool.daemon_link import INVENTORY_PAGE, INVENTORY_PAGE_MAX
 from kvpool.errors import ConfigError
 
 MiB = 1 << 20
@@ -142,6 +143,9 @@ class MasterConfig:
                                                 "every client credential is the default tenant's.")
     namespaces: tuple[SharedNamespace, ...] = doc((), "Shared namespaces ([[master.namespaces]] tables).")
     leader_ttl_s: float = doc(5.0, "With etcd: the leader's lease; a standby takes over this long after it dies.")
+    inventory_page: int = doc(INVENTORY_PAGE, "Blocks per page the master asks of a daemon's "
+                                              "inventory (a join, a new leader's rebuild, a "
+                                              "check); the loop serves other calls between pages.")
 
     def credentials(self) -> Credentials:
         """The secrets this master accepts, read now (file:PATH ones from their files)."""
@@ -173,6 +177,9 @@ class MasterConfig:
         if not 0.0 <= self.kept_grants_share <= 0.5:
             raise ConfigError(f"[master] kept_grants_share = {self.kept_grants_share} is "
                               "outside [0, 0.5]")
+        if not 1 <= self.inventory_page <= INVENTORY_PAGE_MAX:
+            raise ConfigError(f"[master] inventory_page = {self.inventory_page} is outside "
+                              f"1..{INVENTORY_PAGE_MAX}")
         for tier in TIERS:
             high, low = self.watermarks(tier)
             if not 0.0 < low <= high <= 1.0:

@@ -24,8 +24,9 @@ from kvpool.codec import BlockHeader
 from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion, CopyResult,
-                                DaemonCall, Health, PinMark, Registration, RegionMetadata, SendItem,
-                                SendTarget, StoredBlock, TierDescription, daemon_endpoint)
+                                DaemonCall, Health, InventoryPage, InventoryRequest, InventorySnapshots,
+                                PinMark, Registration, RegionMetadata, SendItem, SendTarget,
+                                StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
 from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, Forbidden, KVPoolError,
@@ -34,6 +35,7 @@ from kvpool.keys import BlockKey
 from kvpool.membership import Membership
 from kvpool.protocol import Call
 from kvpool.tiers.arena import ArenaTier
+from kvpool.tiers.base import StoredBlock as TierBlock
 from kvpool.tiers.base import Tier, TierInfo, TierKind
 from kvpool.tiers.factory import open_tiers
 from kvpool.transfer import Region, TransferAgent
@@ -55,8 +57,9 @@ class PoolDaemon:
         self._peer_tls = auth.client_tls(cfg.tls_ca, "[daemon] tls_ca")
         self.tiers: dict[TierKind, Tier] = {}
         # Pins of blocks held here, kept for the master (a new leader reads them back from
-        # the registration); memory only: a restarted daemon's blocks come back unpinned.
+        # the inventory's pages); memory only: a restarted daemon's blocks come back unpinned.
         self.marks: dict[BlockKey, PinMark] = {}
+        self._pages = InventorySnapshots(self._snapshot, self._stored, self._marks)
         # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
@@ -167,7 +170,7 @@ class PoolDaemon:
                                        store=f"{self.cfg.s3_endpoint}|{tier.url}")  # type: ignore[attr-defined]
             tiers.append(desc)
         return Registration(self.cfg.node_id, self.url, self.agent_name, self.agent.metadata(),
-                            self.cfg.node_ttl_s, tiers, self._inventory(), self._marks())
+                            self.cfg.node_ttl_s, tiers)
 
     def describe(self) -> dict[str, Any]:
         """The value of this node's membership key: enough to reach it and size it up."""
@@ -179,14 +182,18 @@ class PoolDaemon:
                                                    self.agent_name)
         return value
 
-    def _inventory(self) -> list[StoredBlock]:
-        return [StoredBlock(b.key, kind, b.location, b.size, b.header.encode())
-                for kind, tier in self.tiers.items() for b in tier.inventory()]
+    def _snapshot(self) -> list[tuple[TierKind, TierBlock]]:
+        """References to every tier's records now (their headers are encoded per page)."""
+        return [(kind, b) for kind, tier in self.tiers.items() for b in tier.inventory()]
 
-    def _marks(self) -> list[PinMark]:
+    @staticmethod
+    def _stored(items: Sequence[tuple[TierKind, TierBlock]]) -> list[StoredBlock]:
+        return [StoredBlock(b.key, kind, b.location, b.size, b.header.encode()) for kind, b in items]
+
+    def _marks(self) -> dict[BlockKey, PinMark]:
         for key in [k for k, m in self.marks.items() if m.empty]:
             del self.marks[key]  # a soft pin that ran out
-        return list(self.marks.values())
+        return self.marks
 
     async def _register(self, deadline_s: float) -> None:
         assert self._master is not None
@@ -365,8 +372,8 @@ class PoolDaemon:
             else:
                 self.marks[m.key] = m
 
-    async def inventory(self) -> list[StoredBlock]:
-        return self._inventory()
+    async def inventory(self, req: InventoryRequest) -> InventoryPage:
+        return self._pages.page(req)
 
     async def registration(self, rescan: bool = False) -> Registration:
         """What a newly elected master pulls (with ``rescan``, a shared object store is

@@ -9,15 +9,16 @@ Per-key outcomes come back as records whose ``error`` is a typed KVPoolError
 from __future__ import annotations
 
 import enum
+import itertools
 import ssl
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Generic, Protocol, Sequence, TypeVar
 
 from kvpool import fields as f
 from kvpool import tracing
 from kvpool.auth import Role
-from kvpool.errors import BadRequest, KVPoolError, error_from_code
+from kvpool.errors import BadRequest, InventoryExpired, KVPoolError, error_from_code
 from kvpool.fields import need
 from kvpool.keys import BlockKey, parse_key
 from kvpool.tiers.base import TierKind
@@ -25,6 +26,11 @@ from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import Handler
 
 DAEMON_RPC_PATH = "/v1/d/rpc"
+# Blocks per inventory page: at ~140 bytes of msgpack each, 50 k make a frame of ~7 MB, far
+# under kvpool.wire.MAX_BODY, so an inventory of any size travels (and a node of millions
+# of blocks is taken in) a page at a time.
+INVENTORY_PAGE = 50_000
+INVENTORY_PAGE_MAX = 200_000  # ~28 MB of frame: the most a daemon answers in one page
 
 
 class DaemonCall(enum.StrEnum):
@@ -200,8 +206,9 @@ class TierDescription:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    """Everything a master needs to take a node in: how to reach it (RPC and NIXL), its
-    tiers, its membership TTL and its whole inventory."""
+    """Everything a master needs to take a node in, but its blocks: how to reach it (RPC
+    and NIXL), its tiers and its membership TTL. The inventory follows in pages
+    (``inventory``), since a node may hold more blocks than one frame carries."""
 
     node_id: str
     url: str
@@ -209,15 +216,11 @@ class Registration:
     metadata: bytes  # NIXL agent metadata
     ttl_s: float
     tiers: list[TierDescription]
-    inventory: list[StoredBlock] = field(default_factory=list)
-    marks: list[PinMark] = field(default_factory=list)  # pins of blocks it holds
 
     def pack(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "url": self.url, "agent": self.agent,
                 "metadata": self.metadata, "ttl_s": self.ttl_s,
-                "tiers": [t.pack() for t in self.tiers],
-                "inventory": [b.pack() for b in self.inventory],
-                "marks": [m.pack() for m in self.marks]}
+                "tiers": [t.pack() for t in self.tiers]}
 
     @classmethod
     def unpack(cls, body: Any) -> "Registration":
@@ -233,9 +236,128 @@ class Registration:
         if not tiers:
             raise BadRequest("registration needs a non-empty list of tiers")
         return cls(node_id, need(body, "url", str), need(body, "agent", str),
-                   need(body, "metadata", bytes), float(ttl), tiers,
-                   [StoredBlock.unpack(b) for b in need(body, "inventory", list)],
-                   f.field(body, "marks", f.items(lambda m, _: PinMark.unpack(m), f.MAX_KEYS), []))
+                   need(body, "metadata", bytes), float(ttl), tiers)
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryRequest:
+    """inventory: a page of the snapshot ``snapshot`` from ``offset`` on; snapshot 0 takes
+    a new snapshot (and ``offset`` is then 0)."""
+
+    snapshot: int = 0
+    offset: int = 0
+    limit: int = INVENTORY_PAGE
+
+    def pack(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "offset": self.offset, "limit": self.limit}
+
+    @classmethod
+    def unpack(cls, raw: Any) -> "InventoryRequest":
+        body = f.body_map(raw, "the body of inventory")
+        f.only(body, frozenset({"snapshot", "offset", "limit"}), "inventory")
+        req = cls(f.field(body, "snapshot", f.integer(0, 1 << 62), 0),
+                  f.field(body, "offset", f.integer(0, 1 << 62), 0),
+                  f.field(body, "limit", f.integer(1, INVENTORY_PAGE_MAX), INVENTORY_PAGE))
+        if req.snapshot == 0 and req.offset:
+            raise BadRequest("an inventory's first page (snapshot 0) starts at offset 0")
+        return req
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryPage:
+    """One page of a daemon's inventory as of the moment its first page was asked (the
+    snapshot), with the pins the daemon keeps for the blocks in it. ``next`` is where the
+    next page starts; equal to ``total`` on the last."""
+
+    snapshot: int
+    total: int
+    next: int
+    blocks: list[StoredBlock]
+    marks: list[PinMark]
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.total
+
+    def pack(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "total": self.total, "next": self.next,
+                "blocks": [b.pack() for b in self.blocks], "marks": [m.pack() for m in self.marks]}
+
+    @classmethod
+    def unpack(cls, body: Any) -> "InventoryPage":
+        if not isinstance(body, dict):
+            raise BadRequest("an inventory page is a map")
+        return cls(need(body, "snapshot", int), need(body, "total", int), need(body, "next", int),
+                   [StoredBlock.unpack(b) for b in need(body, "blocks", list)],
+                   [PinMark.unpack(m) for m in need(body, "marks", list)])
+
+
+T = TypeVar("T")
+
+
+class InventorySnapshots(Generic[T]):
+    """A daemon's side of paged inventories: the first page takes a snapshot (a list of
+    references to the tiers' records, cheap even for millions), later pages read on from
+    it, so a reader of every page sees the inventory of one moment, as a single frame
+    did. A snapshot goes once its last page is read, when idle for ``idle_s``, or when
+    ``keep`` newer ones exist; a page of a snapshot gone answers InventoryExpired."""
+
+    def __init__(self, take: Callable[[], list[T]],
+                 stored: Callable[[Sequence[T]], list[StoredBlock]],
+                 marks: Callable[[], dict[BlockKey, PinMark]],
+                 keep: int = 4, idle_s: float = 60.0) -> None:
+        self._take, self._stored, self._marks = take, stored, marks
+        self._keep, self._idle_s = keep, idle_s
+        self._ids = itertools.count(1)
+        self._open: dict[int, tuple[list[T], float]] = {}  # id -> (items, last read, monotonic)
+
+    def page(self, req: InventoryRequest) -> InventoryPage:
+        now = time.monotonic()
+        for sid in [s for s, (_, used) in self._open.items() if now - used > self._idle_s]:
+            del self._open[sid]
+        if req.snapshot == 0:
+            sid, items = next(self._ids), self._take()
+            while len(self._open) >= self._keep:
+                del self._open[min(self._open)]
+        else:
+            sid = req.snapshot
+            held = self._open.get(sid)
+            if held is None:
+                raise InventoryExpired(f"inventory snapshot {sid} is gone (read to its end, idle "
+                                       f"over {self._idle_s:.0f} s, or overtaken); start again")
+            items = held[0]
+        end = min(len(items), req.offset + req.limit)
+        if end >= len(items):
+            self._open.pop(sid, None)
+        else:
+            self._open[sid] = (items, now)
+        blocks = self._stored(items[req.offset:end])
+        marks = self._marks()
+        pins = [m for b in blocks if (m := marks.get(b.key)) is not None and not m.empty]
+        return InventoryPage(sid, len(items), end, blocks, pins)
+
+
+async def inventory_pages(link: "DaemonService", page: int = INVENTORY_PAGE
+                          ) -> AsyncIterator[InventoryPage]:
+    """Every page of one snapshot of a daemon's inventory, in order."""
+    req = InventoryRequest(0, 0, page)
+    while True:
+        got = await link.inventory(req)
+        yield got
+        if got.done:
+            return
+        if got.next <= req.offset or got.snapshot <= 0:
+            raise BadRequest(f"an inventory page ended at {got.next} of {got.total}, "
+                             f"from offset {req.offset}: no progress")
+        req = InventoryRequest(got.snapshot, got.next, page)
+
+
+async def whole_inventory(link: "DaemonService", page: int = INVENTORY_PAGE) -> list[StoredBlock]:
+    """A daemon's inventory of one moment, gathered from its pages."""
+    blocks: list[StoredBlock] = []
+    async for got in inventory_pages(link, page):
+        blocks.extend(got.blocks)
+    return blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,13 +494,15 @@ class DaemonService(Protocol):
     async def drop(self, tier: TierKind, keys: Sequence[BlockKey]) -> int:
         """Forget blocks of one tier; returns how many were there."""
 
-    async def inventory(self) -> list[StoredBlock]: ...
+    async def inventory(self, req: InventoryRequest) -> InventoryPage:
+        """One page of the inventory (InventorySnapshots serves them)."""
 
     async def mark(self, marks: Sequence[PinMark]) -> None:
         """Keep (or, once empty, forget) the pins of blocks for a later leader."""
 
     async def registration(self, rescan: bool = False) -> Registration:
-        """Tiers, NIXL metadata and inventory; ``rescan`` lists a shared store again first."""
+        """Tiers and NIXL metadata (the inventory is paged); ``rescan`` lists a shared
+        store again first."""
 
     async def health(self) -> Health: ...
 
@@ -436,9 +560,8 @@ class RpcDaemonLink:
         res = await self._call(DaemonCall.DROP, DropRequest(tier, list(keys)).pack())
         return int(need(res, "dropped", int))
 
-    async def inventory(self) -> list[StoredBlock]:
-        res = await self._call(DaemonCall.INVENTORY)
-        return [StoredBlock.unpack(b) for b in need(res, "inventory", list)]
+    async def inventory(self, req: InventoryRequest) -> InventoryPage:
+        return InventoryPage.unpack(await self._call(DaemonCall.INVENTORY, req.pack()))
 
     async def mark(self, marks: Sequence[PinMark]) -> None:
         await self._call(DaemonCall.MARK, {"marks": [m.pack() for m in marks]})
@@ -505,7 +628,7 @@ def daemon_endpoint(daemon: DaemonService) -> dict[str, Handler]:
         return {"dropped": await daemon.drop(req.tier, req.keys)}
 
     async def inventory(body: dict[str, Any]) -> Any:
-        return {"inventory": [b.pack() for b in await daemon.inventory()]}
+        return (await daemon.inventory(InventoryRequest.unpack(body))).pack()
 
     async def registration(body: dict[str, Any]) -> Any:
         return (await daemon.registration(f.field(body, "rescan", f.boolean, False))).pack()

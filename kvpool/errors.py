@@ -189,6 +189,15 @@ class TransferFailed(KVPoolError):
     retryable = True
 
 
+class InventoryExpired(KVPoolError):
+    """A page was asked of an inventory snapshot the daemon no longer keeps (read to its
+    end, idle too long, or overtaken by newer ones): list again from the first page."""
+
+    code = "inventory_expired"
+    http_status = 410
+    retryable = True
+
+
 class Unavailable(KVPoolError):
     """A server could not be reached before the deadline."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from kvpool.daemon_link import StoredBlock
+from kvpool.daemon_link import StoredBlock, whole_inventory
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 from master.index import BlockState, Replica
@@ -105,7 +105,7 @@ async def check(state: PoolState) -> dict[str, int]:
         faults: list[str] = []
         for _attempt in range(2):
             before = busy(state)
-            inventory = await node.link.inventory()
+            inventory = await whole_inventory(node.link, state.cfg.inventory_page)
             if state.nodes.get(node.node_id) is not node:
                 faults = []  # it left meanwhile: nothing of it to compare
                 break

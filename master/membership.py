@@ -1,6 +1,7 @@
 """Which daemons are in the pool, and what the index knows because of them.
 
-A node joins with its registration (tiers, NIXL metadata, whole inventory) and leaves
+A node joins with its registration (tiers, NIXL metadata) and its inventory, read in
+pages of one snapshot, and leaves
 the moment its membership key is gone: its replicas leave the index at once, so no get
 returns a location on a dead node. Without etcd, daemons register with the master, which
 keeps their leased keys in the in-process coordinator. With etcd, daemons own their keys
@@ -19,9 +20,11 @@ from typing import Any, Callable
 
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
-from kvpool.daemon_link import ArenaRegion, DaemonLink, PinMark, Registration, RpcDaemonLink, StoredBlock, probe
+from kvpool.daemon_link import (ArenaRegion, DaemonLink, PinMark, Registration, RpcDaemonLink, StoredBlock,
+                                inventory_pages, probe)
 from kvpool.auth import client_tls, membership_proof_ok, secret
-from kvpool.errors import BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, Unauthorized
+from kvpool.errors import (BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, NotLeader,
+                           Unauthorized, Unavailable)
 from kvpool.keyspace import Keyspace
 from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
@@ -29,6 +32,9 @@ from master.nodes import Node, tier_spaces
 from master.state import PoolState
 
 log = logging.getLogger(__name__)
+# Inventory items taken in between two yields of the loop: some 0.1 s of work on a loaded
+# machine, so a join of millions of blocks never starves the leader's lease keepalive.
+ADOPT_AT_ONCE = 1000
 LinkFactory = Callable[[str], DaemonLink]
 
 
@@ -48,7 +54,13 @@ class Membership:
     # -- joining and leaving --------------------------------------------------------------
 
     async def join(self, reg: Registration, link: DaemonLink | None = None) -> Node:
-        """Take a node into the index: its tiers, and every block of its inventory."""
+        """Take a node into the index: its tiers, and every block of its inventory.
+
+        The inventory comes in pages (a node may hold millions of blocks) of one snapshot;
+        all are read before any is taken in, so a daemon failing midway leaves nothing
+        behind, and the index takes them ADOPT_AT_ONCE at a time, yielding the loop in
+        between. Meanwhile the node is ``joining``: its blocks can be read, but nothing is
+        placed on it (its allocators do not hold every extent yet) until it is a member."""
         st = self.state
         old = st.nodes.get(reg.node_id)
         if old is not None:
@@ -57,6 +69,10 @@ class Membership:
                     await link.close()
                 return old
             await self.drop(reg.node_id, "replaced by a restarted daemon")
+        if reg.node_id in st.joining:
+            if link is not None:
+                await link.close()
+            raise Unavailable(f"node {reg.node_id} is being taken in; register again shortly")
         tiers = tier_spaces(reg.tiers, st.cfg.alignment, st.tenancy.shares)
         for kind, space in list(tiers.items()):
             if space.store:
@@ -65,25 +81,40 @@ class Membership:
                 tiers[kind] = shared
         node = Node(reg.node_id, reg.url, reg.agent, tiers, link or self.connect(reg.url),
                     ttl_s=reg.ttl_s, metadata=reg.metadata)
-        if st.tenancy.shares:
-            await self._cut_regions(node)
-        marks = {m.key: m for m in reg.marks}
-        for block in reg.inventory:
-            self._adopt(node, block, marks.get(block.key))
+        epoch = st.epoch
+        st.joining[reg.node_id] = node
+        try:
+            if st.tenancy.shares:
+                await self._cut_regions(node)
+            pages = [p async for p in inventory_pages(node.link, st.cfg.inventory_page)]
+            blocks = 0
+            for page in pages:
+                marks = {m.key: m for m in page.marks}
+                for start in range(0, len(page.blocks), ADOPT_AT_ONCE):
+                    await asyncio.sleep(0)  # other calls (the leader's lease among them) in between
+                    if not st.current(epoch):
+                        raise NotLeader(f"the term ended while node {reg.node_id} was taken in")
+                    for block in page.blocks[start:start + ADOPT_AT_ONCE]:
+                        self._adopt(node, block, marks.get(block.key))
+                blocks += len(page.blocks)
+        except BaseException:
+            if st.current(epoch):
+                st.joining.pop(reg.node_id, None)
+                self._forget(reg.node_id)  # pages taken in before a cancellation
+            await node.link.close()
+            raise
+        st.joining.pop(reg.node_id, None)
         st.nodes[reg.node_id] = node
-        log.info("node %s joined: %s, %d blocks", reg.node_id, reg.url, len(reg.inventory))
+        log.info("node %s joined: %s, %d blocks in %d page(s)", reg.node_id, reg.url, blocks,
+                 len(pages))
         return node
 
     async def _cut_regions(self, node: Node) -> None:
         """Have the daemon register each tenant's region with NIXL on its own, before any
         client can be sent to it, and keep the metadata each region's clients get."""
         layout = node.layout()
-        try:
-            answer = await node.link.regions([ArenaRegion(kind, r.name, r.offset, r.size)
-                                              for kind, r in layout])
-        except BaseException:
-            await node.link.close()
-            raise
+        answer = await node.link.regions([ArenaRegion(kind, r.name, r.offset, r.size)
+                                          for kind, r in layout])
         node.metadata = answer.metadata
         for (_, r), blob in zip(layout, answer.regions):
             node.region_metadata.setdefault(r.name, []).append(blob)
@@ -134,6 +165,13 @@ class Membership:
         node = st.nodes.pop(node_id, None)
         if node is None:
             return
+        lost = self._forget(node_id)
+        await node.link.close()
+        log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)
+
+    def _forget(self, node_id: str) -> int:
+        """Take a node's replicas out of the index; returns how many blocks had no other."""
+        st = self.state
         lost = 0
         for entry in st.index.on(node_id):
             for r in [r for r in entry.replicas if r.node == node_id]:
@@ -144,8 +182,7 @@ class Membership:
                 lost += 1
             elif entry.wanted > 1:
                 st.short.add(entry.key)
-        await node.link.close()
-        log.warning("node %s left the pool (%s); %d blocks had no other replica", node_id, reason, lost)
+        return lost
 
     def agent_metadata(self, agents: list[str], region: str | None = None) -> dict[str, list[bytes]]:
         """NIXL metadata of live daemons' agents: of their whole arenas (``region`` None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from kvpool.config import MasterConfig
-from kvpool.daemon_link import PinMark
+from kvpool.daemon_link import PinMark, whole_inventory
 from kvpool.errors import ConfigError, KVPoolError, NodeGone
 from kvpool.keys import BlockKey
 from kvpool.protocol import Location
@@ -52,6 +52,9 @@ class PoolState:
         self.policies: PolicyFactory = POLICIES[cfg.policy]()
         self.index = Index(self._make_policy)
         self.nodes: dict[str, Node] = {}
+        # Nodes whose inventory is being taken in (master.membership.join): their blocks
+        # are readable, nothing is placed on them yet.
+        self.joining: dict[str, Node] = {}
         # Shared object stores by owner id ("@" + store): their replicas belong to no node,
         # so a node's death leaves them, and any node naming the store can promote them.
         self.stores: dict[str, TierSpace] = {}
@@ -93,6 +96,7 @@ class PoolState:
         self.policies = POLICIES[self.cfg.policy]()
         self.index = Index(self._make_policy)
         self.nodes = {}
+        self.joining = {}
         self.stores = {}
         self.short = set()
         self.freeing = Counter()
@@ -178,7 +182,7 @@ class PoolState:
         return COMMON
 
     def location(self, replica: Replica) -> Location:
-        node = self.nodes.get(replica.node)
+        node = self.nodes.get(replica.node) or self.joining.get(replica.node)
         if node is None:  # it left, or this master stepped down, while the caller waited
             raise NodeGone(f"node {replica.node} is no longer in the pool")
         space = node.tiers[replica.tier]
@@ -309,7 +313,7 @@ class PoolState:
                 continue
             before = busy()
             try:
-                inventory = await node.link.inventory()
+                inventory = await whole_inventory(node.link, self.cfg.inventory_page)
             except KVPoolError as exc:
                 log.warning("cannot reconcile node %s: %s", node_id, exc)
                 continue

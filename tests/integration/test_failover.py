@@ -18,12 +18,14 @@ from tests.integration.conftest import admin
 from tests.integration.test_cluster import assert_intact, blocks
 
 READ_LEASE_S = 4.0  # short, so the test can outwait the leases a dead leader granted
+PAGE = 16  # blocks per inventory page: every rebuild here reads several pages per node
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = make_cluster(tmp_path_factory.mktemp("failover"), masters=2, daemons=3,
-                     master_env={"KVPOOL_MASTER_READ_LEASE_S": str(READ_LEASE_S)})
+                     master_env={"KVPOOL_MASTER_READ_LEASE_S": str(READ_LEASE_S),
+                                 "KVPOOL_MASTER_INVENTORY_PAGE": str(PAGE)})
     try:
         yield c
         c.check()
@@ -111,3 +113,28 @@ async def test_a_block_that_lost_a_copy_with_its_node_gets_back_to_its_replica_c
         await assert_intact(client, keys, values)
     cluster.start_daemon("node2")
     await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1", "node2"})
+
+
+async def test_a_new_leader_rebuilds_inventories_larger_than_a_page(cluster: Cluster) -> None:
+    keys, values = blocks(5 * PAGE + 3)
+    async with AsyncPoolClient(cluster.client_config()) as client:
+        await client.batch_put(keys, values, prefer_node="node1")
+        assert await client.pin(keys[-1:]) == 1  # its pin travels in the last page
+        old = cluster.wait_leader_name()
+        await asyncio.to_thread(cluster.kill, old, signal.SIGKILL)
+        for _ in range(100):
+            if cluster.leader_name() not in (None, old):
+                break
+            await asyncio.sleep(0.1)
+        new = await asyncio.to_thread(cluster.wait_leader_name, TTL + 8)
+        assert new != old
+        assert all(await client.batch_exists(keys))
+        assert block_info(cluster, keys[-1])["pins"] == 1
+        await assert_intact(client, keys, values)
+        log = cluster.procs[new].log.read_text()
+        joined = [line for line in log.splitlines() if "node node1 joined" in line][-1]
+        pages = int(joined.rsplit(" in ", 1)[1].split()[0])
+        assert pages >= (5 * PAGE + 3) // PAGE, joined  # node1 holds all these, and maybe more
+        assert await client.unpin(keys[-1:]) == 1
+    cluster.start_master(old)  # back as a standby
+    cluster.check()  # the check reads every inventory in pages too

@@ -8,8 +8,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from kvpool.daemon_link import (ArenaRegion, CopyResult, Health, PinMark, Registration,
-                                RegionMetadata, StoredBlock, TierDescription)
+from kvpool.daemon_link import (ArenaRegion, CopyResult, Health, InventoryPage, InventoryRequest,
+                                InventorySnapshots, PinMark, Registration, RegionMetadata,
+                                StoredBlock, TierDescription)
 from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, TierFull, Unavailable
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
@@ -39,6 +40,9 @@ class FakeDaemon:
         self.agent = self.agent or f"agent-{self.node_id}"
         for t in self.tiers:
             self.held.setdefault(t.kind, {})
+        self.pages = InventorySnapshots(
+            lambda: [b for blocks in self.held.values() for b in blocks.values()], list,
+            lambda: self.marks)
 
     def _answer(self, name: str) -> None:
         self.calls.append(name)
@@ -55,9 +59,7 @@ class FakeDaemon:
             raise Unavailable(f"the connection to {self.url} closed before it answered {name}")
 
     def registration_now(self) -> Registration:
-        return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers,
-                            [b for blocks in self.held.values() for b in blocks.values()],
-                            [m for m in self.marks.values() if not m.empty])
+        return Registration(self.node_id, self.url, self.agent, b"meta", 5.0, self.tiers)
 
     async def adopt(self, blocks: Sequence[StoredBlock]) -> None:
         self._answer("adopt")
@@ -104,9 +106,10 @@ class FakeDaemon:
             else:
                 self.marks[m.key] = m
 
-    async def inventory(self) -> list[StoredBlock]:
+    async def inventory(self, req: InventoryRequest) -> InventoryPage:
         self._answer("inventory")
-        return self.registration_now().inventory
+        await self._held("inventory")
+        return self.pages.page(req)
 
     async def registration(self, rescan: bool = False) -> Registration:
         self._answer("registration")

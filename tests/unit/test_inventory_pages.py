@@ -1,0 +1,112 @@
+"""Inventories travel in pages of one snapshot: a node holding more blocks than a page is
+taken in whole, with its pins, and a page read after the daemon changed still belongs to
+the moment the first page was asked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvpool.codec import make_header
+from kvpool.config import MasterConfig
+from kvpool.coordinator import InProcessCoordinator
+from kvpool.daemon_link import (InventoryRequest, PinMark, StoredBlock, TierDescription,
+                                inventory_pages, whole_inventory)
+from kvpool.errors import BadRequest, ConfigError, InventoryExpired
+from kvpool.keys import BlockKey
+from kvpool.tiers.base import TierKind
+from master.core import MasterCore
+from tests.unit.fake_daemon import FakeDaemon
+
+BLOCK = 4096
+HEADER = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+
+
+def key(i: int) -> BlockKey:
+    return i.to_bytes(16, "little")
+
+
+def holding(n: int, node_id: str = "n1") -> FakeDaemon:
+    d = FakeDaemon(node_id, [TierDescription(TierKind.HOST, (n + 8) * BLOCK, address=1 << 40),
+                             TierDescription(TierKind.SSD, 1 << 30)])
+    for i in range(n):
+        tier = TierKind.HOST if i % 3 else TierKind.SSD
+        d.held[tier][key(i)] = StoredBlock(key(i), tier, i * BLOCK if tier is TierKind.HOST else 0,
+                                           BLOCK, HEADER)
+    return d
+
+
+async def test_a_node_with_more_blocks_than_a_page_is_taken_in_whole() -> None:
+    d = holding(250)
+    d.marks[key(7)] = PinMark(key(7), pins=2)
+    d.marks[key(201)] = PinMark(key(201), pins=1)
+    core = MasterCore(MasterConfig(inventory_page=32), InProcessCoordinator(),
+                      connect=lambda url: d)
+    await core.members.join(d.registration_now())
+    assert d.calls.count("inventory") == 8  # ceil(250 / 32)
+    assert await core.reads.exists([key(i) for i in range(250)]) == [True] * 250
+    assert len(core.state.index) == 250 and core.state.joining == {}
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used == sum(1 for i in range(250) if i % 3) * BLOCK  # every extent is held
+    assert core.state.index.get(key(7)).pins == 2 and core.state.index.get(key(201)).pins == 1
+    assert core.state.index.get(key(8)).pins == 0
+    await core.check()  # compares the index with the inventory, itself read in pages
+
+
+async def test_pages_belong_to_the_moment_the_first_was_asked() -> None:
+    d = holding(100)
+    pages = inventory_pages(d, 30)
+    first = await pages.__anext__()
+    assert (first.total, first.next, len(first.blocks)) == (100, 30, 30)
+    # Blocks come and go after the first page: the snapshot's later pages neither skip
+    # nor repeat any, and show none of the changes.
+    for i in range(40):
+        del d.held[TierKind.HOST if i % 3 else TierKind.SSD][key(i)]
+    d.held[TierKind.SSD][key(999)] = StoredBlock(key(999), TierKind.SSD, 0, BLOCK, HEADER)
+    rest = [p async for p in pages]
+    seen = [b.key for p in [first, *rest] for b in p.blocks]
+    assert sorted(seen) == sorted(key(i) for i in range(100)) and rest[-1].done
+    # A new listing sees the daemon as it is now.
+    now = {b.key for b in await whole_inventory(d, 30)}
+    assert now == {key(i) for i in range(40, 100)} | {key(999)}
+
+
+async def test_a_snapshot_read_to_its_end_or_unknown_is_refused_with_a_typed_error() -> None:
+    d = holding(10)
+    first = await d.inventory(InventoryRequest(0, 0, 4))
+    await d.inventory(InventoryRequest(first.snapshot, 4, 100))  # the last page
+    with pytest.raises(InventoryExpired, match="start again"):
+        await d.inventory(InventoryRequest(first.snapshot, 4, 4))
+    with pytest.raises(InventoryExpired):
+        await d.inventory(InventoryRequest(12345, 0, 4))
+
+
+def test_bad_inventory_requests_and_page_sizes_are_refused() -> None:
+    with pytest.raises(BadRequest, match="offset 0"):
+        InventoryRequest.unpack({"snapshot": 0, "offset": 5})
+    with pytest.raises(BadRequest, match="limit"):
+        InventoryRequest.unpack({"limit": 0})
+    with pytest.raises(BadRequest, match="unknown field"):
+        InventoryRequest.unpack({"cursor": 1})
+    with pytest.raises(ConfigError, match="inventory_page"):
+        MasterConfig(inventory_page=10_000_000)
+
+
+async def test_a_daemon_failing_midway_leaves_nothing_of_it_in_the_index() -> None:
+    d = holding(100)
+    core = MasterCore(MasterConfig(inventory_page=30), InProcessCoordinator(),
+                      connect=lambda url: d)
+    real = d.inventory
+
+    async def fail_third(req: InventoryRequest):  # type: ignore[no-untyped-def]
+        if req.offset >= 60:
+            raise InventoryExpired("gone")
+        return await real(req)
+
+    d.inventory = fail_third  # type: ignore[method-assign]
+    with pytest.raises(InventoryExpired):
+        await core.members.join(d.registration_now())
+    assert len(core.state.index) == 0 and core.state.nodes == {} and core.state.joining == {}
+    d.inventory = real  # type: ignore[method-assign]
+    await core.members.join(d.registration_now())  # taken in on the next try
+    assert len(core.state.index) == 100
