@@ -12,7 +12,9 @@ stalls (SIGSTOP) and one that errors (killed, then back empty). Per fault: calls
 by type, wrong bytes (must be 0), blocks lost that had a surviving copy (must be 0), the
 longest call, and the recovery time (from the fault until the last error). Then the
 seconds each kind of process takes to exit on SIGTERM. Fails loudly on any untyped error,
-wrong byte, lost block, failed check or unclean exit. ``--json PATH``, ``--quick``.
+wrong byte, lost block, failed check or unclean exit. ``--json PATH``, ``--quick``;
+``--faults a,b`` runs only those faults (``none``: the load alone). The leader's
+``/metrics`` after the load alone are kept in the run's folder (``metrics-after-load.txt``).
 """
 
 from __future__ import annotations
