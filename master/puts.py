@@ -7,6 +7,7 @@ A reservation nobody commits (the writer died) is reclaimed after ``put_timeout_
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -318,33 +319,46 @@ class Puts:
             entry.deadline = hold  # the reclaim sweep must not race the daemons' adopt
             for r in entry.replicas:
                 by_node[r.node].append(StoredBlock(entry.key, r.tier, r.location, r.size, raw))
-        adopted: list[tuple[str, list[StoredBlock]]] = []
         epoch = st.epoch
-        for node_id, blocks in by_node.items():
-            node = st.nodes.get(node_id)
-            try:
-                if not await st.leading(epoch):
-                    raise ReservationLost("this master's term ended while the put was committed; "
-                                          "its reservation is gone, put again")
-                if node is None:
-                    raise Unavailable(f"node {node_id} left")
-                await node.link.adopt(blocks)
-                adopted.append((node_id, blocks))
-            except KVPoolError as exc:
-                if not st.current(epoch):  # the next term's nodes and index are not this put's
-                    raise ReservationLost("this master's term ended while the put was committed; "
-                                          "its reservation is gone, put again") from None
-                # Roll back: no daemon keeps a block nobody indexes (the one that failed may
-                # have recorded them too, unless it refused them).
-                maybe = [] if node is None or isinstance(exc, BadRequest) else [(node_id, blocks)]
+        if not await st.leading(epoch):
+            raise ReservationLost("this master's term ended while the put was committed; "
+                                  "its reservation is gone, put again")
+        nodes = {node_id: st.nodes.get(node_id) for node_id in by_node}
+
+        async def record(node_id: str, blocks: list[StoredBlock]) -> None:
+            node = nodes[node_id]
+            if node is None:
+                raise Unavailable(f"node {node_id} left")
+            await node.link.adopt(blocks)
+
+        # Every node records its copies at once: a put with two replicas waits for one
+        # round trip, not two in a row.
+        outcomes = await asyncio.gather(*(record(n, b) for n, b in by_node.items()),
+                                        return_exceptions=True)
+        failed = [(n, b, exc) for (n, b), exc in zip(by_node.items(), outcomes)
+                  if isinstance(exc, BaseException)]
+        for _, _, exc in failed:
+            if not isinstance(exc, KVPoolError):
+                raise exc
+        if failed:
+            if not st.current(epoch):  # the next term's nodes and index are not this put's
+                raise ReservationLost("this master's term ended while the put was committed; "
+                                      "its reservation is gone, put again")
+            # Roll back: no daemon keeps a block nobody indexes (one that failed may have
+            # recorded them too, unless it refused them).
+            undo = [(n, b) for (n, b), exc in zip(by_node.items(), outcomes) if exc is None]
+            for node_id, blocks, exc in failed:
                 if isinstance(exc, BadRequest):
                     st.diverged(node_id, exc)  # records the index lacks may be in the way
-                for done_id, done in adopted + maybe:
-                    for tier in {b.tier for b in done}:
-                        if st.current(epoch):
-                            await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
-                self.abort(put_id, keys)
-                raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
+                elif nodes[node_id] is not None:
+                    undo.append((node_id, blocks))
+            for done_id, done in undo:
+                for tier in {b.tier for b in done}:
+                    if st.current(epoch):
+                        await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
+            self.abort(put_id, keys)
+            node_id, _, exc = failed[0]
+            raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
         if not await st.leading(epoch):
             raise ReservationLost("this master's term ended while the put was committed; its "
                                   "reservation is gone, put again")

@@ -72,6 +72,7 @@ class FakeDaemon:
                                      f"at {other.location} in the {b.tier.value} arena")
         for b in blocks:
             self.held[b.tier][b.key] = b
+        self._answered("adopt")
 
     async def copy(self, keys: Sequence[BlockKey], src: TierKind, dst: TierKind,
                    locations: Sequence[int]) -> list[CopyResult]:

@@ -105,6 +105,27 @@ async def test_a_commit_whose_daemon_fails_leaves_nothing_visible_and_frees_the_
     await core.check()
 
 
+async def test_both_copies_are_recorded_at_once_and_undone_together_when_one_node_fails() -> None:
+    """A put of two copies waits for both daemons' records side by side; when one fails,
+    the other's record is dropped again: nothing visible, no daemon holds a stray block."""
+    d1, d2 = fake("n1"), fake("n2")
+    core = await master(d1, d2)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None, replicas=2)
+    d1.hold["adopt"], d2.hold["adopt"] = asyncio.Event(), asyncio.Event()
+    committing = asyncio.create_task(core.puts.commit(put_id, [key(1)], [header]))
+    await asyncio.sleep(0.05)
+    assert d1.calls.count("adopt") == d2.calls.count("adopt") == 1  # both asked, neither answered
+    d2.lose_answers.add("adopt")
+    d1.hold.pop("adopt").set()
+    d2.hold.pop("adopt").set()
+    with pytest.raises(NodeGone, match="could not record"):
+        await committing
+    assert await core.reads.exists([key(1)]) == [False]
+    assert not d1.held[TierKind.HOST] and not d2.held[TierKind.HOST]
+    await core.check()
+
+
 async def test_a_commit_with_a_wrong_header_is_refused_and_rolled_back() -> None:
     core = await master(fake("n1"))
     put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None)
