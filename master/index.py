@@ -150,7 +150,9 @@ class Index:
             make_policy = lambda owner, kind: lru.make(kind.value, 0)  # noqa: E731
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
-        self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
+        # parent key -> its indexed successors: a 1-tuple for the usual one (a set costs
+        # some 200 bytes more per block), a set once there are more
+        self._children: dict[BlockKey, tuple[BlockKey] | set[BlockKey]] = {}
         self._on: dict[str, set[BlockKey]] = {}  # replica owner -> keys of its indexed blocks
         # (scope, tier) -> [bytes, replicas] of every indexed replica, pending ones too:
         # what the tenants' quotas count against.
@@ -210,7 +212,7 @@ class Index:
             self._held(r.node, entry.key)
         if entry.parent is not None:
             entry.parent = self._parent_key(entry.parent)
-            self._children.setdefault(entry.parent, set()).add(entry.key)
+            self._link(entry.parent, entry.key)
 
     def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
         """Link a block to the one it chains from (known at commit, or from its header)."""
@@ -220,15 +222,28 @@ class Index:
             self._unlink(entry.parent, entry.key)
         if parent is not None:
             parent = self._parent_key(parent)
-            self._children.setdefault(parent, set()).add(entry.key)
+            self._link(parent, entry.key)
         entry.parent = parent
+
+    def _link(self, parent: BlockKey, child: BlockKey) -> None:
+        kids = self._children.get(parent)
+        if kids is None:
+            self._children[parent] = (child,)
+        elif isinstance(kids, set):
+            kids.add(child)
+        elif kids[0] != child:
+            self._children[parent] = {kids[0], child}
 
     def _unlink(self, parent: BlockKey, child: BlockKey) -> None:
         kids = self._children.get(parent)
-        if kids is not None:
+        if kids is None:
+            return
+        if isinstance(kids, set):
             kids.discard(child)
             if not kids:
                 del self._children[parent]
+        elif kids[0] == child:
+            del self._children[parent]
 
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
         replica.size = _shared(replica.size)

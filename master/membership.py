@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Inventory items taken in between two yields of the loop: some 0.1 s of work on a loaded
 # machine, so a join of millions of blocks never starves the leader's lease keepalive.
 ADOPT_AT_ONCE = 1000
+EVENT_KEYS = 1000  # block keys in one BlockRemoved of a node that left
 LinkFactory = Callable[[str], DaemonLink]
 
 
@@ -215,15 +216,23 @@ class Membership:
         """Take a node's replicas out of the index; returns how many blocks had no other."""
         st = self.state
         lost = 0
+        gone: dict[tuple[TierKind, str], list[BlockKey]] = {}  # the events, EVENT_KEYS a piece
         for entry in st.index.on(node_id):
             for r in [r for r in entry.replicas if r.node == node_id]:
                 st.index.drop_replica(entry, r)
-                st.events.removed([entry.shown], node_id, r.tier, Reason.LOST, scope=entry.scope)
+                keys = gone.setdefault((r.tier, entry.scope), [])
+                keys.append(entry.shown)
+                if len(keys) == EVENT_KEYS:
+                    st.events.removed(keys, node_id, r.tier, Reason.LOST, scope=entry.scope)
+                    gone[(r.tier, entry.scope)] = []
             if not entry.replicas:
                 st.index.remove(entry)
                 lost += 1
             elif entry.wanted > 1:
                 st.short.add(entry.key)
+        for (tier, scope), keys in gone.items():
+            if keys:
+                st.events.removed(keys, node_id, tier, Reason.LOST, scope=scope)
         return lost
 
     def agent_metadata(self, agents: list[str], region: str | None = None) -> dict[str, list[bytes]]:

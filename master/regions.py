@@ -87,6 +87,8 @@ class RegionAllocator:
     def reserve_many(self, extents: Sequence[tuple[int, int]]) -> list[int]:
         """``reserve_at`` of many extents, each region's in one pass; returns the
         positions of those refused (not free, or crossing their region's end)."""
+        if len(self.regions) == 1:  # no shares: the one region is the whole arena
+            return self._parts[COMMON][1].reserve_many(extents)
         refused, groups = [], {}
         for n, (offset, size) in enumerate(extents):
             r = self.region_at(offset)
