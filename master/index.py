@@ -108,7 +108,10 @@ class BlockEntry:
         for lease, expiry in list(leases.items()):
             if expiry <= now:
                 del leases[lease]
-        return bool(leases)
+        if not leases:
+            self._leases = None  # the last one ended: no empty table per block
+            return False
+        return True
 
     def movable(self, now: float) -> bool:
         return self.state is BlockState.COMPLETE and not self.pins and not self.leased(now)
