@@ -64,6 +64,9 @@ class DType(enum.IntEnum):
                              f"{', '.join(d.name.lower() for d in cls)}") from None
 
 
+_DTYPES = {int(d): d for d in DType}
+_CODECS = {int(c): c for c in Codec}
+_SHAPES = [struct.Struct(f"<{n}Q") for n in range(_MAX_NDIM + 1)]
 _ITEMSIZE = {
     DType.UINT8: 1, DType.INT8: 1, DType.FLOAT16: 2, DType.BFLOAT16: 2, DType.FLOAT32: 4,
     DType.FLOAT8_E4M3: 1, DType.FLOAT8_E5M2: 1, DType.INT32: 4, DType.FLOAT64: 8,
@@ -127,13 +130,15 @@ class BlockHeader:
             end += 1 + (data[parent_end] if len(data) > parent_end else 0)
         if ndim > _MAX_NDIM or len(data) < end:
             raise BadRequest("truncated or corrupt block header")
-        try:
-            shape = struct.unpack_from(f"<{ndim}Q", data, _FIXED.size)
-            header = cls(DType(dtype), tuple(shape), bytes(data[layout_end - nlayout:layout_end]).decode(),
-                         size, checksum, Codec(codec), version,
+        try:  # table lookups, not enum calls: a new leader decodes one header per block
+            header = cls(_DTYPES[dtype], _SHAPES[ndim].unpack_from(data, _FIXED.size),
+                         str(data[layout_end - nlayout:layout_end], "utf-8") if nlayout else "",
+                         size, checksum, _CODECS[codec], version,
                          bytes(data[layout_end:parent_end]) if flags & _HAS_PARENT else None,
-                         bytes(data[parent_end + 1:end]).decode() if flags & _HAS_SCOPE else "")
-        except (ValueError, UnicodeDecodeError) as exc:
+                         str(data[parent_end + 1:end], "utf-8") if flags & _HAS_SCOPE else "")
+        except KeyError as exc:
+            raise BadRequest(f"corrupt block header: unknown dtype or codec {exc}") from None
+        except UnicodeDecodeError as exc:
             raise BadRequest(f"corrupt block header: {exc}") from None
         return header, end
 

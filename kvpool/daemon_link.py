@@ -45,10 +45,13 @@ class DaemonCall(enum.StrEnum):
     REGIONS = "regions"
 
 
+_TIERS = {k.value: k for k in TierKind}
+
+
 def _tier(raw: Any, what: str = "tier") -> TierKind:
-    try:
-        return TierKind(raw)
-    except ValueError:
+    try:  # a table, not TierKind(raw): an inventory page decodes one per block
+        return _TIERS[raw]
+    except (KeyError, TypeError):
         raise BadRequest(f"'{what}': unknown tier {raw!r:.40}; one of "
                          f"{', '.join(k.value for k in TierKind)}") from None
 
@@ -57,6 +60,10 @@ def _fields(raw: Any, n: int, what: str) -> list[Any]:
     if not isinstance(raw, (list, tuple)) or len(raw) != n:
         raise BadRequest(f"malformed {what}: expected an array of {n}")
     return list(raw)
+
+
+_OFFSET = f.integer()
+_HEADER = f.blob(f.MAX_HEADER_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +84,8 @@ class StoredBlock:
     def unpack(cls, raw: Any) -> "StoredBlock":
         key, tier, location, size, header = _fields(raw, 5, "stored block")
         return cls(f.key(key, "stored block key"), _tier(tier),
-                   f.integer()(location, "stored block location"),
-                   f.integer()(size, "stored block size"),
-                   f.blob(f.MAX_HEADER_BYTES)(header, "stored block header"))
+                   _OFFSET(location, "stored block location"), _OFFSET(size, "stored block size"),
+                   _HEADER(header, "stored block header"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 
+from typing import Sequence
+
 from kvpool.errors import BadRequest
 
 
@@ -85,6 +87,43 @@ class ArenaAllocator:
             self._add_free(offset + need, start + extent - offset - need)
         self._allocated[offset] = need
         self.used += need
+
+    def reserve_many(self, extents: Sequence[tuple[int, int]]) -> list[int]:
+        """Mark many exact extents (offset, size) used at once (an inventory page): each
+        free extent they fall in is taken and its gaps given back once, not once per
+        block. Returns the positions in ``extents`` of those not free (overlapping a used
+        extent or one listed before them at a lower offset); the others are taken."""
+        align, refused = self.alignment, []
+        order = sorted(range(len(extents)), key=lambda n: extents[n][0])
+        i = 0
+        while i < len(order):
+            offset, size = extents[order[i]]
+            j = bisect.bisect_right(self._free_starts, offset) - 1
+            start = self._free_starts[j] if j >= 0 else 0
+            end = start + self._free_size[start] if j >= 0 else 0
+            if size <= 0 or j < 0 or offset % align or offset + self._round(size) > end:
+                refused.append(order[i])
+                i += 1
+                continue
+            self._take_free(start)
+            cursor = start  # the free extent is carved from here on
+            while i < len(order):
+                offset, size = extents[order[i]]
+                if offset >= end:
+                    break
+                need = -(-size // align) * align
+                if size <= 0 or offset % align or offset < cursor or offset + need > end:
+                    refused.append(order[i])
+                else:
+                    if offset > cursor:
+                        self._add_free(cursor, offset - cursor)
+                    self._allocated[offset] = need
+                    self.used += need
+                    cursor = offset + need
+                i += 1
+            if end > cursor:
+                self._add_free(cursor, end - cursor)
+        return refused
 
     def free(self, offset: int) -> None:
         size = self._allocated.pop(offset, None)

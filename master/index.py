@@ -69,13 +69,21 @@ class BlockEntry:
     parent: BlockKey | None = None
     pins: int = 0  # hard pins: never evicted while any is held
     soft_until: float = 0.0  # a soft pin: evicted after every unpinned block, until then
-    leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry
+    # lease id -> expiry, made at the first lease (most blocks never hold one): ``leases``
+    _leases: dict[int, float] | None = field(default=None, repr=False)
     used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
     meta: BlockMeta | None = None  # what the writer said of it (master.catalog)
     wanted: int = 1  # copies on distinct nodes the writer asked for (re-replicated up to it)
     scope: str = ""  # the tenant or shared namespace it belongs to (master.tenants)
     name: BlockKey | None = None  # the key its writer named, when ``key`` is a scoped one
     name_parent: BlockKey | None = None  # the parent its writer named (with ``name``)
+
+    @property
+    def leases(self) -> dict[int, float]:
+        """The block's read leases (lease id -> expiry); asking for them makes the table."""
+        if self._leases is None:
+            self._leases = {}
+        return self._leases
 
     @property
     def shown(self) -> BlockKey:
@@ -94,11 +102,16 @@ class BlockEntry:
         self.state = to
 
     def leased(self, now: float) -> bool:
-        if self.leases:
-            for lease, expiry in list(self.leases.items()):
-                if expiry <= now:
-                    del self.leases[lease]
-        return bool(self.leases)
+        leases = self._leases
+        if not leases:
+            return False
+        for lease, expiry in list(leases.items()):
+            if expiry <= now:
+                del leases[lease]
+        if not leases:
+            self._leases = None  # the last one ended: no empty table per block
+            return False
+        return True
 
     def movable(self, now: float) -> bool:
         return self.state is BlockState.COMPLETE and not self.pins and not self.leased(now)
@@ -124,6 +137,12 @@ class BlockEntry:
 
 
 PolicyMaker = Callable[[str, TierKind], EvictionPolicy]
+_SIZES: dict[int, int] = {}  # one int object per block size, not one per entry and replica
+_MAX_SIZES = 4096
+
+
+def _shared(size: int) -> int:
+    return _SIZES.setdefault(size, size) if len(_SIZES) < _MAX_SIZES else _SIZES.get(size, size)
 
 
 class Index:
@@ -134,7 +153,12 @@ class Index:
             make_policy = lambda owner, kind: lru.make(kind.value, 0)  # noqa: E731
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
-        self._children: dict[BlockKey, set[BlockKey]] = {}  # parent key -> indexed successors
+        # parent key -> its indexed successors: a 1-tuple for the usual one (a set costs
+        # some 200 bytes more per block), a set once there are more
+        self._children: dict[BlockKey, tuple[BlockKey] | set[BlockKey]] = {}
+        # replica owner -> keys of its indexed blocks (a dict: in the order they came, which
+        # a node's drop walks faster than a set's hash order)
+        self._on: dict[str, dict[BlockKey, None]] = {}
         # (scope, tier) -> [bytes, replicas] of every indexed replica, pending ones too:
         # what the tenants' quotas count against.
         self.usage: dict[tuple[str, TierKind], list[int]] = {}
@@ -167,17 +191,33 @@ class Index:
             tier = self._tiers[(owner, kind)] = self._make_policy(owner, kind)
         return tier
 
-    def add(self, entry: BlockEntry) -> None:
+    def _held(self, node: str, key: BlockKey) -> None:
+        keys = self._on.get(node)
+        if keys is None:
+            keys = self._on[node] = {}
+        keys[key] = None
+
+    def _parent_key(self, parent: BlockKey) -> BlockKey:
+        """The indexed parent's own key object when there is one (one copy of the bytes)."""
+        found = self.entries.get(parent)
+        return found.key if found is not None else parent
+
+    def add(self, entry: BlockEntry, now: float | None = None) -> None:
         if entry.key in self.entries:
             raise BadRequest(f"block {entry.key.hex()} is already indexed")
         self.entries[entry.key] = entry
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         entry.used_at = now
+        entry.size = _shared(entry.size)
         for r in entry.replicas:
+            r.size = _shared(r.size)
             self.policy(r.node, r.tier).inserted(entry.info, now)
             self._count(entry, r, 1)
+            self._held(r.node, entry.key)
         if entry.parent is not None:
-            self._children.setdefault(entry.parent, set()).add(entry.key)
+            entry.parent = self._parent_key(entry.parent)
+            self._link(entry.parent, entry.key)
 
     def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
         """Link a block to the one it chains from (known at commit, or from its header)."""
@@ -185,28 +225,53 @@ class Index:
             return
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
-        entry.parent = parent
         if parent is not None:
-            self._children.setdefault(parent, set()).add(entry.key)
+            parent = self._parent_key(parent)
+            self._link(parent, entry.key)
+        entry.parent = parent
+
+    def _link(self, parent: BlockKey, child: BlockKey) -> None:
+        kids = self._children.get(parent)
+        if kids is None:
+            self._children[parent] = (child,)
+        elif isinstance(kids, set):
+            kids.add(child)
+        elif kids[0] != child:
+            self._children[parent] = {kids[0], child}
 
     def _unlink(self, parent: BlockKey, child: BlockKey) -> None:
         kids = self._children.get(parent)
-        if kids is not None:
+        if kids is None:
+            return
+        if isinstance(kids, set):
             kids.discard(child)
             if not kids:
                 del self._children[parent]
+        elif kids[0] == child:
+            del self._children[parent]
 
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
+        replica.size = _shared(replica.size)
         entry.replicas.append(replica)
         self.policy(replica.node, replica.tier).inserted(entry.info, time.monotonic())
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, 1)
+            self._held(replica.node, entry.key)
 
     def drop_replica(self, entry: BlockEntry, replica: Replica) -> None:
         entry.replicas.remove(replica)
         self.policy(replica.node, replica.tier).removed(entry.key)
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, -1)
+            if not any(r.node == replica.node for r in entry.replicas):
+                self._let_go(replica.node, entry.key)
+
+    def _let_go(self, node: str, key: BlockKey) -> None:
+        keys = self._on.get(node)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._on[node]
 
     def remove(self, entry: BlockEntry) -> None:
         """Forget an entry (it becomes REMOVED); its replica list stays as it was, for the
@@ -219,6 +284,7 @@ class Index:
             del self.entries[entry.key]
             for r in entry.replicas:
                 self._count(entry, r, -1)
+                self._let_go(r.node, entry.key)
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
 
@@ -321,7 +387,9 @@ class Index:
             current = self.entries.get(current.parent) if current.parent is not None else None
 
     def on(self, node: str) -> list[BlockEntry]:
-        return [e for e in self.entries.values() if any(r.node == node for r in e.replicas)]
+        """The blocks with a replica owned by ``node``: O(those blocks), not O(index)."""
+        entries = self.entries
+        return [entries[k] for k in self._on.get(node, ())]
 
     def check(self) -> None:
         """Invariants the tests verify after mutations."""
@@ -339,6 +407,12 @@ class Index:
                 row = usage.setdefault((entry.scope, r.tier), [0, 0])
                 row[0] += r.size
                 row[1] += 1
+        on: dict[str, set[BlockKey]] = {}
+        for entry in self.entries.values():
+            for r in entry.replicas:
+                on.setdefault(r.node, set()).add(entry.key)
+        assert on == {n: set(keys) for n, keys in self._on.items()}, \
+            "the per-node key sets differ from the index's replicas"
         counted = {k: v for k, v in self.usage.items() if v != [0, 0]}
         assert counted == usage, f"per-scope usage {counted} differs from the index's {usage}"
         for key, entry in self.entries.items():

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from kvpool.codec import BlockHeader
 from kvpool.coordinator import Coordinator, EventKind, WatchEvent
@@ -25,8 +25,10 @@ from kvpool.daemon_link import (ArenaRegion, DaemonLink, PinMark, Registration, 
 from kvpool.auth import client_tls, membership_proof_ok, secret
 from kvpool.errors import (BadRequest, KVPoolError, LeaseExpired, NodeGone, NodeIdTaken, NotLeader,
                            Unauthorized, Unavailable)
+from kvpool.keys import BlockKey
 from kvpool.keyspace import Keyspace
 from kvpool.kv_events import Reason
+from kvpool.tiers.base import TierKind
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, tier_spaces
 from master.state import PoolState
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 # Inventory items taken in between two yields of the loop: some 0.1 s of work on a loaded
 # machine, so a join of millions of blocks never starves the leader's lease keepalive.
 ADOPT_AT_ONCE = 1000
+EVENT_KEYS = 1000  # block keys in one BlockRemoved of a node that left
 LinkFactory = Callable[[str], DaemonLink]
 
 
@@ -94,8 +97,7 @@ class Membership:
                     await asyncio.sleep(0)  # other calls (the leader's lease among them) in between
                     if not st.current(epoch):
                         raise NotLeader(f"the term ended while node {reg.node_id} was taken in")
-                    for block in page.blocks[start:start + ADOPT_AT_ONCE]:
-                        self._adopt(node, block, marks.get(block.key))
+                    self._adopt(node, page.blocks[start:start + ADOPT_AT_ONCE], marks)
                 blocks += len(page.blocks)
         except BaseException:
             if st.current(epoch):
@@ -119,46 +121,87 @@ class Membership:
         for (_, r), blob in zip(layout, answer.regions):
             node.region_metadata.setdefault(r.name, []).append(blob)
 
-    def _adopt(self, node: Node, block: StoredBlock, mark: PinMark | None) -> None:
-        st = self.state
-        try:
-            header, _ = BlockHeader.decode(block.header)
-        except KVPoolError as exc:
-            log.warning("node %s reported a bad inventory item: %s", node.node_id, exc)
-            return
-        space = node.tiers.get(block.tier)
-        if space is None:
-            return
-        owner = st.owner(node, block.tier)
-        entry = st.index.get(block.key)
-        if entry is None:
-            scope, parent = st.tenancy.rebuilt(header)
-            entry = BlockEntry(block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
-                               parent=parent, scope=scope)
-            st.index.add(entry)
-        elif not entry.state.readable or entry.replica(owner, block.tier):
-            return
-        try:
-            space.take(block.location, block.size)
-        except BadRequest as exc:  # it straddles a region of a changed layout: not taken in
-            log.warning("node %s: block %s at %d is not taken in: %s", node.node_id,
-                        block.key.hex(), block.location, exc)
-            if not entry.replicas:
-                st.index.remove(entry)
-            return
-        st.index.add_replica(entry, Replica(owner, block.tier, block.location, block.size))
+    def _adopt(self, node: Node, blocks: Sequence[StoredBlock], marks: dict[BlockKey, PinMark]) -> None:
+        """Take a chunk of inventory items in. Per block only what is its own: each tier's
+        extents are reserved in one pass, and the events go out one per chained run (as
+        vLLM's BlockStored lists a prefix), not one per block."""
+        st, index = self.state, self.state.index
         now = time.monotonic()
+        # Each candidate: (block, its entry, whether that entry is new to the index).
+        taken: dict[TierKind, list[tuple[StoredBlock, BlockEntry, bool]]] = {}
+        fresh: dict[BlockKey, BlockEntry] = {}
+        listed: set[tuple[BlockKey, TierKind]] = set()  # an item listed twice counts once
+        for block in blocks:
+            try:
+                header, _ = BlockHeader.decode(block.header)
+            except KVPoolError as exc:
+                log.warning("node %s reported a bad inventory item: %s", node.node_id, exc)
+                continue
+            if block.tier not in node.tiers:
+                continue
+            entry = index.get(block.key)
+            new = entry is None
+            if new:
+                entry = fresh.get(block.key)
+            if entry is None:
+                scope, parent = st.tenancy.rebuilt(header)
+                entry = fresh[block.key] = BlockEntry(
+                    block.key, header.payload_size, BlockState.COMPLETE, [], block.header,
+                    parent=parent, scope=scope)
+            elif not entry.state.readable or entry.replica(st.owner(node, block.tier), block.tier) \
+                    or (block.key, block.tier) in listed:
+                continue
+            listed.add((block.key, block.tier))
+            taken.setdefault(block.tier, []).append((block, entry, new))
+        for kind, items in taken.items():
+            owner = st.owner(node, kind)
+            refused = set(node.tiers[kind].take_many([(b.location, b.size) for b, _, _ in items]))
+            for n in sorted(refused):  # it straddles a region of a changed layout: not taken in
+                b = items[n][0]
+                log.warning("node %s: block %s at %d in %s is not taken in: not free in the "
+                            "master's view of the arena", node.node_id, b.key.hex(), b.location,
+                            kind.value)
+            run: list[BlockKey] = []
+            run_parent: BlockKey | None = None
+            run_scope = ""
+            for n, (block, entry, new) in enumerate(items):
+                if n in refused:
+                    continue
+                replica = Replica(owner, kind, block.location, block.size)
+                if new and index.get(entry.key) is None:
+                    entry.replicas.append(replica)
+                    index.add(entry, now)
+                else:
+                    index.add_replica(entry, replica)
+                    entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas
+                                                          if not r.node.startswith("@")}))
+                self._inherit(entry, marks.get(block.key), now)
+                shown = entry.shown
+                if run and (entry.scope != run_scope or entry.shown_parent != run[-1]):
+                    st.events.stored(run, owner, kind, Reason.INVENTORY, parent=run_parent,
+                                     scope=run_scope)
+                    run = []
+                if not run:
+                    run_parent, run_scope = entry.shown_parent, entry.scope
+                run.append(shown)
+            if run:
+                st.events.stored(run, owner, kind, Reason.INVENTORY, parent=run_parent,
+                                 scope=run_scope)
+
+    def _inherit(self, entry: BlockEntry, mark: PinMark | None, now: float) -> None:
+        """The leases and pins a block held under the former leader (or this one, before
+        it resumed)."""
+        st = self.state
         if now < st.inherited_until:  # leases the former leader may have granted on it
             entry.leases[0] = st.inherited_until
-        else:  # this master's own, from before it resumed
-            entry.leases.update(st.carried.get(block.key, {}))
+        elif st.carried:  # this master's own, from before it resumed
+            carried = st.carried.get(entry.key)
+            if carried:
+                entry.leases.update(carried)
         if mark is not None:  # its pins, as the former leader had them recorded here
             entry.pins = max(entry.pins, mark.pins)
             if mark.soft_until > time.time():
                 entry.soft_until = max(entry.soft_until, now + mark.soft_until - time.time())
-        entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas if not r.node.startswith("@")}))
-        st.events.stored([entry.shown], owner, block.tier, Reason.INVENTORY,
-                         parent=entry.shown_parent, scope=entry.scope)
 
     async def drop(self, node_id: str, reason: str) -> None:
         st = self.state
@@ -173,15 +216,23 @@ class Membership:
         """Take a node's replicas out of the index; returns how many blocks had no other."""
         st = self.state
         lost = 0
+        gone: dict[tuple[TierKind, str], list[BlockKey]] = {}  # the events, EVENT_KEYS a piece
         for entry in st.index.on(node_id):
             for r in [r for r in entry.replicas if r.node == node_id]:
                 st.index.drop_replica(entry, r)
-                st.events.removed([entry.shown], node_id, r.tier, Reason.LOST, scope=entry.scope)
+                keys = gone.setdefault((r.tier, entry.scope), [])
+                keys.append(entry.shown)
+                if len(keys) == EVENT_KEYS:
+                    st.events.removed(keys, node_id, r.tier, Reason.LOST, scope=entry.scope)
+                    gone[(r.tier, entry.scope)] = []
             if not entry.replicas:
                 st.index.remove(entry)
                 lost += 1
             elif entry.wanted > 1:
                 st.short.add(entry.key)
+        for (tier, scope), keys in gone.items():
+            if keys:
+                st.events.removed(keys, node_id, tier, Reason.LOST, scope=scope)
         return lost
 
     def agent_metadata(self, agents: list[str], region: str | None = None) -> dict[str, list[bytes]]:

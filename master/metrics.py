@@ -108,7 +108,7 @@ class MasterCollector(Collector):
                 pending += 1
                 continue
             pinned += entry.pins > 0
-            leased += bool(entry.leases) and entry.leased(now)
+            leased += entry.leased(now)
             for r in entry.replicas:
                 where = (r.node, r.tier.value)
                 blocks[where] = blocks.get(where, 0) + 1

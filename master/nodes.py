@@ -39,6 +39,14 @@ class TierSpace:
         else:
             self.cold_used += size
 
+    def take_many(self, extents: Sequence[tuple[int, int]]) -> list[int]:
+        """``take`` of many replicas (an inventory page) at once; returns the positions of
+        those an arena refuses (their extent is not free in it)."""
+        if self.allocator is not None:
+            return self.allocator.reserve_many(extents)
+        self.cold_used += sum(size for _, size in extents)
+        return []
+
     def release(self, location: int, size: int) -> None:
         if self.allocator is not None:
             self.allocator.free(location)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from kvpool.errors import BadRequest
 from master.allocator import ArenaAllocator
@@ -83,6 +83,24 @@ class RegionAllocator:
             raise BadRequest(f"extent [{offset}, {offset + size}) crosses the end of region "
                              f"{r.name or 'common'!r} [{r.offset}, {r.end})")
         self._parts[r.name][1].reserve_at(offset - r.offset, size)
+
+    def reserve_many(self, extents: Sequence[tuple[int, int]]) -> list[int]:
+        """``reserve_at`` of many extents, each region's in one pass; returns the
+        positions of those refused (not free, or crossing their region's end)."""
+        if len(self.regions) == 1:  # no shares: the one region is the whole arena
+            return self._parts[COMMON][1].reserve_many(extents)
+        refused, groups = [], {}
+        for n, (offset, size) in enumerate(extents):
+            r = self.region_at(offset)
+            if offset + size > r.end or r.name not in self._parts:
+                refused.append(n)
+            else:
+                groups.setdefault(r.name, ([], []))
+                groups[r.name][0].append(n)
+                groups[r.name][1].append((offset - r.offset, size))
+        for name, (positions, local) in groups.items():
+            refused += [positions[n] for n in self._parts[name][1].reserve_many(local)]
+        return refused
 
     def free(self, offset: int) -> None:
         r = self.region_at(offset)

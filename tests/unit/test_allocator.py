@@ -79,3 +79,29 @@ def test_fast_enough_for_many_blocks() -> None:
     for o in offs:
         a.free(o)  # type: ignore[arg-type]
     assert time.perf_counter() - t < 2.0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_reserving_a_page_at_once_takes_what_one_at_a_time_would(seed: int) -> None:
+    """An inventory page reserved in one call holds the same extents as reserve_at one by
+    one, and refuses the same items: used space, overlaps, misaligned or empty extents."""
+    rng = random.Random(seed)
+    one, many = ArenaAllocator(4 * MiB, 4 * KiB), ArenaAllocator(4 * MiB, 4 * KiB)
+    for a in (one, many):  # some space already in use
+        a.reserve_at(64 * KiB, 8 * KiB)
+        a.reserve_at(1 * MiB, 100 * KiB)
+    extents = [(rng.randrange(0, 1024) * 4 * KiB + rng.choice([0, 0, 0, 0, 512]),
+                rng.choice([4 * KiB, 4 * KiB, 10_000, 0])) for _ in range(400)]
+    extents = sorted(dict(extents).items())  # distinct offsets; the lower wins an overlap
+    refused_one = []
+    for n, (offset, size) in enumerate(extents):
+        try:
+            one.reserve_at(offset, size)
+        except BadRequest:
+            refused_one.append(n)
+    rng.shuffle(order := list(range(len(extents))))
+    shuffled = [extents[n] for n in order]
+    refused_many = sorted(order[n] for n in many.reserve_many(shuffled))
+    assert refused_many == refused_one and 0 < len(refused_one) < len(extents)
+    assert many._allocated == one._allocated and many.used == one.used
+    many.check()

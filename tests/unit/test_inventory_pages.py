@@ -110,3 +110,60 @@ async def test_a_daemon_failing_midway_leaves_nothing_of_it_in_the_index() -> No
     d.inventory = real  # type: ignore[method-assign]
     await core.members.join(d.registration_now())  # taken in on the next try
     assert len(core.state.index) == 100
+
+
+def chained(runs: int, length: int, node_id: str = "n1") -> tuple[FakeDaemon, list[list[BlockKey]]]:
+    """A daemon holding ``runs`` prefix chains of ``length`` blocks, listed in put order,
+    with a block in the middle of the host arena already taken (by no one the master knows)."""
+    d = FakeDaemon(node_id, [TierDescription(TierKind.HOST, (runs * length + 8) * BLOCK,
+                                             address=1 << 40)])
+    chains, at = [], 0
+    for r in range(runs):
+        parent, chain = None, []
+        for i in range(length):
+            k = key(1000 * r + i + 1)
+            header = make_header(np.zeros(BLOCK, np.uint8), "uint8", parent=parent).encode()
+            d.held[TierKind.HOST][k] = StoredBlock(k, TierKind.HOST, at, BLOCK, header)
+            chain.append(k)
+            parent, at = k, at + BLOCK
+        chains.append(chain)
+    return d, chains
+
+
+async def test_a_joining_node_is_told_as_chained_runs_and_its_leaving_names_every_block() -> None:
+    """What a KV-aware router sees of a (re)joining node: every block, each event a chain
+    with the parent of its first block, as vLLM's BlockStored; a bad item or one at an
+    extent listed twice is left out and named in no event; a node that leaves is one
+    BlockRemoved per tier for up to 1000 keys."""
+    d, chains = chained(3, 700)
+    # An item whose extent another one holds already, and one with a corrupt header.
+    d.held[TierKind.HOST][key(9001)] = StoredBlock(key(9001), TierKind.HOST, 5 * BLOCK, BLOCK,
+                                                   make_header(np.zeros(BLOCK, np.uint8), "uint8").encode())
+    d.held[TierKind.HOST][key(9002)] = StoredBlock(key(9002), TierKind.HOST, 2200 * BLOCK, BLOCK, b"junk")
+    core = MasterCore(MasterConfig(inventory_page=500), InProcessCoordinator(),
+                      connect=lambda url: d)
+    first = core.state.events.last_id
+    await core.members.join(d.registration_now())
+    stored = [e for e in core.state.events.recent(1000) if e.id > first]
+    assert all(e.type.value == "BlockStored" and e.reason.value == "inventory" for e in stored)
+    seen = [k for e in stored for k in e.block_hashes]
+    assert sorted(seen) == sorted(k for c in chains for k in c)  # each block once, no bad one
+    by_key = {k: (c, i) for c in chains for i, k in enumerate(c)}
+    for e in stored:
+        chain, i = by_key[e.block_hashes[0]]
+        assert list(e.block_hashes) == chain[i:i + len(e.block_hashes)]
+        assert e.parent_block_hash == (chain[i - 1] if i else None)
+    assert len(stored) <= 3 * 2 + 2  # a run breaks at a chain's start and at a chunk's end
+    assert len(core.state.index) == 2100 and core.state.index.get(key(9001)) is None
+    host = core.state.nodes["n1"].tiers[TierKind.HOST]
+    assert host.used == 2100 * BLOCK
+    host.allocator.check()  # type: ignore[union-attr]
+    core.state.index.check()
+
+    before = core.state.events.last_id
+    await core.members.drop("n1", "test")
+    removed = [e for e in core.state.events.recent(100) if e.id > before]
+    assert sorted(k for e in removed for k in e.block_hashes) == sorted(seen)
+    assert [len(e.block_hashes) for e in removed] == [1000, 1000, 100]
+    assert len(core.state.index) == 0 and core.state.index.on("n1") == []
+    core.state.index.check()
