@@ -291,8 +291,10 @@ class Index:
             seen.add(entry.key)
             yield entry
             parent = self.entries.get(entry.parent) if entry.parent is not None else None
-            if parent is None or parent.key in seen or not entry.movable(now) \
-                    or parent.replica(owner, tier) is None:
+            # A block already on its way out (MOVING) leaves like one taken: its parent may
+            # follow, or every chain whose end is in flight would hide its prefix.
+            if parent is None or parent.key in seen or parent.replica(owner, tier) is None \
+                    or not (entry.movable(now) or entry.state is BlockState.MOVING):
                 continue
             left = waiting.get(parent.key)
             if left is None:
