@@ -32,6 +32,9 @@ def test_coldest_first_and_leaves_before_their_prefix() -> None:
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [3, 9, 2, 1]
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 9]
     index.get(bytes([3]) * 16).pins = 0
+    index.get(bytes([3]) * 16).state = BlockState.MOVING  # 3 is leaving: 2 may follow it
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 2, 9, 1]
+    index.get(bytes([3]) * 16).state = BlockState.COMPLETE
     index.remove(index.get(bytes([3]) * 16))  # 2 is a leaf now, and colder than 9
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [2, 9, 1]
     assert not index.successor_cached(index.get(bytes([2]) * 16), TierKind.HOST)

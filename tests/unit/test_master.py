@@ -21,6 +21,7 @@ from kvpool.tiers.base import TierKind
 from master import removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry, BlockState, Replica, StateError
+from master.policy import POLICIES
 from tests.unit.fake_daemon import FakeDaemon
 
 KiB = 1024
@@ -505,7 +506,8 @@ async def test_a_daemon_holding_records_the_index_forgot_is_reconciled() -> None
     await core.check()
 
 
-async def test_room_for_many_callers_at_once_walks_the_eviction_order_once_per_batch() -> None:
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+async def test_room_for_many_callers_at_once_walks_the_eviction_order_once_per_batch(policy: str) -> None:
     """Many callers need room in a full arena at once while demotions are in flight (puts
     and promotions under pressure). One walk of the eviction order serves a batch of them,
     so the entries visited grow with the blocks moved. A walk per caller stepped over every
@@ -513,7 +515,7 @@ async def test_room_for_many_callers_at_once_walks_the_eviction_order_once_per_b
     starved the master's loop until the daemon's membership lease expired."""
     small, n, callers = 4 * KiB, 2000, 256
     d = fake("n1", host=n * small, ssd=4 * n * small)
-    core = await master(d, host_high=0.9, host_low=0.5, client_max_reserved=1.0)
+    core = await master(d, host_high=0.9, host_low=0.5, client_max_reserved=1.0, policy=policy)
     keys = [key(i) for i in range(n)]
     for at in range(0, n, 200):
         await put(core, keys[at:at + 200], size=small)
