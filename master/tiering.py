@@ -123,11 +123,11 @@ class Tiering:
         Room is made in batches: one walk of the eviction order demotes enough for the
         next ``ROOM_BATCH`` callers, or as much again as is in flight (within the tier's
         watermark gap), and the callers that follow claim that room in flight and wait for
-        it to land instead of walking again. One
-        walk per block had to step over every block already in flight each time, so its
-        cost grew with the tier (and starved the master's loop). When every candidate is
-        already moving, wait for the next batch to land instead. True when room was made
-        or is coming."""
+        it to land instead of walking again. One walk per block stepped over every block
+        already in flight each time, so its cost grew with the tier (and starved the
+        master's loop until the daemon's lease expired). When every candidate is already
+        moving, wait for the next batch to land instead. True when room was made or is
+        coming."""
         st = self.state
         owner = st.owner(node, kind)
         space = node.tiers.get(kind)
