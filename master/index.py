@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
-from kvpool.tiers.base import TierKind
+from kvpool.tiers.base import TIER_ORDER, TierKind
 from master.catalog import BlockMeta
 from master.policy import BlockInfo, EvictionPolicy, LRUFactory
 
@@ -159,9 +159,25 @@ class Index:
         # replica owner -> keys of its indexed blocks (a dict: in the order they came, which
         # a node's drop walks faster than a set's hash order)
         self._on: dict[str, dict[BlockKey, None]] = {}
+        # parent key -> how many of its indexed successors have their fastest replica in
+        # each tier (by rank): what "a successor is cached in this tier or a faster one"
+        # reads, kept as replicas come and go (a block 0 may have thousands of successors)
+        self._cached: dict[BlockKey, list[int]] = {}
         # (scope, tier) -> [bytes, replicas] of every indexed replica, pending ones too:
         # what the tenants' quotas count against.
         self.usage: dict[tuple[str, TierKind], list[int]] = {}
+
+    def _tally(self, entry: BlockEntry, sign: int) -> None:
+        """Count an indexed block (+1) or stop counting it (-1) among its parent's cached
+        successors, by its fastest replica; around every change of its replicas or link."""
+        if entry.parent is None or not entry.replicas or self.entries.get(entry.key) is not entry:
+            return
+        row = self._cached.get(entry.parent)
+        if row is None:
+            row = self._cached[entry.parent] = [0] * len(TIER_ORDER)
+        row[min(r.tier.rank for r in entry.replicas)] += sign
+        if not any(row):
+            del self._cached[entry.parent]
 
     def _count(self, entry: BlockEntry, replica: Replica, sign: int) -> None:
         row = self.usage.get((entry.scope, replica.tier))
@@ -218,17 +234,20 @@ class Index:
         if entry.parent is not None:
             entry.parent = self._parent_key(entry.parent)
             self._link(entry.parent, entry.key)
+        self._tally(entry, +1)
 
     def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
         """Link a block to the one it chains from (known at commit, or from its header)."""
         if parent == entry.parent:
             return
+        self._tally(entry, -1)
         if entry.parent is not None:
             self._unlink(entry.parent, entry.key)
         if parent is not None:
             parent = self._parent_key(parent)
             self._link(parent, entry.key)
         entry.parent = parent
+        self._tally(entry, +1)
 
     def _link(self, parent: BlockKey, child: BlockKey) -> None:
         kids = self._children.get(parent)
@@ -252,14 +271,18 @@ class Index:
 
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
         replica.size = _shared(replica.size)
+        self._tally(entry, -1)
         entry.replicas.append(replica)
+        self._tally(entry, +1)
         self.policy(replica.node, replica.tier).inserted(entry.info, time.monotonic())
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, 1)
             self._held(replica.node, entry.key)
 
     def drop_replica(self, entry: BlockEntry, replica: Replica) -> None:
+        self._tally(entry, -1)
         entry.replicas.remove(replica)
+        self._tally(entry, +1)
         self.policy(replica.node, replica.tier).removed(entry.key)
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, -1)
@@ -280,6 +303,7 @@ class Index:
             entry.advance(BlockState.REMOVED, entry.state)
         for r in entry.replicas:
             self.policy(r.node, r.tier).removed(entry.key)
+        self._tally(entry, -1)
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
             for r in entry.replicas:
@@ -308,11 +332,8 @@ class Index:
 
     def successor_cached(self, entry: BlockEntry, tier: TierKind) -> bool:
         """Is a block that chains from this one cached in ``tier`` or a faster one?"""
-        for key in self._children.get(entry.key, ()):
-            child = self.entries.get(key)
-            if child is not None and any(r.tier.rank <= tier.rank for r in child.replicas):
-                return True
-        return False
+        row = self._cached.get(entry.key)
+        return row is not None and any(row[:tier.rank + 1])
 
     def coldest(self, owner: str, tier: TierKind, now: float,
                 leaves_only: bool = False) -> Iterator[BlockEntry]:
@@ -357,14 +378,14 @@ class Index:
             seen.add(entry.key)
             yield entry
             parent = self.entries.get(entry.parent) if entry.parent is not None else None
-            if parent is None or parent.key in seen or not entry.movable(now) \
-                    or parent.replica(owner, tier) is None:
+            # A block already on its way out (MOVING) leaves like one taken: its parent may
+            # follow, or every chain whose end is in flight would hide its prefix.
+            if parent is None or parent.key in seen or parent.replica(owner, tier) is None \
+                    or not (entry.movable(now) or entry.state is BlockState.MOVING):
                 continue
             left = waiting.get(parent.key)
             if left is None:
-                left = sum(1 for k in self._children.get(parent.key, ())
-                           if (c := self.entries.get(k)) is not None
-                           and any(r.tier.rank <= tier.rank for r in c.replicas))
+                left = sum(self._cached.get(parent.key, ())[:tier.rank + 1])
             waiting[parent.key] = left = left - 1
             if left == 0 and not parent.soft_pinned(now):
                 n += 1
@@ -401,6 +422,12 @@ class Index:
             for key in kids:
                 child = self.entries.get(key)
                 assert child is not None and child.parent == parent, f"stale successor link {key.hex()}"
+        cached: dict[BlockKey, list[int]] = {}
+        for entry in self.entries.values():
+            if entry.parent is not None and entry.replicas:
+                row = cached.setdefault(entry.parent, [0] * len(TIER_ORDER))
+                row[min(r.tier.rank for r in entry.replicas)] += 1
+        assert cached == self._cached, "the counts of cached successors differ from the index's"
         usage: dict[tuple[str, TierKind], list[int]] = {}
         for entry in self.entries.values():
             for r in entry.replicas:

@@ -278,6 +278,7 @@ class ReuseAware:
             return
         self.history[key].hits += 1
         e.stamp, e.tick = self._clock, next(self._seq)
+        self._entries[key] = self._entries.pop(key)  # kept in (stamp, tick) order
         self._push(key, e)
 
     def removed(self, key: bytes) -> None:
@@ -294,7 +295,9 @@ class ReuseAware:
 
     def victims(self, leaves_only: bool = False) -> Iterator[bytes]:
         """Leaves in rank order (walking the heap without popping live entries), then the
-        blocks that still have a cached child, least recently used first."""
+        blocks that still have a cached child, least recently used first (the entries'
+        own order). Lazy: the cost is what the caller takes, never a sort of the tier; a
+        caller takes without awaiting between keys."""
         heap, entries = self._heap, self._entries
         while heap and ((e := entries.get(heap[0][2])) is None or e.seq != heap[0][1]):
             heapq.heappop(heap)  # stale: read and re-pushed, gained a child, or left
@@ -309,7 +312,7 @@ class ReuseAware:
                 if c < len(heap):
                     heapq.heappush(frontier, (heap[c][0], heap[c][1], c))
         if not leaves_only:
-            yield from (k for _, k in sorted((e.stamp, k) for k, e in entries.items() if e.prio is None))
+            yield from (k for k, e in entries.items() if e.prio is None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -469,6 +472,7 @@ class HitDensity:
         h = self.history[key]
         h.hits += 1
         e.cls, e.stamp = _class(h), self._clock
+        self._entries[key] = self._entries.pop(key)  # kept in stamp order
 
     def removed(self, key: bytes) -> None:
         e = self._entries.pop(key, None)
@@ -507,9 +511,8 @@ class HitDensity:
             yield best
         rest = sorted((self._score(k), k) for k in leaves if k not in named)
         yield from (k for _, k in rest)
-        if not leaves_only:
-            yield from (k for _, k in sorted((e.stamp, k) for k, e in self._entries.items()
-                                             if e.leaf < 0))
+        if not leaves_only:  # the entries' own order is least recently used first
+            yield from (k for k, e in self._entries.items() if e.leaf < 0)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -13,6 +13,7 @@ unread for ``last_tier_ttl_s``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ DEMOTE_BATCH = 64  # blocks per copy call to a daemon
 # arena space it may still write stays out of use: past the link's own timeout.
 COPY_SETTLE_S = 32.0
 MOVE_WAIT_S = 5.0  # the longest a promotion waits for another move of its block to end
+ROOM_BATCH = 32  # callers' worth of room one make_room walk frees (within the watermark gap)
 
 
 class Tiering:
@@ -40,11 +42,18 @@ class Tiering:
         self.state = state
         self._relieving: dict[tuple[str, TierKind], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._leaving: dict[tuple[str, TierKind], int] = defaultdict(int)  # blocks being demoted
+        # (owner, tier, region) -> make_room batch in flight -> the bytes it frees that no
+        # caller has claimed yet
+        self._coming: dict[tuple[str, TierKind, str | None], dict[int, int]] = defaultdict(dict)
+        self._batch = itertools.count()
+        self._incoming: dict[tuple[str, TierKind], int] = defaultdict(int)  # bytes being copied into a cold tier
         self._landed = asyncio.Condition()  # notified whenever a demotion batch is done
 
     def clear(self) -> None:
         self._relieving.clear()
         self._leaving.clear()
+        self._coming.clear()
+        self._incoming.clear()
 
     def high(self, kind: TierKind) -> float:
         return self.state.cfg.watermarks(kind.value)[0]
@@ -106,21 +115,42 @@ class Tiering:
 
     async def make_room(self, node: Node, kind: TierKind, size: int, region: str | None = None) -> bool:
         """Free about ``size`` bytes of one tier for a caller waiting on them (a put, a
-        promotion): demote just enough of the coldest movable blocks itself (of the arena
-        ``region`` only, when named: master.regions), rather than
-        wait on a relief of a whole watermark's worth of other blocks that is in flight
-        (that wait was the multi-second stall of puts under load; the sweep brings the
-        tier down to its low watermark meanwhile). When every candidate is already moving,
-        wait for the next batch to land instead. True when room was made or is coming."""
+        promotion), rather than wait on a relief of a whole watermark's worth of other
+        blocks that is in flight (that wait was the multi-second stall of puts under load;
+        the sweep brings the tier down to its low watermark meanwhile). Only in the arena
+        ``region`` when named (master.regions).
+
+        Room is made in batches: one walk of the eviction order demotes enough for the
+        next ``ROOM_BATCH`` callers, or as much again as is in flight (within the tier's
+        watermark gap), and the callers that follow claim that room in flight and wait for
+        it to land instead of walking again. One walk per block stepped over every block
+        already in flight each time, so its cost grew with the tier (and starved the
+        master's loop until the daemon's lease expired). When every candidate is already
+        moving, wait for the next batch to land instead. True when room was made or is
+        coming."""
         st = self.state
         owner = st.owner(node, kind)
-        if node.tiers.get(kind) is None or st.nodes.get(node.node_id) is not node:
+        space = node.tiers.get(kind)
+        if space is None or st.nodes.get(node.node_id) is not node:
             return False
+        batches = self._coming[(owner, kind, region)]
+        for batch, spare in batches.items():
+            if spare >= size:  # a batch in flight frees this much more than its caller needs
+                batches[batch] = spare - size
+                st.counters[f"room_awaited_{kind.value}"] += 1
+                await self._await_landing()
+                return True
+        alloc = space.allocator
+        high, low = st.cfg.watermarks(kind.value)
+        room = alloc.region(region).size if region is not None and alloc is not None else space.capacity
+        # As much again as is in flight, when callers outrun the batches: the walks (each
+        # steps over what is in flight) then stay a few per watermark gap.
+        most = max(ROOM_BATCH, self._leaving[(owner, kind)]) * size
+        want = max(size, min(most, int((high - low) * room)))
         now = time.monotonic()
         victims, freed = [], 0
-        alloc = node.tiers[kind].allocator
         for entry in st.index.coldest(owner, kind, now):
-            if freed >= size:
+            if freed >= want:
                 break
             replica = entry.replica(owner, kind)
             if replica is None or not entry.movable(now):
@@ -132,15 +162,24 @@ class Tiering:
             freed += replica.size
         if victims:
             st.counters[f"room_made_{kind.value}"] += 1
-            await self.demote(node, kind, victims)
+            batch = next(self._batch)
+            batches[batch] = freed - size
+            try:
+                await self.demote(node, kind, victims)
+            finally:
+                batches.pop(batch, None)
             return True
         if not self._leaving[(owner, kind)]:
             return False
         st.counters[f"room_awaited_{kind.value}"] += 1
+        await self._await_landing()
+        return True
+
+    async def _await_landing(self) -> None:
+        """Until the next demotion batch lands (a second at most)."""
         async with self._landed:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._landed.wait(), timeout=1.0)
-        return True
 
     async def _hold_quotas(self) -> None:
         """Reads may promote a tenant's blocks past its quota of an arena tier (a read is
@@ -245,47 +284,58 @@ class Tiering:
         dst_space = node.tiers[dst]
         estimate = sum(e.size for e in need)
         epoch = st.epoch
-        if dst_space.used + estimate > self.high(dst) * dst_space.capacity:
-            await self.relieve(node, dst, need=estimate)
-            if not st.current(epoch) or st.nodes.get(node.node_id) is not node:
-                return []
-        locations = [0] * len(need)
-        if dst_space.allocator is not None:  # an arena destination: its space is reserved first
-            placed = [(e, dst_space.allocator.allocate(e.size, st.region(e))) for e in need]
-            for e, at in placed:
-                if at is None:
-                    log.warning("no room in %s/%s to demote %s into", node.node_id, dst.value, e.key.hex())
-            need = [e for e, at in placed if at is not None]
-            locations = [at for _, at in placed if at is not None]
+        # A cold tier counts a copy only once it lands: the bytes of every copy in flight
+        # into it count here too, or demotions that each saw room at once overfill it
+        # (and each copy past its capacity fails, leaving the faster tier full).
+        incoming = (dst_owner, dst) if dst_space.allocator is None else None
+        if incoming is not None:
+            self._incoming[incoming] += estimate
+        pending = self._incoming[incoming] if incoming is not None else estimate
         try:
-            results = await node.link.copy([e.key for e in need], src, dst, locations)
-        except KVPoolError as exc:
-            log.warning("demotion %s->%s on %s failed: %s", src.value, dst.value, node.node_id, exc)
-            if st.current(epoch):  # the daemon may still copy: the space is reused later
-                st.free_later(node, dst, [(e.key, at, e.size) for e, at in zip(need, locations)],
-                              COPY_SETTLE_S)
+            if dst_space.used + pending > self.high(dst) * dst_space.capacity:
+                await self.relieve(node, dst, need=pending)
+                if not st.current(epoch) or st.nodes.get(node.node_id) is not node:
+                    return []
+            locations = [0] * len(need)
+            if dst_space.allocator is not None:  # an arena destination: its space is reserved first
+                placed = [(e, dst_space.allocator.allocate(e.size, st.region(e))) for e in need]
+                for e, at in placed:
+                    if at is None:
+                        log.warning("no room in %s/%s to demote %s into", node.node_id, dst.value, e.key.hex())
+                need = [e for e, at in placed if at is not None]
+                locations = [at for _, at in placed if at is not None]
+            try:
+                results = await node.link.copy([e.key for e in need], src, dst, locations)
+            except KVPoolError as exc:
+                log.warning("demotion %s->%s on %s failed: %s", src.value, dst.value, node.node_id, exc)
+                if st.current(epoch):  # the daemon may still copy: the space is reused later
+                    st.free_later(node, dst, [(e.key, at, e.size) for e, at in zip(need, locations)],
+                                  COPY_SETTLE_S)
+                return done
+            if not st.current(epoch):  # the next term took the copies in from the inventory, or not
+                return []
+            for entry, at, res in zip(need, locations, results):
+                if entry.state is BlockState.REMOVED:
+                    if res.ok:  # removed meanwhile: the copy goes before its space is reused
+                        await st.drop_on_daemon(dst_owner, dst, [entry.key])
+                    if dst_space.allocator is not None:
+                        dst_space.allocator.free(at)
+                elif res.ok:
+                    if dst_space.allocator is None:
+                        dst_space.take(at, res.size)
+                    st.index.add_replica(entry, Replica(dst_owner, dst, at, res.size))
+                    st.events.stored([entry.shown], dst_owner, dst, Reason.DEMOTED,
+                                     parent=entry.shown_parent, scope=entry.scope)
+                    done.append(entry)
+                else:
+                    if dst_space.allocator is not None:
+                        dst_space.allocator.free(at)
+                    self._failed(entry, entry.replica(node.node_id, src), dst, res.error)
+            st.counters[f"demoted_{src.value}"] += len(need)
             return done
-        if not st.current(epoch):  # the next term took the copies in from the inventory, or not
-            return []
-        for entry, at, res in zip(need, locations, results):
-            if entry.state is BlockState.REMOVED:
-                if res.ok:  # removed meanwhile: the copy goes before its space is reused
-                    await st.drop_on_daemon(dst_owner, dst, [entry.key])
-                if dst_space.allocator is not None:
-                    dst_space.allocator.free(at)
-            elif res.ok:
-                if dst_space.allocator is None:
-                    dst_space.take(at, res.size)
-                st.index.add_replica(entry, Replica(dst_owner, dst, at, res.size))
-                st.events.stored([entry.shown], dst_owner, dst, Reason.DEMOTED,
-                                 parent=entry.shown_parent, scope=entry.scope)
-                done.append(entry)
-            else:
-                if dst_space.allocator is not None:
-                    dst_space.allocator.free(at)
-                self._failed(entry, entry.replica(node.node_id, src), dst, res.error)
-        st.counters[f"demoted_{src.value}"] += len(need)
-        return done
+        finally:
+            if incoming is not None and st.current(epoch):  # (a new term starts from none)
+                self._incoming[incoming] -= estimate
 
     def _failed(self, entry: BlockEntry, source: Replica | None, dst: TierKind,
                 error: KVPoolError | None) -> None:

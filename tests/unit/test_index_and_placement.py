@@ -32,6 +32,9 @@ def test_coldest_first_and_leaves_before_their_prefix() -> None:
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [3, 9, 2, 1]
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 9]
     index.get(bytes([3]) * 16).pins = 0
+    index.get(bytes([3]) * 16).state = BlockState.MOVING  # 3 is leaving: 2 may follow it
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now, leaves_only=True)] == [3, 2, 9, 1]
+    index.get(bytes([3]) * 16).state = BlockState.COMPLETE
     index.remove(index.get(bytes([3]) * 16))  # 2 is a leaf now, and colder than 9
     assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, now)] == [2, 9, 1]
     assert not index.successor_cached(index.get(bytes([2]) * 16), TierKind.HOST)
@@ -112,3 +115,29 @@ def test_pressure_and_relief_targets() -> None:
     assert relief_target(space, low=0.75) == int(0.75 * space.capacity)
     assert relief_target(space, low=0.75, need=40 << 20) == space.capacity - (40 << 20)
     assert full.below(TierKind.HOST) is TierKind.SSD and full.below(TierKind.SSD) is None
+
+
+def test_cached_successors_follow_their_replicas_between_tiers() -> None:
+    """What holds a parent in a tier is a successor cached there or faster: demoting the
+    successors frees the parent in the host tier but still holds it in the SSD; relinking
+    or removing them frees it there too (check() recounts every step)."""
+    index = Index()
+    root = entry(1)
+    index.add(root)
+    kids = [entry(k, 1) for k in (2, 3)]
+    for e in kids:
+        index.add(e)
+    assert index.successor_cached(root, TierKind.HOST)
+    for e in kids:  # a demotion: the SSD copy first, then the host one goes
+        index.add_replica(e, Replica("n1", TierKind.SSD, 0, 4096))
+        assert index.successor_cached(root, TierKind.HOST)
+        index.drop_replica(e, e.replica("n1", TierKind.HOST))
+        index.check()
+    assert not index.successor_cached(root, TierKind.HOST)
+    assert index.successor_cached(root, TierKind.SSD)
+    assert [e.key[0] for e in index.coldest("n1", TierKind.HOST, time.monotonic(), leaves_only=True)] == [1]
+    index.set_parent(kids[0], None)
+    assert index.successor_cached(root, TierKind.SSD)
+    index.remove(kids[1])
+    assert not index.successor_cached(root, TierKind.SSD)
+    index.check()

@@ -21,6 +21,7 @@ from kvpool.tiers.base import TierKind
 from master import removal
 from master.core import MasterCore, Role
 from master.index import BlockEntry, BlockState, Replica, StateError
+from master.policy import POLICIES
 from tests.unit.fake_daemon import FakeDaemon
 
 KiB = 1024
@@ -543,4 +544,43 @@ async def test_a_daemon_holding_records_the_index_forgot_is_reconciled() -> None
     await core.sweep()
     assert key(99) not in d.held[TierKind.HOST]
     await put(core, [key(1)])
+    await core.check()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+async def test_room_for_many_callers_at_once_walks_the_eviction_order_once_per_batch(policy: str) -> None:
+    """Many callers need room in a full arena at once while demotions are in flight (puts
+    and promotions under pressure). One walk of the eviction order serves a batch of them,
+    so the entries visited grow with the blocks moved. A walk per caller stepped over every
+    block already in flight each time (callers x blocks moving): on a live pool that
+    starved the master's loop until the daemon's membership lease expired."""
+    small, n, callers = 4 * KiB, 2000, 256
+    d = fake("n1", host=n * small, ssd=4 * n * small)
+    core = await master(d, host_high=0.9, host_low=0.5, client_max_reserved=1.0, policy=policy)
+    keys = [key(i) for i in range(n)]
+    for at in range(0, n, 200):
+        await put(core, keys[at:at + 200], size=small)
+    index = core.state.index
+    walk, visited = index.coldest, [0]
+
+    def counted(*args, **kwargs):
+        for entry in walk(*args, **kwargs):
+            visited[0] += 1
+            yield entry
+
+    index.coldest = counted  # type: ignore[method-assign]
+    d.hold["copy"] = asyncio.Event()  # every demotion stays in flight until released
+    node = core.state.nodes["n1"]
+    tasks = [asyncio.create_task(core.tiering.make_room(node, TierKind.HOST, small))
+             for _ in range(callers)]
+    await _until_called(d, "copy")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert visited[0] <= 3 * callers, f"{visited[0]} entries visited to make room for {callers} blocks"
+    d.hold.pop("copy").set()
+    assert all(await asyncio.gather(*tasks))
+    host = node.tiers[TierKind.HOST]
+    in_ssd = [k for k in keys if tiers_of(core, k) == [TierKind.SSD]]
+    assert callers * small <= n * small - host.used == len(in_ssd) * small
+    assert all(index.readable(k) is not None for k in keys)  # moved, nothing lost
     await core.check()
