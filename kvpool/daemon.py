@@ -25,7 +25,7 @@ from kvpool.config import DaemonConfig
 from kvpool.coordinator import Coordinator
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion, CopyResult,
                                 DaemonCall, Health, InventoryPage, InventoryRequest, InventorySnapshots,
-                                PinMark, Registration, RegionMetadata, SendItem, SendTarget,
+                                PinMark, Registration, RegionMetadata, SendItem, SendTarget, take_marks,
                                 StoredBlock, TierDescription, daemon_endpoint)
 from kvpool.daemon_metrics import CONTENT_TYPE as METRICS_TYPE
 from kvpool.daemon_metrics import DaemonMetrics
@@ -366,11 +366,7 @@ class PoolDaemon:
         return dropped
 
     async def mark(self, marks: Sequence[PinMark]) -> None:
-        for m in marks:
-            if m.empty:
-                self.marks.pop(m.key, None)
-            else:
-                self.marks[m.key] = m
+        take_marks(self.marks, marks)
 
     async def inventory(self, req: InventoryRequest) -> InventoryPage:
         return self._pages.page(req)

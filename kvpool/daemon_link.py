@@ -116,6 +116,15 @@ class PinMark:
                    float(soft_until))
 
 
+def take_marks(held: dict[BlockKey, PinMark], marks: Sequence[PinMark]) -> None:
+    """A daemon's record of pins, as the master's ``mark`` call updates it."""
+    for m in marks:
+        if m.empty:
+            held.pop(m.key, None)
+        else:
+            held[m.key] = m
+
+
 @dataclass(frozen=True, slots=True)
 class CopyResult:
     """One key of a tier-to-tier copy: the bytes stored at the destination, or why not."""

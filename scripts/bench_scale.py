@@ -56,7 +56,7 @@ from kvpool.auth import Credentials  # noqa: E402
 from kvpool.codec import make_header  # noqa: E402
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion,  # noqa: E402
                                 CopyResult, Health, InventoryPage, InventoryRequest,
-                                InventorySnapshots, PinMark, Registration, RegionMetadata,
+                                InventorySnapshots, PinMark, Registration, RegionMetadata, take_marks,
                                 SendItem, SendTarget, StoredBlock, TierDescription,
                                 daemon_endpoint)
 from kvpool.errors import (KVPoolError, NotLeader, NotReady, ReservationLost, TierFull,  # noqa: E402
@@ -108,11 +108,7 @@ class SimDaemon:
         return self.pages.page(req)
 
     async def mark(self, marks: Sequence[PinMark]) -> None:
-        for m in marks:
-            if m.empty:
-                self.marks.pop(m.key, None)
-            else:
-                self.marks[m.key] = m
+        take_marks(self.marks, marks)
 
     async def registration(self, rescan: bool = False) -> Registration:
         return Registration(self.node_id, self.url, self.agent, b"", 5.0,

@@ -48,6 +48,19 @@ def evict_host(cluster: Cluster) -> None:
     assert status == 200, body
 
 
+async def kill_the_leader(cluster: Cluster) -> tuple[str, str]:
+    """SIGKILL the leader and wait for another to lead: (the killed one, the new one)."""
+    old = cluster.wait_leader_name()
+    await asyncio.to_thread(cluster.kill, old, signal.SIGKILL)
+    for _ in range(100):
+        if cluster.leader_name() not in (None, old):
+            break
+        await asyncio.sleep(0.1)
+    new = await asyncio.to_thread(cluster.wait_leader_name, TTL + 8)
+    assert new != old
+    return old, new
+
+
 async def test_pins_survive_the_leader_and_the_new_leader_moves_nothing_a_lease_may_hold(
         cluster: Cluster) -> None:
     (hard, soft, plain), values = blocks(3)
@@ -58,14 +71,7 @@ async def test_pins_survive_the_leader_and_the_new_leader_moves_nothing_a_lease_
         assert await client.pin([soft], ttl_s=600) == 1
         await client.batch_get([plain], [values[2].copy()])  # a lease the new leader never saw
 
-        old = cluster.wait_leader_name()
-        await asyncio.to_thread(cluster.kill, old, signal.SIGKILL)
-        for _ in range(100):
-            if cluster.leader_name() not in (None, old):
-                break
-            await asyncio.sleep(0.1)
-        new = await asyncio.to_thread(cluster.wait_leader_name, TTL + 8)
-        assert new != old
+        old, _ = await kill_the_leader(cluster)
         elected = time.monotonic()
 
         assert block_info(cluster, hard)["pins"] == 2
@@ -120,14 +126,7 @@ async def test_a_new_leader_rebuilds_inventories_larger_than_a_page(cluster: Clu
     async with AsyncPoolClient(cluster.client_config()) as client:
         await client.batch_put(keys, values, prefer_node="node1")
         assert await client.pin(keys[-1:]) == 1  # its pin travels in the last page
-        old = cluster.wait_leader_name()
-        await asyncio.to_thread(cluster.kill, old, signal.SIGKILL)
-        for _ in range(100):
-            if cluster.leader_name() not in (None, old):
-                break
-            await asyncio.sleep(0.1)
-        new = await asyncio.to_thread(cluster.wait_leader_name, TTL + 8)
-        assert new != old
+        old, new = await kill_the_leader(cluster)
         assert all(await client.batch_exists(keys))
         assert block_info(cluster, keys[-1])["pins"] == 1
         await assert_intact(client, keys, values)
