@@ -4,10 +4,10 @@ Blocks are immutable and a read lease pins a replica where it is, so the locatio
 header a get was granted stay right until the lease ends: a later get of the same key may
 read them again without asking the master. Only single-key gets of a key read before
 (recently) are kept, at most ``capacity`` of them, each for as long as the master allows
-(at most half its lease; none while kept grants pin their share of that arena). Each kept grant holds its own
-lease, so the master still counts it, and every lease is handed back (riding on a later
-call) once its grant leaves, when evicted, expired, dropped or cleared. A grant that reads
-bad bytes is dropped and the get asks the master again.
+(at most half its lease; none while kept grants pin their share of that arena). Each
+kept grant holds its own lease, so the master still counts it, and every lease is handed
+back (riding on a later call) once its grant leaves, when evicted, expired, dropped or
+cleared. A grant that reads bad bytes is dropped and the get asks the master again.
 """
 
 from __future__ import annotations

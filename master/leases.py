@@ -12,16 +12,17 @@ leases are not recorded: a new leader instead treats every block it takes in as 
 for the longest a lease can run (PoolState.inherited_until), so no block a reader of the
 former leader may still be reading moves; releases of leases it never granted are no-ops.
 
-A client may keep the grant of a hot block to read it again without a call
-(clients.grants), holding its lease meanwhile; the master says which grants it may keep,
-so that kept ones pin at most ``kept_grants_share`` of each arena and the rest of it
-stays movable for puts and promotions (kept unbounded, they pinned half the host arenas
-of a busy pool and puts found no room).
 A leader that leads again on the same etcd lease (a renewal failed, then went through)
 knows every lease granted meanwhile, as no other master can have led: it keeps its own
 table instead (PoolState.carried), so only the blocks really leased stay put. Treating
 everything as leased there would freeze its arenas for a lease's length: no demotion, so
 no room for puts, nor for promoting a cold block to read it.
+
+A client may keep the grant of a hot block to read it again without a call
+(clients.grants), holding its lease meanwhile; the master says which grants it may keep,
+so that kept ones pin at most ``kept_grants_share`` of each arena and the rest of it
+stays movable for puts and promotions (kept unbounded, they pinned half the host arenas
+of a busy pool and puts found no room).
 """
 
 from __future__ import annotations
