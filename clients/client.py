@@ -28,11 +28,11 @@ from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, ConfigEr
                            NodeGone, NotLeader, NotReady, ReservationLost, TooManyPending,
                            TransferFailed, Unavailable)
 from kvpool.fields import MAX_KEYS
-from kvpool.keys import BlockKey, Namespace, parse_key
+from kvpool.keys import BlockKey, Namespace, parse_key, parse_keys
 from kvpool.keyspace import Keyspace
 from kvpool.protocol import Call, Location, ReadGrant, Reservation, unpack_unreadable
 from kvpool.transfer import INLINE_BYTES, Region, TransferAgent, client_host
-from kvpool.streamrpc import StreamRpcClient
+from kvpool.streamrpc import SOCKETS, StreamRpcClient
 from kvpool.wire import RpcClient
 from clients.buffers import BufferView, describe, view
 from clients.grants import HotGrants
@@ -51,8 +51,7 @@ WRITE_BY = 0.8
 _FAILOVER = (NotLeader, NotReady, Unavailable, ReservationLost)
 T = TypeVar("T")
 # The hot calls' transports ([client] rpc): the stream RPC, or the WebSocket RPC on the HTTP port.
-_TRANSPORTS: dict[str, type[RpcClient] | type[StreamRpcClient]] = {
-    "stream": StreamRpcClient, "ws": RpcClient}
+_TRANSPORTS = ("stream", "ws")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +83,9 @@ class AsyncPoolClient:
         self._tls = client_tls(cfg.tls_ca, "[client] tls_ca")
         if cfg.rpc not in _TRANSPORTS:
             raise ConfigError(f"[client] rpc = {cfg.rpc!r}: give one of {', '.join(_TRANSPORTS)}")
+        if cfg.rpc_socket not in SOCKETS:
+            raise ConfigError(f"[client] rpc_socket = {cfg.rpc_socket!r}: give one of "
+                              f"{', '.join(SOCKETS)}")
         self._rpc: RpcClient | StreamRpcClient | None = None if cfg.etcd else self._link(self.master_url)
         self._agent: TransferAgent | None = None
         self._cache: OrderedDict[int, Region] = OrderedDict()
@@ -128,6 +130,14 @@ class AsyncPoolClient:
     # -- plumbing -------------------------------------------------------------------------
 
     @property
+    def rpc_over(self) -> str:
+        """What the calls to the master run on now: "unix" (its local socket), "tcp", "ws"
+        (the WebSocket RPC), or "" before the first call."""
+        if isinstance(self._rpc, StreamRpcClient):
+            return self._rpc.over
+        return "ws" if self._rpc is not None else ""
+
+    @property
     def agent(self) -> TransferAgent:
         if self._agent is None:
             host = client_host(self.cfg.host, self.cfg.etcd or ",".join(self._masters))
@@ -135,8 +145,12 @@ class AsyncPoolClient:
         return self._agent
 
     def _link(self, url: str) -> RpcClient | StreamRpcClient:
-        return _TRANSPORTS[self.cfg.rpc](url, timeout_s=self.cfg.timeout_s, token=self._token,
-                                         tls=self._tls, namespace=self.cfg.namespace)
+        if self.cfg.rpc == "stream":
+            return StreamRpcClient(url, timeout_s=self.cfg.timeout_s, token=self._token,
+                                   tls=self._tls, namespace=self.cfg.namespace,
+                                   socket=self.cfg.rpc_socket)
+        return RpcClient(url, timeout_s=self.cfg.timeout_s, token=self._token, tls=self._tls,
+                         namespace=self.cfg.namespace)
 
     async def _call(self, name: Call, body: dict[str, Any]) -> Any:
         if self._rpc is None:
@@ -416,7 +430,7 @@ class AsyncPoolClient:
                        chained: bool, parent: BlockKey | None, prefer_node: str | None,
                        replicas: int, meta: dict[str, Any] | None,
                        kinds: list[tuple[DType, tuple[int, ...]]] | None) -> "StagedPut":
-        keys = [parse_key(k) for k in keys]
+        keys = parse_keys(keys)
         if len(keys) != len(sizes):
             raise BadRequest(f"{len(keys)} keys but {len(sizes)} sizes")
         body: dict[str, Any] = {"keys": keys, "sizes": sizes}
@@ -532,7 +546,7 @@ class AsyncPoolClient:
         return await self._retrying(lambda: self._batch_get(keys, outs))
 
     async def _batch_get(self, keys: Sequence[BlockKey], outs: Sequence[Any]) -> list[GetResult]:
-        keys = [parse_key(k) for k in keys]
+        keys = parse_keys(keys)
         if len(keys) != len(outs):
             raise BadRequest(f"{len(keys)} keys but {len(outs)} output buffers")
         if not keys:
@@ -699,7 +713,7 @@ class AsyncPoolClient:
 
     async def batch_exists(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Which keys are stored; a batch longer than a call may carry goes in several."""
-        parsed = [parse_key(k) for k in keys]
+        parsed = parse_keys(keys)
         present: list[bool] = []
         for start in range(0, max(len(parsed), 1), MAX_KEYS):
             body = {"keys": parsed[start:start + MAX_KEYS]}
@@ -712,7 +726,7 @@ class AsyncPoolClient:
         so the get that follows finds them hot."""
         if not keys:
             return 0
-        parsed = [parse_key(k) for k in keys]
+        parsed = parse_keys(keys)
         count = 0
         for start in range(0, len(parsed), MAX_KEYS):  # a call carries at most MAX_KEYS
             chunk = parsed[start:start + MAX_KEYS]
@@ -731,7 +745,7 @@ class AsyncPoolClient:
             raise BlockNotFound(f"no complete block {parse_key(key).hex()}")
 
     async def batch_remove(self, keys: Sequence[BlockKey], *, force: bool = False) -> int:
-        body = {"keys": [parse_key(k) for k in keys], "force": force}
+        body = {"keys": parse_keys(keys), "force": force}
         self._hot.drop(body["keys"], self._releases)  # our own leases ride on the remove
         res = await self._retrying(lambda: self._call(Call.REMOVE, dict(body)))
         return sum(res["removed"])
@@ -741,14 +755,14 @@ class AsyncPoolClient:
         """Keep blocks in the pool: a hard pin until unpinned (never evicted), or with
         ``ttl_s`` a soft pin (evicted after every unpinned block, until it expires).
         ``prefix`` pins every block each key chains from too. Returns how many blocks."""
-        body: dict[str, Any] = {"keys": [parse_key(k) for k in keys], "prefix": prefix}
+        body: dict[str, Any] = {"keys": parse_keys(keys), "prefix": prefix}
         if ttl_s is not None:
             body["ttl_s"] = float(ttl_s)
         return (await self._retrying(lambda: self._call(Call.PIN, dict(body))))["pinned"]
 
     async def unpin(self, keys: Sequence[BlockKey], *, prefix: bool = False) -> int:
         """Take back one hard pin and any soft pin of each block (and its prefix)."""
-        body = {"keys": [parse_key(k) for k in keys], "prefix": prefix}
+        body = {"keys": parse_keys(keys), "prefix": prefix}
         return (await self._retrying(lambda: self._call(Call.UNPIN, dict(body))))["unpinned"]
 
 

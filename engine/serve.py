@@ -23,6 +23,7 @@ from engine.model import Transformer
 from engine.worker import Handoff, Request, Role, Sequence, Worker
 from kvpool import event_stream, logs, tracing
 from kvpool.errors import BadRequest, KVPoolError
+from kvpool.tasks import run as run_loop
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "router":
             from engine.router import run_router
-            asyncio.run(run_router(args))
+            run_loop(run_router(args))
         else:
-            asyncio.run(run_engine(args))
+            run_loop(run_engine(args))
         return 0
     except KVPoolError as exc:
         print(f"engine {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Coroutine
 from kvpool import logs
 from kvpool.config import PoolConfig, load
 from kvpool.errors import ConfigError, KVPoolError
-from kvpool.tasks import new_event_loop
+from kvpool.tasks import run as run_loop
 
 GROUP = "kvpool.commands"
 
@@ -41,8 +41,7 @@ def serving(main: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
             ) -> Callable[[argparse.Namespace], int]:
     """A verb's ``run`` from a coroutine that serves until a signal."""
     def run(args: argparse.Namespace) -> int:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(main(args))
+        run_loop(main(args))
         return 0
     return run
 

@@ -280,6 +280,10 @@ class ClientConfig:
     rpc: str = doc("stream", "Transport of the hot calls: 'stream' (length-prefixed msgpack frames "
                              "on the master's RPC port) or 'ws' (the WebSocket RPC on its HTTP "
                              "port, for a path that passes HTTP only).")
+    rpc_socket: str = doc("auto", "Where the stream RPC connects: 'auto' (the master's local "
+                                  "Unix socket when it runs on this host, in this network "
+                                  "namespace, without TLS: a third off each call; else TCP), "
+                                  "'tcp', or 'unix' (an error where it cannot be used).")
     data_path: str = doc("auto", "How bytes move: 'auto' (a daemon on this host, reachable by the "
                                  "kernel's cross-memory copy, takes the same-host path; others "
                                  "NIXL), 'nixl', or 'same-host' (an error where it cannot be used).")

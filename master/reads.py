@@ -98,7 +98,7 @@ class Reads:
         for start in range(0, len(keys), LOOKUPS_AT_ONCE):
             if start:
                 await asyncio.sleep(0)
-            out.extend(index.readable(k) is not None for k in keys[start:start + LOOKUPS_AT_ONCE])
+            out += index.present(keys[start:start + LOOKUPS_AT_ONCE])
         return out
 
     async def match(self, keys: Sequence[BlockKey], prefetch: bool = False) -> int:
@@ -108,16 +108,16 @@ class Reads:
         index = self.state.index
         n = 0
         cold = []
-        for i, key in enumerate(keys):
-            if i and i % LOOKUPS_AT_ONCE == 0:
+        for start in range(0, len(keys), LOOKUPS_AT_ONCE):
+            if start:
                 await asyncio.sleep(0)
-            entry = index.readable(key)
-            if entry is None:
+            found = index.prefix(keys[start:start + LOOKUPS_AT_ONCE])
+            n += len(found)
+            if prefetch:
+                cold += [e.key for e in found
+                         if (best := e.best()) is not None and not best.tier.is_arena]
+            if len(found) < LOOKUPS_AT_ONCE:
                 break
-            best = entry.best()
-            if prefetch and best is not None and not best.tier.is_arena:
-                cold.append(key)
-            n += 1
         self.state.counters["match_hits"] += n
         self.state.counters["match_misses"] += len(keys) - n
         if cold:

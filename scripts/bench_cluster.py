@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.launcher import LocalCluster  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
@@ -167,7 +168,7 @@ def aggregate_get(root: Path, daemons: int, total: int, seconds: float) -> float
         for i in range(daemons):
             cl.start_daemon(f"node{i}")
         cl.wait_nodes(daemons)
-        asyncio.run(load(cl.etcd_endpoint, cl.cluster, n, f"agg{daemons}"))
+        run_loop(load(cl.etcd_endpoint, cl.cluster, n, f"agg{daemons}"))
         procs, _ = spawn_workers(cl, n, f"agg{daemons}", seconds, random=False, verify=False)
         results = collect(procs)
     finally:
@@ -205,7 +206,7 @@ def failover(root: Path, total: int, ttl: float) -> dict:
         for i in range(2):
             cl.start_daemon(f"node{i}")
         cl.wait_nodes(2)
-        asyncio.run(load(cl.etcd_endpoint, cl.cluster, n, "failover"))
+        run_loop(load(cl.etcd_endpoint, cl.cluster, n, "failover"))
         procs, start = spawn_workers(cl, n, "failover", 2.0 + ttl + 6.0, random=True, verify=True)
         kill_at = start + 2.0
         time.sleep(max(0.0, kill_at - time.time()))
@@ -216,7 +217,7 @@ def failover(root: Path, total: int, ttl: float) -> dict:
         new = cl.wait_leader(ttl + 20)
         took = time.time() - killed
         results = collect(procs)
-        after = asyncio.run(final_read(cl.etcd_endpoint, cl.cluster, n))
+        after = run_loop(final_read(cl.etcd_endpoint, cl.cluster, n))
     finally:
         cl.stop()
     times = sorted(t for r in results for t in r["ok_times"])
@@ -262,7 +263,7 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=2.0, help="leader and membership lease (s)")
     args = parser.parse_args()
     if args.mode == "worker":
-        print(json.dumps(asyncio.run(worker(args))))
+        print(json.dumps(run_loop(worker(args))))
         return
 
     total = (64 if args.quick else 256) * MiB

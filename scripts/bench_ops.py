@@ -6,9 +6,11 @@ p50/p99 per call of: exists (one key), match_prefix (one key), get of distinct 6
 blocks, get of one hot 64 KiB block, put of a 64 KiB block; then exists with 16 calls in
 flight, and keys per second of exists and match_prefix over 1000-key batches. The
 baseline is a request/response ping-pong of small messages in plain Python over blocking
-loopback sockets between this process and a child (no framework, one call in flight).
-Every get is checked byte for byte. ``--rpc both`` measures the WebSocket RPC and the
-stream RPC one after the other against the same pool, for a ratio within one run.
+loopback TCP sockets between this process and a child (no framework, one call in flight),
+with the same over a Unix socket beside it. Every get is checked byte for byte. ``--rpc``
+names the transports measured one after the other against the same pool (by default the
+stream RPC over TCP, then over the master's local Unix socket, which a client on its host
+takes by itself), for a ratio within one run. The client runs on uvloop, as engines do.
 ``--auth both`` runs everything twice, on a pool without credentials and on one with them
 (cluster, admin and viewer credentials, and the client as a tenant with quotas, its keys
 under an HMAC-keyed namespace root), and prints the ratio on/off per call; then, with both
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from clients.client import AsyncPoolClient  # noqa: E402
 from clients.sync import PoolClient  # noqa: E402
 from kvpool import localcopy  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.auth import new_secret  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
@@ -48,6 +51,11 @@ from kvpool.launcher import spawn, stop  # noqa: E402
 from benchlib import machine  # noqa: E402
 
 BLOCK = 64 << 10
+ARENA_BYTES = 1536 << 20  # holds a full run's stored blocks (10,000 x 64 KiB) and its puts
+# The hot RPC's transports a run may measure: the WebSocket RPC, the stream RPC over TCP, and
+# the stream RPC over the master's local Unix socket (a client's choice on the master's host).
+RPCS = {"ws": {"rpc": "ws"}, "tcp": {"rpc": "stream", "rpc_socket": "tcp"},
+        "unix": {"rpc": "stream", "rpc_socket": "unix"}}
 OPS = ["exists", "match_one", "get_64k", "hot_get_64k", "put_64k", "exists_16_in_flight", "pingpong"]
 _LEN = struct.Struct("<I")
 
@@ -64,15 +72,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def pingpong_server(port_file: str) -> None:
+def pingpong_server(port_file: str, unix: bool) -> None:
     """Echo length-prefixed messages to one peer until it hangs up."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+    if unix:
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind("\0" + Path(port_file).name)
+    else:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
     srv.listen(1)
-    Path(port_file + ".tmp").write_text(str(srv.getsockname()[1]))
+    Path(port_file + ".tmp").write_text(str(srv.getsockname()[1]) if not unix else "unix")
     os.replace(port_file + ".tmp", port_file)
     conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not unix:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         while True:
             (n,) = _LEN.unpack(_recv_exact(conn, 4))
@@ -82,18 +95,23 @@ def pingpong_server(port_file: str) -> None:
         pass
 
 
-def pingpong(calls: int) -> list[float]:
+def pingpong(calls: int, unix: bool = False) -> list[float]:
+    """The baseline over loopback TCP (``unix``: over a Unix socket, the local RPC's kind)."""
     port_file = tempfile.mktemp(prefix="kvpool-pingpong-")
     proc = subprocess.Popen([sys.executable, __file__, "--role", "pingpong-server",
-                             "--port-file", port_file])
+                             "--port-file", port_file, *(["--unix"] if unix else [])])
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(port_file):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit("the ping-pong server did not start")
             time.sleep(0.02)
-        sock = socket.create_connection(("127.0.0.1", int(Path(port_file).read_text())))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if unix:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect("\0" + Path(port_file).name)
+        else:
+            sock = socket.create_connection(("127.0.0.1", int(Path(port_file).read_text())))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         msg = b"x" * 48
         frame = _LEN.pack(len(msg)) + msg
         times = []
@@ -148,8 +166,8 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str,
                      creds: dict[str, str]) -> dict:
     """Every figure of one RPC transport (``rpc``) and data path against the running pool."""
     out: dict = {}
-    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
-                       key_secret=creds.get("keys", ""))
+    cfg = ClientConfig(master_url=master, **RPCS[rpc], data_path=path,
+                       token=creds.get("client", ""), key_secret=creds.get("keys", ""))
     ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     nblocks = calls
     keys = block_keys(ns, np.arange(nblocks + calls + 1000))
@@ -169,6 +187,8 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str,
         for k in stored[:50]:  # warm up: connection, NIXL peer, registrations
             await pool.exists(k)
             await pool.get(k, dst)
+        if pool.rpc_over != rpc:
+            raise SystemExit(f"asked for the {rpc} RPC, the client runs on {pool.rpc_over}")
 
         async def exists(i: int) -> None:
             if not await pool.exists(stored[i % nblocks]):
@@ -244,8 +264,8 @@ async def bench_pool(master: str, calls: int, rpc: str, salt: str, path: str,
 def bench_sync(master: str, calls: int, rpc: str, salt: str, path: str,
                creds: dict[str, str]) -> dict:
     """The blocking client's exists (from this thread) over the blocks bench_pool left."""
-    cfg = ClientConfig(master_url=master, rpc=rpc, data_path=path, token=creds.get("client", ""),
-                       key_secret=creds.get("keys", ""))
+    cfg = ClientConfig(master_url=master, **RPCS[rpc], data_path=path,
+                       token=creds.get("client", ""), key_secret=creds.get("keys", ""))
     ns = Namespace("bench-ops", "uint8", "raw", block_tokens=1, salt=salt, secret=cfg.key_secret)
     stored = block_keys(ns, np.arange(calls))
     with PoolClient(cfg) as sync:
@@ -291,7 +311,7 @@ def _start(data: str, secured: bool) -> tuple[list, str, dict[str, str]]:
     master, info = spawn("kvpool", ["master", "--port", "0", *args], {}, Path(data) / "master.log")
     try:
         daemon, _ = spawn("kvpool", ["daemon", "--master", info["master"], "--data-dir", data],
-                          {"KVPOOL_DAEMON_HOST_BYTES": str(512 << 20),
+                          {"KVPOOL_DAEMON_HOST_BYTES": str(ARENA_BYTES),
                            "KVPOOL_DAEMON_SSD_BYTES": "0", "KVPOOL_DAEMON_OBJECT_BYTES": "0", **env},
                           Path(data) / "daemon.log")
     except BaseException:
@@ -386,7 +406,7 @@ def interleaved(calls: int) -> dict[str, dict]:
             procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ab-"), secured)
             started += procs
             pools[name] = (url, creds)
-        return asyncio.run(_ab_calls(pools, calls))
+        return run_loop(_ab_calls(pools, calls))
     finally:
         for proc in started:
             stop(proc, wait_s=30)
@@ -396,11 +416,11 @@ def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> di
     procs, url, creds = _start(tempfile.mkdtemp(prefix="kvpool-bench-ops-"), secured)
     try:
         runs = {}
-        ping = pingpong(calls)
+        ping, ping_unix = pingpong(calls), pingpong(calls, unix=True)
         for n, rpc in enumerate(rpcs):
-            runs[rpc] = asyncio.run(bench_pool(url, calls, rpc, f"{rpc}-{n}", path, creds))
+            runs[rpc] = run_loop(bench_pool(url, calls, rpc, f"{rpc}-{n}", path, creds))
             runs[rpc]["exists_sync"] = bench_sync(url, calls, rpc, f"{rpc}-{n}", path, creds)
-        ping2 = pingpong(calls)  # before and after: the machine is shared
+        ping2, ping_unix2 = pingpong(calls), pingpong(calls, unix=True)  # before and after
         if path == "auto":  # what the client chose: the same-host copy when it can
             req = urllib.request.Request(url + "/v1/nodes", headers={
                 "Authorization": f"Bearer {creds['viewer']}"} if creds else {})
@@ -408,14 +428,16 @@ def measure(calls: int, rpcs: list[str], path: str, secured: bool = False) -> di
                 agent = json.loads(resp.read())["nodes"][0]["agent"]
             path = "same-host" if localcopy.local_pid(agent) else "nixl"
         runs_ping = _stats(ping + ping2)
+        runs_ping_unix = _stats(ping_unix + ping_unix2)
     finally:
         for proc in procs:
             stop(proc, wait_s=30)
-    return {"runs": runs, "pingpong": runs_ping, "path": path}
+    return {"runs": runs, "pingpong": runs_ping, "pingpong_unix": runs_ping_unix, "path": path}
 
 
-def shape(run: dict, ping: dict, path: str) -> dict:
-    """The JSON the issue asks for, from one transport's run."""
+def shape(run: dict, ping: dict, ping_unix: dict, path: str) -> dict:
+    """The JSON the issue asks for, from one transport's run; ``pingpong`` is over loopback
+    TCP, as the issue names it, and ``pingpong_unix`` the same over a Unix socket."""
     figures = {**{k: v for k, v in run.items() if k in OPS}, "pingpong": ping}
     return {"per_s": {k: figures[k]["per_s"] for k in OPS},
             "p50_ms": {k: figures[k]["p50_ms"] for k in OPS},
@@ -423,6 +445,7 @@ def shape(run: dict, ping: dict, path: str) -> dict:
             "ratio_to_pingpong": {k: figures[k]["per_s"] / ping["per_s"] for k in OPS},
             "batch_keys_per_s": run["batch_keys_per_s"],
             "sync_client": run["exists_sync"],
+            "pingpong_unix": ping_unix,
             "path": path}
 
 
@@ -438,6 +461,8 @@ def report(name: str, result: dict) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    u = result["pingpong_unix"]
+    print(f"  (ping-pong over a Unix socket: {u['per_s']:.0f} calls/s, p50 {u['p50_ms']:.3f} ms)")
     b = result["batch_keys_per_s"]
     print(f"  1000-key batches: exists {b['exists']:.0f} keys/s, match_prefix {b['match_prefix']:.0f} keys/s")
 
@@ -449,25 +474,29 @@ def main() -> None:
     parser.add_argument("--path", choices=["auto", "nixl", "same-host"], default="auto",
                         help="force the data path of gets and puts: NIXL, or the same-host "
                              "copy (auto: the client's choice; the JSON says which)")
-    parser.add_argument("--rpc", choices=["ws", "stream", "both"], default="stream",
-                        help="the hot RPC's transport: the WebSocket one, the stream one, or both "
-                             "one after the other (the JSON's top level is the last)")
+    parser.add_argument("--rpc", default="tcp,unix",
+                        help="the hot RPC's transports, one after the other (comma-separated: "
+                             "ws, tcp, unix; the stream RPC on TCP or on the master's local Unix "
+                             "socket); the JSON's top level is the last, rpc_<name> the others")
     parser.add_argument("--auth", choices=["off", "on", "both"], default="off",
                         help="credentials and tenants off, on, or both one after the other on "
                              "pools of their own (the JSON's top level is the last; both adds "
                              "auth_off and the ratio on/off)")
     parser.add_argument("--role", choices=["pingpong-server"], help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
+    parser.add_argument("--unix", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "pingpong-server":
-        return pingpong_server(args.port_file)
-    rpcs = ["ws", "stream"] if args.rpc == "both" else [args.rpc]
+        return pingpong_server(args.port_file, args.unix)
+    rpcs = args.rpc.split(",")
+    if not rpcs or any(r not in RPCS for r in rpcs):
+        parser.error(f"--rpc {args.rpc}: name some of {', '.join(RPCS)}")
     calls = 2000 if args.quick else 10000
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.auth]
     by_mode = {}
     for secured in modes:
         measured = measure(calls, rpcs, args.path, secured)
-        results = {rpc: shape(run, measured["pingpong"], measured["path"])
+        results = {rpc: shape(run, measured["pingpong"], measured["pingpong_unix"], measured["path"])
                    for rpc, run in measured["runs"].items()}
         print(f"credentials {'on (tenant client)' if secured else 'off'}:")
         for rpc, result in results.items():
@@ -491,10 +520,10 @@ def main() -> None:
         work["of_exists_p50"] = work["per_call_one_key_us"] / 1e3 / ab["exists"]["on_p50_ms"]
         print(f"work credentials add to a one-key call in the master: "
               f"{work['per_call_one_key_us']:.2f} us, {100 * work['of_exists_p50']:.2f}% of an exists call")
-    if len(results) == 2:
-        ws, st = results["ws"], results["stream"]
-        print("stream / ws, calls per second:  " + "  ".join(
-            f"{k} {st['per_s'][k] / ws['per_s'][k]:.2f}" for k in OPS if k != "pingpong"))
+    if len(results) >= 2:
+        first, last = results[rpcs[0]], results[rpcs[-1]]
+        print(f"{rpcs[-1]} / {rpcs[0]}, calls per second:  " + "  ".join(
+            f"{k} {last['per_s'][k] / first['per_s'][k]:.2f}" for k in OPS if k != "pingpong"))
     m = machine("master, daemon and this client as separate processes on one machine; "
                 "NIXL UCX over loopback; one call in flight unless named")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['setup']}")
@@ -505,8 +534,8 @@ def main() -> None:
         final["auth_on_over_off"] = auth_ratio
         final["auth_ab_calls"] = ab
         final["auth_added_work"] = work
-    if len(results) == 2:
-        final["rpc_ws"] = results["ws"]
+    for rpc in rpcs[:-1]:
+        final[f"rpc_{rpc}"] = results[rpc]
     if args.json:
         Path(args.json).write_text(json.dumps(final, indent=2))
 

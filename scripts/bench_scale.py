@@ -36,7 +36,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import machine  # noqa: E402
 from kvpool.auth import Credentials  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.codec import make_header  # noqa: E402
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion,  # noqa: E402
                                 CopyResult, Health, InventoryPage, InventoryRequest,
@@ -399,7 +399,7 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sim_daemon:
-        asyncio.run(serve_sim_daemon(args))
+        run_loop(serve_sim_daemon(args))
         return
     top = args.max or (QUICK_TOP if args.quick else SIZES[-1])
     sizes = [s for s in SIZES if s < top] + [top]
@@ -409,7 +409,7 @@ def main() -> None:
     info = machine(setup)
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {setup}", flush=True)
     try:
-        sizes_out = asyncio.run(run(args, sizes))
+        sizes_out = run_loop(run(args, sizes))
     except (KVPoolError, RuntimeError, OSError) as exc:
         print(f"bench_scale FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1)

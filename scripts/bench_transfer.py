@@ -12,7 +12,6 @@ process (``local_*`` keys). Prints tables; ``--json PATH`` writes the figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.auth import new_secret  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
 from kvpool.keys import Namespace, block_keys  # noqa: E402
 from kvpool.launcher import spawn, stop  # noqa: E402
@@ -264,10 +264,10 @@ def main() -> None:
         return raw_target(args.meta, args.total)
     if args.role == "client":
         token = os.environ.get(TOKEN_VAR, "")
-        result = asyncio.run(bench_pool(args.master, args.total, token, "nixl"))
-        result["raw"] = asyncio.run(bench_raw(args.total))
+        result = run_loop(bench_pool(args.master, args.total, token, "nixl"))
+        result["raw"] = run_loop(bench_raw(args.total))
         if args.same_host:
-            local = asyncio.run(bench_pool(args.master, args.total, token, "same-host"))
+            local = run_loop(bench_pool(args.master, args.total, token, "same-host"))
             memcpy = bench_memcpy(args.total)
             for size, row in result["sizes"].items():
                 lrow = local["sizes"][size]

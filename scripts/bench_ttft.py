@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
 from kvpool import launcher  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 
@@ -204,7 +205,7 @@ def main() -> None:
         proc, mono = start(["engine.serve", "router", "--mono", urls["mono"]], data / "router-mono.log")
         procs.append(proc)
 
-        ttft = asyncio.run(measure_ttft(urls["warm"], urls["prefill"], length, args.reps, 1))
+        ttft = run_loop(measure_ttft(urls["warm"], urls["prefill"], length, args.reps, 1))
         tpot: dict[str, dict[str, float]] = {}
         outputs: dict[str, list[list[int]]] = {}
         arrivals: dict[str, int] = {}
@@ -212,15 +213,15 @@ def main() -> None:
         # and in mono each one stalls a decode step of every stream, well over 1% of them
         every = 1.2 * ttft["0"]["ttft_ms"] / 1e3
         for mode, router in (("disagg", disagg), ("mono", mono)):
-            idle, outputs[mode], _ = asyncio.run(measure_tpot(router, streams, out_tokens, length,
+            idle, outputs[mode], _ = run_loop(measure_tpot(router, streams, out_tokens, length,
                                                               None, 7, f"{mode} idle"))
-            loaded, again, arrivals[mode] = asyncio.run(measure_tpot(router, streams, out_tokens,
+            loaded, again, arrivals[mode] = run_loop(measure_tpot(router, streams, out_tokens,
                                                                      length, every, 7, f"{mode} loaded"))
             assert again == outputs[mode], f"{mode}: the same prompts gave other tokens under load"
             tpot[mode] = {"idle_p50": pct(idle, 0.5), "idle_p99": pct(idle, 0.99),
                           "loaded_p50": pct(loaded, 0.5), "loaded_p99": pct(loaded, 0.99)}
         progress("partial block: recompute against fetch")
-        partial = asyncio.run(partial_block_cost(master, preset, bt, length))
+        partial = run_loop(partial_block_cost(master, preset, bt, length))
         print(file=sys.stderr)
     finally:
         for p in reversed(procs):

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvpool.launcher import stop  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from engine.vllm_kv import launch  # noqa: E402
 from engine.vllm_kv.tiny_model import build  # noqa: E402
 from scripts.benchlib import machine  # noqa: E402
@@ -131,14 +132,12 @@ class RawNixl:
         self._read()  # untimed: the first transfer meets the peer
 
     def _read(self) -> float:
-        import asyncio
-
         async def go() -> float:
             t = time.perf_counter()
             await self.agent.run("READ", self.peer, self.local, "DRAM", self.remote, "DRAM", 60.0)
             return time.perf_counter() - t
 
-        return asyncio.run(go())
+        return run_loop(go())
 
     def measure(self, reps: int) -> None:
         self.seconds += [self._read() for _ in range(reps)]

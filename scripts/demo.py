@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine import tokenizer  # noqa: E402
 from kvpool import launcher  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from engine.client import Generation, first_token, generate  # noqa: E402
 
 SYSTEM = ("You are kvpool's demo assistant. You answer questions about serving large language "
@@ -134,7 +135,7 @@ def main() -> None:
         n = args.conversations * args.turns
         print(f"replaying {args.conversations} conversations x {args.turns} turns "
               f"(shared system prompt of {len(tokenizer.encode(SYSTEM))} tokens) ...", flush=True)
-        results = asyncio.run(chat(ri["url"], args.conversations, args.turns, args.max_tokens,
+        results = run_loop(chat(ri["url"], args.conversations, args.turns, args.max_tokens,
                                    Progress(n, "disaggregated")))
         results.sort(key=lambda x: (x[0], x[1]))
         print("\nreused: prompt tokens not computed (from the prefill engine's pages or the "
@@ -164,7 +165,7 @@ def main() -> None:
         fresh, fi = start(["engine.serve", "prefill", "--master", master, *engine_args],
                           data / "prefill-fresh.log")
         procs += [cold, fresh]
-        reuse = asyncio.run(with_and_without_reuse(ci["url"], fi["url"], last))
+        reuse = run_loop(with_and_without_reuse(ci["url"], fi["url"], last))
         print(f"{'conv':>4} {'prompt':>7} {'from pool':>10} {'cold TTFT ms':>13} {'pool TTFT ms':>13} {'ratio':>6}")
         for c, (prompt, (cold_ms, pool_ms, pooled)) in enumerate(zip(last, reuse)):
             print(f"{c:>4} {len(prompt):>7} {pooled:>10} {cold_ms:>13.1f} {pool_ms:>13.1f} "
@@ -180,7 +181,7 @@ def main() -> None:
             procs.append(m)
             mr, mri = start(["engine.serve", "router", "--mono", mi["url"]], data / "router-mono.log")
             procs.append(mr)
-            mono = asyncio.run(chat(mri["url"], args.conversations, args.turns, args.max_tokens,
+            mono = run_loop(chat(mri["url"], args.conversations, args.turns, args.max_tokens,
                                     Progress(n, "monolithic   ")))
             mono.sort(key=lambda x: (x[0], x[1]))
             same = sum(a[3].tokens == b[3].tokens for a, b in zip(mono, results))

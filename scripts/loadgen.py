@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from clients.client import AsyncPoolClient  # noqa: E402
 from kvpool.config import ClientConfig  # noqa: E402
+from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.errors import KVPoolError  # noqa: E402
 from kvpool.wire import RpcClient  # noqa: E402
 
@@ -363,7 +364,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = (ClientConfig(master_url=args.master, timeout_s=args.timeout_s) if args.master else
            ClientConfig(etcd=args.etcd, cluster=args.cluster, timeout_s=args.timeout_s))
-    print(json.dumps(asyncio.run(worker(cfg, args.seed, args.batch, args.replicas))), flush=True)
+    print(json.dumps(run_loop(worker(cfg, args.seed, args.batch, args.replicas))), flush=True)
 
 
 def check_pool(master: str) -> tuple[bool, str]:
@@ -377,7 +378,7 @@ def check_pool(master: str) -> tuple[bool, str]:
             return False, str(exc)
         finally:
             await rpc.close()
-    return asyncio.run(call())
+    return run_loop(call())
 
 
 if __name__ == "__main__":

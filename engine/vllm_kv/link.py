@@ -15,6 +15,7 @@ from clients.client import AsyncPoolClient
 from engine.vllm_kv.common import ConnectorConfig
 from kvpool.config import ClientConfig
 from kvpool.errors import KVPoolError, Unavailable
+from kvpool.tasks import new_event_loop
 
 log = logging.getLogger("vllm.kvpool." + __name__.rsplit(".", 1)[-1])  # under vLLM's handler
 T = TypeVar("T")
@@ -27,7 +28,7 @@ class PoolLink:
     def __init__(self, cfg: ConnectorConfig, name: str) -> None:
         self.cfg = cfg
         self.name = name
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvpool-{name}",
                                         daemon=True)
         self._thread.start()

@@ -27,6 +27,7 @@ from engine.router import EngineRef, choose
 from engine.http import serve
 from kvpool.errors import BadRequest, KVPoolError, Unavailable
 from kvpool.keys import Namespace
+from kvpool.tasks import run as run_loop
 
 log = logging.getLogger(__name__)
 _HOP = {"content-length", "transfer-encoding", "connection", "content-encoding"}
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(ap.parse_args(argv)))
+    run_loop(_main(ap.parse_args(argv)))
 
 
 if __name__ == "__main__":

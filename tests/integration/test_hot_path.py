@@ -40,14 +40,25 @@ def counter(url: str, op: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def stream_port(url: str) -> int:
+def stream_info(url: str) -> dict:
     with urllib.request.urlopen(url + "/v1/rpc/stream", timeout=10) as resp:
-        return int(json.loads(resp.read())["port"])
+        return json.loads(resp.read())
 
 
-def hello_answer(url: str, first: bytes) -> dict:
-    """What the stream port answers to ``first`` as a connection's opening bytes."""
-    with socket.create_connection(("127.0.0.1", stream_port(url)), timeout=10) as sock:
+def connect(url: str, over: str) -> socket.socket:
+    """A raw connection to the stream RPC: its TCP port, or its local Unix socket."""
+    info = stream_info(url)
+    if over == "tcp":
+        return socket.create_connection(("127.0.0.1", int(info["port"])), timeout=10)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect("\0" + info["local"])
+    return sock
+
+
+def hello_answer(url: str, first: bytes, over: str = "tcp") -> dict:
+    """What the stream RPC answers to ``first`` as a connection's opening bytes."""
+    with connect(url, over) as sock:
         sock.sendall(first)
         unpacker = msgpack.Unpacker(raw=False)
         while True:
@@ -69,11 +80,13 @@ async def test_many_calls_in_flight_on_one_connection_each_get_their_answer(pool
     assert answers[256:] == [1] * 8  # ks[1] is absent: every prefix stops after ks[0]
 
 
-def test_the_stream_port_refuses_a_foreign_or_mismatched_peer_and_keeps_serving(pool: Pool) -> None:
-    older = hello_answer(pool.master_url, msgpack.packb({"kvpool": PROTOCOL_VERSION - 1}))
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_the_stream_port_refuses_a_foreign_or_mismatched_peer_and_keeps_serving(
+        pool: Pool, over: str) -> None:
+    older = hello_answer(pool.master_url, msgpack.packb({"kvpool": PROTOCOL_VERSION - 1}), over)
     assert older["error"] == "protocol_mismatch"
     assert f"protocol {PROTOCOL_VERSION}" in older["message"] and "upgrade" in older["message"]
-    http = hello_answer(pool.master_url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    http = hello_answer(pool.master_url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", over)
     assert http["error"] == "bad_request" and "hello" in http["message"]
 
     async def still_serves() -> bool:
@@ -81,6 +94,24 @@ def test_the_stream_port_refuses_a_foreign_or_mismatched_peer_and_keeps_serving(
             return await client.exists(keys_for("refused", 1)[0])
 
     assert asyncio.run(still_serves()) is False
+
+
+async def test_a_client_on_the_masters_host_calls_over_its_local_socket(pool: Pool) -> None:
+    """Same host, same network namespace, no TLS: the stream RPC skips the TCP stack; the
+    same calls answer alike on either, and TCP can be forced."""
+    ks = keys_for("local", 8)
+    name = stream_info(pool.master_url)["local"]
+    assert name.startswith("kvpool-rpc-") and len(name) > 30  # drawn at random, per start
+    async with AsyncPoolClient(pool.client_config()) as local, \
+            AsyncPoolClient(pool.client_config(rpc_socket="tcp")) as tcp:
+        assert local.rpc_over == tcp.rpc_over == ""  # nothing opened yet
+        await local.batch_put(ks[:4], [np.full(4 * KiB, i, np.uint8) for i in range(4)])
+        assert local.rpc_over == "unix"
+        assert await tcp.batch_exists(ks) == [True] * 4 + [False] * 4
+        assert tcp.rpc_over == "tcp"
+        assert await local.match_prefix(ks) == 4
+        out = np.empty(4 * KiB, np.uint8)
+        assert await tcp.get(ks[2], out) is not None and (out == 2).all()
 
 
 async def test_a_hot_block_is_read_again_without_asking_the_master(pool: Pool) -> None:

@@ -5,6 +5,7 @@ another role's, and serves the right one; the attacks issue 12 found now fail.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import pytest
 from clients.client import AsyncPoolClient
 from kvpool.config import ClientConfig
 from kvpool.daemon_link import DAEMON_RPC_PATH, DaemonCall
-from kvpool.errors import BadRequest, Forbidden, KVPoolError, Unauthorized
+from kvpool.errors import BadRequest, Forbidden, KVPoolError, Unauthorized, Unavailable
 from kvpool.keys import Namespace, block_keys
 from kvpool.launcher import spawn, stop
 from kvpool.protocol import Call
@@ -429,6 +430,11 @@ async def test_with_a_certificate_the_rpc_and_http_speak_tls(tmp_path: Path) -> 
         async with AsyncPoolClient(cfg) as c:
             assert (await c.put(ks[0], np.ones(4096, np.uint8))).stored
             assert await c.get_bytes(ks[0]) == bytes(np.ones(4096, np.uint8))
+            assert c.rpc_over == "tcp"  # under TLS: no local socket, whatever the host
+        local = dataclasses.replace(cfg, rpc_socket="unix")
+        async with AsyncPoolClient(local) as c:
+            with pytest.raises(Unavailable, match='rpc_socket = "auto"'):
+                await c.exists(ks[0])
         untrusting = ClientConfig(master_url=pool.master_url, token=TOKENS["client"])
         async with AsyncPoolClient(untrusting) as c:  # the system's CAs do not know it
             with pytest.raises(KVPoolError, match="certificate"):
