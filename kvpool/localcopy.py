@@ -1,12 +1,16 @@
 """The same-host path: a client copies straight to and from a daemon's host arena.
 
 When client and daemon run on one host, NIXL's loopback transport moves bytes at about a
-third of memory speed and costs a tenth of a millisecond per transfer. The kernel's
-cross-memory copy (``process_vm_readv`` / ``process_vm_writev``) moves them once, from one
-address space to the other, at memory speed, with no shared mapping to set up, no file
-in /dev/shm that outlives a crash, and the arena left as it is (anonymous huge pages).
-The kernel allows it only to a caller that may trace the daemon (the same user, or
-CAP_SYS_PTRACE): the operating system's own check that the two trust each other.
+third of memory speed and costs a tenth of a millisecond per transfer. A daemon's host
+arena is a shared mapping of a memfd (named ``ARENA_NAME``): a client on the same host
+opens it through ``/proc/<pid>/fd`` and maps it once, and from then on a copy is a
+memcpy (8-12 GB/s here, against 3.5-4 GB/s for the kernel's cross-memory copy and its
+page pinning). Nothing is left in /dev/shm: the memory goes with the last process that
+maps it. Where the arena cannot be mapped (pinned through torch on a CUDA host, or an
+older daemon), the kernel's cross-memory copy (``process_vm_readv`` / ``_writev``) moves
+the bytes once, address space to address space. Both are open only to a caller that may
+trace the daemon (the same user, or CAP_SYS_PTRACE): the operating system's own check
+that the two trust each other, and no more than the cross-memory copy already grants.
 
 A daemon names its NIXL agent with its identity (``identity()``): process id, the
 host's boot id and the process's start time. A client that finds the same boot id and a
@@ -19,13 +23,16 @@ thread while the caller verifies what already landed, as with NIXL.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 from kvpool.errors import TransferFailed
 
 Row = tuple[int, int, int]  # address, length, device id
+ARENA_NAME = "kvpool-host-arena"  # the memfd of a daemon's host arena
 _IOV_MAX = 1024  # iovecs one call takes
 _NAME = re.compile(r"-p(\d+)-([0-9a-f]{8})-(\d+)$")
 
@@ -82,7 +89,87 @@ def local_pid(agent: str) -> int | None:
     local = _Iovec(ctypes.cast(ctypes.byref(probe), ctypes.c_void_p), 0)
     if _libc().process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(local), 1, 0) < 0:
         return None  # not permitted (another user, ptrace restrictions): NIXL
+    forget(pid)  # a new daemon under this pid: not the arena of an old one
+    for old in [p for p in _mapped if not _alive(p)]:  # a daemon seen for the first time
+        forget(old)  # may replace one that died: its arena is not held here any longer
     return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: not a daemon this client may copy with
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """A daemon's host arena as mapped here."""
+
+    base: int  # its address in the daemon
+    size: int
+    here: int  # its address in this process
+    mm: mmap.mmap  # keeps it mapped
+
+    def holds(self, rows: list[Row]) -> bool:
+        end = self.base + self.size
+        return all(self.base <= a and a + n <= end for a, n, _ in rows)
+
+
+_mapped: dict[int, _Mapped | None] = {}  # daemon pid -> its arena here (None: cannot be mapped)
+
+
+def _map_arena(pid: int) -> _Mapped | None:
+    """Find the arena's memfd among the daemon's descriptors and its place in the daemon's
+    address space, and map it here."""
+    tag = f"/memfd:{ARENA_NAME}"
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            spans = [line.split() for line in f if tag in line]
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    if not spans:
+        return None
+    addresses, _, offset = spans[0][:3]  # where a part of it is mapped, and from which offset
+    base = int(addresses.split("-")[0], 16) - int(offset, 16)
+    for name in names:
+        try:
+            if not os.readlink(f"{fd_dir}/{name}").startswith(tag):
+                continue
+            fd = os.open(f"{fd_dir}/{name}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        here = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        return _Mapped(base, size, here, mm)
+    return None
+
+
+def _arena(pid: int) -> _Mapped | None:
+    if pid not in _mapped:
+        _mapped[pid] = _map_arena(pid)
+    return _mapped[pid]
+
+
+def mapped(pid: int) -> bool:
+    """Has this client mapped the arena of daemon ``pid`` (a first copy with it does)?"""
+    return _mapped.get(pid) is not None
+
+
+def forget(pid: int) -> None:
+    """Unmap the arena of daemon ``pid`` (gone, or replaced by another under its pid)."""
+    _mapped.pop(pid, None)
 
 
 def copy(op: str, pid: int, local: list[Row], remote: list[Row]) -> None:
@@ -91,6 +178,18 @@ def copy(op: str, pid: int, local: list[Row], remote: list[Row]) -> None:
     address is not mapped)."""
     if len(local) != len(remote) or any(l[1] != r[1] for l, r in zip(local, remote)):
         raise TransferFailed("local and remote rows must pair up with equal lengths")
+    arena = _arena(pid)
+    if arena is not None and arena.holds(remote):
+        if not _alive(pid):  # a daemon that died: its arena is no one's to write or read now
+            forget(pid)
+            raise TransferFailed(f"same-host {op} with process {pid}: the daemon is gone")
+        move, shift = ctypes.memmove, arena.here - arena.base
+        for (la, ln, _), (ra, _, _) in zip(local, remote):  # the GIL is released in each
+            if op == "READ":
+                move(la, ra + shift, ln)
+            else:
+                move(ra + shift, la, ln)
+        return
     fn = _libc().process_vm_readv if op == "READ" else _libc().process_vm_writev
     for start in range(0, len(local), _IOV_MAX):
         lrows, rrows = local[start:start + _IOV_MAX], remote[start:start + _IOV_MAX]

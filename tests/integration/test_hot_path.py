@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from clients.client import AsyncPoolClient
+from kvpool import localcopy
 from kvpool.errors import ChecksumMismatch
 from kvpool.keys import Namespace, block_keys
 from kvpool.protocol import Call
@@ -210,6 +211,8 @@ async def test_what_one_data_path_writes_the_other_reads(pool: Pool) -> None:
             one = np.zeros(MiB, np.uint8)
             assert await reader.get(ks[2], one) is not None and np.array_equal(one, values[2])
             await writer.batch_remove(ks, force=True)
+    # the same-host side copied through the daemon's arena mapped here, not the kernel
+    assert localcopy.mapped(pool.procs["daemon"].pid)
 
 
 NAMESPACED_CLIENT = """
