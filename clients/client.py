@@ -349,17 +349,21 @@ class AsyncPoolClient:
         return scratch, slices
 
     async def connect(self) -> int:
-        """Connect now to the master and to every daemon of the pool, so that the first put
-        or get pays for none of it (an engine calls this as it starts). Returns how many
-        daemons it connected to; one that cannot be reached is skipped (later calls find
-        out, as they would have)."""
+        """Connect now to the master and to every daemon of the pool (and map the host
+        arena of those on this host), so that the first put or get pays for none of it (an
+        engine calls this as it starts). Returns how many daemons it connected to; one that
+        cannot be reached is skipped (later calls find out, as they would have)."""
         found = (await self._call(Call.AGENTS, {"agents": []}))["metadata"]
+        loop = asyncio.get_running_loop()
         connected = 0
         for meta in found.values():
             try:
                 names = {self.agent.add_peer(bytes(b)) for b in (meta if isinstance(meta, list) else [meta])}
                 for name in names:
                     self.agent.connect(name)
+                    pid = localcopy.local_pid(name) if self.cfg.data_path != "nixl" else None
+                    if pid is not None:  # populating a large mapping takes a while: not here
+                        await loop.run_in_executor(None, localcopy.prepare, pid)
                 connected += 1
             except NodeGone as exc:
                 log.info("not connected ahead: %s", exc)

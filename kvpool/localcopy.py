@@ -162,6 +162,11 @@ def _arena(pid: int) -> _Mapped | None:
     return _mapped[pid]
 
 
+def prepare(pid: int) -> bool:
+    """Map the arena of daemon ``pid`` now, ahead of the first copy; False: it cannot be."""
+    return _arena(pid) is not None
+
+
 def mapped(pid: int) -> bool:
     """Has this client mapped the arena of daemon ``pid`` (a first copy with it does)?"""
     return _mapped.get(pid) is not None

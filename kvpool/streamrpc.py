@@ -22,9 +22,8 @@ credential: it names a port, nothing more); TLS is on when that URL is https.
 Without TLS the server also listens on a Unix socket in Linux's abstract namespace, under a
 name drawn at random when it starts and given out with the port. A client on the same
 host (and in the same network namespace, which scopes such names) connects there: the
-same frames and hello, without the loopback TCP stack, which costs a third of a call
-here (a plain ping-pong does 16-18 k round trips/s over it against 10-11 k over loopback
-TCP). From anywhere else the name reaches nothing and the client takes TCP. The name is
+same frames and hello, without the loopback TCP stack (a plain ping-pong does 1.3-1.8
+times the round trips over it that it does over loopback TCP here). From anywhere else the name reaches nothing and the client takes TCP. The name is
 not a secret (the hello still wants the credential); it only has to be unique, so that a
 client never lands on another server.
 """

@@ -270,11 +270,15 @@ def agents_calls(url: str) -> int:
 
 async def test_a_client_that_connects_ahead_asks_nothing_more_at_its_first_put(pool: Pool) -> None:
     """An engine connects as it starts: to the master and to every daemon's NIXL agent,
-    so that its first put or get does not wait for any of it."""
+    and maps the arena of a daemon on its host, so that its first put or get does not wait
+    for any of it."""
     [key] = keys_for("ahead", 1)
     value = np.full(64 * KiB, 3, np.uint8)
+    daemon = pool.procs["daemon"].pid
+    localcopy.forget(daemon)  # as in a process that never copied with it
     async with AsyncPoolClient(pool.client_config()) as client:
         assert await client.connect() == 1  # the pool's one daemon
+        assert localcopy.mapped(daemon)
         before = agents_calls(pool.master_url)
         assert (await client.put(key, value)).stored
         out = np.zeros_like(value)
