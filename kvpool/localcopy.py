@@ -179,8 +179,10 @@ def forget(pid: int) -> None:
 
 def copy(op: str, pid: int, local: list[Row], remote: list[Row]) -> None:
     """READ (remote -> local) or WRITE (local -> remote) matching rows with the daemon
-    process ``pid``; TransferFailed when the kernel moved less (the daemon died, or an
-    address is not mapped)."""
+    process ``pid``: memcpy through its mapped arena, or the kernel's cross-memory copy.
+    TransferFailed when the daemon is gone or the kernel moved less (an address is not
+    mapped). A copy holds its mapping while it runs, so ``forget`` on another thread
+    cannot unmap it underneath."""
     if len(local) != len(remote) or any(l[1] != r[1] for l, r in zip(local, remote)):
         raise TransferFailed("local and remote rows must pair up with equal lengths")
     arena = _arena(pid)

@@ -49,7 +49,7 @@ def test_a_copy_that_cannot_complete_is_a_transfer_failure() -> None:
 
 
 ARENA_HOLDER = """
-import mmap, os, sys
+import os, sys
 import numpy as np
 from kvpool.tiers.arena import ArenaTier
 arena = ArenaTier.host(1 << 20)
