@@ -70,9 +70,10 @@ class TaskOwner:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The event loop of every process and thread kvpool runs: uvloop's, which takes about
-    40% off each RPC's cost against asyncio's own (scripts/bench_ops.py: 6.7 k
-    against 4.1 k exists/s from one client)."""
+    """The event loop of every process and thread kvpool runs (but the blocking client,
+    clients.sync, which starts its loop for each call): uvloop's, which takes about 40%
+    off each RPC's cost against asyncio's own (scripts/bench_ops.py: 6.7 k against 4.1 k
+    exists/s from one client)."""
     return uvloop.new_event_loop()
 
 
