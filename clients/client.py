@@ -37,7 +37,7 @@ from kvpool.wire import RpcClient
 from clients.buffers import BufferView, describe, view
 from clients.grants import HotGrants
 from clients.segments import SegmentedView, StreamHash, parts_of, payload_checksum, rows, view_of
-from clients.staged_put import PutResult, StagedPut, tier_of
+from clients.staged_put import PutResult, StagedPut, put_meta, tier_of
 
 log = logging.getLogger(__name__)
 _REGION_CACHE = 64  # large caller buffers kept registered
@@ -399,7 +399,7 @@ class AsyncPoolClient:
         which namespace and model the blocks belong to (for purges, and tokens per block in
         the KV events); ``token_ids`` (one list per key) go out in the blocks' BlockStored
         events only: send them only if routers may see prompt content."""
-        meta = _meta(namespace, token_ids, len(keys))
+        meta = put_meta(namespace, token_ids, len(keys))
         return await self._retrying(lambda: self._batch_put(keys, values, layout, chained, parent,
                                                             prefer_node, replicas, meta))
 
@@ -412,7 +412,7 @@ class AsyncPoolClient:
         engine writes each model layer's share of its new blocks as soon as the forward
         pass has computed it (``StagedPut.write``), then commits them at once. The
         arguments mean what they mean for ``batch_put``; the blocks are stored as bytes."""
-        meta = _meta(namespace, token_ids, len(keys))
+        meta = put_meta(namespace, token_ids, len(keys))
         return await self._retrying(lambda: self._reserve(
             keys, list(sizes), layout, chained, parent, prefer_node, replicas, meta, None))
 
@@ -768,19 +768,6 @@ class AsyncPoolClient:
         """Take back one hard pin and any soft pin of each block (and its prefix)."""
         body = {"keys": parse_keys(keys), "prefix": prefix}
         return (await self._retrying(lambda: self._call(Call.UNPIN, dict(body))))["unpinned"]
-
-
-def _meta(ns: Namespace | None, token_ids: Sequence[Sequence[int]] | None, n: int
-          ) -> dict[str, Any] | None:
-    """What a reserve call says about its blocks beyond their bytes (master/catalog.py)."""
-    meta: dict[str, Any] = {}
-    if ns is not None:
-        meta.update(namespace=ns.root(), model=ns.model_id, block_tokens=ns.block_tokens)
-    if token_ids is not None:
-        if len(token_ids) != n:
-            raise BadRequest(f"{n} keys but {len(token_ids)} token id lists")
-        meta["token_ids"] = [[int(t) for t in row] for row in token_ids]
-    return meta or None
 
 
 def _chunks(idx: list[int], sizes: list[int]) -> list[list[int]]:

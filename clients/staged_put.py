@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from kvpool.codec import BlockHeader
 from kvpool.errors import BadRequest, KVPoolError, NodeGone, ReservationLost
-from kvpool.keys import BlockKey
+from kvpool.keys import BlockKey, Namespace
 from kvpool.protocol import Call, Reservation, ReserveStatus
 from clients.buffers import BufferView
 from clients.segments import SegmentedView, StreamHash, view_of
@@ -139,3 +139,16 @@ class StagedPut:
 def tier_of(mem_type: str) -> str:
     """The tier a location's memory type names: GPU memory or the host arena."""
     return "gpu" if mem_type == "VRAM" else "host"
+
+
+def put_meta(ns: Namespace | None, token_ids: Sequence[Sequence[int]] | None, n: int
+             ) -> dict[str, Any] | None:
+    """What a reserve call says about its blocks beyond their bytes (master/catalog.py)."""
+    meta: dict[str, Any] = {}
+    if ns is not None:
+        meta.update(namespace=ns.root(), model=ns.model_id, block_tokens=ns.block_tokens)
+    if token_ids is not None:
+        if len(token_ids) != n:
+            raise BadRequest(f"{n} keys but {len(token_ids)} token id lists")
+        meta["token_ids"] = [[int(t) for t in row] for row in token_ids]
+    return meta or None
