@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Coroutine
 
-from kvpool import logs
+from kvpool import heap, logs
 from kvpool.config import PoolConfig, load
 from kvpool.errors import ConfigError, KVPoolError
 from kvpool.tasks import run as run_loop
@@ -39,8 +39,10 @@ class Verb:
 
 def serving(main: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
             ) -> Callable[[argparse.Namespace], int]:
-    """A verb's ``run`` from a coroutine that serves until a signal."""
+    """A verb's ``run`` from a coroutine that serves until a signal; a server process
+    freezes what survives full collections (kvpool.heap)."""
     def run(args: argparse.Namespace) -> int:
+        heap.freeze_survivors()
         run_loop(main(args))
         return 0
     return run

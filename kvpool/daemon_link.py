@@ -20,7 +20,7 @@ from kvpool import tracing
 from kvpool.auth import Role
 from kvpool.errors import BadRequest, InventoryExpired, KVPoolError, error_from_code
 from kvpool.fields import need
-from kvpool.keys import BlockKey, parse_key
+from kvpool.keys import KEY_BYTES, BlockKey, parse_key
 from kvpool.tiers.base import TierKind
 from kvpool.streamrpc import StreamRpcClient
 from kvpool.wire import Handler
@@ -86,6 +86,26 @@ class StoredBlock:
         return cls(f.key(key, "stored block key"), _tier(tier),
                    _OFFSET(location, "stored block location"), _OFFSET(size, "stored block size"),
                    _HEADER(header, "stored block header"))
+
+    @classmethod
+    def unpack_many(cls, raws: list[Any]) -> list["StoredBlock"]:
+        """``unpack`` of each; an item as daemons send it (raw key, tier name, two
+        integers, header bytes) is checked inline, a new leader's rebuild taking in
+        millions, and anything else goes through ``unpack`` for its precise error."""
+        out = []
+        tiers = _TIERS
+        for raw in raws:
+            if type(raw) is list and len(raw) == 5:
+                key, tier, location, size, header = raw
+                kind = tiers.get(tier) if type(tier) is str else None
+                if kind is not None and type(key) is bytes and len(key) == KEY_BYTES \
+                        and type(location) is int and 0 <= location <= f.U64 \
+                        and type(size) is int and 0 <= size <= f.U64 \
+                        and type(header) is bytes and len(header) <= f.MAX_HEADER_BYTES:
+                    out.append(cls(key, kind, location, size, header))
+                    continue
+            out.append(cls.unpack(raw))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +323,7 @@ class InventoryPage:
         if not isinstance(body, dict):
             raise BadRequest("an inventory page is a map")
         return cls(need(body, "snapshot", int), need(body, "total", int), need(body, "next", int),
-                   [StoredBlock.unpack(b) for b in need(body, "blocks", list)],
+                   StoredBlock.unpack_many(need(body, "blocks", list)),
                    [PinMark.unpack(m) for m in need(body, "marks", list)])
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvpool.heap import HeapCollector
 from kvpool.tiers.base import TierInfo, TierKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,6 +44,7 @@ class DaemonMetrics:
     def __init__(self, node: str, infos: Callable[[], list[TierInfo]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Tiers(node, infos))
+        self.registry.register(HeapCollector())
         r = self.registry
         self.copy_seconds = Histogram("kvpool_daemon_copy_seconds", "Time to move one block "
                                       "between this node's tiers (read, verify, write)",

@@ -77,7 +77,7 @@ class Reservation:
     locations: tuple[Location, ...] = ()
 
     def pack(self) -> list[Any]:
-        return [int(self.status), self.replicas, [list(loc) for loc in self.locations]]
+        return [int(self.status), self.replicas, self.locations]  # tuples pack as arrays
 
     @classmethod
     def unpack(cls, raw: Any) -> "Reservation":

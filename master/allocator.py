@@ -24,10 +24,13 @@ class ArenaAllocator:
         self._free_size: dict[int, int] = {0: self.capacity}
         self._by_size: list[tuple[int, int]] = [(self.capacity, 0)]  # sorted (size, start)
         self._allocated: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
         self.used = 0
 
     def _round(self, size: int) -> int:
-        return -(-size // self.alignment) * self.alignment
+        need = -(-size // self.alignment) * self.alignment
+        # one int object per extent size, not one per extent (blocks come in few sizes)
+        return self._sizes.setdefault(need, need) if len(self._sizes) < 4096 else need
 
     @property
     def free_bytes(self) -> int:

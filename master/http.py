@@ -254,16 +254,9 @@ class MasterHttp:
     # -- admin ----------------------------------------------------------------------------
 
     def _usage(self) -> dict[tuple[str, TierKind], list[int]]:
-        """Per (owner, tier): [blocks, payload bytes, stored bytes] of the readable blocks."""
-        usage: dict[tuple[str, TierKind], list[int]] = {}
-        for entry in self.state.index.entries.values():
-            if entry.state.readable:
-                for r in entry.replicas:
-                    row = usage.setdefault((r.node, r.tier), [0, 0, 0])
-                    row[0] += 1
-                    row[1] += entry.size
-                    row[2] += r.size
-        return usage
+        """Per (owner, tier): [blocks, payload bytes, stored bytes] of the readable blocks
+        (kept by the index: no view walks it)."""
+        return self.state.index.shown
 
     @staticmethod
     def _compression(payload: int, stored: int) -> float:
@@ -293,7 +286,7 @@ class MasterHttp:
         return table
 
     async def cluster(self, request: web.Request) -> web.Response:
-        complete = sum(e.state.readable for e in self.state.index.entries.values())
+        complete = self.state.index.readable_blocks
         return web.json_response({
             "cluster": self.core.cfg.cluster, "ready": self.core.role is Role.LEADER,
             "leader": self.core.role.leads, "nodes": len(self.state.nodes), "blocks": complete,

@@ -2,8 +2,8 @@
 
 Kept in memory and rebuilt from the daemons' inventories; nothing here touches the
 network. Per (owner, tier) an eviction policy orders the blocks there, and the index
-keeps every block's cached successors (by parent link, whatever order blocks arrive in),
-which is what makes eviction prefix-aware: a block whose successor is cached in its tier
+counts every block's cached successors per tier (by parent link, whatever order blocks
+arrive in), which is what makes eviction prefix-aware: a block whose successor is cached in its tier
 or a faster one goes after that successor.
 """
 
@@ -19,6 +19,7 @@ from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TIER_ORDER, TierKind
 from master.catalog import BlockMeta
+from master import rank_counts
 from master.policy import BlockInfo, EvictionPolicy, LRUFactory
 
 
@@ -69,8 +70,10 @@ class BlockEntry:
     parent: BlockKey | None = None
     pins: int = 0  # hard pins: never evicted while any is held
     soft_until: float = 0.0  # a soft pin: evicted after every unpinned block, until then
-    # lease id -> expiry, made at the first lease (most blocks never hold one): ``leases``
-    _leases: dict[int, float] | None = field(default=None, repr=False)
+    # lease id -> expiry, made at the first lease (most blocks never hold one): ``leases``;
+    # or, for a block taken in from a former leader's term, the expiry of the leases that
+    # leader may have granted, one float every such block shares (``inherit``)
+    _leases: dict[int, float] | float | None = field(default=None, repr=False)
     used_at: float = 0.0  # last write or read (monotonic), for the last tier's TTL
     meta: BlockMeta | None = None  # what the writer said of it (master.catalog)
     wanted: int = 1  # copies on distinct nodes the writer asked for (re-replicated up to it)
@@ -80,10 +83,27 @@ class BlockEntry:
 
     @property
     def leases(self) -> dict[int, float]:
-        """The block's read leases (lease id -> expiry); asking for them makes the table."""
+        """The block's read leases (lease id -> expiry, an inherited one as lease 0);
+        asking for them makes the table."""
+        held = self._leases
+        if type(held) is dict:
+            return held
+        table: dict[int, float] = {} if held is None else {0: held}  # type: ignore[dict-item]
+        self._leases = table
+        return table
+
+    def inherit(self, until: float) -> None:
+        """Leased until ``until``, as every block a former leader's readers may be reading:
+        no table per block for it (a rebuilt index of millions would carry as many)."""
         if self._leases is None:
-            self._leases = {}
-        return self._leases
+            self._leases = until
+        else:
+            self.leases[0] = until
+
+    def drop_lease(self, lease: int) -> None:
+        held = self._leases
+        if type(held) is dict:
+            held.pop(lease, None)
 
     @property
     def shown(self) -> BlockKey:
@@ -104,6 +124,11 @@ class BlockEntry:
     def leased(self, now: float) -> bool:
         leases = self._leases
         if not leases:
+            return False
+        if type(leases) is float:
+            if leases > now:
+                return True
+            self._leases = None
             return False
         for lease, expiry in list(leases.items()):
             if expiry <= now:
@@ -153,30 +178,33 @@ class Index:
             make_policy = lambda owner, kind: lru.make(kind.value, 0)  # noqa: E731
         self._make_policy = make_policy
         self._tiers: dict[tuple[str, TierKind], EvictionPolicy] = {}
-        # parent key -> its indexed successors: a 1-tuple for the usual one (a set costs
-        # some 200 bytes more per block), a set once there are more
-        self._children: dict[BlockKey, tuple[BlockKey] | set[BlockKey]] = {}
-        # replica owner -> keys of its indexed blocks (a dict: in the order they came, which
-        # a node's drop walks faster than a set's hash order)
-        self._on: dict[str, dict[BlockKey, None]] = {}
         # parent key -> how many of its indexed successors have their fastest replica in
         # each tier (by rank): what "a successor is cached in this tier or a faster one"
-        # reads, kept as replicas come and go (a block 0 may have thousands of successors)
-        self._cached: dict[BlockKey, list[int]] = {}
+        # reads, kept as replicas come and go (a block 0 may have thousands of successors);
+        # a row is packed in one int (master.rank_counts)
+        self._cached: dict[BlockKey, int] = {}
         # (scope, tier) -> [bytes, replicas] of every indexed replica, pending ones too:
         # what the tenants' quotas count against.
         self.usage: dict[tuple[str, TierKind], list[int]] = {}
+        # (owner, tier) -> [blocks, payload bytes, stored bytes] of the readable blocks'
+        # replicas, and how many blocks are readable: what the operator's views show, kept
+        # as blocks commit, gain or lose copies and go, so that no view walks the index
+        self.shown: dict[tuple[str, TierKind], list[int]] = {}
+        self.readable_blocks = 0
+        # keys of blocks that were hard-pinned (a superset: ``pinned`` counts the live ones)
+        self._pinned: set[BlockKey] = set()
 
     def _tally(self, entry: BlockEntry, sign: int) -> None:
         """Count an indexed block (+1) or stop counting it (-1) among its parent's cached
         successors, by its fastest replica; around every change of its replicas or link."""
         if entry.parent is None or not entry.replicas or self.entries.get(entry.key) is not entry:
             return
-        row = self._cached.get(entry.parent)
-        if row is None:
-            row = self._cached[entry.parent] = [0] * len(TIER_ORDER)
-        row[min(r.tier.rank for r in entry.replicas)] += sign
-        if not any(row):
+        rank = entry.replicas[0].tier.rank if len(entry.replicas) == 1 else \
+            min(r.tier.rank for r in entry.replicas)
+        row = rank_counts.bumped(self._cached.get(entry.parent, rank_counts.NONE), rank, sign)
+        if row:
+            self._cached[entry.parent] = row
+        else:
             del self._cached[entry.parent]
 
     def _count(self, entry: BlockEntry, replica: Replica, sign: int) -> None:
@@ -185,6 +213,33 @@ class Index:
             row = self.usage[(entry.scope, replica.tier)] = [0, 0]
         row[0] += sign * replica.size
         row[1] += sign
+
+    def _show(self, entry: BlockEntry, replica: Replica, sign: int) -> None:
+        row = self.shown.get((replica.node, replica.tier))
+        if row is None:
+            row = self.shown[(replica.node, replica.tier)] = [0, 0, 0]
+        row[0] += sign
+        row[1] += sign * entry.size
+        row[2] += sign * replica.size
+        if not row[0]:
+            del self.shown[(replica.node, replica.tier)]
+
+    def _readable(self, entry: BlockEntry, sign: int) -> None:
+        """An indexed block became readable (+1) or stops being so (-1)."""
+        self.readable_blocks += sign
+        for r in entry.replicas:
+            self._show(entry, r, sign)
+
+    def pinned_now(self, entry: BlockEntry) -> None:
+        """``entry`` took a hard pin (what ``pinned`` counts)."""
+        self._pinned.add(entry.key)
+
+    @property
+    def pinned(self) -> int:
+        """Indexed blocks holding a hard pin: O(blocks ever pinned), not O(index)."""
+        live = {k for k in self._pinned if (e := self.entries.get(k)) is not None and e.pins > 0}
+        self._pinned = live
+        return len(live)
 
     def used(self, scope: str, tier: TierKind) -> int:
         row = self.usage.get((scope, tier))
@@ -227,12 +282,6 @@ class Index:
             tier = self._tiers[(owner, kind)] = self._make_policy(owner, kind)
         return tier
 
-    def _held(self, node: str, key: BlockKey) -> None:
-        keys = self._on.get(node)
-        if keys is None:
-            keys = self._on[node] = {}
-        keys[key] = None
-
     def _parent_key(self, parent: BlockKey) -> BlockKey:
         """The indexed parent's own key object when there is one (one copy of the bytes)."""
         found = self.entries.get(parent)
@@ -250,44 +299,21 @@ class Index:
             r.size = _shared(r.size)
             self.policy(r.node, r.tier).inserted(entry.info, now)
             self._count(entry, r, 1)
-            self._held(r.node, entry.key)
         if entry.parent is not None:
             entry.parent = self._parent_key(entry.parent)
-            self._link(entry.parent, entry.key)
         self._tally(entry, +1)
+        if entry.state.readable:
+            self._readable(entry, +1)
 
     def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
         """Link a block to the one it chains from (known at commit, or from its header)."""
         if parent == entry.parent:
             return
         self._tally(entry, -1)
-        if entry.parent is not None:
-            self._unlink(entry.parent, entry.key)
         if parent is not None:
             parent = self._parent_key(parent)
-            self._link(parent, entry.key)
         entry.parent = parent
         self._tally(entry, +1)
-
-    def _link(self, parent: BlockKey, child: BlockKey) -> None:
-        kids = self._children.get(parent)
-        if kids is None:
-            self._children[parent] = (child,)
-        elif isinstance(kids, set):
-            kids.add(child)
-        elif kids[0] != child:
-            self._children[parent] = {kids[0], child}
-
-    def _unlink(self, parent: BlockKey, child: BlockKey) -> None:
-        kids = self._children.get(parent)
-        if kids is None:
-            return
-        if isinstance(kids, set):
-            kids.discard(child)
-            if not kids:
-                del self._children[parent]
-        elif kids[0] == child:
-            del self._children[parent]
 
     def add_replica(self, entry: BlockEntry, replica: Replica) -> None:
         replica.size = _shared(replica.size)
@@ -297,7 +323,8 @@ class Index:
         self.policy(replica.node, replica.tier).inserted(entry.info, time.monotonic())
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, 1)
-            self._held(replica.node, entry.key)
+            if entry.state.readable:
+                self._show(entry, replica, 1)
 
     def drop_replica(self, entry: BlockEntry, replica: Replica) -> None:
         self._tally(entry, -1)
@@ -306,36 +333,31 @@ class Index:
         self.policy(replica.node, replica.tier).removed(entry.key)
         if self.entries.get(entry.key) is entry:
             self._count(entry, replica, -1)
-            if not any(r.node == replica.node for r in entry.replicas):
-                self._let_go(replica.node, entry.key)
-
-    def _let_go(self, node: str, key: BlockKey) -> None:
-        keys = self._on.get(node)
-        if keys is not None:
-            keys.pop(key, None)
-            if not keys:
-                del self._on[node]
+            if entry.state.readable:
+                self._show(entry, replica, -1)
 
     def remove(self, entry: BlockEntry) -> None:
         """Forget an entry (it becomes REMOVED); its replica list stays as it was, for the
         caller to free."""
+        was_readable = entry.state.readable
         if entry.state is not BlockState.REMOVED:
             entry.advance(BlockState.REMOVED, entry.state)
         for r in entry.replicas:
             self.policy(r.node, r.tier).removed(entry.key)
         self._tally(entry, -1)
         if self.entries.get(entry.key) is entry:
+            if was_readable:
+                self._readable(entry, -1)
             del self.entries[entry.key]
             for r in entry.replicas:
                 self._count(entry, r, -1)
-                self._let_go(r.node, entry.key)
-        if entry.parent is not None:
-            self._unlink(entry.parent, entry.key)
 
     def committed(self, entry: BlockEntry) -> None:
-        """A put became readable: its policies heard of it at the reservation, and a write
-        is not a read."""
+        """A put became readable (PENDING -> COMPLETE just now): its policies heard of it at
+        the reservation, and a write is not a read."""
         entry.used_at = time.monotonic()
+        if self.entries.get(entry.key) is entry:
+            self._readable(entry, +1)
 
     def touch(self, entry: BlockEntry) -> None:
         """A read: every tier holding the block hears of it."""
@@ -352,8 +374,7 @@ class Index:
 
     def successor_cached(self, entry: BlockEntry, tier: TierKind) -> bool:
         """Is a block that chains from this one cached in ``tier`` or a faster one?"""
-        row = self._cached.get(entry.key)
-        return row is not None and any(row[:tier.rank + 1])
+        return rank_counts.any_upto(self._cached.get(entry.key, rank_counts.NONE), tier.rank)
 
     def coldest(self, owner: str, tier: TierKind, now: float,
                 leaves_only: bool = False) -> Iterator[BlockEntry]:
@@ -405,7 +426,8 @@ class Index:
                 continue
             left = waiting.get(parent.key)
             if left is None:
-                left = sum(self._cached.get(parent.key, ())[:tier.rank + 1])
+                left = rank_counts.sum_upto(self._cached.get(parent.key, rank_counts.NONE),
+                                            tier.rank)
             waiting[parent.key] = left = left - 1
             if left == 0 and not parent.soft_pinned(now):
                 n += 1
@@ -428,40 +450,48 @@ class Index:
             current = self.entries.get(current.parent) if current.parent is not None else None
 
     def on(self, node: str) -> list[BlockEntry]:
-        """The blocks with a replica owned by ``node``: O(those blocks), not O(index)."""
-        entries = self.entries
-        return [entries[k] for k in self._on.get(node, ())]
+        """The blocks with a replica owned by ``node``: O(those blocks), not O(index). The
+        policies of its tiers hold their keys already (a set per node cost 53 bytes a
+        block)."""
+        keys: dict[BlockKey, None] = {}  # a block in two of its tiers counts once
+        for (owner, _), policy in self._tiers.items():
+            if owner == node:
+                keys.update(dict.fromkeys(policy.keys()))
+        return [e for e in map(self.entries.get, keys) if e is not None]
 
     def check(self) -> None:
         """Invariants the tests verify after mutations."""
         for (owner, tier), policy in self._tiers.items():
-            held = [e for e in self.entries.values() if e.replica(owner, tier) is not None]
-            assert len(policy) == len(held), (
+            held = {e.key for e in self.entries.values() if e.replica(owner, tier) is not None}
+            assert len(policy) == len(held) and set(policy.keys()) == held, (
                 f"the policy of {owner}/{tier.value} orders {len(policy)} blocks, the index has {len(held)}")
-        for parent, kids in self._children.items():
-            for key in kids:
-                child = self.entries.get(key)
-                assert child is not None and child.parent == parent, f"stale successor link {key.hex()}"
         cached: dict[BlockKey, list[int]] = {}
         for entry in self.entries.values():
             if entry.parent is not None and entry.replicas:
                 row = cached.setdefault(entry.parent, [0] * len(TIER_ORDER))
                 row[min(r.tier.rank for r in entry.replicas)] += 1
-        assert cached == self._cached, "the counts of cached successors differ from the index's"
+        assert cached == {k: rank_counts.unpacked(v) for k, v in self._cached.items()}, \
+            "the counts of cached successors differ from the index's"
         usage: dict[tuple[str, TierKind], list[int]] = {}
         for entry in self.entries.values():
             for r in entry.replicas:
                 row = usage.setdefault((entry.scope, r.tier), [0, 0])
                 row[0] += r.size
                 row[1] += 1
-        on: dict[str, set[BlockKey]] = {}
-        for entry in self.entries.values():
-            for r in entry.replicas:
-                on.setdefault(r.node, set()).add(entry.key)
-        assert on == {n: set(keys) for n, keys in self._on.items()}, \
-            "the per-node key sets differ from the index's replicas"
         counted = {k: v for k, v in self.usage.items() if v != [0, 0]}
         assert counted == usage, f"per-scope usage {counted} differs from the index's {usage}"
+        shown: dict[tuple[str, TierKind], list[int]] = {}
+        for entry in self.entries.values():
+            if entry.state.readable:
+                for r in entry.replicas:
+                    row = shown.setdefault((r.node, r.tier), [0, 0, 0])
+                    row[0] += 1
+                    row[1] += entry.size
+                    row[2] += r.size
+        assert shown == self.shown, f"readable usage {self.shown} differs from the index's {shown}"
+        readable = sum(e.state.readable for e in self.entries.values())
+        assert readable == self.readable_blocks, \
+            f"{self.readable_blocks} readable blocks counted, the index has {readable}"
         for key, entry in self.entries.items():
             assert entry.key == key
             for r in entry.replicas:

@@ -105,7 +105,7 @@ class Leases:
             for key in keys:
                 entry = index.get(key)
                 if entry is not None:
-                    entry.leases.pop(lease, None)
+                    entry.drop_lease(lease)
 
     def expire(self, now: float) -> None:
         self.release([lease for lease, (expiry, _) in self._held.items() if expiry <= now])
@@ -113,6 +113,16 @@ class Leases:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    def leased_blocks(self, now: float) -> int:
+        """Blocks under a read lease now: O(leases held), not O(index). Until the leases a
+        former leader may have granted run out, every block taken in counts."""
+        st = self.state
+        if now < st.inherited_until:
+            return st.index.readable_blocks
+        entries = st.index.entries
+        return len({k for expiry, keys in self._held.values() if expiry > now
+                    for k in keys if k in entries})
 
     def _entries(self, keys: Sequence[BlockKey], prefix: bool) -> list[BlockEntry]:
         """The stored blocks named (and with ``prefix``, every block each chains from), or
@@ -144,6 +154,7 @@ class Leases:
         else:
             for entry in entries:
                 entry.pins += 1
+                self.state.index.pinned_now(entry)
         try:
             await self._record(entries)
         except BaseException:

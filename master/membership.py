@@ -193,13 +193,15 @@ class Membership:
         it resumed)."""
         st = self.state
         if now < st.inherited_until:  # leases the former leader may have granted on it
-            entry.leases[0] = st.inherited_until
+            entry.inherit(st.inherited_until)
         elif st.carried:  # this master's own, from before it resumed
             carried = st.carried.get(entry.key)
             if carried:
                 entry.leases.update(carried)
         if mark is not None:  # its pins, as the former leader had them recorded here
             entry.pins = max(entry.pins, mark.pins)
+            if entry.pins:
+                self.state.index.pinned_now(entry)
             if mark.soft_until > time.time():
                 entry.soft_until = max(entry.soft_until, now + mark.soft_until - time.time())
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvpool.heap import HeapCollector
 from kvpool.tiers.base import TierKind
 
 if TYPE_CHECKING:
@@ -100,26 +101,17 @@ class MasterCollector(Collector):
     def _gauges(self) -> Iterator[Metric]:
         core, st = self.core, self.core.state
         now = time.monotonic()
-        blocks: dict[tuple[str, str], int] = {}
-        payload: dict[tuple[str, str], int] = {}
-        pending = pinned = leased = 0
-        for entry in st.index.entries.values():
-            if not entry.state.readable:
-                pending += 1
-                continue
-            pinned += entry.pins > 0
-            leased += entry.leased(now)
-            for r in entry.replicas:
-                where = (r.node, r.tier.value)
-                blocks[where] = blocks.get(where, 0) + 1
-                payload[where] = payload.get(where, 0) + entry.size
+        # Kept by the index as blocks come and go: a scrape never walks the index.
+        index = st.index
+        pending = len(index) - index.readable_blocks
         g_blocks = GaugeMetricFamily("kvpool_tier_blocks", "Readable blocks per node (or shared "
                                      "store) and tier", labels=["node", "tier"])
         g_bytes = GaugeMetricFamily("kvpool_tier_block_bytes", "Payload bytes of the readable "
                                     "blocks per node and tier", labels=["node", "tier"])
-        for (node, tier), n in sorted(blocks.items()):
-            g_blocks.add_metric([node, tier], n)
-            g_bytes.add_metric([node, tier], payload[(node, tier)])
+        for (node, tier), (n, payload, _) in sorted(index.shown.items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][1].value)):
+            g_blocks.add_metric([node, tier.value], n)
+            g_bytes.add_metric([node, tier.value], payload)
         cap = GaugeMetricFamily("kvpool_tier_capacity_bytes", "Capacity per node and tier",
                                 labels=["node", "tier"])
         used = GaugeMetricFamily("kvpool_tier_used_bytes", "Bytes in use (reserved or stored) "
@@ -131,13 +123,14 @@ class MasterCollector(Collector):
         yield from (g_blocks, g_bytes, cap, used)
         simple = [
             ("kvpool_nodes", "Pool daemons in the index", len(st.nodes)),
-            ("kvpool_blocks", "Readable blocks in the pool", len(st.index) - pending),
+            ("kvpool_blocks", "Readable blocks in the pool", index.readable_blocks),
             ("kvpool_puts_in_flight", "Blocks reserved and not yet committed", pending),
             ("kvpool_leases_held", "Read leases held by readers", core.leases.held),
             ("kvpool_leases_kept", "Of them, leases of grants clients may keep for hot blocks",
              core.leases.kept),
-            ("kvpool_leased_blocks", "Blocks under at least one read lease", leased),
-            ("kvpool_pinned_blocks", "Blocks with a hard pin", pinned),
+            ("kvpool_leased_blocks", "Blocks under at least one read lease",
+             core.leases.leased_blocks(now)),
+            ("kvpool_pinned_blocks", "Blocks with a hard pin", index.pinned),
             ("kvpool_leader", "1 while this master leads and serves", int(core.role.value == "leader")),
             ("kvpool_leader_term", "The current term's tag (changes when leadership does)", st.term),
             ("kvpool_event_subscribers", "Readers of /v1/events", st.events.subscribers),
@@ -160,6 +153,7 @@ class MasterMetrics:
     def __init__(self, core: "MasterCore") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MasterCollector(core))
+        self.registry.register(HeapCollector())
         self._calls = Histogram("kvpool_master_call_seconds", "Time the master takes to serve "
                                 "one RPC call (put = reserve + commit, get, match, ...)",
                                 ["call"], registry=self.registry, buckets=BUCKETS)

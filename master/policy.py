@@ -12,7 +12,9 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
+
+from master import rank_counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,10 @@ class EvictionPolicy(Protocol):
         (lower goes first): a block whose children are evicted takes its place there."""
         ...
 
+    def keys(self) -> Iterable[bytes]:
+        """Every key this tier holds (what a node's drop or drain walks), in no set order."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -79,14 +85,14 @@ class _History:
 
     hits: int = 0  # reads served since the block was written
     tail: bool = False  # the last block of a put run: a request's trailing partial block
-    holders: list[ReuseAware | HitDensity] = field(default_factory=list)  # the tiers that hold it
-    kids: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # children held, per tier rank
+    holders: tuple[ReuseAware | HitDensity, ...] = ()  # the tiers that hold it
+    kids: int = rank_counts.NONE  # children held, per tier rank (master.rank_counts)
     depth: int = 1  # blocks in its chain, itself included (1: a first block)
     cont: bool = False  # written by a request that continued a cached prefix of 2+ blocks
 
     def leaf_in(self, rank: int) -> bool:
         """No child cached in this tier or a faster one: an eviction candidate there."""
-        return not any(self.kids[: rank + 1])
+        return not rank_counts.any_upto(self.kids, rank)
 
 
 def _admits(history: dict[bytes, _History], key: bytes, rank: int, admit_tails: bool) -> bool:
@@ -104,8 +110,14 @@ def _history(history: dict[bytes, _History], key: bytes) -> _History:
 
 
 def _forget(history: dict[bytes, _History], key: bytes, h: _History) -> None:
-    if not h.holders and not any(h.kids):
+    if not h.holders and not h.kids:
         del history[key]
+
+
+def _without(holders: tuple[ReuseAware | HitDensity, ...], tier: ReuseAware | HitDensity
+             ) -> tuple[ReuseAware | HitDensity, ...]:
+    i = holders.index(tier)  # a ValueError, as list.remove's, if it never held the block
+    return holders[:i] + holders[i + 1:]
 
 
 def _copied_above(h: _History, rank: int) -> bool:
@@ -126,7 +138,7 @@ def _kid_changed(tier: ReuseAware | HitDensity, parent: bytes | None, delta: int
     if parent is None:
         return
     ph = _history(tier.history, parent)
-    ph.kids[tier._rank] += delta
+    ph.kids = rank_counts.bumped(ph.kids, tier._rank, delta)
     for pol in ph.holders:
         if pol._rank >= tier._rank:
             pol._relink(parent)
@@ -203,6 +215,7 @@ class ReuseAware:
     _penalty: int = 0
     _entries: dict[bytes, _Entry] = field(default_factory=dict)
     _heap: list[tuple[tuple[int, int, int], int, bytes]] = field(default_factory=list)
+    _ranked: int = 0  # entries with a live item on the heap (``prio`` set)
     _seq: itertools.count = field(default_factory=itertools.count)
     _clock: int = 0
     _last: bytes | None = None  # written last: a write that does not chain from it starts a run
@@ -238,14 +251,21 @@ class ReuseAware:
         blocks a faster tier holds too."""
         h = self.history[key]
         if not h.leaf_in(self._rank) and not _copied_above(h, self._rank):
+            if e.prio is not None:
+                self._ranked -= 1
             e.prio, e.seq = None, -1
             return
         prio = self._prio(h, e)
         if prio == e.prio:
             return  # ranked so already
+        if e.prio is None:
+            self._ranked += 1
         e.prio, e.seq = prio, next(self._seq)
         heapq.heappush(self._heap, (prio, e.seq, key))
-        if len(self._heap) > 2 * len(self._entries) + 64:  # drop stale entries
+        # Drop stale items once they outnumber the live ones: a chain's blocks are leaves
+        # only until the next one comes, so most items go stale at once, and sized by the
+        # tier (not by its leaves) the heap held two items per block.
+        if len(self._heap) > 2 * self._ranked + 64:
             self._heap = [x for x in self._heap
                           if (y := self._entries.get(x[2])) is not None and y.seq == x[1]]
             heapq.heapify(self._heap)
@@ -266,7 +286,7 @@ class ReuseAware:
             return
         h = _arrive(self, info)
         self._clock += info.size
-        h.holders.append(self)
+        h.holders = (*h.holders, self)
         _tell_slower(self, key, h)
         e = self._entries[key] = _Entry(info.parent, self._clock, next(self._seq))
         self._kid_changed(info.parent, +1)
@@ -285,8 +305,10 @@ class ReuseAware:
         e = self._entries.pop(key, None)
         if e is None:
             return
+        if e.prio is not None:
+            self._ranked -= 1
         h = self.history[key]
-        h.holders.remove(self)
+        h.holders = _without(h.holders, self)
         _tell_slower(self, key, h)
         self._forget(key, h)
         if key == self._last:
@@ -313,6 +335,9 @@ class ReuseAware:
                     heapq.heappush(frontier, (heap[c][0], heap[c][1], c))
         if not leaves_only:
             yield from (k for k, e in entries.items() if e.prio is None)
+
+    def keys(self) -> Iterable[bytes]:
+        return self._entries.keys()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -457,7 +482,7 @@ class HitDensity:
             return
         h = _arrive(self, info)
         self._clock += info.size
-        h.holders.append(self)
+        h.holders = (*h.holders, self)
         e = self._entries[key] = _DEntry(info.parent, self._clock, _class(h))
         _kid_changed(self, info.parent, +1)
         self._set_leaf(key, e, h.leaf_in(self._rank))
@@ -481,7 +506,7 @@ class HitDensity:
         self._ends[e.cls][self._bucket(e)] += 1
         self._set_leaf(key, e, False)
         h = self.history[key]
-        h.holders.remove(self)
+        h.holders = _without(h.holders, self)
         _forget(self.history, key, h)
         if key == self._last:
             self._last = None
@@ -513,6 +538,9 @@ class HitDensity:
         yield from (k for _, k in rest)
         if not leaves_only:  # the entries' own order is least recently used first
             yield from (k for k, e in self._entries.items() if e.leaf < 0)
+
+    def keys(self) -> Iterable[bytes]:
+        return self._entries.keys()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -21,17 +21,28 @@ from kvpool.errors import (BadRequest, KVPoolError, NodeGone, QuotaExceeded, Res
                            TierFull, TooManyPending, Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
+from kvpool.tiers.base import TierKind
 from master.catalog import BlockMeta
 from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
 from master.nodes import Node, TierSpace
-from master.placement import arena_candidates, extra_replica_spaces
+from master.placement import ArenaChoice, arena_candidates, extra_replica_spaces
 from master.state import PoolState
 from master.tenants import Scope
 from master.tiering import Tiering
 
 log = logging.getLogger(__name__)
 MAX_REPLICAS = 16
+
+
+def _continues(last: BlockEntry, entry: BlockEntry) -> bool:
+    """Does ``entry`` extend the run of STORED events that ends with ``last``? It chains
+    from it and says the same of itself (scope, tokens per block, token ids or not)."""
+    a, b = last.meta, entry.meta
+    return (entry.shown_parent == last.shown and entry.scope == last.scope
+            and (a is None) == (b is None)
+            and (a is None or (a.block_tokens == b.block_tokens  # type: ignore[union-attr]
+                               and (a.token_ids is None) == (b.token_ids is None))))  # type: ignore[union-attr]
 
 
 @dataclass(slots=True)
@@ -163,6 +174,7 @@ class Puts:
         put_id, deadline = self._new_put_id(), time.monotonic() + ttl
         out: list[Reservation] = []
         made: list[BlockEntry] = []
+        arenas = ArenaChoice(st.nodes, prefer)
         try:
             for i, (name, size) in enumerate(zip(keys, sizes)):
                 key = scope.key(name)
@@ -171,7 +183,7 @@ class Puts:
                     status = ReserveStatus.EXISTS if entry.state.readable else ReserveStatus.IN_FLIGHT
                     out.append(Reservation(status, len(entry.replicas)))
                     continue
-                node, space, offset = await self._allocate(size, prefer, scope)
+                node, space, offset = await self._allocate(size, arenas, scope)
                 parent = parents[i] if parents else None
                 entry = BlockEntry(key, size, BlockState.PENDING,
                                    [Replica(node.node_id, space.kind, offset, size)],
@@ -190,6 +202,8 @@ class Puts:
                         size, st.tenancy.region_of(scope.name))
                     if at is not None:
                         st.index.add_replica(entry, Replica(other.node_id, other_space.kind, at, size))
+                if replicas > 1:
+                    arenas.refresh()  # the copies took from other arenas than the one it chose
                 out.append(Reservation(ReserveStatus.NEW, len(entry.replicas),
                                        tuple(st.location(r) for r in entry.replicas)))
         except BaseException:
@@ -206,52 +220,52 @@ class Puts:
             self._opened(put_id, owner, scope.name, made, deadline)
         return put_id, out
 
-    async def _allocate(self, size: int, prefer: str | None,
+    async def _allocate(self, size: int, arenas: ArenaChoice,
                         scope: Scope) -> tuple[Node, TierSpace, int]:
         """Arena space for one block, within its scope's quota of the tier it lands in:
         over it, the scope's own coldest blocks there are demoted first (as a full tier
         demotes everyone's); if they cannot make room, QuotaExceeded."""
         for _attempt in range(3):
-            node, space, offset = await self._place(size, prefer, scope)
+            node, space, offset = await self._place(size, arenas, scope)
             quota = scope.quotas.get(space.kind, 0)
+            if not quota:
+                return node, space, offset
             used = self.state.index.used(scope.name, space.kind)
-            if not quota or used + size <= quota:
+            if used + size <= quota:
                 return node, space, offset
             space.allocator.free(offset)  # type: ignore[union-attr]
             if size > quota or not await self.tiering.make_room_in(scope.name, space.kind,
                                                                    used + size - quota):
                 break
+            arenas.refresh()
         self.state.counters["quota_refused"] += 1
         raise QuotaExceeded(f"tenant {scope.label!r} holds {used} bytes in the {space.kind.value} "
                             f"tier; a {size}-byte block would pass its quota of {quota} bytes, and "
                             "none of its blocks there can be moved (leased, pinned or in flight); "
                             "release or remove some of its blocks, or raise its quota_bytes")
 
-    async def _place(self, size: int, prefer: str | None,
+    async def _place(self, size: int, arenas: ArenaChoice,
                      scope: Scope) -> tuple[Node, TierSpace, int]:
         """Space in an arena, inside the arena region of ``scope`` (master.regions): when it
         is full, blocks of that region are demoted (never another tenant's)."""
-        nodes = self.state.nodes
         region = self.state.tenancy.region_of(scope.name)
-        largest = max((s.allocator.region(region).size for _, s in arena_candidates(nodes.values())
-                       if s.allocator is not None), default=0)
+        largest = arenas.largest(region)
         if size > largest:  # no amount of demotion would make room: say so, move nothing
             raise TierFull(f"a {size}-byte block is larger than every arena region it may use "
                            f"(largest {largest} bytes); give the daemon a bigger host arena"
                            + (f" or tenant {region!r} a bigger arena_share" if region else ""))
         idle = 0
         for _attempt in range(64):
-            candidates = arena_candidates(nodes.values(), prefer)
-            for node, space in candidates:
-                offset = space.allocator.allocate(size, region)  # type: ignore[union-attr]
-                if offset is not None:
-                    return node, space, offset
-            if not candidates or idle >= 2:
+            placed = arenas.allocate(size, region)
+            if placed is not None:
+                return placed
+            best = arenas.best
+            if best is None or idle >= 2:
                 break
             # Demote just enough for this block (never wait on a whole relief of others);
             # only two idle rounds in a row mean there is no room.
-            moved = await self.tiering.make_room(candidates[0][0], candidates[0][1].kind, size,
-                                                 region)
+            moved = await self.tiering.make_room(best[0], best[1].kind, size, region)
+            arenas.refresh()
             idle = 0 if moved else idle + 1
         raise TierFull(f"no arena has room for a {size}-byte block and nothing more can be "
                        "demoted (blocks are leased, pinned or in flight); release leases, "
@@ -312,7 +326,11 @@ class Puts:
             # The header the pool keeps says what the index says: the parent's index key and
             # the scope the master gave the put (whatever the writer wrote there), so that an
             # index rebuilt from the daemons' inventories has both back.
-            stored.append(dataclasses.replace(header, parent=parents[-1], scope=scope.name).encode())
+            if header.parent == parents[-1] and header.scope == scope.name:
+                stored.append(raw)  # the writer's header says so already
+            else:
+                stored.append(dataclasses.replace(header, parent=parents[-1],
+                                                  scope=scope.name).encode())
         hold = time.monotonic() + st.cfg.put_timeout_s
         by_node: dict[str, list[StoredBlock]] = defaultdict(list)
         for entry, raw in zip(entries, stored):
@@ -362,26 +380,49 @@ class Puts:
         if not await st.leading(epoch):
             raise ReservationLost("this master's term ended while the put was committed; its "
                                   "reservation is gone, put again")
-        committed = 0
+        done: list[BlockEntry] = []
         for entry, raw, parent in zip(entries, stored, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0
                 st.index.set_parent(entry, parent)
                 st.index.committed(entry)
-                meta = entry.meta
-                for r in entry.replicas:
-                    st.events.stored([entry.shown], r.node, r.tier, Reason.PUT,
-                                     parent=entry.shown_parent, scope=entry.scope,
-                                     block_size=meta.block_tokens if meta else None,
-                                     token_ids=meta.token_ids if meta else None)
-                if meta is not None:
-                    meta.token_ids = None  # prompt content: announced once, not kept
-                if len({r.node for r in entry.replicas}) < entry.wanted:
+                if entry.wanted > 1 and len({r.node for r in entry.replicas}) < entry.wanted:
                     st.short.add(entry.key)  # fewer copies than asked (no room then): more come
-                committed += 1
-        st.counters["committed"] += committed
-        return committed
+                done.append(entry)
+        self._announce(done)
+        st.counters["committed"] += len(done)
+        return len(done)
+
+    def _announce(self, entries: Sequence[BlockEntry]) -> None:
+        """STORED events for committed blocks: one per run of chained blocks in one tier of
+        one node (vLLM's BlockStored carries a chain), so a 1000-block put is an event or
+        a few, not a thousand. Token ids, when the writer sent them, go out here once."""
+        runs: dict[tuple[str, TierKind], list[BlockEntry]] = {}
+        for entry in entries:
+            for r in entry.replicas:
+                run = runs.get((r.node, r.tier))
+                if run is not None and not _continues(run[-1], entry):
+                    self._stored(run, r.node, r.tier)
+                    run = None
+                if run is None:
+                    runs[(r.node, r.tier)] = [entry]
+                else:
+                    run.append(entry)
+        for (node, tier), run in runs.items():
+            self._stored(run, node, tier)
+        for entry in entries:
+            if entry.meta is not None:
+                entry.meta.token_ids = None  # prompt content: announced once, not kept
+
+    def _stored(self, run: list[BlockEntry], node: str, tier: TierKind) -> None:
+        first = run[0]
+        meta = first.meta
+        tokens = None if meta is None or meta.token_ids is None else \
+            [t for e in run for t in e.meta.token_ids]  # type: ignore[union-attr]
+        self.state.events.stored([e.shown for e in run], node, tier, Reason.PUT,
+                                 parent=first.shown_parent, scope=first.scope,
+                                 block_size=meta.block_tokens if meta else None, token_ids=tokens)
 
     def abort(self, put_id: int, keys: Sequence[BlockKey]) -> None:
         for key in keys:

@@ -61,6 +61,7 @@ class RegionAllocator:
         if COMMON not in self._parts:
             raise BadRequest("the shares leave no common region in this arena")
         self._starts = [r.offset for r in self.regions]
+        self._allocators = [a for _, a in self._parts.values()]  # what ``used`` sums: per block
 
     def region(self, name: str) -> Region:
         """The region a scope named ``name`` allocates in (COMMON without a share)."""
@@ -75,7 +76,7 @@ class RegionAllocator:
         """Offset of ``size`` bytes inside ``region``'s slice, or None when it is full."""
         r, alloc = self._parts.get(region, self._parts[COMMON])
         at = alloc.allocate(size)
-        return None if at is None else r.offset + at
+        return at if at is None or not r.offset else r.offset + at
 
     def reserve_at(self, offset: int, size: int) -> None:
         r = self.region_at(offset)
@@ -113,7 +114,8 @@ class RegionAllocator:
 
     @property
     def used(self) -> int:
-        return sum(a.used for _, a in self._parts.values())
+        parts = self._allocators
+        return parts[0].used if len(parts) == 1 else sum(a.used for a in parts)
 
     @property
     def free_bytes(self) -> int:

@@ -150,7 +150,10 @@ function addEvent(e) {
   cell(row, e.type); cell(row, e.medium || ""); cell(row, e.node || "");
   cell(row, e.reason || (e.missed !== undefined ? "missed " + (e.missed ?? "?") : ""));
   const keys = e.block_hashes || [];
-  cell(row, keys.map(k => k.slice(0, 12)).join(" ") + (keys.length > 3 ? " …" : ""));
+  // a put's chain is one event: its first blocks, its last, and how many
+  const shown = keys.length > 3 ? [...keys.slice(0, 2), "…", keys[keys.length - 1]] : keys;
+  cell(row, shown.map(k => k.slice(0, 12)).join(" ") +
+    (keys.length > 3 ? " (" + keys.length + " blocks)" : ""));
   while (body.rows.length > KEEP_EVENTS) body.deleteRow(-1);
 }
 

@@ -76,6 +76,14 @@ async def put_chain(pool: Up, ns: Namespace, n: int, tag: int, token_ids: bool =
     return keys
 
 
+async def put_apart(pool: Up, ns: Namespace, n: int, tag: int) -> list[bytes]:
+    """``n`` blocks in one put, none chained to another: one BlockStored each."""
+    keys = block_keys(ns, tokens(ns, n, tag))
+    async with pool.client() as c:
+        await c.batch_put(keys, [payload(i) for i in range(n)], namespace=ns)
+    return keys
+
+
 class Stream:
     """One SSE connection, read event by event."""
 
@@ -114,15 +122,21 @@ def last_id(pool: Up) -> int:
 async def test_events_arrive_in_order_in_vllm_schema_and_resume_from_the_last_id(up: Up) -> None:
     async for s in stream(up):
         keys = await put_chain(up, NS_A, 3, tag=1, token_ids=True)
-        stored = await s.take(3)
-    assert [e["type"] for e in stored] == ["BlockStored"] * 3
-    assert [e["block_hashes"] for e in stored] == [[k.hex()] for k in keys]
-    assert [e["parent_block_hash"] for e in stored] == [None, keys[0].hex(), keys[1].hex()]
-    assert {(e["medium"], e["node"], e["block_size"], e["reason"]) for e in stored} == \
-        {("host", "node0", 4, "put")}
-    assert stored[1]["token_ids"] == tokens(NS_A, 3, 1)[4:8]
-    ids = [e["id"] for e in stored]
-    assert ids == sorted(ids) and len(set(ids)) == 3
+        (chain,) = await s.take(1)
+        head = await put_chain(up, NS_A, 1, tag=1)  # a block its chain already holds: no event
+        more = await put_chain(up, NS_A, 4, tag=1, token_ids=True)  # the chain goes on
+        (tail,) = await s.take(1)
+    # A put's chain is one BlockStored, as vLLM's: its hashes in order, the parent of the
+    # first, the tokens of all of them.
+    assert chain["type"] == tail["type"] == "BlockStored"
+    assert chain["block_hashes"] == [k.hex() for k in keys] and head == keys[:1]
+    assert (chain["parent_block_hash"], chain["medium"], chain["node"], chain["block_size"],
+            chain["reason"]) == (None, "host", "node0", 4, "put")
+    assert chain["token_ids"] == tokens(NS_A, 3, 1)
+    assert tail["block_hashes"] == [more[3].hex()] and tail["parent_block_hash"] == keys[2].hex()
+    assert tail["token_ids"] == tokens(NS_A, 4, 1)[12:16]
+    ids = [chain["id"], tail["id"]]
+    assert ids == sorted(ids) and len(set(ids)) == 2
 
     # Disconnected: two removals happen; a reconnect from the last id seen gets exactly them.
     async with up.client() as c:
@@ -143,7 +157,7 @@ async def test_events_arrive_in_order_in_vllm_schema_and_resume_from_the_last_id
 
 async def test_a_subscriber_that_fell_behind_the_ring_is_told_it_lagged(up: Up) -> None:
     before = last_id(up)
-    keys = await put_chain(up, NS_B, RING + 10, tag=3)  # more events than the ring keeps
+    keys = await put_apart(up, NS_B, RING + 10, tag=3)  # more events than the ring keeps
     after = last_id(up)
     assert after - before >= RING + 10
     async for s in stream(up, last_id=before):
@@ -167,12 +181,12 @@ def kvpool_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 async def test_the_events_verb_follows_the_stream_from_an_id(up: Up) -> None:
     start = last_id(up)
-    keys = await put_chain(up, NS_A, 2, tag=4)
+    keys = await put_apart(up, NS_A, 2, tag=4)
     res = await asyncio.to_thread(kvpool_cli, "events", "--master", up.master, "--from", str(start),
                                   "--count", "2", "--json")
     assert res.returncode == 0, res.stderr
     got = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [e["block_hashes"][0] for e in got] == [k.hex() for k in keys]
+    assert [e["block_hashes"] for e in got] == [[k.hex()] for k in keys]
     table = await asyncio.to_thread(kvpool_cli, "events", "--master", up.master, "--from",
                                     str(start), "--count", "1")
     assert "BlockStored" in table.stdout and keys[0].hex() in table.stdout

@@ -92,6 +92,25 @@ def test_bad_inventory_requests_and_page_sizes_are_refused() -> None:
         MasterConfig(inventory_page=10_000_000)
 
 
+def test_a_page_s_items_are_checked_one_by_one_however_many_come() -> None:
+    header = make_header(np.zeros(64, np.uint8), "uint8").encode()
+    good = [StoredBlock(bytes([i]) * 16, TierKind.HOST, 4096 * i, 64, header) for i in range(3)]
+    raws = [b.pack() for b in good]
+    assert StoredBlock.unpack_many(raws) == good
+    # a hex key, a tuple, a bytearray header: unusual but valid, and decoded as unpack does
+    odd = [good[0].key.hex(), "ssd", 0, 64, bytearray(header)]
+    assert StoredBlock.unpack_many([tuple(raws[0]), odd]) == [good[0], StoredBlock.unpack(odd)]
+    bad = {"a short key": ([b"k" * 15, "host", 0, 64, header], "16 bytes"),
+           "an unknown tier": ([b"k" * 16, "tape", 0, 64, header], "unknown tier"),
+           "a negative offset": ([b"k" * 16, "host", -1, 64, header], "outside"),
+           "a bool size": ([b"k" * 16, "host", 0, True, header], "integer"),
+           "a header too large": ([b"k" * 16, "host", 0, 64, b"h" * 5000], "more than"),
+           "four fields": ([b"k" * 16, "host", 0, 64], "array of 5")}
+    for what, (raw, says) in bad.items():
+        with pytest.raises(BadRequest, match=says):
+            StoredBlock.unpack_many([*raws, raw])
+
+
 async def test_a_daemon_failing_midway_leaves_nothing_of_it_in_the_index() -> None:
     d = holding(100)
     core = MasterCore(MasterConfig(inventory_page=30), InProcessCoordinator(),

@@ -322,6 +322,18 @@ def test_block_states_move_only_along_their_transitions() -> None:
         entry.advance(BlockState.COMPLETE, BlockState.REMOVED)
 
 
+def test_an_inherited_lease_holds_until_its_end_beside_the_block_s_own() -> None:
+    now = time.monotonic()
+    a, b = (BlockEntry(key(i), BLOCK, BlockState.COMPLETE, []) for i in (1, 2))
+    for entry in (a, b):
+        entry.inherit(now + 10)
+    assert a.leased(now) and not a.movable(now) and not a.leased(now + 11)
+    b.leases[7] = now + 20  # a lease of this term on top: both count, each to its end
+    assert b.leased(now + 11) and not b.leased(now + 21)
+    b.drop_lease(7)
+    assert not b.leased(now)
+
+
 async def test_prefix_links_come_back_from_the_inventory_after_a_restart() -> None:
     """A new master (or a restarted one) rebuilds parent links from the blocks' headers:
     leaves still go before the blocks they chain from."""
