@@ -9,8 +9,9 @@ for most of a minute, and an index that grows pays it again at every quarter of 
 None of those records form reference cycles, so after each full collection the
 survivors are frozen (``gc.freeze``): the next collections walk only what is newer, and
 reference counting still frees a frozen record the moment its block goes. The cost is
-that a cycle closed among objects frozen earlier is never collected; a server's frozen
-objects are its long-lived state, whose teardown does not rely on the collector.
+that a cycle closed among objects frozen earlier is never collected: the long-lived
+state a server lets go must not rely on the collector (the master cuts its policies'
+cycle when a term ends) or must ``thaw`` when it goes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def freeze_survivors() -> None:
     """From now on, what survives a full collection is frozen (see the module)."""
     if _after_full not in gc.callbacks:
         gc.callbacks.append(_after_full)
+
+
+def thaw() -> None:
+    """Long-lived state was let go (a master's term ended): unfreeze, so that whatever of
+    it is left in cycles is found by the next full collection (which walks what lives
+    then, and freezes it again)."""
+    gc.unfreeze()
 
 
 def stop_freezing() -> None:

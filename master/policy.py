@@ -73,6 +73,23 @@ class PolicyFactory(Protocol):
 
     def make(self, tier: str, capacity_bytes: int) -> EvictionPolicy: ...
 
+    def close(self) -> None:
+        """Its tiers are let go (a term ended): drop what ties them together."""
+        ...
+
+
+class _SharedHistory:
+    """The history a factory's tiers share. Each block's history names the tiers holding
+    it, and each tier reaches the histories: a cycle, which ``close`` cuts so that a
+    dropped index goes by reference counting at once (kvpool.heap freezes what a full
+    collection would have to find)."""
+
+    __slots__ = ()
+    history: dict[bytes, "_History"]
+
+    def close(self) -> None:
+        self.history.clear()
+
 
 RANK = {"gpu": 0, "host": 1, "ssd": 2, "object": 3}  # fastest first
 
@@ -351,7 +368,7 @@ def LRU(tier: str = "host", history: dict[bytes, _History] | None = None) -> Reu
 
 
 @dataclass(slots=True)
-class LRUFactory:
+class LRUFactory(_SharedHistory):
     name: str = "lru"
     history: dict[bytes, _History] = field(default_factory=dict)
 
@@ -360,7 +377,7 @@ class LRUFactory:
 
 
 @dataclass(slots=True)
-class ReuseAwareFactory:
+class ReuseAwareFactory(_SharedHistory):
     """One shared history for every tier it makes (reads and tail marks follow a block
     between tiers; each tier knows which of its blocks have a child in a faster one)."""
 
@@ -547,7 +564,7 @@ class HitDensity:
 
 
 @dataclass(slots=True)
-class HitDensityFactory:
+class HitDensityFactory(_SharedHistory):
     """One shared history for every tier it makes, as for ReuseAware."""
 
     samples: int = 64

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from kvpool import heap
 from kvpool.config import MasterConfig
 from kvpool.daemon_link import PinMark, whole_inventory
 from kvpool.errors import ConfigError, KVPoolError, NodeGone
@@ -93,6 +94,8 @@ class PoolState:
 
     def clear(self) -> None:
         """Forget everything (a term ended); the caller closes the nodes' links."""
+        self.policies.close()
+        heap.thaw()  # whatever else of the term is left in cycles goes at the next full collection
         self.policies = POLICIES[self.cfg.policy]()
         self.index = Index(self._make_policy)
         self.nodes = {}

@@ -4,12 +4,17 @@ objects, a frozen record still goes when its block does, and new cycles are coll
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
 from typing import Iterator
 
 import pytest
 
 from kvpool import heap
+from kvpool.config import MasterConfig
+from kvpool.tiers.base import TierKind
+from master.index import BlockEntry, BlockState, Replica
+from master.state import PoolState
 
 
 class Record:
@@ -60,3 +65,25 @@ def test_stopping_unfreezes_everything() -> None:
     assert heap.STATS.frozen > 0
     heap.stop_freezing()
     assert heap.STATS.frozen == 0 and heap._after_full not in gc.callbacks
+
+
+def test_a_master_s_index_goes_at_once_when_its_term_ends(freezing: None) -> None:
+    """Frozen, the index of an ended term would never be collected if anything in it were
+    a cycle: it goes by reference counting, as soon as the state lets it go."""
+    tracemalloc.start()  # it counts what was allocated while it traced
+    try:
+        empty = tracemalloc.get_traced_memory()[0]
+        state = PoolState(MasterConfig())
+        for i in range(5_000):
+            key = i.to_bytes(16, "little")
+            state.index.add(BlockEntry(key, 4096, BlockState.COMPLETE,
+                                       [Replica("n1", TierKind.HOST, i * 4096, 4096)], b"h",
+                                       parent=(i - 1).to_bytes(16, "little") if i else None))
+        gc.collect()  # the index survives a full collection: it is frozen
+        assert heap.STATS.frozen > 5_000
+        held = tracemalloc.get_traced_memory()[0] - empty
+        state.clear()
+        left = tracemalloc.get_traced_memory()[0] - empty
+    finally:
+        tracemalloc.stop()
+    assert held > 5_000 * 500 and left < held / 20, f"{left} of {held} bytes still held"
