@@ -2,9 +2,9 @@
 
 A master's index and a daemon's inventory are some ten small tracked objects per block,
 living as long as their blocks. CPython's full collection walks every tracked object:
-with 100 k blocks in a master it pauses the process for a quarter of a second, with 10 M
-for most of a minute, and an index that grows pays it again at every quarter of growth
-(a third of a master's put throughput at 100 k blocks, measured).
+with 100 k blocks in a master it paused the process for a quarter of a second (at 10 M,
+by extrapolation, for half a minute), and an index that grows pays it again at every
+quarter of growth (a third of a master's put throughput at 100 k blocks, measured).
 
 None of those records form reference cycles, so after each full collection the
 survivors are frozen (``gc.freeze``): the next collections walk only what is newer, and

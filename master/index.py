@@ -3,8 +3,8 @@
 Kept in memory and rebuilt from the daemons' inventories; nothing here touches the
 network. Per (owner, tier) an eviction policy orders the blocks there, and the index
 counts every block's cached successors per tier (by parent link, whatever order blocks
-arrive in), which is what makes eviction prefix-aware: a block whose successor is cached in its tier
-or a faster one goes after that successor.
+arrive in), which is what makes eviction prefix-aware: a block whose successor is cached
+in its tier or a faster one goes after that successor.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Callable, Iterator, Sequence
 from kvpool.errors import BadRequest
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TIER_ORDER, TierKind
-from master.catalog import BlockMeta
 from master import rank_counts
+from master.catalog import BlockMeta
 from master.policy import BlockInfo, EvictionPolicy, LRUFactory
 
 

@@ -267,7 +267,11 @@ async def test_counters_and_histograms_move_with_the_operations(up: Up) -> None:
         assert value(m1, "kvpool_tier_blocks", node="node0", tier=tier["kind"]) == tier["blocks"]
         assert value(m1, "kvpool_tier_capacity_bytes", node="node0", tier=tier["kind"]) == tier["capacity"]
     assert value(m1, "kvpool_nodes") == 1 and value(m1, "kvpool_leader") == 1
+    assert value(m1, "kvpool_blocks") == admin(up.master, "/v1/cluster")[1]["blocks"]
     assert value(d1, "kvpool_daemon_tier_blocks", tier="ssd") >= 6
+    # The server froze what outlived its full collections (kvpool.heap).
+    assert value(m1, "kvpool_gc_full_collections_total") >= 1
+    assert value(m1, "kvpool_gc_frozen_objects") > 10_000
 
 
 def dashboard_series() -> set[str]:
