@@ -253,18 +253,13 @@ class MasterHttp:
 
     # -- admin ----------------------------------------------------------------------------
 
-    def _usage(self) -> dict[tuple[str, TierKind], list[int]]:
-        """Per (owner, tier): [blocks, payload bytes, stored bytes] of the readable blocks
-        (kept by the index: no view walks it)."""
-        return self.state.index.shown
-
     @staticmethod
     def _compression(payload: int, stored: int) -> float:
         """Payload bytes per stored byte (cold tiers compress; arenas hold payloads as is)."""
         return round(payload / stored, 3) if stored else 1.0
 
     def tier_table(self) -> dict[str, dict[str, Any]]:
-        usage = self._usage()
+        usage = self.state.index.shown  # kept by the index: no view walks it
         table: dict[str, dict[str, Any]] = {}
         seen: set[tuple[str, TierKind]] = set()  # a shared store counts once, not once per node
         for node in self.state.nodes.values():
@@ -293,7 +288,7 @@ class MasterHttp:
             "pending": len(self.state.index) - complete, "tiers": self.tier_table()})
 
     async def list_nodes(self, request: web.Request) -> web.Response:
-        usage = self._usage()
+        usage = self.state.index.shown  # kept by the index: no view walks it
 
         def tier(n: Node, k: TierKind, s: TierSpace) -> dict[str, Any]:
             blocks, payload, stored = usage.get((self.state.owner(n, k), k), [0, 0, 0])

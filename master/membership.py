@@ -161,9 +161,7 @@ class Membership:
                 log.warning("node %s: block %s at %d in %s is not taken in: not free in the "
                             "master's view of the arena", node.node_id, b.key.hex(), b.location,
                             kind.value)
-            run: list[BlockKey] = []
-            run_parent: BlockKey | None = None
-            run_scope = ""
+            adopted: list[BlockEntry] = []
             for n, (block, entry, new) in enumerate(items):
                 if n in refused:
                     continue
@@ -176,17 +174,8 @@ class Membership:
                     entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas
                                                           if not r.node.startswith("@")}))
                 self._inherit(entry, marks.get(block.key), now)
-                shown = entry.shown
-                if run and (entry.scope != run_scope or entry.shown_parent != run[-1]):
-                    st.events.stored(run, owner, kind, Reason.INVENTORY, parent=run_parent,
-                                     scope=run_scope)
-                    run = []
-                if not run:
-                    run_parent, run_scope = entry.shown_parent, entry.scope
-                run.append(shown)
-            if run:
-                st.events.stored(run, owner, kind, Reason.INVENTORY, parent=run_parent,
-                                 scope=run_scope)
+                adopted.append(entry)
+            st.announce(((owner, kind, e) for e in adopted), Reason.INVENTORY)
 
     def _inherit(self, entry: BlockEntry, mark: PinMark | None, now: float) -> None:
         """The leases and pins a block held under the former leader (or this one, before

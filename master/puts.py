@@ -21,7 +21,6 @@ from kvpool.errors import (BadRequest, KVPoolError, NodeGone, QuotaExceeded, Res
                            TierFull, TooManyPending, Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
-from kvpool.tiers.base import TierKind
 from master.catalog import BlockMeta
 from kvpool.kv_events import Reason
 from master.index import BlockEntry, BlockState, Replica
@@ -33,16 +32,6 @@ from master.tiering import Tiering
 
 log = logging.getLogger(__name__)
 MAX_REPLICAS = 16
-
-
-def _continues(last: BlockEntry, entry: BlockEntry) -> bool:
-    """Does ``entry`` extend the run of STORED events that ends with ``last``? It chains
-    from it and says the same of itself (scope, tokens per block, token ids or not)."""
-    a, b = last.meta, entry.meta
-    return (entry.shown_parent == last.shown and entry.scope == last.scope
-            and (a is None) == (b is None)
-            and (a is None or (a.block_tokens == b.block_tokens  # type: ignore[union-attr]
-                               and (a.token_ids is None) == (b.token_ids is None))))  # type: ignore[union-attr]
 
 
 @dataclass(slots=True)
@@ -390,39 +379,12 @@ class Puts:
                 if entry.wanted > 1 and len({r.node for r in entry.replicas}) < entry.wanted:
                     st.short.add(entry.key)  # fewer copies than asked (no room then): more come
                 done.append(entry)
-        self._announce(done)
-        st.counters["committed"] += len(done)
-        return len(done)
-
-    def _announce(self, entries: Sequence[BlockEntry]) -> None:
-        """STORED events for committed blocks: one per run of chained blocks in one tier of
-        one node (vLLM's BlockStored carries a chain), so a 1000-block put is an event or
-        a few, not a thousand. Token ids, when the writer sent them, go out here once."""
-        runs: dict[tuple[str, TierKind], list[BlockEntry]] = {}
-        for entry in entries:
-            for r in entry.replicas:
-                run = runs.get((r.node, r.tier))
-                if run is not None and not _continues(run[-1], entry):
-                    self._stored(run, r.node, r.tier)
-                    run = None
-                if run is None:
-                    runs[(r.node, r.tier)] = [entry]
-                else:
-                    run.append(entry)
-        for (node, tier), run in runs.items():
-            self._stored(run, node, tier)
-        for entry in entries:
+        st.announce(((r.node, r.tier, e) for e in done for r in e.replicas), Reason.PUT)
+        for entry in done:
             if entry.meta is not None:
                 entry.meta.token_ids = None  # prompt content: announced once, not kept
-
-    def _stored(self, run: list[BlockEntry], node: str, tier: TierKind) -> None:
-        first = run[0]
-        meta = first.meta
-        tokens = None if meta is None or meta.token_ids is None else \
-            [t for e in run for t in e.meta.token_ids]  # type: ignore[union-attr]
-        self.state.events.stored([e.shown for e in run], node, tier, Reason.PUT,
-                                 parent=first.shown_parent, scope=first.scope,
-                                 block_size=meta.block_tokens if meta else None, token_ids=tokens)
+        st.counters["committed"] += len(done)
+        return len(done)
 
     def abort(self, put_id: int, keys: Sequence[BlockKey]) -> None:
         for key in keys:

@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from kvpool import heap
 from kvpool.config import MasterConfig
@@ -43,6 +43,16 @@ class Unsettled:
     kind: TierKind
     items: list[tuple[BlockKey, int, int]]  # key, offset, size
     size: int  # bytes held, aligned
+
+
+def _continues(last: BlockEntry, entry: BlockEntry) -> bool:
+    """Does ``entry`` extend the run of STORED events that ends with ``last``? It chains
+    from it and says the same of itself (scope, tokens per block, token ids or not)."""
+    a, b = last.meta, entry.meta
+    return (entry.shown_parent == last.shown and entry.scope == last.scope
+            and (a is None) == (b is None)
+            and (a is None or (a.block_tokens == b.block_tokens  # type: ignore[union-attr]
+                               and (a.token_ids is None) == (b.token_ids is None))))  # type: ignore[union-attr]
 
 
 class PoolState:
@@ -204,6 +214,33 @@ class PoolState:
         """Index bookkeeping only; the caller made sure the daemon no longer holds it."""
         self.index.drop_replica(entry, replica)
         self.free(replica.node, replica)
+
+    def announce(self, placed: Iterable[tuple[str, TierKind, BlockEntry]], reason: Reason) -> None:
+        """STORED events for blocks newly held in (owner, tier): one per run of chained
+        blocks there (vLLM's BlockStored carries a chain), so a 1000-block put or an
+        inventory page is an event or a few, not a thousand; token ids, when the writer
+        sent them, ride along."""
+        runs: dict[tuple[str, TierKind], list[BlockEntry]] = {}
+        for owner, tier, entry in placed:
+            run = runs.get((owner, tier))
+            if run is not None and not _continues(run[-1], entry):
+                self._stored(run, owner, tier, reason)
+                run = None
+            if run is None:
+                runs[(owner, tier)] = [entry]
+            else:
+                run.append(entry)
+        for (owner, tier), run in runs.items():
+            self._stored(run, owner, tier, reason)
+
+    def _stored(self, run: list[BlockEntry], owner: str, tier: TierKind, reason: Reason) -> None:
+        first = run[0]
+        meta = first.meta
+        tokens = None if meta is None or meta.token_ids is None else \
+            [t for e in run for t in e.meta.token_ids]  # type: ignore[union-attr]
+        self.events.stored([e.shown for e in run], owner, tier, reason,
+                           parent=first.shown_parent, scope=first.scope,
+                           block_size=meta.block_tokens if meta else None, token_ids=tokens)
 
     def lose_replica(self, entry: BlockEntry, replica: Replica, why: KVPoolError) -> None:
         """A replica's bytes are bad or gone (the daemon said so): forget it; a block with
