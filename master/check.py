@@ -2,11 +2,13 @@
 inventory. Tests and operators call it after mutations and under load; an
 AssertionError names the first discrepancy.
 
-Exact at any moment: a block whose state is in flight (a put being committed, a tier move
-copying or dropping, a removal the daemon is carrying out) while an inventory is read
-may legitimately be on one side only, so such blocks are set aside; a discrepancy on any
-other block is read again once (it may have settled between the inventory and the
-comparison) and reported only if it persists.
+Exact at any moment: a daemon's inventory is a snapshot of the moment its first page is
+served, and the index goes on changing while the pages come. So only replicas the index
+held, settled, just before the inventory was asked for are compared (a put committed or
+a move finished since may be on one side only), and a block the daemon holds counts as
+stray only when the index knew it there at neither end; a block in flight (a put being
+committed, a tier move, a removal under way) is set aside. A discrepancy is read again
+once and reported only if the same block shows it both times.
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ def busy(state: PoolState) -> set[BlockKey]:
     return busy
 
 
-def _compare(state: PoolState, node: Node, inventory: list[StoredBlock],
-             busy: set[BlockKey]) -> tuple[list[str], int]:
-    """What the index says of ``node`` against what it reported; faults, replicas checked."""
+def _settled_on(state: PoolState, node: Node) -> dict[tuple[BlockKey, TierKind], int]:
+    """(key, tier) -> location of the settled replicas the index puts on ``node``, now."""
+    return {(e.key, r.tier): r.location for e in state.index.entries.values()
+            if e.state in _SETTLED for r in e.replicas if r.node == node.node_id}
+
+
+def _compare(state: PoolState, node: Node, inventory: list[StoredBlock], busy: set[BlockKey],
+             known: dict[tuple[BlockKey, TierKind], int]) -> tuple[dict[BlockKey, str], int]:
+    """What the index says of ``node`` against what it reported, for the replicas it held
+    (``known``) before the inventory's snapshot; faults by block, replicas checked."""
     shared = {k for k, s in node.tiers.items() if s.store}
     reported = {(b.key, b.tier): b for b in inventory if b.tier not in shared}
-    faults, checked = [], 0
+    faults: dict[BlockKey, str] = {}
+    checked = 0
     for entry in state.index.entries.values():
         if entry.key in busy or not entry.state.readable:
             continue
@@ -44,17 +54,19 @@ def _compare(state: PoolState, node: Node, inventory: list[StoredBlock],
             if r.node != node.node_id or r.tier in shared:
                 continue
             item = reported.pop((entry.key, r.tier), None)
+            if known.get((entry.key, r.tier)) != r.location:
+                continue  # placed (or moved) after the snapshot: it may be on one side only
             if item is None:
-                faults.append(f"{entry.key.hex()} is indexed on {node.node_id}/{r.tier.value}, "
-                              "which lacks it")
+                faults[entry.key] = (f"{entry.key.hex()} is indexed on {node.node_id}/"
+                                     f"{r.tier.value}, which lacks it")
             elif item.location != r.location:
-                faults.append(f"{entry.key.hex()}: location differs")
+                faults[entry.key] = f"{entry.key.hex()}: location differs"
             else:
                 checked += 1
-    stray = [k for k, _ in reported if k not in busy]  # every settled replica was popped
+    stray = [k for k, t in reported if k not in busy and (k, t) not in known]
     if stray:
-        faults.append(f"{node.node_id} holds {len(stray)} blocks the index does not know, "
-                      f"e.g. {stray[0].hex()}")
+        faults[stray[0]] = (f"{node.node_id} holds {len(stray)} blocks the index does not "
+                            f"know, e.g. {stray[0].hex()}")
     return faults, checked
 
 
@@ -102,18 +114,19 @@ async def check(state: PoolState) -> dict[str, int]:
     state.index.check()
     checked = 0
     for node in list(state.nodes.values()):
-        faults: list[str] = []
+        faults: dict[BlockKey, str] | None = None
         for _attempt in range(2):
-            before = busy(state)
+            before, known = busy(state), _settled_on(state, node)
             inventory = await whole_inventory(node.link, state.cfg.inventory_page)
             if state.nodes.get(node.node_id) is not node:
-                faults = []  # it left meanwhile: nothing of it to compare
+                faults = {}  # it left meanwhile: nothing of it to compare
                 break
-            faults, n = _compare(state, node, inventory, before | busy(state))
+            found, n = _compare(state, node, inventory, before | busy(state), known)
+            faults = found if faults is None else {k: m for k, m in found.items() if k in faults}
             if not faults:
                 checked += n
                 break
-        assert not faults, faults[0]
+        assert not faults, next(iter(faults.values()))
     _check_space(state)
     for owner in state.stores:
         checked += sum(1 for e in state.index.entries.values() for r in e.replicas if r.node == owner)

@@ -4,6 +4,7 @@ failures reported per key, roles. No processes, no network; ``check`` after muta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
-from kvpool.daemon_link import StoredBlock, TierDescription
+from kvpool.daemon_link import InventoryPage, InventoryRequest, StoredBlock, TierDescription
 from kvpool.errors import (ArenaBusy, BadRequest, BlockLeased, KVPoolError, NodeGone, NotLeader, NotReady,
                            ReservationLost, TierFull, TooManyPending)
 from kvpool.keys import BlockKey
@@ -89,6 +90,45 @@ async def test_a_put_is_invisible_until_the_daemon_recorded_it() -> None:
     assert key(1) in d.held[TierKind.HOST]
     assert await core.reads.exists([key(1)]) == [True]
     assert await put(core, [key(1)]) == [ReserveStatus.EXISTS]
+    await core.check()
+
+
+async def test_check_names_what_a_daemon_lost_or_holds_unknown_not_what_lands_meanwhile() -> None:
+    """An inventory is one moment's snapshot and the index goes on changing while its pages
+    come: a put committed meanwhile is on one side only, every time the check reads it,
+    and is no fault; a block the daemon lost, one it holds unindexed, or one elsewhere in
+    the arena is, and the check names it."""
+    d = fake("n1", host=64 * BLOCK)
+    core = await master(d, inventory_page=1)
+    await put(core, [key(1), key(2), key(3)])
+    served, landed = d.inventory, [10]
+
+    async def paged_under_load(req: InventoryRequest) -> InventoryPage:
+        page = await served(req)
+        if req.offset == 0:  # the snapshot is taken: a writer commits before the next page
+            landed[0] += 1
+            assert await put(core, [key(landed[0])]) == [ReserveStatus.NEW]
+        return page
+
+    d.inventory = paged_under_load  # type: ignore[method-assign]
+    await core.check()
+    await core.check()
+    assert landed[0] >= 12 and await core.reads.exists([key(11), key(12)]) == [True, True]
+    d.inventory = served  # type: ignore[method-assign]
+
+    host = d.held[TierKind.HOST]
+    lost = host.pop(key(1))
+    with pytest.raises(AssertionError, match=f"{key(1).hex()} is indexed on n1/host, which lacks it"):
+        await core.check()
+    host[key(1)] = dataclasses.replace(lost, location=lost.location + BLOCK)
+    with pytest.raises(AssertionError, match=f"{key(1).hex()}: location differs"):
+        await core.check()
+    host[key(1)] = lost
+    host[key(99)] = dataclasses.replace(lost, key=key(99), location=60 * BLOCK)
+    with pytest.raises(AssertionError, match=f"n1 holds 1 blocks the index does not know, "
+                                             f"e.g. {key(99).hex()}"):
+        await core.check()
+    del host[key(99)]
     await core.check()
 
 
