@@ -78,11 +78,15 @@ _ALIASES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BlockHeader:
     """What a reader needs to trust and interpret a payload, and the key of the block it
     chains from (its prefix parent), so that a cold block read back after a restart keeps
-    its place in the prefix tree."""
+    its place in the prefix tree.
+
+    A value: change one with ``dataclasses.replace``. Not frozen, because a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``: 1.1 us of a
+    decode's 1.8, paid for every block a reader verifies or a new leader takes in."""
 
     dtype: DType
     shape: tuple[int, ...]

@@ -8,6 +8,7 @@ Per-key outcomes come back as records whose ``error`` is a typed KVPoolError
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import ssl
@@ -66,10 +67,12 @@ _OFFSET = f.integer()
 _HEADER = f.blob(f.MAX_HEADER_BYTES)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoredBlock:
     """A block a daemon holds (inventory), or is told to record (adopt): for arenas the
-    offset, for cold tiers 0; the encoded BlockHeader travels as is."""
+    offset, for cold tiers 0; the encoded BlockHeader travels as is. A value (change one
+    with ``dataclasses.replace``), not frozen: that quadruples the cost of making one,
+    paid per block of every inventory."""
 
     key: BlockKey
     tier: TierKind
@@ -374,17 +377,33 @@ class InventorySnapshots(Generic[T]):
 
 async def inventory_pages(link: "DaemonService", page: int = INVENTORY_PAGE
                           ) -> AsyncIterator[InventoryPage]:
-    """Every page of one snapshot of a daemon's inventory, in order."""
-    req = InventoryRequest(0, 0, page)
+    """Every page of one snapshot of a daemon's inventory, in order. The next page is asked
+    for before this one is yielded, so the daemon reads and packs it while the caller
+    takes this one in (a new leader's rebuild waited on each page in turn). Close the
+    iterator (``contextlib.aclosing``) when leaving it early: that cancels the page ahead."""
+    offset = 0  # of the request ``got`` answers
+    got = await link.inventory(InventoryRequest(0, offset, page))
     while True:
-        got = await link.inventory(req)
-        yield got
-        if got.done:
+        ahead: asyncio.Future[InventoryPage] | None = None
+        if not got.done:
+            if got.next <= offset or got.snapshot <= 0:
+                raise BadRequest(f"an inventory page ended at {got.next} of {got.total}, "
+                                 f"from offset {offset}: no progress")
+            offset = got.next
+            ahead = asyncio.ensure_future(link.inventory(
+                InventoryRequest(got.snapshot, offset, page)))
+        try:
+            yield got
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
+        finally:
+            if ahead is not None and ahead.done() and not ahead.cancelled():
+                ahead.exception()  # retrieved: raised below, or dropped with the caller
+        if ahead is None:
             return
-        if got.next <= req.offset or got.snapshot <= 0:
-            raise BadRequest(f"an inventory page ended at {got.next} of {got.total}, "
-                             f"from offset {req.offset}: no progress")
-        req = InventoryRequest(got.snapshot, got.next, page)
+        got = await ahead
 
 
 async def whole_inventory(link: "DaemonService", page: int = INVENTORY_PAGE) -> list[StoredBlock]:

@@ -288,22 +288,41 @@ class Index:
         return found.key if found is not None else parent
 
     def add(self, entry: BlockEntry, now: float | None = None) -> None:
-        if entry.key in self.entries:
-            raise BadRequest(f"block {entry.key.hex()} is already indexed")
-        self.entries[entry.key] = entry
-        if now is None:
-            now = time.monotonic()
-        entry.used_at = now
-        entry.size = _shared(entry.size)
-        for r in entry.replicas:
-            r.size = _shared(r.size)
-            self.policy(r.node, r.tier).inserted(entry.info, now)
-            self._count(entry, r, 1)
-        if entry.parent is not None:
-            entry.parent = self._parent_key(entry.parent)
-        self._tally(entry, +1)
-        if entry.state.readable:
-            self._readable(entry, +1)
+        self.add_many((entry,), time.monotonic() if now is None else now)
+
+    def add_many(self, entries: Sequence[BlockEntry], now: float) -> None:
+        """``add`` each, in order, telling each tier's policy of consecutive arrivals at
+        once (``inserted_many``): what a rebuild does for every block."""
+        run: list[BlockInfo] = []
+        at: tuple[str, TierKind] | None = None
+        for entry in entries:
+            if entry.key in self.entries:
+                raise BadRequest(f"block {entry.key.hex()} is already indexed")
+            self.entries[entry.key] = entry
+            entry.used_at = now
+            entry.size = _shared(entry.size)
+            for r in entry.replicas:
+                r.size = _shared(r.size)
+                if (r.node, r.tier) != at:
+                    self._arrived(at, run, now)
+                    run, at = [], (r.node, r.tier)
+                run.append(entry.info)
+                self._count(entry, r, 1)
+            if entry.parent is not None:
+                entry.parent = self._parent_key(entry.parent)
+            self._tally(entry, +1)
+            if entry.state.readable:
+                self._readable(entry, +1)
+        self._arrived(at, run, now)
+
+    def _arrived(self, at: tuple[str, TierKind] | None, run: list[BlockInfo], now: float) -> None:
+        if at is None or not run:
+            return
+        policy = self.policy(*at)
+        if len(run) == 1:
+            policy.inserted(run[0], now)
+        else:
+            policy.inserted_many(run, now)
 
     def set_parent(self, entry: BlockEntry, parent: BlockKey | None) -> None:
         """Link a block to the one it chains from (known at commit, or from its header)."""
@@ -352,10 +371,11 @@ class Index:
             for r in entry.replicas:
                 self._count(entry, r, -1)
 
-    def committed(self, entry: BlockEntry) -> None:
-        """A put became readable (PENDING -> COMPLETE just now): its policies heard of it at
-        the reservation, and a write is not a read."""
-        entry.used_at = time.monotonic()
+    def committed(self, entry: BlockEntry, now: float) -> None:
+        """A put became readable (PENDING -> COMPLETE at ``now``, one float for the whole
+        commit rather than 24 bytes a block): its policies heard of it at the reservation,
+        and a write is not a read."""
+        entry.used_at = now
         if self.entries.get(entry.key) is entry:
             self._readable(entry, +1)
 

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import aclosing
 from typing import Any, Callable, Sequence
 
 from kvpool.codec import BlockHeader
@@ -59,11 +60,12 @@ class Membership:
     async def join(self, reg: Registration, link: DaemonLink | None = None) -> Node:
         """Take a node into the index: its tiers, and every block of its inventory.
 
-        The inventory comes in pages (a node may hold millions of blocks) of one snapshot;
-        all are read before any is taken in, so a daemon failing midway leaves nothing
-        behind, and the index takes them ADOPT_AT_ONCE at a time, yielding the loop in
-        between. Meanwhile the node is ``joining``: its blocks can be read, but nothing is
-        placed on it (its allocators do not hold every extent yet) until it is a member."""
+        The inventory comes in pages (a node may hold millions of blocks) of one snapshot,
+        taken in as they come while the daemon packs the next, ADOPT_AT_ONCE blocks at a
+        time, yielding the loop in between; a daemon failing midway leaves nothing behind
+        (what was taken in is forgotten). Meanwhile the node is ``joining``: its blocks
+        can be read, but nothing is placed on it (its allocators do not hold every extent
+        yet) until it is a member."""
         st = self.state
         old = st.nodes.get(reg.node_id)
         if old is not None:
@@ -89,16 +91,16 @@ class Membership:
         try:
             if st.tenancy.shares:
                 await self._cut_regions(node)
-            pages = [p async for p in inventory_pages(node.link, st.cfg.inventory_page)]
-            blocks = 0
-            for page in pages:
-                marks = {m.key: m for m in page.marks}
-                for start in range(0, len(page.blocks), ADOPT_AT_ONCE):
-                    await asyncio.sleep(0)  # other calls (the leader's lease among them) in between
-                    if not st.current(epoch):
-                        raise NotLeader(f"the term ended while node {reg.node_id} was taken in")
-                    self._adopt(node, page.blocks[start:start + ADOPT_AT_ONCE], marks)
-                blocks += len(page.blocks)
+            blocks = pages = 0
+            async with aclosing(inventory_pages(node.link, st.cfg.inventory_page)) as listing:
+                async for page in listing:
+                    marks = {m.key: m for m in page.marks}
+                    for start in range(0, len(page.blocks), ADOPT_AT_ONCE):
+                        await asyncio.sleep(0)  # other calls (the leader's lease among them)
+                        if not st.current(epoch):
+                            raise NotLeader(f"the term ended while node {reg.node_id} was taken in")
+                        self._adopt(node, page.blocks[start:start + ADOPT_AT_ONCE], marks)
+                    blocks, pages = blocks + len(page.blocks), pages + 1
         except BaseException:
             if st.current(epoch):
                 st.joining.pop(reg.node_id, None)
@@ -108,7 +110,7 @@ class Membership:
         st.joining.pop(reg.node_id, None)
         st.nodes[reg.node_id] = node
         log.info("node %s joined: %s, %d blocks in %d page(s)", reg.node_id, reg.url, blocks,
-                 len(pages))
+                 pages)
         return node
 
     async def _cut_regions(self, node: Node) -> None:
@@ -162,19 +164,21 @@ class Membership:
                             "master's view of the arena", node.node_id, b.key.hex(), b.location,
                             kind.value)
             adopted: list[BlockEntry] = []
+            added: list[BlockEntry] = []  # new to the index: added at once, after the loop
             for n, (block, entry, new) in enumerate(items):
                 if n in refused:
                     continue
                 replica = Replica(owner, kind, block.location, block.size)
-                if new and index.get(entry.key) is None:
+                if new and not entry.replicas:
                     entry.replicas.append(replica)
-                    index.add(entry, now)
+                    added.append(entry)
                 else:
                     index.add_replica(entry, replica)
                     entry.wanted = max(entry.wanted, len({r.node for r in entry.replicas
                                                           if not r.node.startswith("@")}))
                 self._inherit(entry, marks.get(block.key), now)
                 adopted.append(entry)
+            index.add_many(added, now)
             st.announce(((owner, kind, e) for e in adopted), Reason.INVENTORY)
 
     def _inherit(self, entry: BlockEntry, mark: PinMark | None, now: float) -> None:

@@ -370,12 +370,13 @@ class Puts:
             raise ReservationLost("this master's term ended while the put was committed; its "
                                   "reservation is gone, put again")
         done: list[BlockEntry] = []
+        now = time.monotonic()
         for entry, raw, parent in zip(entries, stored, parents):
             if entry.state is BlockState.PENDING:  # not reclaimed or dropped with its node meanwhile
                 entry.advance(BlockState.COMPLETE, BlockState.PENDING)
                 entry.header, entry.put_id = raw, 0
                 st.index.set_parent(entry, parent)
-                st.index.committed(entry)
+                st.index.committed(entry, now)
                 if entry.wanted > 1 and len({r.node for r in entry.replicas}) < entry.wanted:
                     st.short.add(entry.key)  # fewer copies than asked (no room then): more come
                 done.append(entry)

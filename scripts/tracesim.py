@@ -209,7 +209,7 @@ class _Pool:
         for entry in made:  # commit
             entry.advance(BlockState.COMPLETE, BlockState.PENDING)
             entry.header = b"h"
-            index.committed(entry)
+            index.committed(entry, time.monotonic())
         for kind in (TierKind.HOST, TierKind.SSD):  # the sweep
             if self.cap[kind] and self.used[kind] > self.high * self.cap[kind]:
                 self._relieve(kind)
