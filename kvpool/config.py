@@ -119,7 +119,8 @@ class MasterConfig:
     object_high: float = doc(0.90, "Object tier (the last): above this fraction, blocks are removed.")
     object_low: float = doc(0.75, "Object tier: removal stops below this fraction.")
     last_tier_ttl_s: float = doc(0.0, "Blocks unread for this long are removed from a node's last "
-                                      "tier; 0 keeps them until space is needed.")
+                                      "tier (one that came down after its last read, this long "
+                                      "after it came); 0 keeps them until space is needed.")
     policy: str = doc("reuse", "Eviction and cold-tier admission policy: 'reuse' (least recently "
                                "used among leaves, a put's trailing block first, read blocks kept "
                                "longer; chosen on the production trace), 'lru', or 'density' "

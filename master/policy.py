@@ -68,6 +68,16 @@ class EvictionPolicy(Protocol):
         """Every key this tier holds (what a node's drop or drain walks), in no set order."""
         ...
 
+    def clock(self) -> int:
+        """The tier's clock now: it advances with every byte written into the tier."""
+        ...
+
+    def touched_before(self, clock: int) -> Iterator[bytes]:
+        """Keys last written or read here while the tier's clock read at most ``clock``,
+        least recently first: a prefix of the tier's order, so walking it costs what it
+        yields (the last tier's TTL), not what the tier holds."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -382,6 +392,15 @@ class ReuseAware:
     def keys(self) -> Iterable[bytes]:
         return self._entries.keys()
 
+    def clock(self) -> int:
+        return self._clock
+
+    def touched_before(self, clock: int) -> Iterator[bytes]:
+        for key, e in self._entries.items():  # kept in stamp order
+            if e.stamp > clock:
+                return
+            yield key
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -588,6 +607,15 @@ class HitDensity:
 
     def keys(self) -> Iterable[bytes]:
         return self._entries.keys()
+
+    def clock(self) -> int:
+        return self._clock
+
+    def touched_before(self, clock: int) -> Iterator[bytes]:
+        for key, e in self._entries.items():  # kept in stamp order
+            if e.stamp > clock:
+                return
+            yield key
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -7,7 +7,7 @@ after every other, the blocks a cached successor chains from last. The policy al
 decides which demoted blocks a slower tier admits; the others are evicted. A move copies
 first, switches the index, then frees the source, so a block is readable all the way
 through; leased and hard-pinned blocks never move. The last tier also drops blocks
-unread for ``last_tier_ttl_s``.
+unread for ``last_tier_ttl_s``, looking only at those (``_expire``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import suppress
 
 from kvpool.errors import ArenaBusy, BadRequest, BlockNotFound, ChecksumMismatch, KVPoolError, NodeGone, TierFull
@@ -48,12 +48,15 @@ class Tiering:
         self._batch = itertools.count()
         self._incoming: dict[tuple[str, TierKind], int] = defaultdict(int)  # bytes being copied into a cold tier
         self._landed = asyncio.Condition()  # notified whenever a demotion batch is done
+        # (owner, last tier) -> (monotonic time, the tier's policy clock) at each TTL sweep
+        self._clocks: dict[tuple[str, TierKind], deque[tuple[float, int]]] = {}
 
     def clear(self) -> None:
         self._relieving.clear()
         self._leaving.clear()
         self._coming.clear()
         self._incoming.clear()
+        self._clocks.clear()
 
     def high(self, kind: TierKind) -> float:
         return self.state.cfg.watermarks(kind.value)[0]
@@ -68,13 +71,30 @@ class Tiering:
             await self._expire(time.monotonic() - self.state.cfg.last_tier_ttl_s)
 
     async def _expire(self, before: float) -> None:
+        """Drop the last tiers' blocks unread since ``before``. Each tier's policy keeps its
+        blocks in the order they were last written or read there, and each sweep notes the
+        tier's clock: only the blocks touched before the last note older than ``before``
+        are looked at, so a sweep costs the blocks it expires (and the leased or pinned
+        ones it must leave), not the tier. A block that came down after its last read
+        goes one TTL after it came."""
         st = self.state
+        now = time.monotonic()
+        lasts = {}
         for node in list(st.nodes.values()):
             last = max(node.tiers, key=lambda k: k.rank)
-            owner = st.owner(node, last)
-            now = time.monotonic()
-            stale = [e for e in st.index.coldest(owner, last, now)
-                     if e.used_at < before and e.movable(now) and len(e.replicas) == 1]
+            lasts[(st.owner(node, last), last)] = node
+        self._clocks = {at: self._clocks.get(at, deque()) for at in lasts}  # the nodes gone: none
+        for (owner, last), node in lasts.items():
+            policy, notes = st.index.policy(owner, last), self._clocks[(owner, last)]
+            notes.append((now, policy.clock()))
+            while len(notes) > 1 and notes[1][0] <= before:
+                notes.popleft()
+            if notes[0][0] > before:
+                continue  # nothing here was touched that long ago
+            entries = st.index.entries
+            stale = [e for key in policy.touched_before(notes[0][1])
+                     if (e := entries.get(key)) is not None and e.used_at < before
+                     and e.movable(now) and len(e.replicas) == 1]
             if stale:
                 await self.demote(node, last, stale)
                 st.counters["expired"] += len(stale)

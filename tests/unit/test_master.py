@@ -244,6 +244,36 @@ async def test_pressure_demotes_the_coldest_unleased_blocks_and_keeps_them_reada
     await core.check()
 
 
+async def test_the_last_tier_drops_blocks_unread_for_its_ttl_and_keeps_read_or_pinned_ones() -> None:
+    """With ``last_tier_ttl_s``, a sweep removes the last tier's blocks unread for that
+    long, and only those: not one read since, written since, hard-pinned or leased."""
+    ttl = 0.4
+    d = fake("n1", host=32 * BLOCK, ssd=0)  # the host arena is the last tier
+    core = await master(d, last_tier_ttl_s=ttl)
+    old, young = [key(i) for i in range(1, 7)], [key(i) for i in range(11, 14)]
+    await put(core, old)
+    await core.sweep()  # notes the tier's clock: what came before it is what may go
+    await asyncio.sleep(ttl / 2)
+    await put(core, young)
+    assert await core.leases.pin(old[1:2]) == 1
+    held, _ = await core.reads.get([old[2]])  # read now, and the lease held
+    read, _ = await core.reads.get([old[3]])  # read now
+    core.leases.release([read])
+    await asyncio.sleep(ttl * 0.75)
+    await core.sweep()
+    gone = [k for k in old + young if core.state.index.get(k) is None]
+    assert gone == [old[0], old[4], old[5]], [k.hex() for k in gone]
+    assert all(k not in d.held[TierKind.HOST] for k in gone)
+    assert core.state.counters["expired"] == 3
+    await core.check()
+    core.leases.release([held])
+    await asyncio.sleep(ttl)
+    await core.sweep()  # now the read and the young ones are unread for the TTL too
+    assert [k for k in old + young if core.state.index.get(k) is not None] == [old[1]]  # pinned
+    assert core.state.counters["expired"] == 8
+    await core.check()
+
+
 async def test_pressure_on_one_chain_evicts_from_its_end_and_keeps_a_whole_prefix() -> None:
     # One leaf at a time: each eviction makes the block before it the next leaf, so the
     # relief runs in rounds rather than cutting the chain in the middle.

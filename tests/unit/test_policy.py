@@ -211,3 +211,42 @@ def test_a_cold_copy_that_a_faster_tier_holds_goes_first_whatever_chains_from_it
     index.drop_replica(index.get(k(1)), index.get(k(1)).replica("n1", TierKind.HOST))
     assert [e.key[0] for e in index.coldest("n1", TierKind.SSD, now, leaves_only=True)][0] != 1
     index.check()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_batch_of_arrivals_ranks_as_one_arrival_at_a_time(name: str):
+    """``inserted_many`` (a rebuild's pages) leaves each tier as ``inserted`` one by one
+    would: the same victims in the same order, the same order of ranks, in a hot and a cold tier
+    sharing one history, before and after reads and removals."""
+    import random
+    rng = random.Random(7)
+    arrivals: list[BlockInfo] = []
+    for run in range(40):  # chains, some continuing an earlier chain, some unchained
+        parent = rng.choice([None, None, *(i.key for i in arrivals[-50:])])
+        for n in range(rng.randint(1, 12)):
+            info = BlockInfo(k(1000 * run + n), rng.choice([1, 2, 4]), parent)
+            arrivals.append(info)
+            parent = info.key if rng.random() < 0.9 else None
+    one, many = POLICIES[name](), POLICIES[name]()
+    tiers = [(one.make(t, 200), many.make(t, 200)) for t in ("host", "ssd")]
+    for (a, b), part in zip(tiers, (arrivals[::2], arrivals)):  # ssd holds every block
+        for info in part:
+            a.inserted(info, 0.0)
+        b.inserted_many(part, 0.0)
+
+    def same() -> None:
+        for a, b in tiers:
+            assert list(a.victims()) == list(b.victims())
+            assert sorted(a.keys(), key=a.rank) == sorted(b.keys(), key=b.rank)
+            assert len(a) == len(b) and set(a.keys()) == set(b.keys())
+
+    same()
+    for info in rng.sample(arrivals, 60):
+        for a, b in tiers:
+            a.accessed(info.key, 1.0)
+            b.accessed(info.key, 1.0)
+    same()
+    for info in rng.sample(arrivals[::2], 30):
+        tiers[0][0].removed(info.key)
+        tiers[0][1].removed(info.key)
+    same()
