@@ -2,6 +2,7 @@
 
     /kvpool/<cluster>/nodes/<node id>     a daemon's membership (leased; JSON: url, agent, tiers, ttl)
     /kvpool/<cluster>/master/leader       the leading master's URL (the leader's lease)
+    /kvpool/<cluster>/master/generation   the count of terms led so far (daemons fence by it)
 
 Block keys never go here, nor NIXL metadata: the master takes that from each daemon over
 its RPC (cluster credential) and hands out only what a caller may load (master.regions).
@@ -35,3 +36,7 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return f"{self.root}master/leader"
+
+    @property
+    def generation(self) -> str:
+        return f"{self.root}master/generation"

@@ -87,11 +87,12 @@ class MasterCore:
             raise NotReady("this master was just elected and is rebuilding its index from the "
                            "daemons' inventories; retry in a moment")
 
-    async def begin_term(self, resumed: bool = False) -> None:
+    async def begin_term(self, resumed: bool = False, generation: int = 0) -> None:
         """Leadership starts: forget everything; the index is rebuilt from the daemons.
         ``resumed``: this master leads again on the etcd lease it held (no other master led
         meanwhile), so the read leases it granted, kept since its last term, are all there
-        are (master.leases)."""
+        are (master.leases). ``generation``: the term's (master.election), carried by every
+        call to a daemon; 0 (one master, no etcd) fences nothing."""
         table = self._carried if resumed else None
         await self.end_term()
         carried: dict[BlockKey, dict[int, float]] | None = None
@@ -101,7 +102,7 @@ class MasterCore:
             for lease, (expiry, keys) in table.items():
                 for key in keys:
                     carried.setdefault(key, {})[lease] = expiry
-        self.state.new_term(carried)
+        self.state.new_term(carried, generation)
         self._become(Role.REBUILDING)
 
     def rebuilt(self) -> None:

@@ -8,7 +8,11 @@ lease intact) leads again, through the same rebuild as a new leader.
 
 A leader also knows until when its lease surely holds (the last renewal's start plus
 the TTL): one that was paused (SIGSTOP, a stalled VM) past that serves nothing until it
-has asked etcd again, since a standby may lead by then.
+has asked etcd again, since a standby may lead by then. That bound is not enough: etcd
+3.4 before 3.4.28 revokes every lease early when its own raft leader resumes from a pause
+(etcd-io/etcd#15247), so a deposed master may believe it leads for up to a TTL. Each term
+therefore takes the next leader generation, counted in etcd; its calls to daemons carry
+it, and a daemon refuses an older one than it has seen (kvpool.daemon_link.Fence).
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ log = logging.getLogger(__name__)
 
 class Election:
     """Campaign forever; ``on_gain``/``on_loss`` run as leadership starts and ends
-    (``on_gain`` is told whether the term resumes on the lease held before)."""
+    (``on_gain`` is told whether the term resumes on the lease held before, and the term's
+    leader generation)."""
 
     def __init__(self, coord: Coordinator, cluster: str, me: str, ttl_s: float,
-                 on_gain: Callable[[bool], Awaitable[None]],
+                 on_gain: Callable[[bool, int], Awaitable[None]],
                  on_loss: Callable[[], Awaitable[None]]) -> None:
         self.coord = coord
         self.key = Keyspace(cluster).leader
+        self.generation_key = Keyspace(cluster).generation
         self.me = me
         self.ttl_s = ttl_s
         self.poll_s = min(0.25, ttl_s / 8)
@@ -95,9 +101,26 @@ class Election:
 
     async def _gain(self, resumed: bool) -> None:
         """``resumed``: on the lease held before, so no other master led meanwhile."""
+        generation = await self._next_generation()
         self.leading, self.leader_url = True, self.me
-        log.info("%s is the leader%s", self.me, " again (its lease held)" if resumed else "")
-        await self._on_gain(resumed)
+        log.info("%s is the leader%s (generation %d)", self.me,
+                 " again (its lease held)" if resumed else "", generation)
+        await self._on_gain(resumed, generation)
+
+    async def _next_generation(self) -> int:
+        """Count this term in etcd: one more than any term before, whoever led it. Only
+        the holder of the leader key counts, but the count is a compare-and-set anyway."""
+        while True:
+            raw = await self.coord.get(self.generation_key)
+            try:
+                generation = int(raw or b"0") + 1
+            except ValueError:
+                why = (f"{self.generation_key} holds {raw!r}, not a count of terms: put a number "
+                       "there above any term led so far (daemons refuse a lower one)")
+                log.error("%s cannot lead: %s", self.me, why)
+                raise KVPoolError(why) from None
+            if await self.coord.compare_and_set(self.generation_key, raw, str(generation).encode()):
+                return generation
 
     async def _lose(self, why: str) -> None:
         if self.leading:

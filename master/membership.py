@@ -53,7 +53,9 @@ class Membership:
         # key must carry its proof before the master connects (and presents it) there.
         self._token = secret(state.cfg.cluster_token, "[master] cluster_token")
         self._tls = client_tls(state.cfg.tls_ca, "[master] tls_ca")
-        self.connect = connect or (lambda url: RpcDaemonLink(url, token=self._token, tls=self._tls))
+        # A link carries the leader generation of the term it was made in (links go with it).
+        self.connect = connect or (lambda url: RpcDaemonLink(url, token=self._token, tls=self._tls,
+                                                             generation=state.generation))
 
     # -- joining and leaving --------------------------------------------------------------
 

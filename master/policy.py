@@ -160,6 +160,8 @@ def _copied_above(h: _History, rank: int) -> bool:
 
 def _tell_slower(tier: ReuseAware | HitDensity, key: bytes, h: _History) -> None:
     """``tier`` took or dropped a copy: the slower tiers holding the block re-rank it."""
+    if not h.holders or h.holders == (tier,):
+        return  # no other tier holds it (most blocks)
     for pol in h.holders:
         if pol._rank > tier._rank and isinstance(pol, ReuseAware):
             pol._relink(key)
@@ -307,15 +309,15 @@ class ReuseAware:
                           if (y := self._entries.get(x[2])) is not None and y.seq == x[1]]
             heapq.heapify(self._heap)
 
-    def _kid_changed(self, parent: bytes | None, delta: int) -> None:
-        _kid_changed(self, parent, delta)
-
     def _retail(self, key: bytes) -> None:
         self._push(key, self._entries[key])
 
     def _relink(self, key: bytes) -> None:
         """The block's leaf-ness here, or its copy in a faster tier, may have changed."""
-        self._push(key, self._entries[key])
+        if self._deferred is not None:
+            self._deferred[key] = None
+        else:
+            self._push(key, self._entries[key])
 
     def inserted(self, info: BlockInfo, now: float) -> None:
         key = info.key
@@ -326,7 +328,7 @@ class ReuseAware:
         h.holders = (*h.holders, self)
         _tell_slower(self, key, h)
         e = self._entries[key] = _Entry(info.parent, self._clock, next(self._seq))
-        self._kid_changed(info.parent, +1)
+        _kid_changed(self, info.parent, +1)
         self._push(key, e)
 
     def inserted_many(self, infos: Sequence[BlockInfo], now: float) -> None:
@@ -366,7 +368,7 @@ class ReuseAware:
         self._forget(key, h)
         if key == self._last:
             self._last = None
-        self._kid_changed(e.parent, -1)
+        _kid_changed(self, e.parent, -1)
 
     def victims(self, leaves_only: bool = False) -> Iterator[bytes]:
         """Leaves in rank order (walking the heap without popping live entries), then the

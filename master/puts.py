@@ -17,8 +17,8 @@ from typing import Sequence
 
 from kvpool.codec import BlockHeader
 from kvpool.daemon_link import StoredBlock
-from kvpool.errors import (BadRequest, KVPoolError, NodeGone, QuotaExceeded, ReservationLost,
-                           TierFull, TooManyPending, Unavailable)
+from kvpool.errors import (BadRequest, KVPoolError, NodeGone, NotLeader, QuotaExceeded,
+                           ReservationLost, TierFull, TooManyPending, Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.protocol import Reservation, ReserveStatus
 from master.catalog import BlockMeta
@@ -357,13 +357,16 @@ class Puts:
             for node_id, blocks, exc in failed:
                 if isinstance(exc, BadRequest):
                     st.diverged(node_id, exc)  # records the index lacks may be in the way
-                elif nodes[node_id] is not None:
-                    undo.append((node_id, blocks))
+                elif nodes[node_id] is not None and not isinstance(exc, NotLeader):
+                    undo.append((node_id, blocks))  # (a fenced node refused them all)
             for done_id, done in undo:
                 for tier in {b.tier for b in done}:
                     if st.current(epoch):
                         await st.drop_on_daemon(done_id, tier, [b.key for b in done if b.tier is tier])
             self.abort(put_id, keys)
+            for fenced_id, _, fenced in failed:
+                if isinstance(fenced, NotLeader):  # a newer leader has been to that daemon
+                    raise NotLeader(f"node {fenced_id} refused this master's commit: {fenced}") from None
             node_id, _, exc = failed[0]
             raise NodeGone(f"node {node_id} could not record the blocks: {exc}") from None
         if not await st.leading(epoch):

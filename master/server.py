@@ -90,8 +90,8 @@ class MasterServer:
     def leader_url(self) -> str:
         return self.election.leader_url if self.election is not None else self.url
 
-    async def _lead(self, resumed: bool) -> None:
-        await self.core.begin_term(resumed)
+    async def _lead(self, resumed: bool, generation: int) -> None:
+        await self.core.begin_term(resumed, generation)
         assert self._group is not None
         self._term = self._group.create_task(self.core.members.follow(self.core.rebuilt),
                                              name="master-members")

@@ -85,6 +85,7 @@ class PoolState:
         self.short: set[BlockKey] = set()
         self.rng = random.SystemRandom()
         self.term = self.rng.getrandbits(30) | 1  # tags put ids: a new leader knows foreign ones
+        self.generation = 0  # the term's leader generation (master.election); 0: not fenced
         # Changes whenever the state is cleared or a term begins (a same-process re-lead
         # reuses this object): work that awaited across a change must not touch what it
         # finds here, which belongs to another term (``current``).
@@ -117,11 +118,14 @@ class PoolState:
         self.diverging = set()
         self.epoch += 1
 
-    def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None) -> None:
+    def new_term(self, carried: dict[BlockKey, dict[int, float]] | None = None,
+                 generation: int = 0) -> None:
         """``carried``: this master leads again on its own lease, and these are the leases
         it granted (Leases.in_force): they protect what they cover; nothing else is leased
-        beyond what a former leader's readers may still hold (``inherited_until`` stays)."""
+        beyond what a former leader's readers may still hold (``inherited_until`` stays).
+        ``generation``: the term's leader generation, which the links to daemons carry."""
         self.term = self.rng.getrandbits(30) | 1
+        self.generation = generation
         self.epoch += 1
         self.carried = carried or {}
         if carried is None:  # a term after another master's: any block may be leased

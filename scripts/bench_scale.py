@@ -56,7 +56,7 @@ from kvpool.auth import Credentials  # noqa: E402
 from kvpool.tasks import run as run_loop  # noqa: E402
 from kvpool.codec import make_header  # noqa: E402
 from kvpool.daemon_link import (DAEMON_EAGER, DAEMON_ROLES, DAEMON_RPC_PATH, ArenaRegion,  # noqa: E402
-                                CopyResult, Health, InventoryPage, InventoryRequest,
+                                CopyResult, Fence, Health, InventoryPage, InventoryRequest,
                                 InventorySnapshots, PinMark, Registration, RegionMetadata, take_marks,
                                 SendItem, SendTarget, StoredBlock, TierDescription,
                                 daemon_endpoint)
@@ -127,7 +127,7 @@ async def serve_sim_daemon(args: argparse.Namespace) -> None:
     from kvpool.membership import Membership
 
     sim = SimDaemon(args.node_id, args.capacity)
-    stream = StreamRpcServer(daemon_endpoint(sim), Credentials(), DAEMON_ROLES, None,
+    stream = StreamRpcServer(daemon_endpoint(sim, Fence()), Credentials(), DAEMON_ROLES, None,
                              eager=DAEMON_EAGER, max_frame=MAX_BODY)
     await stream.start("127.0.0.1", 0)
     app = web.Application()

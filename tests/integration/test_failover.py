@@ -1,6 +1,7 @@
 """What a failover must not forget, with real processes in cluster mode (real etcd):
 pins (recorded on the daemons that hold the blocks), the protection of read leases the
-former leader granted, and blocks' replica counts (copied again after a node is lost)."""
+former leader granted, blocks' replica counts (copied again after a node is lost), and
+that the daemons fence a deposed leader off."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from typing import Any, Iterator
 import pytest
 
 from clients.client import AsyncPoolClient
+from kvpool.codec import make_header
+from kvpool.daemon_link import RpcDaemonLink, StoredBlock, probe, whole_inventory
+from kvpool.errors import NotLeader
+from kvpool.etcd_coordinator import EtcdCoordinator
+from kvpool.keyspace import Keyspace
+from kvpool.tiers.base import TierKind
 from tests.integration.cluster import TTL, Cluster, make_cluster
 from tests.integration.conftest import admin
 from tests.integration.test_cluster import assert_intact, blocks
@@ -137,3 +144,46 @@ async def test_a_new_leader_rebuilds_inventories_larger_than_a_page(cluster: Clu
         assert await client.unpin(keys[-1:]) == 1
     cluster.start_master(old)  # back as a standby
     cluster.check()  # the check reads every inventory in pages too
+
+
+async def test_a_deposed_leader_s_calls_are_refused_by_the_daemons_the_new_leader_has_been_to(
+        cluster: Cluster) -> None:
+    """etcd can end a leader's lease before its TTL (etcd-io/etcd#15247: a raft leader
+    that resumes from a pause revokes every lease), so a deposed master may go on believing
+    it leads. Its calls carry its leader generation, counted in etcd per term; a daemon
+    refuses one older than the newest it has heard from, so nothing the deposed master
+    records there after the new leader took the daemon's inventory in is kept unseen."""
+    coord = EtcdCoordinator(cluster.etcd_endpoint)
+    key, url = Keyspace(cluster.cluster).generation, cluster.url("node0")
+    before = int(await coord.get(key) or b"0")
+    assert before >= 1
+    link = RpcDaemonLink(url, generation=before)  # what the leader of now holds
+    leader = RpcDaemonLink(url)  # given the new leader's generation below
+    try:
+        agent = (await link.registration()).agent  # admitted: no newer leader came yet
+        old, _ = await kill_the_leader(cluster)
+        await asyncio.to_thread(cluster.wait_nodes, {"node0", "node1", "node2"})
+        after = int(await coord.get(key) or b"0")
+        assert after > before
+
+        (k,), (value,) = blocks(1)
+        header = make_header(value, "uint8").encode()
+        with pytest.raises(NotLeader, match=f"generation {before}.*generation {after}"):
+            await link.adopt([StoredBlock(k, TierKind.HOST, 0, value.nbytes, header)])
+        with pytest.raises(NotLeader):
+            await link.drop(TierKind.HOST, [k])
+        leader.generation = after
+        listed = await whole_inventory(leader)
+        assert k not in {b.key for b in listed}  # the deposed master's record was not made
+        assert await probe(url, agent)  # probes lead nothing: not fenced
+
+        # The new leader's own calls pass: a put through it lands and reads back.
+        async with AsyncPoolClient(cluster.client_config()) as client:
+            await client.batch_put([k], [value], prefer_node="node0")
+            await assert_intact(client, [k], [value])
+    finally:
+        await link.close()
+        await leader.close()
+        await coord.close()
+    cluster.start_master(old)  # back as a standby
+    cluster.check()

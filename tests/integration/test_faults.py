@@ -55,7 +55,9 @@ async def under_load(cluster: Cluster, fault: "asyncio.Future | object", settle_
         assert not seen.untyped, seen.untyped
         assert seen.calls > 10
         lost, wrong = await load.verify()  # every block stored had two copies
-        assert not lost, f"{len(lost)} of {len(seen.stored)} blocks with a surviving copy are gone"
+        why = {code: sum(1 for i in lost if load.why.get(i) == code) for code in set(load.why.values())}
+        assert not lost, (f"{len(lost)} of {len(seen.stored)} blocks with a surviving copy are "
+                          f"gone ({why}; the cluster's logs are under {cluster.root})")
         assert wrong == 0
     cluster.check()
     return load
@@ -170,7 +172,11 @@ async def test_clients_stopped_or_killed_mid_load_leave_nothing_behind(cluster: 
 
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stop", "kill"])
 async def test_an_etcd_member_stopped_or_killed_under_load(cluster: Cluster, sig: int) -> None:
-    """One of three etcd members: the other two keep a quorum, nothing is noticed."""
+    """One of three etcd members: the other two keep a quorum. A stopped raft leader that
+    resumes revokes every lease in etcd before 3.4.28 (etcd-io/etcd#15247), so daemons and
+    the leading master may lose theirs early and join again, while the master deposed
+    that way still believes it leads: the daemons fence its calls off, and no block with
+    a copy is lost."""
     if sig == signal.SIGSTOP:
         await under_load(cluster, pause(cluster, "etcd2", TTL * 2))
     else:  # the last test of the module: the member stays dead

@@ -1,6 +1,7 @@
 """An in-process pool daemon behind the master's DaemonLink, for unit tests of the
 master's logic: blocks are records in dicts, and faults (a corrupt replica, a full tier,
-a daemon that stops answering, one that answers a call only when let go) are switches."""
+a daemon that stops answering, one that answers a call only when let go, one that has
+fenced this master off) are switches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Sequence
 from kvpool.daemon_link import (ArenaRegion, CopyResult, Health, InventoryPage, InventoryRequest,
                                 InventorySnapshots, PinMark, Registration, RegionMetadata,
                                 StoredBlock, TierDescription)
-from kvpool.errors import BadRequest, BlockNotFound, ChecksumMismatch, TierFull, Unavailable
+from kvpool.errors import (BadRequest, BlockNotFound, ChecksumMismatch, NotLeader, TierFull,
+                           Unavailable)
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
 
@@ -26,6 +28,7 @@ class FakeDaemon:
     corrupt: set[tuple[TierKind, BlockKey]] = field(default_factory=set)
     full: set[TierKind] = field(default_factory=set)
     down: bool = False
+    deposed: bool = False  # a newer leader has been here: this master's calls are fenced off
     calls: list[str] = field(default_factory=list)
     marks: dict[BlockKey, PinMark] = field(default_factory=dict)
     layout: list[ArenaRegion] = field(default_factory=list)  # the regions it was told
@@ -48,6 +51,8 @@ class FakeDaemon:
         self.calls.append(name)
         if self.down:
             raise Unavailable(f"{self.url} does not answer")
+        if self.deposed:
+            raise NotLeader(f"{name} from a master of an older leader generation: refused")
 
     async def _held(self, name: str) -> None:
         gate = self.hold.get(name)

@@ -4,14 +4,15 @@ the moment the first page was asked."""
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
 from kvpool.codec import make_header
 from kvpool.config import MasterConfig
 from kvpool.coordinator import InProcessCoordinator
-from kvpool.daemon_link import (InventoryRequest, PinMark, StoredBlock, TierDescription,
-                                inventory_pages, whole_inventory)
+from kvpool.daemon_link import (InventoryPage, InventoryRequest, PinMark, StoredBlock,
+                                TierDescription, inventory_pages, whole_inventory)
 from kvpool.errors import BadRequest, ConfigError, InventoryExpired
 from kvpool.keys import BlockKey
 from kvpool.tiers.base import TierKind
@@ -92,23 +93,25 @@ def test_bad_inventory_requests_and_page_sizes_are_refused() -> None:
         MasterConfig(inventory_page=10_000_000)
 
 
-def test_a_page_s_items_are_checked_one_by_one_however_many_come() -> None:
-    header = make_header(np.zeros(64, np.uint8), "uint8").encode()
-    good = [StoredBlock(bytes([i]) * 16, TierKind.HOST, 4096 * i, 64, header) for i in range(3)]
-    raws = [b.pack() for b in good]
-    assert StoredBlock.unpack_many(raws) == good
-    # a hex key, a tuple, a bytearray header: unusual but valid, and decoded as unpack does
-    odd = [good[0].key.hex(), "ssd", 0, 64, bytearray(header)]
-    assert StoredBlock.unpack_many([tuple(raws[0]), odd]) == [good[0], StoredBlock.unpack(odd)]
-    bad = {"a short key": ([b"k" * 15, "host", 0, 64, header], "16 bytes"),
-           "an unknown tier": ([b"k" * 16, "tape", 0, 64, header], "unknown tier"),
-           "a negative offset": ([b"k" * 16, "host", -1, 64, header], "outside"),
-           "a bool size": ([b"k" * 16, "host", 0, True, header], "integer"),
-           "a header too large": ([b"k" * 16, "host", 0, 64, b"h" * 5000], "more than"),
-           "four fields": ([b"k" * 16, "host", 0, 64], "array of 5")}
-    for what, (raw, says) in bad.items():
+def test_a_page_travels_as_columns_and_a_malformed_one_is_refused_with_what_is_wrong() -> None:
+    headers = [make_header(np.zeros(64 * (i + 1), np.uint8), "uint8").encode() for i in range(3)]
+    good = [StoredBlock(bytes([i]) * 16, kind, 4096 * i + (1 << 40), 64 * (i + 1), h)
+            for i, (kind, h) in enumerate(zip((TierKind.HOST, TierKind.SSD, TierKind.OBJECT), headers))]
+    page = InventoryPage(7, 3, 3, good, [PinMark(good[0].key, 2, 1.5)])
+    wire = msgpack.unpackb(msgpack.packb(page.pack()))  # what the master gets off the frame
+    assert InventoryPage.unpack(wire) == page
+    empty = InventoryPage(7, 0, 0, [], [])
+    assert InventoryPage.unpack(msgpack.unpackb(msgpack.packb(empty.pack()))) == empty
+    bad = {"a key short": ({"keys": wire["keys"][:-1]}, "47 bytes of 'keys', not 48"),
+           "a size missing": ({"sizes": wire["sizes"][:16]}, "16 bytes of 'sizes', not 24"),
+           "an unknown tier": ({"tiers": b"\x00\x01\x09"}, "unknown tier code 9"),
+           "ends past the headers": ({"headers": wire["headers"][:-1]}, "header ends"),
+           "ends going back": ({"header_ends": np.array([40, 20, len(wire["headers"])], "<u4").tobytes()},
+                               "header ends"),
+           "a column of the wrong type": ({"locations": [1, 2, 3]}, "locations")}
+    for what, (change, says) in bad.items():
         with pytest.raises(BadRequest, match=says):
-            StoredBlock.unpack_many([*raws, raw])
+            InventoryPage.unpack({**wire, **change})
 
 
 async def test_a_daemon_failing_midway_leaves_nothing_of_it_in_the_index() -> None:

@@ -167,6 +167,22 @@ async def test_both_copies_are_recorded_at_once_and_undone_together_when_one_nod
     await core.check()
 
 
+async def test_a_commit_a_daemon_fences_off_is_not_leader_and_leaves_no_copy_anywhere() -> None:
+    """A daemon that a newer leader has been to refuses this master's record (it believes
+    it leads, its lease ended early): the writer is sent to find the leader, and the other
+    node's copy goes again, so no daemon holds a block the new leader never saw."""
+    d1, d2 = fake("n1"), fake("n2")
+    core = await master(d1, d2)
+    header = make_header(np.zeros(BLOCK, np.uint8), "uint8").encode()
+    put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None, replicas=2)
+    d2.deposed = True
+    with pytest.raises(NotLeader, match="node n2 refused this master's commit"):
+        await core.puts.commit(put_id, [key(1)], [header])
+    assert await core.reads.exists([key(1)]) == [False]
+    assert not d1.held[TierKind.HOST] and not d2.held[TierKind.HOST]
+    assert d2.calls.count("drop") == 0  # it recorded nothing, so it is asked to drop nothing
+
+
 async def test_a_commit_with_a_wrong_header_is_refused_and_rolled_back() -> None:
     core = await master(fake("n1"))
     put_id, _ = await core.puts.reserve([key(1)], [BLOCK], [], None)
