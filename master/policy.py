@@ -12,7 +12,7 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from master import rank_counts
 
@@ -156,6 +156,15 @@ def _without(holders: tuple[ReuseAware | HitDensity, ...], tier: ReuseAware | Hi
 def _copied_above(h: _History, rank: int) -> bool:
     """Does a faster tier hold the block too? (Promotion keeps the cold copy.)"""
     return rank > RANK["host"] and any(t._rank < rank for t in h.holders)
+
+
+def _touched_before(entries: dict[bytes, Any], clock: int) -> Iterator[bytes]:
+    """Keys stamped at or before ``clock``: a tier's entries are kept in stamp order (a
+    touch moves its key to the end), so the walk stops at the first later one."""
+    for key, e in entries.items():
+        if e.stamp > clock:
+            return
+        yield key
 
 
 def _tell_slower(tier: ReuseAware | HitDensity, key: bytes, h: _History) -> None:
@@ -398,10 +407,7 @@ class ReuseAware:
         return self._clock
 
     def touched_before(self, clock: int) -> Iterator[bytes]:
-        for key, e in self._entries.items():  # kept in stamp order
-            if e.stamp > clock:
-                return
-            yield key
+        return _touched_before(self._entries, clock)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -614,10 +620,7 @@ class HitDensity:
         return self._clock
 
     def touched_before(self, clock: int) -> Iterator[bytes]:
-        for key, e in self._entries.items():  # kept in stamp order
-            if e.stamp > clock:
-                return
-            yield key
+        return _touched_before(self._entries, clock)
 
     def __len__(self) -> int:
         return len(self._entries)
