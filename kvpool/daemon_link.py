@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 DAEMON_RPC_PATH = "/v1/d/rpc"
 # Blocks per inventory page: at ~90 bytes each (InventoryPage's columns), 50 k make a frame
-# of ~4.5 MB, far under kvpool.wire.MAX_BODY, so an inventory of any size travels (and a node of millions
-# of blocks is taken in) a page at a time.
+# of ~4.5 MB, far under kvpool.wire.MAX_BODY, so an inventory of any size travels (and a
+# node of millions of blocks is taken in) a page at a time.
 INVENTORY_PAGE = 50_000
 INVENTORY_PAGE_MAX = 200_000  # ~18 MB of frame: the most a daemon answers in one page
 

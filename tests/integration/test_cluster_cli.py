@@ -26,6 +26,7 @@ def test_cluster_up_starts_a_usable_cluster_and_stops_it_all(tmp_path: Path) -> 
                              "--ssd-bytes", "64MiB"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
+    pids: list[int] = []
     try:
         lines = []
         for line in proc.stdout:
@@ -52,7 +53,16 @@ def test_cluster_up_starts_a_usable_cluster_and_stops_it_all(tmp_path: Path) -> 
             asyncio.run(roundtrip(""))
     finally:
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0].decode()
+        try:
+            rest = proc.communicate(timeout=60)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest = (proc.communicate()[0] or b"").decode()
+            tails = {log.name: log.read_text(errors="replace").splitlines()[-8:]
+                     for log in sorted(tmp_path.glob("*.log"))}
+            alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+            pytest.fail(f"`kvpool cluster up` did not stop within 60 s of SIGINT; still running: "
+                        f"{alive}; its output: {rest[-2000:]}; its processes' logs end: {tails}")
     assert proc.returncode == 0, rest
     for pid in pids:  # every process it started is gone
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
