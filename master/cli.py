@@ -103,6 +103,9 @@ def _cluster_up(args: argparse.Namespace) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Ctrl-C stops it even when it was started with SIGINT ignored, as a script's
+    # background job is (and everything such a job starts inherits that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     creds = {} if args.open else local.generate_credentials()
     try:
         print(f"starting etcd ({args.etcd_members} member(s)), {args.masters} master(s) and "
