@@ -60,7 +60,9 @@ class PoolDaemon:
         # the inventory's pages); memory only: a restarted daemon's blocks come back unpinned.
         self.marks: dict[BlockKey, PinMark] = {}
         self._pages = InventorySnapshots(self._snapshot, self._stored, self._marks)
-        self.fence = Fence()  # the newest leader heard from (kvpool.daemon_link.Fence)
+        # What the master may call, over either transport, past one fence (the newest
+        # leader heard from: kvpool.daemon_link.Fence).
+        self._calls = daemon_endpoint(self, Fence())
         # The name says who runs it, so a client on this host can copy directly (kvpool.localcopy).
         self.agent_name = f"kvpool-{cfg.node_id}-{uuid.uuid4().hex[:8]}{localcopy.identity()}"
         self.agent: TransferAgent | None = None
@@ -103,7 +105,7 @@ class PoolDaemon:
             if isinstance(tier, ArenaTier):
                 self._registered[kind] = [self.agent.register(
                     tier.address, tier.capacity, tier.mem_type, tier.device_id, tier)]
-        self._stream = StreamRpcServer(daemon_endpoint(self, self.fence), self._credentials, DAEMON_ROLES,
+        self._stream = StreamRpcServer(self._calls, self._credentials, DAEMON_ROLES,
                                        self._serve_tls, eager=DAEMON_EAGER,
                                        max_frame=MAX_BODY)  # every daemon call is bulk
         await self._stream.start(self.cfg.host, self.cfg.rpc_port)
@@ -228,7 +230,7 @@ class PoolDaemon:
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
         app.router.add_get(DAEMON_RPC_PATH, rpc_endpoint(
-            daemon_endpoint(self, self.fence), self._credentials, DAEMON_ROLES, bulk=frozenset(DaemonCall),
+            self._calls, self._credentials, DAEMON_ROLES, bulk=frozenset(DaemonCall),
             connections=self._connections))
         if self._stream is not None:
             app.router.add_get(DAEMON_RPC_PATH + "/stream", self._stream.info())

@@ -169,8 +169,6 @@ def _touched_before(entries: dict[bytes, Any], clock: int) -> Iterator[bytes]:
 
 def _tell_slower(tier: ReuseAware | HitDensity, key: bytes, h: _History) -> None:
     """``tier`` took or dropped a copy: the slower tiers holding the block re-rank it."""
-    if not h.holders or h.holders == (tier,):
-        return  # no other tier holds it (most blocks)
     for pol in h.holders:
         if pol._rank > tier._rank and isinstance(pol, ReuseAware):
             pol._relink(key)
